@@ -1,0 +1,34 @@
+"""pktipc: capture packets once into shared memory, hand batches to named clients."""
+
+from ._client import Batch, Client, Packet, broker_stats, brokers, connect
+from ._errors import (
+    BrokerGone,
+    BrokerNotRunning,
+    ClosedError,
+    EndOfStream,
+    LayoutError,
+    NameTaken,
+    PktipcError,
+    Refused,
+    SourceError,
+)
+from ._layout import PKT_DTYPE
+
+__all__ = [
+    "PKT_DTYPE",
+    "Batch",
+    "BrokerGone",
+    "BrokerNotRunning",
+    "Client",
+    "ClosedError",
+    "EndOfStream",
+    "LayoutError",
+    "NameTaken",
+    "Packet",
+    "PktipcError",
+    "Refused",
+    "SourceError",
+    "broker_stats",
+    "brokers",
+    "connect",
+]

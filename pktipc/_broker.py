@@ -1,0 +1,555 @@
+"""The broker: sources into slabs, slabs to clients.
+
+`Dispatcher` is the bookkeeping (who holds which slab, what each client is
+owed, credit) with no I/O. `Broker` is the edge around it: the shared
+segment, the ZeroMQ ROUTER socket, the sources, signals and the event loop.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import posix_ipc
+import zmq
+
+from . import _protocol as proto
+from ._errors import PktipcError, SourceError
+from ._layout import Geometry, Segment, SlabPool
+from ._paths import check_name, control_endpoint, ipc_path, runtime_dir, segment_name, segment_prefix
+from ._shm import ffi, lib
+from ._source import NO_LIMIT, FileSource
+
+DEFAULT_SLAB_SIZE = 1 << 20
+DEFAULT_SLAB_COUNT = 64
+DEFAULT_CREDIT = 8
+MAX_CLIENTS = 64
+
+
+@dataclass
+class ClientState:
+    name: str
+    peer: bytes
+    group: str
+    policy: str
+    credit: int
+    pid: int
+    slot: int
+    queue: deque[int] = field(default_factory=deque)   # published to it, not yet sent
+    held: set[int] = field(default_factory=set)         # sent, not released
+    gap: tuple[int, int] | None = None                  # packets skipped, not yet told
+    eos_sent: bool = False
+    batches: int = 0
+    packets: int = 0
+    drops: int = 0
+
+
+@dataclass
+class Published:
+    slab: int
+    gen: int
+    n: int
+
+
+class Dispatcher:
+    """Fan-out bookkeeping: every client gets every batch, in order, holding at
+    most `credit` at once; a slab is free again when its last holder let go."""
+
+    def __init__(self, conn: proto.BrokerConnection, pool: SlabPool, *,
+                 default_policy: str, default_credit: int, max_clients: int) -> None:
+        self.conn = conn
+        self.pool = pool
+        self.default_policy = default_policy
+        self.default_credit = default_credit
+        self.max_clients = max_clients
+        self.clients: dict[str, ClientState] = {}
+        self.by_peer: dict[bytes, ClientState] = {}
+        self.batches: dict[int, Published] = {}
+        self.next_seq = 0
+        self.ended = False
+        self.end_error: str | None = None
+        self.client_drops = 0
+        self.clients_total = 0
+        self._next_slot = 0
+
+    # -- clients --
+    def hello(self, ev: proto.Hello, now: float, welcome: dict[str, Any]) -> ClientState | None:
+        if ev.name in self.clients:
+            other = self.clients[ev.name]
+            self.conn.refuse(ev.peer, now, "name-taken",
+                             f"a client named {ev.name!r} is already attached (pid {other.pid})")
+            return None
+        if len(self.clients) >= self.max_clients:
+            self.conn.refuse(ev.peer, now, "too-many-clients",
+                             f"this broker serves at most {self.max_clients} clients")
+            return None
+        c = ClientState(name=ev.name, peer=ev.peer, group=ev.group or ev.name,
+                        policy=ev.policy or self.default_policy,
+                        credit=min(ev.credit or self.default_credit, len(self.pool.refs)),
+                        pid=ev.pid, slot=self._next_slot)
+        self._next_slot += 1
+        self.clients_total += 1
+        self.clients[c.name] = c
+        self.by_peer[c.peer] = c
+        self.conn.accept(c.peer, now, slot=c.slot, credit=c.credit, policy=c.policy, **welcome)
+        self.pump(c, now)
+        return c
+
+    def remove(self, c: ClientState) -> None:
+        """Forgets a client (bye, lost, evicted), letting go of all it held."""
+        for seq in (*c.held, *c.queue):
+            self._unref(seq)
+        c.held.clear()
+        c.queue.clear()
+        del self.clients[c.name]
+        del self.by_peer[c.peer]
+
+    def release(self, c: ClientState, seqs: list[int], now: float) -> None:
+        unknown = [s for s in seqs if s not in c.held]
+        for seq in seqs:
+            if seq in c.held:
+                c.held.remove(seq)
+                self._unref(seq)
+        if unknown:
+            self.conn.refuse(c.peer, now, "bad-release",
+                             f"batches {unknown[:8]} are not held by {c.name!r}")
+        self.pump(c, now)
+
+    def _unref(self, seq: int) -> None:
+        if self.pool.unref(self.batches[seq].slab):
+            del self.batches[seq]
+
+    # -- batches --
+    def publish(self, slab: int, n: int, now: float) -> Published:
+        seq = self.next_seq
+        self.next_seq += n
+        gen = self.pool.publish(slab, holders=len(self.clients))
+        b = Published(slab, gen, n)
+        if self.clients:
+            self.batches[seq] = b
+        for c in self.clients.values():
+            c.queue.append(seq)
+            self.pump(c, now)
+        return b
+
+    def pump(self, c: ClientState, now: float) -> None:
+        """Sends what `c` is owed, as far as its credit allows."""
+        while c.queue and len(c.held) < c.credit:
+            seq = c.queue.popleft()
+            b = self.batches[seq]
+            if c.gap is not None:
+                self.conn.send_gap(c.peer, now, *c.gap)
+                c.gap = None
+            self.conn.send_batch(c.peer, now, seq, b.slab, b.gen, b.n)
+            c.held.add(seq)
+            c.batches += 1
+            c.packets += b.n
+        if self.ended and not c.queue and not c.eos_sent:
+            c.eos_sent = True
+            self.conn.send_eos(c.peer, now, self.end_error)
+
+    def end(self, now: float, error: str | None = None) -> None:
+        self.ended = True
+        self.end_error = error
+        for c in self.clients.values():
+            self.pump(c, now)
+
+    def reclaim(self) -> int | None:
+        """Frees a slab by skipping the oldest batch owed to `drop` clients, if
+        that frees one; the skipped packets are counted against them alone."""
+        for seq in sorted({s for c in self.clients.values() if c.policy == "drop"
+                           for s in c.queue}):
+            b = self.batches[seq]
+            holders = [c for c in self.clients.values() if seq in c.held or seq in c.queue]
+            if any(c.policy != "drop" or seq in c.held for c in holders):
+                continue
+            for c in holders:
+                c.queue.remove(seq)
+                c.drops += b.n
+                self.client_drops += b.n
+                start = c.gap[0] if c.gap else seq
+                c.gap = (start, seq + b.n)
+                self._unref(seq)
+            return self.pool.take()
+        return None
+
+    @property
+    def finished(self) -> bool:
+        return self.ended and all(c.eos_sent for c in self.clients.values())
+
+
+@dataclass
+class ServeOptions:
+    name: str
+    files: list[str]
+    loops: int = 1
+    speed: float | None = None          # None: as fast as the slowest client allows
+    wait_clients: int = 1
+    linger: bool = False
+    slab_size: int = DEFAULT_SLAB_SIZE
+    slab_count: int = DEFAULT_SLAB_COUNT
+    credit: int = DEFAULT_CREDIT
+    max_clients: int = MAX_CLIENTS
+    heartbeat: float = 1.0
+    liveness: float = 30.0
+    endpoint: str | None = None         # default: ipc://<runtime dir>/<name>.ctl
+
+
+class Pacer:
+    """Maps a file's timestamps onto the wall clock at `speed` times real time."""
+
+    def __init__(self, speed: float) -> None:
+        self.speed = speed
+        self.base_ts: int | None = None
+        self.base_wall = 0.0
+
+    def reset(self) -> None:
+        self.base_ts = None
+
+    def limit(self, now: float, next_ts: int) -> int:
+        if self.base_ts is None:
+            self.base_ts, self.base_wall = next_ts, now
+        return self.base_ts + int((now - self.base_wall) * self.speed * 1e9)
+
+    def due(self, ts: int) -> float:
+        assert self.base_ts is not None
+        return self.base_wall + (ts - self.base_ts) / (self.speed * 1e9)
+
+
+class Broker:
+    def __init__(self, opts: ServeOptions, log: TextIO = sys.stderr) -> None:
+        check_name("broker", opts.name)
+        if opts.wait_clients < 0:
+            raise ValueError("--wait-clients must be 0 or more")
+        if opts.speed is not None and opts.speed <= 0:
+            raise ValueError("--speed must be positive")
+        if opts.loops < 0:
+            raise ValueError("--loop must be 0 (forever) or more")
+        if not 1 <= opts.credit <= proto.MAX_CREDIT:
+            raise ValueError(f"--credit must be between 1 and {proto.MAX_CREDIT}")
+        self.opts = opts
+        self.log = log
+        self.geometry = Geometry(opts.slab_size, opts.slab_count)
+        self.source = FileSource(opts.files, opts.loops)
+        self.endpoint = opts.endpoint or control_endpoint(opts.name)
+        self.epoch = time.time_ns()
+        self.shm_name = segment_name(opts.name, self.epoch)
+        self.pacer = Pacer(opts.speed) if opts.speed else None
+        self.stopping = False
+        self.exit_status = 0
+        self._cleanup: list[Any] = []
+        self._wake = 0.0            # paced source: when the next packet is due
+        self._started = opts.wait_clients == 0
+        self._fill = ffi.new("struct pktipc_fill *")
+        self._open_slab: int | None = None
+
+    # -- setup and teardown --
+    def _lock(self) -> None:
+        rdir = runtime_dir()
+        rdir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        lock_path = rdir / f"{self.opts.name}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise PktipcError(f"a broker named {self.opts.name!r} is already running"
+                              + (f" (pid {other})" if other else "")) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._cleanup.append(lambda: (lock_path.unlink(missing_ok=True), os.close(fd)))
+        # We hold the lock: any segment of this name was left by a dead broker.
+        for stale in Path("/dev/shm").glob(segment_prefix(self.opts.name) + "*"):
+            stale.unlink(missing_ok=True)
+
+    def _create_segment(self) -> None:
+        g = self.geometry
+        shm = posix_ipc.SharedMemory(self.shm_name, posix_ipc.O_CREX, mode=0o600,
+                                     size=g.total_size)
+        self._cleanup.append(shm.unlink)
+        try:
+            self._mm = mmap.mmap(shm.fd, g.total_size)
+        finally:
+            shm.close_fd()
+        self._cleanup.append(self._close_map)
+        self.seg = Segment(self._mm, writable=True)
+        self.seg.init(g, name=self.opts.name, epoch=self.epoch, ifaces=self.source.ifaces)
+
+    def _close_map(self) -> None:
+        del self.seg
+        self._mm.close()
+
+    def _bind(self) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        path = ipc_path(self.endpoint)
+        if path is not None:
+            path.unlink(missing_ok=True)   # left by a dead broker; we hold the lock
+        old = os.umask(0o077)
+        try:
+            self.sock.bind(self.endpoint)
+        except zmq.ZMQError as e:
+            raise PktipcError(f"cannot listen on {self.endpoint}: {e}") from None
+        finally:
+            os.umask(old)
+
+        def close() -> None:
+            self.sock.close()
+            self.ctx.term()
+            if path is not None:
+                path.unlink(missing_ok=True)
+        self._cleanup.append(close)
+
+    def close(self) -> None:
+        while self._cleanup:
+            try:
+                self._cleanup.pop()()
+            except Exception as e:  # keep cleaning up the rest
+                print(f"pktipc: cleanup: {e}", file=self.log)
+
+    # -- the loop --
+    def serve(self) -> int:
+        try:
+            self._lock()
+            self._create_segment()
+            self._bind()
+            self.conn = proto.BrokerConnection(heartbeat=self.opts.heartbeat,
+                                               liveness=self.opts.liveness)
+            self.pool = SlabPool(self.geometry.slab_count)
+            self.disp = Dispatcher(self.conn, self.pool, default_policy="block",
+                                   default_credit=self.opts.credit,
+                                   max_clients=self.opts.max_clients)
+            self.seg.header.state = lib.PKTIPC_STATE_RUNNING
+            old_handlers = {s: signal.signal(s, self._on_signal)
+                            for s in (signal.SIGINT, signal.SIGTERM)}
+            self._cleanup.append(lambda: [signal.signal(s, h) for s, h in old_handlers.items()])
+            self._say_hello()
+            self._loop()
+            return self.exit_status
+        finally:
+            self.close()
+
+    def _say_hello(self) -> None:
+        n = len(self.opts.files)
+        what = self.opts.files[0] if n == 1 else f"{n} files"
+        wait = (f", waiting for {self.opts.wait_clients} client(s)"
+                if self.opts.wait_clients else "")
+        print(f"pktipc: serving {what} as {self.opts.name!r} on {self.endpoint}{wait}",
+              file=self.log, flush=True)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while True:
+            now = time.monotonic()
+            if self.stopping and not self.disp.ended:
+                self._end(now, "broker stopped")
+            busy = self._produce(now) if self._can_produce(now) else False
+            self._flush()
+            if self.disp.finished and not self.opts.linger:
+                break
+            if self.stopping and self.disp.ended:
+                break
+            timeout = 0.0 if busy else self._timeout(now)
+            if poller.poll(int(timeout * 1000 + 0.999)):
+                self._receive_all()
+            now = time.monotonic()
+            timer = self.conn.get_timer()
+            if timer is not None and timer <= now:
+                for ev in self.conn.handle_timer(now):
+                    self._handle(ev, now)
+            self._sync_counters()
+        self._flush()
+
+    def _timeout(self, now: float) -> float:
+        t = 0.2   # upper bound, so signals are noticed promptly
+        timer = self.conn.get_timer()
+        if timer is not None:
+            t = min(t, timer - now)
+        if self._wake > now and self._reading():
+            t = min(t, self._wake - now)
+        return max(t, 0.0)
+
+    def _reading(self) -> bool:
+        return self._started and not self.disp.ended and bool(self.disp.clients)
+
+    def _can_produce(self, now: float) -> bool:
+        return self._reading() and now >= self._wake
+
+    def _receive_all(self) -> None:
+        for _ in range(10000):
+            try:
+                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            if len(parts) != 2:
+                self.conn.refuse(parts[0], now, "malformed",
+                                 f"expected one frame per message, got {len(parts) - 1}")
+                continue
+            try:
+                events = self.conn.receive(parts[0], parts[1], now)
+            except proto.RemoteProtocolError:
+                continue    # the ERROR reply is queued and counted
+            for ev in events:
+                self._handle(ev, now)
+
+    def _handle(self, ev: proto.BrokerEvent, now: float) -> None:
+        d = self.disp
+        if isinstance(ev, proto.Hello):
+            welcome = dict(shm=self.shm_name, epoch=self.epoch,
+                           layout=lib.PKTIPC_LAYOUT_VERSION)
+            if d.hello(ev, now, welcome) is not None and not self._started:
+                self._started = len(d.clients) >= self.opts.wait_clients
+        elif isinstance(ev, proto.Release):
+            c = d.by_peer.get(ev.peer)
+            if c is not None:
+                d.release(c, ev.seqs, now)
+        elif isinstance(ev, proto.StatsRequest):
+            self.conn.send_stats(ev.peer, now, self.stats())
+        elif isinstance(ev, proto.Bye | proto.PeerLost):
+            c = d.by_peer.get(ev.peer)
+            if c is not None:
+                d.remove(c)
+                if isinstance(ev, proto.PeerLost):
+                    print(f"pktipc: client {c.name!r} lost (no heartbeat)", file=self.log)
+
+    def _flush(self) -> None:
+        for peer, frame in self.conn.frames_to_send():
+            try:
+                self.sock.send_multipart([peer, frame], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                # Unroutable (ROUTER_MANDATORY): the peer is gone.
+                c = self.disp.by_peer.get(peer)
+                self.conn.forget(peer)
+                if c is not None:
+                    self.disp.remove(c)
+
+    # -- producing --
+    def _take_slab(self) -> int | None:
+        if self._open_slab is not None:
+            return self._open_slab
+        slab = self.pool.take()
+        if slab is None:
+            slab = self.disp.reclaim()
+        if slab is not None:
+            lib.pktipc_fill_begin(self._fill, self.seg.slab_ptr(slab),
+                                  self.geometry.slab_size, self.source.index)
+            self._open_slab = slab
+        return slab
+
+    def _produce(self, now: float) -> bool:
+        """Fills and publishes at most one slab; True if more may follow at once."""
+        slab = self._take_slab()
+        if slab is None:
+            return False        # every slab is held: wait for releases
+        src, fill = self.source, self._fill
+        while True:
+            limit = NO_LIMIT
+            if self.pacer is not None:
+                nts = src.next_ts()
+                limit = self.pacer.limit(now, nts) if nts != NO_LIMIT else NO_LIMIT
+            res = src.fill(fill, limit)
+            entry = self.seg.header.ifaces[src.index]
+            entry.packets += res.packets
+            entry.bytes += res.bytes
+            if res.status == lib.PKTIPC_FILL_FULL:
+                self._publish(now)
+                return True
+            if res.status == lib.PKTIPC_FILL_LIMIT:
+                assert self.pacer is not None
+                self._wake = self.pacer.due(src.next_ts())
+                if fill.count:
+                    self._publish(now)
+                return False
+            if res.status == lib.PKTIPC_FILL_EOF:
+                if self.pacer is not None:
+                    self.pacer.reset()
+                try:
+                    more = src.next_file()
+                except SourceError as e:
+                    self._end(now, str(e))
+                    return False
+                if more:
+                    continue
+                self._end(now)
+                return False
+            # ERROR or TOOBIG: serve what was read, then end the stream.
+            self._end(now, res.error)
+            return False
+
+    def _publish(self, now: float) -> None:
+        slab, fill = self._open_slab, self._fill
+        assert slab is not None
+        self._open_slab = None
+        b = self.disp.publish(slab, fill.count, now)
+        seq = self.disp.next_seq - fill.count
+        lib.pktipc_batch_publish(self.seg.batch_rec(slab), slab, b.gen, seq, fill, 0, 0)
+        c = self.seg.header.counters
+        c.packets += fill.count
+        c.bytes += fill.bytes
+        c.batches += 1
+
+    def _end(self, now: float, error: str | None = None) -> None:
+        if self._open_slab is not None:
+            if self._fill.count:
+                self._publish(now)
+            else:
+                self.pool.give_back(self._open_slab)
+                self._open_slab = None
+        if error:
+            print(f"pktipc: error: {error}", file=self.log, flush=True)
+            if error != "broker stopped":
+                self.exit_status = 1
+        self.disp.end(now, error)
+        self.seg.header.state = lib.PKTIPC_STATE_ENDED
+
+    def _sync_counters(self) -> None:
+        c = self.seg.header.counters
+        c.clients = len(self.disp.clients)
+        c.clients_total = self.disp.clients_total
+        c.client_drops = self.disp.client_drops
+        c.protocol_errors = self.conn.errors
+
+    def stats(self) -> dict[str, Any]:
+        h = self.seg.header
+        return {
+            "name": self.opts.name,
+            "pid": os.getpid(),
+            "epoch": self.epoch,
+            "shm": self.shm_name,
+            "endpoint": self.endpoint,
+            "state": {0: "starting", 1: "running", 2: "ended"}.get(int(h.state), "?"),
+            "uptime_s": round((time.time_ns() - h.start_time_ns) / 1e9, 3),
+            "counters": self.seg.counters(),
+            "slabs": {"size": self.geometry.slab_size, "count": self.geometry.slab_count,
+                      "free": len(self.pool.free)},
+            "sources": [
+                {"name": s.name, "linktype": s.linktype, "snaplen": s.snaplen,
+                 "packets": int(h.ifaces[i].packets), "bytes": int(h.ifaces[i].bytes)}
+                for i, s in enumerate(self.source.ifaces)
+            ],
+            "clients": [
+                {"name": c.name, "group": c.group, "policy": c.policy, "credit": c.credit,
+                 "pid": c.pid, "batches": c.batches, "packets": c.packets, "drops": c.drops,
+                 "held": len(c.held), "queued": len(c.queue)}
+                for c in self.disp.clients.values()
+            ],
+        }

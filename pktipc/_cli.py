@@ -1,0 +1,186 @@
+"""pktipc command line: serve, dump, status, demo. No logic of its own:
+each command is a few lines over the package's API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import zmq
+
+from . import _broker, _demo
+from ._client import broker_stats, brokers, connect
+from ._errors import EndOfStream, PktipcError
+from ._pcapfile import CaptureWriter
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        self.exit(2, f"pktipc: error: {message} (see {self.prog} --help)\n")
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = units.get(t[-1:], 1)
+    try:
+        return int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pktipc", description="Packet-sharing broker over shared memory.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("serve", help="serve capture files to named clients")
+    s.add_argument("--name", default="default", help="broker name (default: %(default)s)")
+    s.add_argument("-r", dest="files", action="append", required=True, metavar="FILE",
+                   help="pcap or pcapng file; repeat to serve several one after another")
+    pace = s.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=float, metavar="X",
+                      help="pace by the files' timestamps, X times real time")
+    pace.add_argument("--realtime", action="store_const", const=1.0, dest="speed",
+                      help="pace by the files' timestamps (same as --speed 1)")
+    s.add_argument("--loop", type=int, default=1, metavar="N",
+                   help="serve the files N times, 0 for ever (default: 1)")
+    s.add_argument("--wait-clients", type=int, default=1, metavar="N",
+                   help="start reading once N clients are attached (default: 1)")
+    s.add_argument("--linger", action="store_true",
+                   help="keep running after the end of the stream")
+    s.add_argument("--slab-size", type=_size, default=_broker.DEFAULT_SLAB_SIZE,
+                   metavar="BYTES", help="bytes per slab (batch), e.g. 1M (default: 1M)")
+    s.add_argument("--slabs", type=int, default=_broker.DEFAULT_SLAB_COUNT, metavar="N",
+                   help=f"slabs in the ring (default: {_broker.DEFAULT_SLAB_COUNT})")
+    s.add_argument("--credit", type=int, default=_broker.DEFAULT_CREDIT, metavar="N",
+                   help="default batches a client may hold at once "
+                        f"(default: {_broker.DEFAULT_CREDIT})")
+    s.add_argument("--max-clients", type=int, default=_broker.MAX_CLIENTS, metavar="N")
+    s.add_argument("--heartbeat", type=float, default=1.0, metavar="SEC",
+                   help="heartbeat interval (default: 1)")
+    s.add_argument("--liveness", type=float, default=30.0, metavar="SEC",
+                   help="a client silent this long is dropped (default: 30)")
+
+    d = sub.add_parser("dump", help="write what a client receives to a capture file")
+    d.add_argument("--server", default="default", help="broker name or endpoint")
+    d.add_argument("--client", default=f"dump-{os.getpid()}", help="client name")
+    d.add_argument("--group", help="group to join (default: the client's name)")
+    d.add_argument("-w", dest="out", required=True, metavar="FILE", help="output file, - for stdout")
+    d.add_argument("-c", dest="count", type=int, metavar="COUNT", help="stop after COUNT packets")
+    d.add_argument("--format", choices=("pcap", "pcapng"), default="pcap")
+    d.add_argument("--policy", choices=("block", "drop"), help="default: the broker's")
+    d.add_argument("--credit", type=int, metavar="N")
+    d.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
+                   help="for connecting (default: 5)")
+
+    st = sub.add_parser("status", help="list brokers, their counters and clients")
+    st.add_argument("names", nargs="*", help="brokers (default: every one running)")
+    st.add_argument("--json", action="store_true")
+
+    de = sub.add_parser("demo", help="a broker, two clients, a live status line")
+    de.add_argument("-r", dest="file", metavar="FILE",
+                    help="capture file (default: the one shipped with pktipc)")
+    de.add_argument("--clients", type=int, default=2)
+    de.add_argument("--speed", type=float, default=1.0, metavar="X",
+                    help="times real time (default: 1)")
+    return p
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    opts = _broker.ServeOptions(
+        name=a.name, files=a.files, loops=a.loop, speed=a.speed,
+        wait_clients=a.wait_clients, linger=a.linger, slab_size=a.slab_size,
+        slab_count=a.slabs, credit=a.credit, max_clients=a.max_clients,
+        heartbeat=a.heartbeat, liveness=a.liveness)
+    return _broker.Broker(opts).serve()
+
+
+def cmd_dump(a: argparse.Namespace) -> int:
+    if a.count is not None and a.count < 1:
+        raise ValueError("-c COUNT must be at least 1")
+    with connect(a.server, a.client, group=a.group, policy=a.policy, credit=a.credit,
+                 timeout=a.timeout) as client:
+        out = sys.stdout.buffer if a.out == "-" else open(a.out, "wb")  # noqa: SIM115
+        try:
+            writer = CaptureWriter(out, client.ifaces, a.format)
+            while a.count is None or writer.packets < a.count:
+                try:
+                    batch = client.next_batch()
+                except EndOfStream:
+                    break
+                assert batch is not None
+                with batch:
+                    n = len(batch) if a.count is None else min(len(batch),
+                                                               a.count - writer.packets)
+                    writer.write(batch.descriptors[:n], batch.views()[:n])
+                    out.flush()
+            writer.finish()
+        finally:
+            if out is not sys.stdout.buffer:
+                out.close()
+        if client.end_error and a.count is None:
+            raise PktipcError(f"stream ended early: {client.end_error}")
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    names = a.names or brokers()
+    result: list[dict[str, Any]] = []
+    for name in names:
+        try:
+            result.append(broker_stats(name))
+        except PktipcError as e:
+            result.append({"name": name, "error": str(e)})
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return 0 if all("error" not in r for r in result) else 1
+    if not result:
+        print("no broker is running")
+    for r in result:
+        print(_status_text(r))
+    return 0 if all("error" not in r for r in result) else 1
+
+
+def _status_text(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"{r['name']}: {r['error']}"
+    c = r["counters"]
+    lines = [
+        f"{r['name']}  pid {r['pid']}  {r['state']}  up {r['uptime_s']:.1f} s  {r['endpoint']}",
+        f"  packets {c['packets']}  bytes {c['bytes']}  batches {c['batches']}  "
+        f"broker drops {c['broker_drops']}  client drops {c['client_drops']}  "
+        f"protocol errors {c['protocol_errors']}  slabs free {r['slabs']['free']}"
+        f"/{r['slabs']['count']}",
+    ]
+    for s in r["sources"]:
+        lines.append(f"  source {s['name']}  linktype {s['linktype']}  "
+                     f"packets {s['packets']}  bytes {s['bytes']}")
+    for cl in r["clients"]:
+        lines.append(f"  client {cl['name']}  group {cl['group']}  {cl['policy']}  "
+                     f"pid {cl['pid']}  packets {cl['packets']}  batches {cl['batches']}  "
+                     f"held {cl['held']}/{cl['credit']}  queued {cl['queued']}  "
+                     f"drops {cl['drops']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status,
+           "demo": lambda a: _demo.run(a.file, a.clients, a.speed)}[a.cmd]
+    try:
+        return run(a)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader of our stdout went away (e.g. `| head`): stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (PktipcError, ValueError, OSError, zmq.ZMQError) as e:
+        if a.debug:
+            raise
+        print(f"pktipc: error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,47 @@
+"""pktipc's exceptions: one base class, one exception per thing a user handles."""
+
+
+class PktipcError(Exception):
+    """Base class of every error pktipc raises."""
+
+
+class BrokerNotRunning(PktipcError):
+    """No broker answers at the control endpoint."""
+
+
+class Refused(PktipcError):
+    """The broker refused the request; `code` says why (e.g. "name-taken")."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+class NameTaken(Refused):
+    """Another live client already uses this name on the broker."""
+
+
+class BrokerGone(PktipcError):
+    """The broker stopped answering or evicted this client; the cause, if
+    any, is in __cause__."""
+
+
+class ClosedError(PktipcError):
+    """The client or batch was closed (or released) by this process."""
+
+
+class LayoutError(PktipcError):
+    """The shared-memory segment is not a layout this version reads."""
+
+
+class SourceError(PktipcError):
+    """A packet source (capture file, interface) cannot be used."""
+
+
+class EndOfStream(Exception):  # noqa: N818 - a signal, not an error
+    """The broker has sent its last batch: no more packets will come.
+
+    Distinct from a timeout, which returns None. Not a PktipcError: reaching
+    the end of a capture file is not a failure.
+    """

@@ -1,0 +1,244 @@
+"""The shared-memory layout seen from Python.
+
+Every size, offset and constant comes from the cffi declarations built from
+shm/pktipc_layout.h; the numpy dtypes are derived from them, never written
+by hand. A Segment works over any buffer: an mmap of the real POSIX segment,
+or a bytearray in tests.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._errors import LayoutError
+from ._shm import ffi, lib
+
+_SCALARS = {
+    "uint8_t": "u1",
+    "uint16_t": "<u2",
+    "uint32_t": "<u4",
+    "uint64_t": "<u8",
+    "int32_t": "<i4",
+    "int64_t": "<i8",
+    "char": "S1",
+}
+
+
+def dtype_of(ctype: Any) -> np.dtype[Any]:
+    """numpy dtype with the same size and field offsets as a cffi type."""
+    if isinstance(ctype, str):
+        ctype = ffi.typeof(ctype)
+    if ctype.kind == "primitive":
+        return np.dtype(_SCALARS[ctype.cname])
+    if ctype.kind == "array":
+        if ctype.item.cname == "char":
+            return np.dtype(f"S{ctype.length}")
+        return np.dtype((dtype_of(ctype.item), (ctype.length,)))
+    if ctype.kind == "struct":
+        names, formats, offsets = [], [], []
+        for name, field in ctype.fields:
+            names.append(name)
+            formats.append(dtype_of(field.type))
+            offsets.append(field.offset)
+        return np.dtype(
+            {"names": names, "formats": formats, "offsets": offsets,
+             "itemsize": ffi.sizeof(ctype)}
+        )
+    raise TypeError(f"no numpy dtype for {ctype.cname}")
+
+
+PKT_DTYPE = dtype_of("struct pktipc_pkt")
+BATCH_REC_DTYPE = dtype_of("struct pktipc_batch_rec")
+
+LAYOUT_VERSION: int = lib.PKTIPC_LAYOUT_VERSION
+HEADER_SIZE: int = lib.PKTIPC_HEADER_SIZE
+DESC_SIZE: int = lib.PKTIPC_DESC_SIZE
+SLAB_ALIGN: int = lib.PKTIPC_SLAB_ALIGN
+MAX_IFACES: int = lib.PKTIPC_MAX_IFACES
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class Geometry:
+    slab_size: int
+    slab_count: int
+
+    def __post_init__(self) -> None:
+        if self.slab_size < SLAB_ALIGN or self.slab_size % SLAB_ALIGN:
+            raise ValueError(f"slab size must be a multiple of {SLAB_ALIGN} bytes")
+        if self.slab_size > 1 << 30:
+            raise ValueError("slab size must be at most 1 GiB")
+        if not 2 <= self.slab_count <= 65535:
+            raise ValueError("slab count must be between 2 and 65535")
+
+    @property
+    def batch_table_off(self) -> int:
+        return HEADER_SIZE
+
+    @property
+    def slabs_off(self) -> int:
+        return _align(HEADER_SIZE + self.slab_count * lib.PKTIPC_BATCH_REC_SIZE, SLAB_ALIGN)
+
+    @property
+    def total_size(self) -> int:
+        return self.slabs_off + self.slab_size * self.slab_count
+
+    def slab_off(self, slab: int) -> int:
+        return self.slabs_off + self.slab_size * slab
+
+
+@dataclass(frozen=True)
+class Iface:
+    name: str
+    linktype: int
+    snaplen: int
+    kind: int = lib.PKTIPC_IFACE_FILE
+    ifindex: int = 0
+    ts_resolution: int = 1_000_000_000
+
+
+class Segment:
+    """A mapped segment: header, batch table and slabs over `buf`."""
+
+    def __init__(self, buf: Any, *, writable: bool = False) -> None:
+        self.buf = buf
+        self._cbuf = ffi.from_buffer("uint8_t[]", buf, require_writable=writable)
+        self.header = ffi.cast("struct pktipc_header *", self._cbuf)
+        self.size = len(self._cbuf)
+
+    def check(self) -> None:
+        """Raises LayoutError unless the header describes a layout we read."""
+        h = self.header
+        if self.size < HEADER_SIZE:
+            raise LayoutError("segment smaller than its header")
+        if h.magic != lib.PKTIPC_MAGIC:
+            raise LayoutError("segment has no pktipc header (bad magic)")
+        if h.layout_version != lib.PKTIPC_LAYOUT_VERSION:
+            raise LayoutError(
+                f"segment layout version {h.layout_version}, this pktipc reads "
+                f"{lib.PKTIPC_LAYOUT_VERSION}"
+            )
+        g = self.geometry
+        if (h.desc_size != DESC_SIZE or h.batch_rec_size != lib.PKTIPC_BATCH_REC_SIZE
+                or h.total_size > self.size or g.total_size != h.total_size
+                or h.slabs_off != g.slabs_off or h.batch_table_off != g.batch_table_off
+                or h.iface_count > MAX_IFACES):
+            raise LayoutError("segment header is inconsistent")
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(int(self.header.slab_size), int(self.header.slab_count))
+
+    def init(self, geometry: Geometry, *, name: str, epoch: int, ifaces: list[Iface]) -> None:
+        """Writes a fresh header (broker only), magic last."""
+        if len(ifaces) > MAX_IFACES:
+            raise ValueError(f"at most {MAX_IFACES} sources per broker")
+        if self.size < geometry.total_size:
+            raise ValueError("buffer smaller than the geometry")
+        ffi.memmove(self._cbuf, b"\0" * HEADER_SIZE, HEADER_SIZE)
+        ffi.memmove(self._cbuf + HEADER_SIZE, b"\0" * (geometry.slabs_off - HEADER_SIZE),
+                    geometry.slabs_off - HEADER_SIZE)
+        h = self.header
+        h.layout_version = lib.PKTIPC_LAYOUT_VERSION
+        h.header_size = HEADER_SIZE
+        h.epoch = epoch
+        h.start_time_ns = time.time_ns()
+        h.broker_pid = os.getpid()
+        h.state = lib.PKTIPC_STATE_STARTING
+        h.slab_size = geometry.slab_size
+        h.slab_count = geometry.slab_count
+        h.desc_size = DESC_SIZE
+        h.batch_rec_size = lib.PKTIPC_BATCH_REC_SIZE
+        h.iface_max = MAX_IFACES
+        h.batch_table_off = geometry.batch_table_off
+        h.slabs_off = geometry.slabs_off
+        h.total_size = geometry.total_size
+        h.name = name.encode()[: lib.PKTIPC_NAME_LEN - 1]
+        for i, src in enumerate(ifaces):
+            e = h.ifaces[i]
+            e.name = src.name.encode()[: lib.PKTIPC_IFNAME_LEN - 1]
+            e.ifindex = src.ifindex
+            e.linktype = src.linktype
+            e.snaplen = src.snaplen
+            e.ts_resolution = src.ts_resolution
+            e.kind = src.kind
+        h.iface_count = len(ifaces)
+        h.magic = lib.PKTIPC_MAGIC
+
+    def ifaces(self) -> list[Iface]:
+        h = self.header
+        return [
+            Iface(
+                name=ffi.string(e.name).decode(errors="replace"),
+                linktype=int(e.linktype), snaplen=int(e.snaplen), kind=int(e.kind),
+                ifindex=int(e.ifindex), ts_resolution=int(e.ts_resolution),
+            )
+            for e in (h.ifaces[i] for i in range(min(int(h.iface_count), MAX_IFACES)))
+        ]
+
+    def batch_rec(self, slab: int) -> Any:
+        return ffi.cast("struct pktipc_batch_rec *", self._cbuf + self.header.batch_table_off) + slab
+
+    def slab_ptr(self, slab: int) -> Any:
+        return self._cbuf + self.geometry.slab_off(slab)
+
+    def descriptors(self, slab: int, count: int) -> np.ndarray[Any, Any]:
+        """The first `count` descriptors of a slab, as a view over the buffer."""
+        return np.frombuffer(self.buf, dtype=PKT_DTYPE, count=count,
+                             offset=self.geometry.slab_off(slab))
+
+    def counters(self) -> dict[str, int]:
+        c = self.header.counters
+        return {name: int(getattr(c, name)) for name, _ in ffi.typeof(c).fields}
+
+
+class SlabPool:
+    """Which slabs are free, and how many holders each published slab has.
+
+    A slab returns to the free list only when its last holder lets it go;
+    its generation counts how many times it was published.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.free: deque[int] = deque(range(count))
+        self.refs = [0] * count
+        self.gen = [0] * count
+
+    def take(self) -> int | None:
+        return self.free.popleft() if self.free else None
+
+    def publish(self, slab: int, holders: int) -> int:
+        """Marks a filled slab handed to `holders`; returns its generation."""
+        self.gen[slab] += 1
+        if holders:
+            self.refs[slab] = holders
+        else:
+            self.free.append(slab)
+        return self.gen[slab]
+
+    def unref(self, slab: int) -> bool:
+        """Drops one holder; True when the slab became free."""
+        if self.refs[slab] <= 0:
+            raise ValueError(f"slab {slab} has no holder")
+        self.refs[slab] -= 1
+        if self.refs[slab] == 0:
+            self.free.append(slab)
+            return True
+        return False
+
+    def give_back(self, slab: int) -> None:
+        """Returns a slab taken but never published."""
+        self.free.appendleft(slab)
+
+    @property
+    def in_use(self) -> int:
+        return len(self.refs) - len(self.free)

@@ -1,0 +1,46 @@
+"""Where brokers live: runtime directory, control endpoints, segment names."""
+
+import os
+import re
+from pathlib import Path
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ValueError(
+            f"{kind} name {name!r}: use 1-48 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def runtime_dir() -> Path:
+    env = os.environ.get("PKTIPC_RUNTIME_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/pktipc")
+    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/pktipc-{os.geteuid()}"
+    return Path(xdg) / "pktipc"
+
+
+def control_endpoint(server: str) -> str:
+    """`server` is a broker name or an endpoint ("ipc://...", "tcp://...")."""
+    if "://" in server:
+        return server
+    check_name("broker", server)
+    return f"ipc://{runtime_dir() / server}.ctl"
+
+
+def ipc_path(endpoint: str) -> Path | None:
+    return Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
+
+
+def segment_prefix(broker: str) -> str:
+    return f"pktipc.{broker}."
+
+
+def segment_name(broker: str, epoch: int) -> str:
+    return f"/{segment_prefix(broker)}{epoch:016x}"

@@ -1,0 +1,103 @@
+"""Writing what a client receives as pcap (nanosecond) or pcapng files."""
+
+from __future__ import annotations
+
+import struct
+from itertools import chain
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from ._errors import PktipcError
+from ._layout import Iface
+
+PCAP_NS_MAGIC = 0xA1B23C4D
+_PCAP_REC = np.dtype([("sec", "<u4"), ("nsec", "<u4"), ("incl", "<u4"), ("orig", "<u4")])
+
+
+class CaptureWriter:
+    """Writes batches to `out`. pcap holds one link type per file, so a packet
+    of another link type is refused with a hint to use pcapng."""
+
+    def __init__(self, out: BinaryIO, ifaces: list[Iface], fmt: str = "pcap") -> None:
+        if fmt not in ("pcap", "pcapng"):
+            raise ValueError("format must be pcap or pcapng")
+        self.out = out
+        self.ifaces = ifaces
+        self.fmt = fmt
+        self.packets = 0
+        self._linktype: int | None = None
+        self._idb: dict[int, int] = {}     # source index -> pcapng interface id
+        self._started = False
+
+    def _start(self, linktype: int | None) -> None:
+        self._started = True
+        if self.fmt == "pcapng":
+            self.out.write(struct.pack("<IIIHHqI", 0x0A0D0D0A, 28, 0x1A2B3C4D, 1, 0, -1, 28))
+            return
+        if linktype is None:
+            linktype = self.ifaces[0].linktype if self.ifaces else 1
+        self._linktype = linktype
+        snaplen = max((i.snaplen for i in self.ifaces if i.linktype == linktype), default=262144)
+        self.out.write(struct.pack("<IHHiIII", PCAP_NS_MAGIC, 2, 4, 0, 0, snaplen, linktype))
+
+    def write(self, desc: np.ndarray[Any, Any], views: list[memoryview]) -> None:
+        """Writes packets: their descriptors and their bytes, in order."""
+        if not len(desc):
+            return
+        if not self._started:
+            self._start(int(desc["linktype"][0]))
+        if self.fmt == "pcap":
+            self._write_pcap(desc, views)
+        else:
+            self._write_pcapng(desc, views)
+        self.packets += len(desc)
+
+    def _write_pcap(self, desc: np.ndarray[Any, Any], views: list[memoryview]) -> None:
+        other = desc["linktype"] != self._linktype
+        if other.any():
+            lt = int(desc["linktype"][np.argmax(other)])
+            raise PktipcError(f"a packet of link type {lt} cannot go into a pcap file of "
+                              f"link type {self._linktype}; use --format pcapng")
+        rec = np.empty(len(desc), dtype=_PCAP_REC)
+        rec["sec"] = desc["ts_ns"] // 1_000_000_000
+        rec["nsec"] = desc["ts_ns"] % 1_000_000_000
+        rec["incl"] = desc["caplen"]
+        rec["orig"] = desc["wirelen"]
+        raw = memoryview(rec.tobytes())
+        n = len(desc)
+        heads = map(raw.__getitem__, map(slice, range(0, 16 * n, 16), range(16, 16 * n + 1, 16)))
+        self.out.write(b"".join(chain.from_iterable(zip(heads, views, strict=True))))
+
+    def _interface_id(self, iface: int, linktype: int, parts: list[bytes | memoryview]) -> int:
+        idb = self._idb.get(iface)
+        if idb is None:
+            src = self.ifaces[iface] if iface < len(self.ifaces) else None
+            name = (src.name if src else f"if{iface}").encode()[:255]
+            snaplen = src.snaplen if src else 0
+            opt_name = struct.pack("<HH", 2, len(name)) + name + b"\0" * (-len(name) % 4)
+            opts = opt_name + struct.pack("<HHB3x", 9, 1, 9) + struct.pack("<HH", 0, 0)
+            body = struct.pack("<HHI", linktype, 0, snaplen) + opts
+            size = 12 + len(body)
+            parts.append(struct.pack("<II", 1, size) + body + struct.pack("<I", size))
+            idb = self._idb[iface] = len(self._idb)
+        return idb
+
+    def _write_pcapng(self, desc: np.ndarray[Any, Any], views: list[memoryview]) -> None:
+        parts: list[bytes | memoryview] = []
+        for d, v in zip(desc.tolist(), views, strict=True):
+            ts, _, caplen, wirelen, _, iface, linktype, _, _ = d
+            ifid = self._interface_id(iface, linktype, parts)
+            pad = -caplen % 4
+            size = 32 + caplen + pad
+            parts.append(struct.pack("<IIIIIII", 6, size, ifid, ts >> 32, ts & 0xFFFFFFFF,
+                                     caplen, wirelen))
+            parts.append(v)
+            parts.append(b"\0" * pad + struct.pack("<I", size))
+        self.out.write(b"".join(parts))
+
+    def finish(self) -> None:
+        """Makes sure the file has its header even when no packet came."""
+        if not self._started:
+            self._start(None)
+        self.out.flush()

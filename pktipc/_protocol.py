@@ -1,0 +1,485 @@
+"""pktipc control protocol, version 1, as a sans-IO state machine.
+
+The rules it keeps:
+
+- Every frame is one msgpack map holding "t" (the message type), "v" (the
+  protocol version) and exactly the fields SCHEMAS lists for that type.
+- A client's first message is HELLO; the broker answers WELCOME or ERROR.
+  Only STATS, BYE and HELLO may come from a peer that is not attached.
+- Batches go to attached clients only; a client gives each one back with
+  RELEASE. END-OF-STREAM follows the last batch.
+- Both sides send HEARTBEAT when they have been quiet for an interval; a peer
+  heard from for no longer than its liveness is lost.
+- Every field of every incoming frame is checked. On the broker a bad frame
+  queues an ERROR reply and raises RemoteProtocolError; nothing else may
+  escape the receive path.
+
+No I/O and no clock here: callers hand in frames and `now` (seconds, any
+monotonic origin), and take out frames to send and events.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+MAX_FRAME = 64 * 1024
+MAX_RELEASE = 4096
+MAX_CREDIT = 4096
+BROKER_MISSED_HEARTBEATS = 5
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+
+
+class ProtocolError(Exception):
+    """A protocol rule was broken; `code` is the ERROR code sent for it."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(f"{code}: {text}")
+        self.code = code
+        self.text = text
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to break the protocol (a bug in the caller)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol."""
+
+
+# --- fields --------------------------------------------------------------
+
+Check = Callable[[Any], bool]
+
+
+def _int(lo: int, hi: int) -> Check:
+    return lambda x: type(x) is int and lo <= x <= hi
+
+
+def _str(maxlen: int) -> Check:
+    return lambda x: type(x) is str and len(x) <= maxlen
+
+
+def _opt(check: Check) -> Check:
+    return lambda x: x is None or check(x)
+
+
+def _one_of(*values: str) -> Check:
+    return lambda x: type(x) is str and x in values
+
+
+def _name(x: Any) -> bool:
+    from ._paths import NAME_RE
+
+    return type(x) is str and NAME_RE.match(x) is not None
+
+
+def _seqs(x: Any) -> bool:
+    return (type(x) is list and 1 <= len(x) <= MAX_RELEASE
+            and all(type(s) is int and 0 <= s <= U64 for s in x))
+
+
+def _map(x: Any) -> bool:
+    return type(x) is dict
+
+
+POLICIES = ("block", "drop")
+
+SCHEMAS: dict[str, dict[str, Check]] = {
+    # client -> broker
+    "hello": {"name": _name, "group": _opt(_name), "policy": _opt(_one_of(*POLICIES)),
+              "credit": _opt(_int(1, MAX_CREDIT)), "pid": _int(0, U32)},
+    "release": {"seqs": _seqs},
+    "stats": {},
+    "bye": {},
+    # broker -> client
+    "welcome": {"shm": _str(255), "epoch": _int(0, U64), "layout": _int(0, U32),
+                "slot": _int(0, U32), "credit": _int(1, MAX_CREDIT),
+                "policy": _one_of(*POLICIES), "heartbeat_ms": _int(1, U32),
+                "liveness_ms": _int(1, U32)},
+    "batch": {"seq": _int(0, U64), "slab": _int(0, U32), "gen": _int(0, U32),
+              "n": _int(1, U32)},
+    "gap": {"from": _int(0, U64), "to": _int(0, U64)},
+    "eos": {"error": _opt(_str(1024))},
+    "error": {"code": _str(64), "text": _str(1024)},
+    "stats_reply": {"stats": _map},
+    # both ways
+    "heartbeat": {},
+}
+
+
+def encode(mtype: str, **fields: Any) -> bytes:
+    """One frame; raises LocalProtocolError for a message SCHEMAS refuses."""
+    schema = SCHEMAS.get(mtype)
+    if schema is None:
+        raise LocalProtocolError("unknown-type", f"no message type {mtype!r}")
+    if set(fields) != set(schema):
+        raise LocalProtocolError("bad-field", f"{mtype}: fields {sorted(fields)}")
+    for key, check in schema.items():
+        if not check(fields[key]):
+            raise LocalProtocolError("bad-field", f"{mtype}.{key} = {fields[key]!r}")
+    out: bytes = msgpack.packb({"t": mtype, "v": VERSION, **fields}, use_bin_type=True)
+    return out
+
+
+def decode(frame: bytes) -> tuple[str, dict[str, Any]]:
+    """(type, fields) of a frame; RemoteProtocolError for anything else."""
+    if len(frame) > MAX_FRAME:
+        raise RemoteProtocolError("too-large", f"frame of {len(frame)} bytes, limit {MAX_FRAME}")
+    try:
+        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as e:  # any decoding failure of untrusted bytes
+        raise RemoteProtocolError("malformed", f"not a msgpack frame ({type(e).__name__})") from None
+    if type(msg) is not dict:
+        raise RemoteProtocolError("malformed", "frame is not a map")
+    if msg.get("v") != VERSION or type(msg.get("v")) is not int:
+        raise RemoteProtocolError("version", f"protocol version {msg.get('v')!r}, "
+                                  f"this broker speaks {VERSION}")
+    mtype = msg.pop("t", None)
+    del msg["v"]
+    schema = SCHEMAS.get(mtype) if type(mtype) is str else None
+    if schema is None:
+        raise RemoteProtocolError("unknown-type", f"unknown message type {mtype!r}")
+    if set(msg) != set(schema):
+        extra = sorted(set(msg) - set(schema), key=str)
+        missing = sorted(set(schema) - set(msg))
+        raise RemoteProtocolError("bad-field", f"{mtype}: missing {missing}, unexpected {extra}")
+    for key, check in schema.items():
+        if not check(msg[key]):
+            raise RemoteProtocolError("bad-field", f"{mtype}.{key}: bad value")
+    return mtype, msg
+
+
+# --- events ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    peer: bytes
+    name: str
+    group: str | None
+    policy: str | None
+    credit: int | None
+    pid: int
+
+
+@dataclass(frozen=True)
+class Release:
+    peer: bytes
+    seqs: list[int]
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    peer: bytes
+
+
+@dataclass(frozen=True)
+class Bye:
+    peer: bytes
+
+
+@dataclass(frozen=True)
+class PeerLost:
+    peer: bytes
+
+
+@dataclass(frozen=True)
+class Welcome:
+    shm: str
+    epoch: int
+    layout: int
+    slot: int
+    credit: int
+    policy: str
+    heartbeat_ms: int
+    liveness_ms: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    seq: int
+    slab: int
+    gen: int
+    n: int
+
+
+@dataclass(frozen=True)
+class Gap:
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class EndOfStream:
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    code: str
+    text: str
+
+
+@dataclass(frozen=True)
+class StatsReply:
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BrokerLost:
+    pass
+
+
+BrokerEvent = Hello | Release | StatsRequest | Bye | PeerLost
+ClientEvent = Welcome | Batch | Gap | EndOfStream | ErrorReply | StatsReply | BrokerLost
+
+
+# --- states ----------------------------------------------------------------
+
+
+class State(enum.Enum):
+    NEW = "new"                # broker: a peer not attached; client: HELLO not sent
+    HELLO_SENT = "hello-sent"  # client: waiting for WELCOME
+    ATTACHED = "attached"
+    ENDED = "ended"            # client: END-OF-STREAM received
+    CLOSED = "closed"
+
+
+# What each side may receive in each state, and the state it moves to.
+BROKER_TRANSITIONS: dict[tuple[State, str], State] = {
+    (State.NEW, "hello"): State.NEW,          # attached only when the broker accepts
+    (State.NEW, "stats"): State.NEW,
+    (State.NEW, "bye"): State.NEW,
+    (State.ATTACHED, "release"): State.ATTACHED,
+    (State.ATTACHED, "heartbeat"): State.ATTACHED,
+    (State.ATTACHED, "stats"): State.ATTACHED,
+    (State.ATTACHED, "bye"): State.CLOSED,
+}
+
+CLIENT_TRANSITIONS: dict[tuple[State, str], State] = {
+    (State.NEW, "stats_reply"): State.NEW,
+    (State.NEW, "error"): State.NEW,
+    (State.HELLO_SENT, "welcome"): State.ATTACHED,
+    (State.HELLO_SENT, "error"): State.CLOSED,
+    (State.HELLO_SENT, "stats_reply"): State.HELLO_SENT,
+    (State.ATTACHED, "batch"): State.ATTACHED,
+    (State.ATTACHED, "gap"): State.ATTACHED,
+    (State.ATTACHED, "heartbeat"): State.ATTACHED,
+    (State.ATTACHED, "stats_reply"): State.ATTACHED,
+    (State.ATTACHED, "eos"): State.ENDED,
+    (State.ATTACHED, "error"): State.CLOSED,
+    (State.ENDED, "heartbeat"): State.ENDED,
+    (State.ENDED, "stats_reply"): State.ENDED,
+    (State.ENDED, "error"): State.CLOSED,
+}
+
+
+@dataclass
+class _Peer:
+    last_recv: float
+    last_sent: float
+
+
+class BrokerConnection:
+    """The broker's side: any number of peers, keyed by routing id."""
+
+    def __init__(self, *, heartbeat: float = 1.0, liveness: float = 30.0) -> None:
+        if not 0 < heartbeat < liveness:
+            raise ValueError("heartbeat interval must be positive and below the liveness")
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.peers: dict[bytes, _Peer] = {}
+        self.errors = 0
+        self._out: list[tuple[bytes, bytes]] = []
+
+    def state(self, peer: bytes) -> State:
+        return State.ATTACHED if peer in self.peers else State.NEW
+
+    # -- receiving --
+    def receive(self, peer: bytes, frame: bytes, now: float) -> list[BrokerEvent]:
+        """Events for one frame from `peer`. A bad frame queues an ERROR reply,
+        counts it, and raises RemoteProtocolError."""
+        try:
+            mtype, f = decode(frame)
+            state = self.state(peer)
+            if (state, mtype) not in BROKER_TRANSITIONS:
+                code = "not-attached" if state is State.NEW else "unexpected"
+                raise RemoteProtocolError(code, f"{mtype} not allowed from a {state.value} peer")
+        except RemoteProtocolError as e:
+            self.errors += 1
+            self._send(peer, "error", now, code=e.code, text=e.text)
+            raise
+        p = self.peers.get(peer)
+        if p is not None:
+            p.last_recv = now
+        if BROKER_TRANSITIONS[(state, mtype)] is State.CLOSED:
+            del self.peers[peer]
+        if mtype == "hello":
+            return [Hello(peer, f["name"], f["group"], f["policy"], f["credit"], f["pid"])]
+        if mtype == "release":
+            return [Release(peer, f["seqs"])]
+        if mtype == "stats":
+            return [StatsRequest(peer)]
+        if mtype == "bye":
+            return [Bye(peer)] if state is State.ATTACHED else []
+        return []  # heartbeat
+
+    # -- decisions and sends --
+    def accept(self, peer: bytes, now: float, *, shm: str, epoch: int, layout: int,
+               slot: int, credit: int, policy: str) -> None:
+        if peer in self.peers:
+            raise LocalProtocolError("unexpected", "peer already attached")
+        self.peers[peer] = _Peer(last_recv=now, last_sent=now)
+        self._send(peer, "welcome", now, shm=shm, epoch=epoch, layout=layout, slot=slot,
+                   credit=credit, policy=policy, heartbeat_ms=round(self.heartbeat * 1000),
+                   liveness_ms=round(self.liveness * 1000))
+
+    def refuse(self, peer: bytes, now: float, code: str, text: str) -> None:
+        self.errors += 1
+        self._send(peer, "error", now, code=code, text=text)
+
+    def send_batch(self, peer: bytes, now: float, seq: int, slab: int, gen: int, n: int) -> None:
+        self._attached(peer)
+        self._send(peer, "batch", now, seq=seq, slab=slab, gen=gen, n=n)
+
+    def send_gap(self, peer: bytes, now: float, start: int, end: int) -> None:
+        self._attached(peer)
+        self._send(peer, "gap", now, **{"from": start, "to": end})
+
+    def send_eos(self, peer: bytes, now: float, error: str | None = None) -> None:
+        self._attached(peer)
+        self._send(peer, "eos", now, error=error)
+
+    def send_stats(self, peer: bytes, now: float, stats: dict[str, Any]) -> None:
+        self._send(peer, "stats_reply", now, stats=stats)
+
+    def evict(self, peer: bytes, now: float, code: str, text: str) -> None:
+        """Detaches a peer, telling it why."""
+        self._attached(peer)
+        self._send(peer, "error", now, code=code, text=text)
+        del self.peers[peer]
+
+    def forget(self, peer: bytes) -> None:
+        """Detaches a peer that cannot be told (unreachable)."""
+        self.peers.pop(peer, None)
+
+    def _attached(self, peer: bytes) -> None:
+        if peer not in self.peers:
+            raise LocalProtocolError("not-attached", "peer is not attached")
+
+    def _send(self, peer: bytes, mtype: str, now: float, **fields: Any) -> None:
+        self._out.append((peer, encode(mtype, **fields)))
+        p = self.peers.get(peer)
+        if p is not None:
+            p.last_sent = now
+
+    def frames_to_send(self) -> list[tuple[bytes, bytes]]:
+        out, self._out = self._out, []
+        return out
+
+    # -- time --
+    def get_timer(self) -> float | None:
+        if not self.peers:
+            return None
+        return min(min(p.last_sent + self.heartbeat, p.last_recv + self.liveness)
+                   for p in self.peers.values())
+
+    def handle_timer(self, now: float) -> list[BrokerEvent]:
+        lost: list[BrokerEvent] = []
+        for peer, p in list(self.peers.items()):
+            if p.last_recv + self.liveness <= now:
+                del self.peers[peer]
+                lost.append(PeerLost(peer))
+            elif p.last_sent + self.heartbeat <= now:
+                self._send(peer, "heartbeat", now)
+        return lost
+
+
+class ClientConnection:
+    """A client's side of one broker connection."""
+
+    def __init__(self) -> None:
+        self.state = State.NEW
+        self.heartbeat = 1.0
+        self.liveness = 30.0
+        self._last_recv = 0.0
+        self._last_sent = 0.0
+        self._out: list[bytes] = []
+
+    def hello(self, now: float, *, name: str, group: str | None = None,
+              policy: str | None = None, credit: int | None = None, pid: int = 0) -> None:
+        if self.state is not State.NEW:
+            raise LocalProtocolError("unexpected", "HELLO already sent")
+        self._send("hello", now, name=name, group=group, policy=policy, credit=credit, pid=pid)
+        self.state = State.HELLO_SENT
+
+    def request_stats(self, now: float) -> None:
+        self._send("stats", now)
+
+    def release(self, now: float, seqs: list[int]) -> None:
+        if self.state not in (State.ATTACHED, State.ENDED):
+            raise LocalProtocolError("not-attached", f"cannot release while {self.state.value}")
+        for i in range(0, len(seqs), MAX_RELEASE):
+            self._send("release", now, seqs=seqs[i : i + MAX_RELEASE])
+
+    def bye(self, now: float) -> None:
+        if self.state in (State.ATTACHED, State.ENDED):
+            self._send("bye", now)
+        self.state = State.CLOSED
+
+    def receive(self, frame: bytes, now: float) -> list[ClientEvent]:
+        mtype, f = decode(frame)
+        key = (self.state, mtype)
+        if key not in CLIENT_TRANSITIONS:
+            raise RemoteProtocolError("unexpected", f"{mtype} while {self.state.value}")
+        self.state = CLIENT_TRANSITIONS[key]
+        self._last_recv = now
+        if mtype == "welcome":
+            # The broker's loop never blocks for long, so it is declared lost
+            # after a few missed heartbeats; liveness_ms is how long the broker
+            # waits for us, which our heartbeat interval keeps well inside.
+            self.heartbeat = min(f["heartbeat_ms"], f["liveness_ms"] // 3) / 1000
+            self.liveness = BROKER_MISSED_HEARTBEATS * f["heartbeat_ms"] / 1000
+            self._last_sent = now
+            return [Welcome(**f)]
+        if mtype == "batch":
+            return [Batch(**f)]
+        if mtype == "gap":
+            return [Gap(f["from"], f["to"])]
+        if mtype == "eos":
+            return [EndOfStream(f["error"])]
+        if mtype == "error":
+            return [ErrorReply(f["code"], f["text"])]
+        if mtype == "stats_reply":
+            return [StatsReply(f["stats"])]
+        return []  # heartbeat
+
+    def _send(self, mtype: str, now: float, **fields: Any) -> None:
+        self._out.append(encode(mtype, **fields))
+        self._last_sent = now
+
+    def frames_to_send(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        if self.state is not State.ATTACHED:
+            return None
+        return min(self._last_sent + self.heartbeat, self._last_recv + self.liveness)
+
+    def handle_timer(self, now: float) -> list[ClientEvent]:
+        if self.state is not State.ATTACHED:
+            return []
+        if self._last_recv + self.liveness <= now:
+            self.state = State.CLOSED
+            return [BrokerLost()]
+        if self._last_sent + self.heartbeat <= now:
+            self._send("heartbeat", now)
+        return []

@@ -1,0 +1,139 @@
+/*
+ * pktipc shared-memory layout for C consumers.
+ *
+ * Include this file, never pktipc_layout.h directly. It pins every size and
+ * offset of the layout, so a compiler that lays a struct out differently
+ * refuses to build instead of reading the wrong bytes, and it adds inline
+ * accessors over a mapped segment.
+ */
+#ifndef PKTIPC_SHM_H
+#define PKTIPC_SHM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pktipc_layout.h"
+
+#define PKTIPC_ASSERT_AT(type, field, off) \
+    _Static_assert(offsetof(struct type, field) == (off), #type "." #field " moved")
+
+_Static_assert(sizeof(struct pktipc_pkt) == PKTIPC_DESC_SIZE, "descriptor size");
+PKTIPC_ASSERT_AT(pktipc_pkt, ts_ns, 0);
+PKTIPC_ASSERT_AT(pktipc_pkt, data_off, 8);
+PKTIPC_ASSERT_AT(pktipc_pkt, caplen, 12);
+PKTIPC_ASSERT_AT(pktipc_pkt, wirelen, 16);
+PKTIPC_ASSERT_AT(pktipc_pkt, hash, 20);
+PKTIPC_ASSERT_AT(pktipc_pkt, iface, 24);
+PKTIPC_ASSERT_AT(pktipc_pkt, linktype, 26);
+PKTIPC_ASSERT_AT(pktipc_pkt, vlan_tci, 28);
+PKTIPC_ASSERT_AT(pktipc_pkt, flags, 30);
+
+_Static_assert(sizeof(struct pktipc_counters) == 64, "counters: one cache line");
+PKTIPC_ASSERT_AT(pktipc_counters, packets, 0);
+PKTIPC_ASSERT_AT(pktipc_counters, bytes, 8);
+PKTIPC_ASSERT_AT(pktipc_counters, batches, 16);
+PKTIPC_ASSERT_AT(pktipc_counters, broker_drops, 24);
+PKTIPC_ASSERT_AT(pktipc_counters, client_drops, 32);
+PKTIPC_ASSERT_AT(pktipc_counters, protocol_errors, 40);
+PKTIPC_ASSERT_AT(pktipc_counters, clients, 48);
+PKTIPC_ASSERT_AT(pktipc_counters, clients_total, 56);
+
+_Static_assert(sizeof(struct pktipc_iface) == PKTIPC_IFACE_SIZE, "iface size");
+PKTIPC_ASSERT_AT(pktipc_iface, name, 0);
+PKTIPC_ASSERT_AT(pktipc_iface, ifindex, 48);
+PKTIPC_ASSERT_AT(pktipc_iface, linktype, 52);
+PKTIPC_ASSERT_AT(pktipc_iface, snaplen, 56);
+PKTIPC_ASSERT_AT(pktipc_iface, ts_resolution, 60);
+PKTIPC_ASSERT_AT(pktipc_iface, packets, 64);
+PKTIPC_ASSERT_AT(pktipc_iface, bytes, 72);
+PKTIPC_ASSERT_AT(pktipc_iface, kernel_packets, 80);
+PKTIPC_ASSERT_AT(pktipc_iface, kernel_drops, 88);
+PKTIPC_ASSERT_AT(pktipc_iface, kernel_freezes, 96);
+PKTIPC_ASSERT_AT(pktipc_iface, kind, 104);
+PKTIPC_ASSERT_AT(pktipc_iface, reserved1, 112);
+
+_Static_assert(sizeof(struct pktipc_header) == PKTIPC_HEADER_SIZE, "header: one page");
+PKTIPC_ASSERT_AT(pktipc_header, magic, 0);
+PKTIPC_ASSERT_AT(pktipc_header, layout_version, 8);
+PKTIPC_ASSERT_AT(pktipc_header, header_size, 12);
+PKTIPC_ASSERT_AT(pktipc_header, epoch, 16);
+PKTIPC_ASSERT_AT(pktipc_header, start_time_ns, 24);
+PKTIPC_ASSERT_AT(pktipc_header, broker_pid, 32);
+PKTIPC_ASSERT_AT(pktipc_header, state, 36);
+PKTIPC_ASSERT_AT(pktipc_header, slab_size, 40);
+PKTIPC_ASSERT_AT(pktipc_header, slab_count, 44);
+PKTIPC_ASSERT_AT(pktipc_header, desc_size, 48);
+PKTIPC_ASSERT_AT(pktipc_header, batch_rec_size, 52);
+PKTIPC_ASSERT_AT(pktipc_header, iface_count, 56);
+PKTIPC_ASSERT_AT(pktipc_header, iface_max, 60);
+PKTIPC_ASSERT_AT(pktipc_header, batch_table_off, 64);
+PKTIPC_ASSERT_AT(pktipc_header, slabs_off, 72);
+PKTIPC_ASSERT_AT(pktipc_header, total_size, 80);
+PKTIPC_ASSERT_AT(pktipc_header, name, 128);
+PKTIPC_ASSERT_AT(pktipc_header, counters, 192);
+PKTIPC_ASSERT_AT(pktipc_header, ifaces, 1024);
+PKTIPC_ASSERT_AT(pktipc_header, reserved2, 3072);
+_Static_assert(sizeof(((struct pktipc_header *)0)->ifaces) ==
+               PKTIPC_MAX_IFACES * PKTIPC_IFACE_SIZE, "iface table");
+
+_Static_assert(sizeof(struct pktipc_batch_rec) == PKTIPC_BATCH_REC_SIZE, "batch record");
+PKTIPC_ASSERT_AT(pktipc_batch_rec, seq, 0);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, slab, 8);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, gen, 12);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, count, 16);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, data_bytes, 20);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, first_ts_ns, 24);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, last_ts_ns, 32);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, kernel_drops, 40);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, broker_drops, 48);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, flags, 56);
+
+#undef PKTIPC_ASSERT_AT
+
+/* The segment starts with the header; `base` is where it is mapped. */
+static inline const struct pktipc_header *pktipc_shm_header(const void *base)
+{
+    return (const struct pktipc_header *)base;
+}
+
+/* 0 when `base`, of `size` mapped bytes, holds a layout this header reads. */
+static inline int pktipc_shm_check(const void *base, uint64_t size)
+{
+    const struct pktipc_header *h = pktipc_shm_header(base);
+    if (size < PKTIPC_HEADER_SIZE || h->magic != PKTIPC_MAGIC ||
+        h->layout_version != PKTIPC_LAYOUT_VERSION || h->total_size > size ||
+        h->desc_size != PKTIPC_DESC_SIZE || h->batch_rec_size != PKTIPC_BATCH_REC_SIZE ||
+        h->slabs_off + (uint64_t)h->slab_size * h->slab_count > h->total_size)
+        return -1;
+    return 0;
+}
+
+static inline const struct pktipc_batch_rec *pktipc_shm_batch(const void *base, uint32_t slab)
+{
+    const struct pktipc_header *h = pktipc_shm_header(base);
+    return (const struct pktipc_batch_rec *)((const uint8_t *)base + h->batch_table_off) + slab;
+}
+
+static inline const uint8_t *pktipc_shm_slab(const void *base, uint32_t slab)
+{
+    const struct pktipc_header *h = pktipc_shm_header(base);
+    return (const uint8_t *)base + h->slabs_off + (uint64_t)h->slab_size * slab;
+}
+
+/* Descriptors stand at the start of their slab. */
+static inline const struct pktipc_pkt *pktipc_slab_pkts(const uint8_t *slab)
+{
+    return (const struct pktipc_pkt *)slab;
+}
+
+static inline const uint8_t *pktipc_pkt_bytes(const uint8_t *slab, const struct pktipc_pkt *p)
+{
+    return slab + p->data_off;
+}
+
+static inline unsigned pktipc_pkt_direction(const struct pktipc_pkt *p)
+{
+    return (p->flags & PKTIPC_F_DIR_MASK) >> PKTIPC_F_DIR_SHIFT;
+}
+
+#endif /* PKTIPC_SHM_H */

@@ -183,7 +183,9 @@ class Dispatcher:
 
     @property
     def finished(self) -> bool:
-        return self.ended and all(c.eos_sent for c in self.clients.values())
+        """Every client was sent everything and gave it all back (a client
+        maps the segment after WELCOME: unlinking it earlier could beat it)."""
+        return self.ended and all(c.eos_sent and not c.held for c in self.clients.values())
 
 
 @dataclass
@@ -237,8 +239,8 @@ class Broker:
             raise ValueError(f"--credit must be between 1 and {proto.MAX_CREDIT}")
         self.opts = opts
         self.log = log
-        self.geometry = Geometry(opts.slab_size, opts.slab_count)
         self.source = FileSource(opts.files, opts.loops)
+        self.geometry = Geometry(opts.slab_size, opts.slab_count, len(self.source.ifaces))
         self.endpoint = opts.endpoint or control_endpoint(opts.name)
         self.epoch = time.time_ns()
         self.shm_name = segment_name(opts.name, self.epoch)
@@ -388,7 +390,10 @@ class Broker:
         return max(t, 0.0)
 
     def _reading(self) -> bool:
-        return self._started and not self.disp.ended and bool(self.disp.clients)
+        # A file source pauses while nobody is attached, so nothing is
+        # replayed to nobody; --wait-clients 0 asks for the replay regardless.
+        return (self._started and not self.disp.ended
+                and (bool(self.disp.clients) or self.opts.wait_clients == 0))
 
     def _can_produce(self, now: float) -> bool:
         return self._reading() and now >= self._wake
@@ -467,7 +472,7 @@ class Broker:
                 nts = src.next_ts()
                 limit = self.pacer.limit(now, nts) if nts != NO_LIMIT else NO_LIMIT
             res = src.fill(fill, limit)
-            entry = self.seg.header.ifaces[src.index]
+            entry = self.seg.iface(src.index)
             entry.packets += res.packets
             entry.bytes += res.bytes
             if res.status == lib.PKTIPC_FILL_FULL:
@@ -543,7 +548,8 @@ class Broker:
                       "free": len(self.pool.free)},
             "sources": [
                 {"name": s.name, "linktype": s.linktype, "snaplen": s.snaplen,
-                 "packets": int(h.ifaces[i].packets), "bytes": int(h.ifaces[i].bytes)}
+                 "packets": int(self.seg.iface(i).packets),
+                 "bytes": int(self.seg.iface(i).bytes)}
                 for i, s in enumerate(self.source.ifaces)
             ],
             "clients": [

@@ -150,7 +150,7 @@ class Client:
         self.name = client
         self.server = server
         self.endpoint = control_endpoint(server)
-        self._closed = False
+        self._closed = True     # until there is a socket to close
         self._ended: str | None | bool = False
         self._pending: deque[proto.Batch] = deque()
         self._held: set[int] = set()
@@ -159,9 +159,10 @@ class Client:
         self._conn = proto.ClientConnection()
         path = ipc_path(self.endpoint)
         if path is not None and not path.exists():
-            raise BrokerNotRunning(f"no broker {server!r} is running (no {path})")
+            raise BrokerNotRunning(f"broker {server!r} is not running (no {path})")
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
+        self._closed = False
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.connect(self.endpoint)
         try:
@@ -368,7 +369,9 @@ class Client:
             elif isinstance(ev, proto.StatsReply):
                 self._stats = ev.stats
             elif isinstance(ev, proto.ErrorReply):
-                raise BrokerGone(f"broker {self.server!r}: {ev.code}: {ev.text}")
+                raise Refused(ev.code, f"broker {self.server!r} refused a request: {ev.text}")
+            elif isinstance(ev, proto.Evicted):
+                raise BrokerGone(f"broker {self.server!r} evicted {self.name!r}: {ev.text}")
             elif isinstance(ev, proto.BrokerLost):
                 raise BrokerGone(f"broker {self.server!r} stopped answering")
 
@@ -394,7 +397,7 @@ def broker_stats(server: str, timeout: float = 2.0) -> dict[str, Any]:
     endpoint = control_endpoint(server)
     path = ipc_path(endpoint)
     if path is not None and not path.exists():
-        raise BrokerNotRunning(f"no broker {server!r} is running (no {path})")
+        raise BrokerNotRunning(f"broker {server!r} is not running (no {path})")
     conn = proto.ClientConnection()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)

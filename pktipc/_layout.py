@@ -61,6 +61,7 @@ HEADER_SIZE: int = lib.PKTIPC_HEADER_SIZE
 DESC_SIZE: int = lib.PKTIPC_DESC_SIZE
 SLAB_ALIGN: int = lib.PKTIPC_SLAB_ALIGN
 MAX_IFACES: int = lib.PKTIPC_MAX_IFACES
+IFACE_SIZE: int = lib.PKTIPC_IFACE_SIZE
 
 
 def _align(n: int, a: int) -> int:
@@ -71,6 +72,7 @@ def _align(n: int, a: int) -> int:
 class Geometry:
     slab_size: int
     slab_count: int
+    iface_count: int = 1
 
     def __post_init__(self) -> None:
         if self.slab_size < SLAB_ALIGN or self.slab_size % SLAB_ALIGN:
@@ -79,14 +81,21 @@ class Geometry:
             raise ValueError("slab size must be at most 1 GiB")
         if not 2 <= self.slab_count <= 65535:
             raise ValueError("slab count must be between 2 and 65535")
+        if not 0 <= self.iface_count <= MAX_IFACES:
+            raise ValueError(f"at most {MAX_IFACES} sources per broker")
 
     @property
-    def batch_table_off(self) -> int:
+    def iface_table_off(self) -> int:
         return HEADER_SIZE
 
     @property
+    def batch_table_off(self) -> int:
+        return _align(self.iface_table_off + self.iface_count * IFACE_SIZE, 64)
+
+    @property
     def slabs_off(self) -> int:
-        return _align(HEADER_SIZE + self.slab_count * lib.PKTIPC_BATCH_REC_SIZE, SLAB_ALIGN)
+        return _align(self.batch_table_off + self.slab_count * lib.PKTIPC_BATCH_REC_SIZE,
+                      SLAB_ALIGN)
 
     @property
     def total_size(self) -> int:
@@ -127,21 +136,26 @@ class Segment:
                 f"segment layout version {h.layout_version}, this pktipc reads "
                 f"{lib.PKTIPC_LAYOUT_VERSION}"
             )
-        g = self.geometry
+        try:
+            g = self.geometry
+        except ValueError as e:
+            raise LayoutError(f"segment header is inconsistent: {e}") from None
         if (h.desc_size != DESC_SIZE or h.batch_rec_size != lib.PKTIPC_BATCH_REC_SIZE
-                or h.total_size > self.size or g.total_size != h.total_size
-                or h.slabs_off != g.slabs_off or h.batch_table_off != g.batch_table_off
-                or h.iface_count > MAX_IFACES):
+                or h.iface_size != IFACE_SIZE or h.total_size > self.size
+                or g.total_size != h.total_size or h.slabs_off != g.slabs_off
+                or h.batch_table_off != g.batch_table_off
+                or h.iface_table_off != g.iface_table_off):
             raise LayoutError("segment header is inconsistent")
 
     @property
     def geometry(self) -> Geometry:
-        return Geometry(int(self.header.slab_size), int(self.header.slab_count))
+        h = self.header
+        return Geometry(int(h.slab_size), int(h.slab_count), int(h.iface_count))
 
     def init(self, geometry: Geometry, *, name: str, epoch: int, ifaces: list[Iface]) -> None:
         """Writes a fresh header (broker only), magic last."""
-        if len(ifaces) > MAX_IFACES:
-            raise ValueError(f"at most {MAX_IFACES} sources per broker")
+        if len(ifaces) != geometry.iface_count:
+            raise ValueError("geometry made for another number of sources")
         if self.size < geometry.total_size:
             raise ValueError("buffer smaller than the geometry")
         ffi.memmove(self._cbuf, b"\0" * HEADER_SIZE, HEADER_SIZE)
@@ -158,31 +172,35 @@ class Segment:
         h.slab_count = geometry.slab_count
         h.desc_size = DESC_SIZE
         h.batch_rec_size = lib.PKTIPC_BATCH_REC_SIZE
-        h.iface_max = MAX_IFACES
+        h.iface_size = IFACE_SIZE
+        h.iface_table_off = geometry.iface_table_off
         h.batch_table_off = geometry.batch_table_off
         h.slabs_off = geometry.slabs_off
         h.total_size = geometry.total_size
         h.name = name.encode()[: lib.PKTIPC_NAME_LEN - 1]
+        h.iface_count = len(ifaces)
         for i, src in enumerate(ifaces):
-            e = h.ifaces[i]
+            e = self.iface(i)
             e.name = src.name.encode()[: lib.PKTIPC_IFNAME_LEN - 1]
             e.ifindex = src.ifindex
             e.linktype = src.linktype
             e.snaplen = src.snaplen
             e.ts_resolution = src.ts_resolution
             e.kind = src.kind
-        h.iface_count = len(ifaces)
         h.magic = lib.PKTIPC_MAGIC
 
+    def iface(self, i: int) -> Any:
+        """Entry i of the interface table (a cffi pointer)."""
+        return ffi.cast("struct pktipc_iface *", self._cbuf + self.header.iface_table_off) + i
+
     def ifaces(self) -> list[Iface]:
-        h = self.header
         return [
             Iface(
                 name=ffi.string(e.name).decode(errors="replace"),
                 linktype=int(e.linktype), snaplen=int(e.snaplen), kind=int(e.kind),
                 ifindex=int(e.ifindex), ts_resolution=int(e.ts_resolution),
             )
-            for e in (h.ifaces[i] for i in range(min(int(h.iface_count), MAX_IFACES)))
+            for e in map(self.iface, range(int(self.header.iface_count)))
         ]
 
     def batch_rec(self, slab: int) -> Any:

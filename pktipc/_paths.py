@@ -4,11 +4,11 @@ import os
 import re
 from pathlib import Path
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")   # use with fullmatch
 
 
 def check_name(kind: str, name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ValueError(
             f"{kind} name {name!r}: use 1-48 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"

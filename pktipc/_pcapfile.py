@@ -60,6 +60,8 @@ class CaptureWriter:
             raise PktipcError(f"a packet of link type {lt} cannot go into a pcap file of "
                               f"link type {self._linktype}; use --format pcapng")
         rec = np.empty(len(desc), dtype=_PCAP_REC)
+        # pcap keeps a signed 32-bit second count; floor division keeps the
+        # nanoseconds in 0..999999999 for times before 1970 too.
         rec["sec"] = desc["ts_ns"] // 1_000_000_000
         rec["nsec"] = desc["ts_ns"] % 1_000_000_000
         rec["incl"] = desc["caplen"]
@@ -90,6 +92,7 @@ class CaptureWriter:
             ifid = self._interface_id(iface, linktype, parts)
             pad = -caplen % 4
             size = 32 + caplen + pad
+            ts &= 0xFFFFFFFFFFFFFFFF    # before 1970 (malformed files): as pcapng stores it
             parts.append(struct.pack("<IIIIIII", 6, size, ifid, ts >> 32, ts & 0xFFFFFFFF,
                                      caplen, wirelen))
             parts.append(v)

@@ -6,6 +6,9 @@ The rules it keeps:
   protocol version) and exactly the fields SCHEMAS lists for that type.
 - A client's first message is HELLO; the broker answers WELCOME or ERROR.
   Only STATS, BYE and HELLO may come from a peer that is not attached.
+- ERROR refuses one message and changes nothing else (after HELLO: the
+  client stays unattached). Only EVICT ends an attachment from the broker's
+  side, BYE from the client's.
 - Batches go to attached clients only; a client gives each one back with
   RELEASE. END-OF-STREAM follows the last batch.
 - Both sides send HEARTBEAT when they have been quiet for an interval; a peer
@@ -31,6 +34,7 @@ VERSION = 1
 MAX_FRAME = 64 * 1024
 MAX_RELEASE = 4096
 MAX_CREDIT = 4096
+MAX_TEXT = 1024
 BROKER_MISSED_HEARTBEATS = 5
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
@@ -77,7 +81,7 @@ def _one_of(*values: str) -> Check:
 def _name(x: Any) -> bool:
     from ._paths import NAME_RE
 
-    return type(x) is str and NAME_RE.match(x) is not None
+    return type(x) is str and NAME_RE.fullmatch(x) is not None
 
 
 def _seqs(x: Any) -> bool:
@@ -107,7 +111,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
               "n": _int(1, U32)},
     "gap": {"from": _int(0, U64), "to": _int(0, U64)},
     "eos": {"error": _opt(_str(1024))},
-    "error": {"code": _str(64), "text": _str(1024)},
+    "error": {"code": _str(64), "text": _str(MAX_TEXT)},
+    "evict": {"code": _str(64), "text": _str(MAX_TEXT)},
     "stats_reply": {"stats": _map},
     # both ways
     "heartbeat": {},
@@ -228,6 +233,12 @@ class ErrorReply:
 
 
 @dataclass(frozen=True)
+class Evicted:
+    code: str
+    text: str
+
+
+@dataclass(frozen=True)
 class StatsReply:
     stats: dict[str, Any]
 
@@ -238,7 +249,8 @@ class BrokerLost:
 
 
 BrokerEvent = Hello | Release | StatsRequest | Bye | PeerLost
-ClientEvent = Welcome | Batch | Gap | EndOfStream | ErrorReply | StatsReply | BrokerLost
+ClientEvent = (Welcome | Batch | Gap | EndOfStream | ErrorReply | Evicted | StatsReply
+               | BrokerLost)
 
 
 # --- states ----------------------------------------------------------------
@@ -274,10 +286,12 @@ CLIENT_TRANSITIONS: dict[tuple[State, str], State] = {
     (State.ATTACHED, "heartbeat"): State.ATTACHED,
     (State.ATTACHED, "stats_reply"): State.ATTACHED,
     (State.ATTACHED, "eos"): State.ENDED,
-    (State.ATTACHED, "error"): State.CLOSED,
+    (State.ATTACHED, "error"): State.ATTACHED,
+    (State.ATTACHED, "evict"): State.CLOSED,
     (State.ENDED, "heartbeat"): State.ENDED,
     (State.ENDED, "stats_reply"): State.ENDED,
-    (State.ENDED, "error"): State.CLOSED,
+    (State.ENDED, "error"): State.ENDED,
+    (State.ENDED, "evict"): State.CLOSED,
 }
 
 
@@ -314,7 +328,7 @@ class BrokerConnection:
                 raise RemoteProtocolError(code, f"{mtype} not allowed from a {state.value} peer")
         except RemoteProtocolError as e:
             self.errors += 1
-            self._send(peer, "error", now, code=e.code, text=e.text)
+            self._send(peer, "error", now, code=e.code, text=e.text[:MAX_TEXT])
             raise
         p = self.peers.get(peer)
         if p is not None:
@@ -336,14 +350,16 @@ class BrokerConnection:
                slot: int, credit: int, policy: str) -> None:
         if peer in self.peers:
             raise LocalProtocolError("unexpected", "peer already attached")
+        frame = encode("welcome", shm=shm, epoch=epoch, layout=layout, slot=slot,
+                       credit=credit, policy=policy, heartbeat_ms=round(self.heartbeat * 1000),
+                       liveness_ms=round(self.liveness * 1000))
         self.peers[peer] = _Peer(last_recv=now, last_sent=now)
-        self._send(peer, "welcome", now, shm=shm, epoch=epoch, layout=layout, slot=slot,
-                   credit=credit, policy=policy, heartbeat_ms=round(self.heartbeat * 1000),
-                   liveness_ms=round(self.liveness * 1000))
+        self._out.append((peer, frame))
 
     def refuse(self, peer: bytes, now: float, code: str, text: str) -> None:
+        """Refuses one message; an attached peer stays attached."""
         self.errors += 1
-        self._send(peer, "error", now, code=code, text=text)
+        self._send(peer, "error", now, code=code, text=text[:MAX_TEXT])
 
     def send_batch(self, peer: bytes, now: float, seq: int, slab: int, gen: int, n: int) -> None:
         self._attached(peer)
@@ -363,7 +379,7 @@ class BrokerConnection:
     def evict(self, peer: bytes, now: float, code: str, text: str) -> None:
         """Detaches a peer, telling it why."""
         self._attached(peer)
-        self._send(peer, "error", now, code=code, text=text)
+        self._send(peer, "evict", now, code=code, text=text[:MAX_TEXT])
         del self.peers[peer]
 
     def forget(self, peer: bytes) -> None:
@@ -457,6 +473,8 @@ class ClientConnection:
             return [EndOfStream(f["error"])]
         if mtype == "error":
             return [ErrorReply(f["code"], f["text"])]
+        if mtype == "evict":
+            return [Evicted(f["code"], f["text"])]
         if mtype == "stats_reply":
             return [StatsReply(f["stats"])]
         return []  # heartbeat

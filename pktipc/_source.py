@@ -10,7 +10,7 @@ from ._errors import SourceError
 from ._layout import Iface
 from ._shm import ffi, lib
 
-NO_LIMIT = (1 << 64) - 1
+NO_LIMIT = (1 << 63) - 1   # INT64_MAX: no packet is later
 
 # First four bytes of a file -> ticks per second of its timestamps.
 _RESOLUTION = {

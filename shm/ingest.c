@@ -62,10 +62,11 @@ void pktipc_src_close(pktipc_src *s)
     free(s);
 }
 
-static inline uint64_t ts_of(const struct pcap_pkthdr *h)
+static inline int64_t ts_of(const struct pcap_pkthdr *h)
 {
-    /* With nanosecond precision libpcap puts nanoseconds in tv_usec. */
-    return (uint64_t)h->ts.tv_sec * 1000000000u + (uint64_t)h->ts.tv_usec;
+    /* With nanosecond precision libpcap puts nanoseconds in tv_usec. pcap
+     * files hold a signed 32-bit second count, so this cannot overflow. */
+    return (int64_t)h->ts.tv_sec * 1000000000 + (int64_t)h->ts.tv_usec;
 }
 
 /* Makes the next packet pending; 0 when there is none. */
@@ -89,9 +90,9 @@ static int src_advance(pktipc_src *s)
     return 0;
 }
 
-uint64_t pktipc_src_peek_ts(pktipc_src *s)
+int64_t pktipc_src_peek_ts(pktipc_src *s)
 {
-    return src_advance(s) ? ts_of(s->hdr) : UINT64_MAX;
+    return src_advance(s) ? ts_of(s->hdr) : INT64_MAX;
 }
 
 void pktipc_fill_begin(struct pktipc_fill *f, uint8_t *slab, uint32_t slab_size, uint32_t iface)
@@ -103,7 +104,7 @@ void pktipc_fill_begin(struct pktipc_fill *f, uint8_t *slab, uint32_t slab_size,
     f->iface = iface;
 }
 
-int pktipc_src_fill(pktipc_src *s, struct pktipc_fill *f, uint64_t ts_limit, uint32_t max_pkts)
+int pktipc_src_fill(pktipc_src *s, struct pktipc_fill *f, int64_t ts_limit, uint32_t max_pkts)
 {
     const uint16_t linktype = (uint16_t)pktipc_src_linktype(s);
     struct pktipc_pkt *descs = (struct pktipc_pkt *)f->slab;
@@ -112,7 +113,7 @@ int pktipc_src_fill(pktipc_src *s, struct pktipc_fill *f, uint64_t ts_limit, uin
         if (!src_advance(s))
             return s->done == 1 ? PKTIPC_FILL_EOF : PKTIPC_FILL_ERROR;
         const struct pcap_pkthdr *h = s->hdr;
-        uint64_t ts = ts_of(h);
+        int64_t ts = ts_of(h);
         if (ts > ts_limit)
             return PKTIPC_FILL_LIMIT;
         uint32_t caplen = h->caplen;

@@ -21,8 +21,8 @@ struct pktipc_fill {
     uint32_t data_low;     /* lowest byte of frame data; slab_size when empty */
     uint32_t iface;        /* written into every descriptor */
     uint64_t bytes;        /* captured bytes written */
-    uint64_t first_ts_ns;
-    uint64_t last_ts_ns;
+    int64_t first_ts_ns;
+    int64_t last_ts_ns;
 };
 
 typedef struct pktipc_src pktipc_src;
@@ -33,8 +33,8 @@ pktipc_src *pktipc_src_open_file(const char *path, char *errbuf);
 int pktipc_src_linktype(const pktipc_src *s);
 uint32_t pktipc_src_snaplen(const pktipc_src *s);
 /* Capture time of the pending packet, or of the next one to be read (which
- * it reads); UINT64_MAX at the end of the source or on error. */
-uint64_t pktipc_src_peek_ts(pktipc_src *s);
+ * it reads); INT64_MAX at the end of the source or on error. */
+int64_t pktipc_src_peek_ts(pktipc_src *s);
 const char *pktipc_src_error(const pktipc_src *s);
 uint32_t pktipc_src_pending_caplen(const pktipc_src *s);
 void pktipc_src_close(pktipc_src *s);
@@ -42,7 +42,7 @@ void pktipc_src_close(pktipc_src *s);
 void pktipc_fill_begin(struct pktipc_fill *f, uint8_t *slab, uint32_t slab_size, uint32_t iface);
 /* Copies packets from s into f's slab until one of PKTIPC_FILL_* stops it,
  * or max_pkts are in the slab (PKTIPC_FILL_FULL). */
-int pktipc_src_fill(pktipc_src *s, struct pktipc_fill *f, uint64_t ts_limit, uint32_t max_pkts);
+int pktipc_src_fill(pktipc_src *s, struct pktipc_fill *f, int64_t ts_limit, uint32_t max_pkts);
 
 /* Writes the batch record of a filled slab, seq last. */
 void pktipc_batch_publish(struct pktipc_batch_rec *rec, uint32_t slab, uint32_t gen,

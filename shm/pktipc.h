@@ -65,16 +65,15 @@ PKTIPC_ASSERT_AT(pktipc_header, slab_count, 44);
 PKTIPC_ASSERT_AT(pktipc_header, desc_size, 48);
 PKTIPC_ASSERT_AT(pktipc_header, batch_rec_size, 52);
 PKTIPC_ASSERT_AT(pktipc_header, iface_count, 56);
-PKTIPC_ASSERT_AT(pktipc_header, iface_max, 60);
-PKTIPC_ASSERT_AT(pktipc_header, batch_table_off, 64);
-PKTIPC_ASSERT_AT(pktipc_header, slabs_off, 72);
-PKTIPC_ASSERT_AT(pktipc_header, total_size, 80);
+PKTIPC_ASSERT_AT(pktipc_header, iface_size, 60);
+PKTIPC_ASSERT_AT(pktipc_header, iface_table_off, 64);
+PKTIPC_ASSERT_AT(pktipc_header, batch_table_off, 72);
+PKTIPC_ASSERT_AT(pktipc_header, slabs_off, 80);
+PKTIPC_ASSERT_AT(pktipc_header, total_size, 88);
+PKTIPC_ASSERT_AT(pktipc_header, reserved0, 96);
 PKTIPC_ASSERT_AT(pktipc_header, name, 128);
 PKTIPC_ASSERT_AT(pktipc_header, counters, 192);
-PKTIPC_ASSERT_AT(pktipc_header, ifaces, 1024);
-PKTIPC_ASSERT_AT(pktipc_header, reserved2, 3072);
-_Static_assert(sizeof(((struct pktipc_header *)0)->ifaces) ==
-               PKTIPC_MAX_IFACES * PKTIPC_IFACE_SIZE, "iface table");
+PKTIPC_ASSERT_AT(pktipc_header, reserved1, 256);
 
 _Static_assert(sizeof(struct pktipc_batch_rec) == PKTIPC_BATCH_REC_SIZE, "batch record");
 PKTIPC_ASSERT_AT(pktipc_batch_rec, seq, 0);
@@ -103,9 +102,17 @@ static inline int pktipc_shm_check(const void *base, uint64_t size)
     if (size < PKTIPC_HEADER_SIZE || h->magic != PKTIPC_MAGIC ||
         h->layout_version != PKTIPC_LAYOUT_VERSION || h->total_size > size ||
         h->desc_size != PKTIPC_DESC_SIZE || h->batch_rec_size != PKTIPC_BATCH_REC_SIZE ||
+        h->iface_size != PKTIPC_IFACE_SIZE || h->iface_count > PKTIPC_MAX_IFACES ||
+        h->iface_table_off + (uint64_t)h->iface_count * PKTIPC_IFACE_SIZE > h->batch_table_off ||
         h->slabs_off + (uint64_t)h->slab_size * h->slab_count > h->total_size)
         return -1;
     return 0;
+}
+
+static inline const struct pktipc_iface *pktipc_shm_iface(const void *base, uint32_t i)
+{
+    const struct pktipc_header *h = pktipc_shm_header(base);
+    return (const struct pktipc_iface *)((const uint8_t *)base + h->iface_table_off) + i;
 }
 
 static inline const struct pktipc_batch_rec *pktipc_shm_batch(const void *base, uint32_t slab)

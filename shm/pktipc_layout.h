@@ -21,7 +21,7 @@
 #define PKTIPC_DESC_SIZE        32
 #define PKTIPC_BATCH_REC_SIZE   64
 #define PKTIPC_IFACE_SIZE       128
-#define PKTIPC_MAX_IFACES       16
+#define PKTIPC_MAX_IFACES       4096   /* sources per broker */
 #define PKTIPC_IFNAME_LEN       48
 #define PKTIPC_NAME_LEN         64
 #define PKTIPC_SLAB_ALIGN       4096
@@ -58,7 +58,7 @@
  * start of the slab that holds this descriptor. A packet's sequence number
  * is its batch's seq plus its index in the slab. */
 struct pktipc_pkt {
-    uint64_t ts_ns;        /*  0 (B) capture time, ns since the Unix epoch */
+    int64_t  ts_ns;        /*  0 (B) capture time, ns since the Unix epoch (signed) */
     uint32_t data_off;     /*  8 (B) first byte of the frame, from slab start */
     uint32_t caplen;       /* 12 (B) bytes present */
     uint32_t wirelen;      /* 16 (B) bytes on the wire */
@@ -99,7 +99,7 @@ struct pktipc_iface {
 };
 
 struct pktipc_header {
-    uint64_t magic;            /*    0 (b) PKTIPC_MAGIC */
+    uint64_t magic;            /*    0 (b) PKTIPC_MAGIC, written last */
     uint32_t layout_version;   /*    8 (b) PKTIPC_LAYOUT_VERSION */
     uint32_t header_size;      /*   12 (b) PKTIPC_HEADER_SIZE */
     uint64_t epoch;            /*   16 (b) new at every broker start */
@@ -110,17 +110,16 @@ struct pktipc_header {
     uint32_t slab_count;       /*   44 (b) */
     uint32_t desc_size;        /*   48 (b) PKTIPC_DESC_SIZE */
     uint32_t batch_rec_size;   /*   52 (b) PKTIPC_BATCH_REC_SIZE */
-    uint32_t iface_count;      /*   56 (b) entries used in ifaces[] */
-    uint32_t iface_max;        /*   60 (b) PKTIPC_MAX_IFACES */
-    uint64_t batch_table_off;  /*   64 (b) from segment start */
-    uint64_t slabs_off;        /*   72 (b) from segment start */
-    uint64_t total_size;       /*   80 (b) segment size */
-    uint8_t  reserved0[40];    /*   88 */
+    uint32_t iface_count;      /*   56 (b) entries in the interface table */
+    uint32_t iface_size;       /*   60 (b) PKTIPC_IFACE_SIZE */
+    uint64_t iface_table_off;  /*   64 (b) from segment start */
+    uint64_t batch_table_off;  /*   72 (b) from segment start */
+    uint64_t slabs_off;        /*   80 (b) from segment start */
+    uint64_t total_size;       /*   88 (b) segment size */
+    uint8_t  reserved0[32];    /*   96 */
     char     name[64];         /*  128 (b) broker name, NUL-terminated */
     struct pktipc_counters counters;             /*  192 (B) */
-    uint8_t  reserved1[768];   /*  256 */
-    struct pktipc_iface ifaces[16];              /* 1024 (b/B) */
-    uint8_t  reserved2[1024];  /* 3072 */
+    uint8_t  reserved1[3840];  /*  256 */
 };
 
 /* One record per slab, indexed by slab number. The record describes the
@@ -131,8 +130,8 @@ struct pktipc_batch_rec {
     uint32_t gen;              /* 12 (B) times this slab was published */
     uint32_t count;            /* 16 (B) descriptors in the slab */
     uint32_t data_bytes;       /* 20 (B) bytes of frame data in the slab */
-    uint64_t first_ts_ns;      /* 24 (B) */
-    uint64_t last_ts_ns;       /* 32 (B) */
+    int64_t  first_ts_ns;      /* 24 (B) */
+    int64_t  last_ts_ns;       /* 32 (B) */
     uint64_t kernel_drops;     /* 40 (B) kernel drops since the previous batch */
     uint64_t broker_drops;     /* 48 (B) broker drops since the previous batch */
     uint32_t flags;            /* 56 (B) reserved, 0 */

@@ -1,0 +1,47 @@
+# make demo: the main job on a built-in default.  make test: install and test.
+# Both install what is missing (Debian packages, a virtual environment with
+# pktipc built and installed editable) and are safe to run again.
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.pktipc-installed
+DEBS    := gcc make pkg-config python3-venv python3-dev libpcap-dev libzmq3-dev \
+           libmsgpack-dev tcpdump tshark
+
+.PHONY: all deps install demo test lint bench clean
+
+all: install
+
+deps:
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	    | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:" $$missing; \
+	    if [ "$$(id -u)" != 0 ]; then echo "run as root to install them" >&2; exit 1; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml setup.py $(wildcard shm/*.h shm/*.c) pktipc/_build_ffi.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: deps $(STAMP)
+
+demo: install
+	$(PY) -m pktipc demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check pktipc tests bench
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) -m bench.offline
+
+clean:
+	rm -rf $(VENV) build *.egg-info pktipc/*.so

@@ -1,0 +1,112 @@
+"""Fixtures: a private runtime directory per test, real broker processes, and
+a check that nothing (segment, socket, process) outlives a test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PCAPS = ROOT.parent / "shared" / "pcaps" / "tcpdump-tests"
+_names = itertools.count()
+
+
+def pktipc_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pktipc", *args]
+
+
+def run_pktipc(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(pktipc_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          **kw)  # type: ignore[call-overload]
+
+
+def all_captures() -> list[Path]:
+    files = sorted(p for p in PCAPS.iterdir() if p.suffix in (".pcap", ".pcapng"))
+    assert len(files) > 50, f"expected the tcpdump test captures in {PCAPS}"
+    return files
+
+
+def segments(name: str) -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob(f"pktipc.{name}.*"))
+
+
+@pytest.fixture(autouse=True)
+def runtime_dir(tmp_path_factory: pytest.TempPathFactory,
+                monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path_factory.mktemp("run")
+    monkeypatch.setenv("PKTIPC_RUNTIME_DIR", str(d))
+    return d
+
+
+class BrokerProc:
+    def __init__(self, name: str, args: list[str], runtime: Path) -> None:
+        self.name = name
+        self.runtime = runtime
+        self.proc = subprocess.Popen(pktipc_cmd("serve", "--name", name, *args),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.socket = runtime / f"{name}.ctl"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"broker exited {self.proc.returncode}: {self.stderr()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("broker did not start")
+            time.sleep(0.02)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        return self.proc.stderr.read() if self.proc.stderr else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+
+
+@pytest.fixture
+def broker(runtime_dir: Path) -> Iterator[object]:
+    """broker(*serve_args, ready=True) starts `pktipc serve` under a fresh name;
+    every broker is stopped after the test, and the test fails if one left
+    its segment, control socket or lock file behind."""
+    started: list[BrokerProc] = []
+
+    def start(*args: str, ready: bool = True) -> BrokerProc:
+        name = f"t{os.getpid()}-{next(_names)}"
+        b = BrokerProc(name, list(args), runtime_dir)
+        started.append(b)
+        if ready:
+            b.wait_ready()
+        return b
+
+    yield start
+    for b in started:
+        b.stop()
+    for b in started:
+        assert segments(b.name) == [], f"broker {b.name} left its segment"
+        assert not b.socket.exists(), f"broker {b.name} left its control socket"
+        assert not (runtime_dir / f"{b.name}.lock").exists(), "lock file left"

@@ -1,0 +1,122 @@
+"""An independent reading of a capture file: libpcap itself, through ctypes.
+
+Tests compare what pktipc delivers with what this returns. It shares no code
+with pktipc (not its C ingest, not its cffi module), so a mistake in one is
+not repeated in the other.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from typing import NamedTuple
+
+PCAP_TSTAMP_PRECISION_NANO = 1
+PCAP_ERRBUF_SIZE = 256
+PCAP_ERROR_BREAK = -2   # pcap_next_ex on a savefile: no more packets
+
+# libpcap's pcap_datalink() returns DLT_* values; files and descriptors carry
+# LINKTYPE_*. They differ only for these (libpcap's pcap-common.c).
+DLT_TO_LINKTYPE = {
+    11: 100,   # DLT_ATM_RFC1483
+    12: 101,   # DLT_RAW
+    15: 102,   # DLT_SLIP_BSDOS
+    16: 103,   # DLT_PPP_BSDOS
+    19: 106,   # DLT_ATM_CLIP
+}
+
+
+class PcapError(Exception):
+    """libpcap refused to open the file; the message is libpcap's."""
+
+
+class Packet(NamedTuple):
+    ts_ns: int
+    caplen: int
+    wirelen: int
+    data: bytes
+
+
+class PcapRef(NamedTuple):
+    linktype: int              # LINKTYPE_* value
+    packets: list[Packet]
+    error: str | None          # libpcap's error if it stopped before the end
+
+
+class _Timeval(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+class _PktHdr(ctypes.Structure):
+    _fields_ = [("ts", _Timeval), ("caplen", ctypes.c_uint32), ("len", ctypes.c_uint32)]
+
+
+def _load() -> ctypes.CDLL:
+    name = ctypes.util.find_library("pcap") or "libpcap.so.0.8"
+    lib = ctypes.CDLL(name)
+    lib.pcap_open_offline_with_tstamp_precision.argtypes = [
+        ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p]
+    lib.pcap_open_offline_with_tstamp_precision.restype = ctypes.c_void_p
+    lib.pcap_next_ex.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.POINTER(_PktHdr)),
+                                 ctypes.POINTER(ctypes.POINTER(ctypes.c_ubyte))]
+    lib.pcap_next_ex.restype = ctypes.c_int
+    lib.pcap_datalink.argtypes = [ctypes.c_void_p]
+    lib.pcap_datalink.restype = ctypes.c_int
+    lib.pcap_snapshot.argtypes = [ctypes.c_void_p]
+    lib.pcap_snapshot.restype = ctypes.c_int
+    lib.pcap_geterr.argtypes = [ctypes.c_void_p]
+    lib.pcap_geterr.restype = ctypes.c_char_p
+    lib.pcap_close.argtypes = [ctypes.c_void_p]
+    lib.pcap_close.restype = None
+    return lib
+
+
+_lib = _load()
+
+
+def read_pcap(path: str) -> PcapRef:
+    """Every packet libpcap reads from `path`, with nanosecond timestamps.
+
+    Raises PcapError when libpcap cannot open the file; an error after the
+    first packets is returned in `error`, with the packets read before it.
+    """
+    errbuf = ctypes.create_string_buffer(PCAP_ERRBUF_SIZE)
+    p = _lib.pcap_open_offline_with_tstamp_precision(
+        str(path).encode(), PCAP_TSTAMP_PRECISION_NANO, errbuf)
+    if not p:
+        raise PcapError(errbuf.value.decode(errors="replace"))
+    try:
+        dlt = _lib.pcap_datalink(p)
+        packets: list[Packet] = []
+        error: str | None = None
+        hdr = ctypes.POINTER(_PktHdr)()
+        data = ctypes.POINTER(ctypes.c_ubyte)()
+        while True:
+            r = _lib.pcap_next_ex(p, ctypes.byref(hdr), ctypes.byref(data))
+            if r == 1:
+                h = hdr.contents
+                # With nanosecond precision libpcap keeps nanoseconds in tv_usec.
+                ts_ns = h.ts.tv_sec * 1_000_000_000 + h.ts.tv_usec
+                packets.append(Packet(ts_ns, h.caplen, h.len,
+                                      ctypes.string_at(data, h.caplen)))
+            elif r == PCAP_ERROR_BREAK:
+                break
+            else:
+                error = (_lib.pcap_geterr(p) or b"").decode(errors="replace")
+                break
+        return PcapRef(DLT_TO_LINKTYPE.get(dlt, dlt), packets, error)
+    finally:
+        _lib.pcap_close(p)
+
+
+def snaplen(path: str) -> int:
+    """The file's snapshot length as libpcap reports it."""
+    errbuf = ctypes.create_string_buffer(PCAP_ERRBUF_SIZE)
+    p = _lib.pcap_open_offline_with_tstamp_precision(
+        str(path).encode(), PCAP_TSTAMP_PRECISION_NANO, errbuf)
+    if not p:
+        raise PcapError(errbuf.value.decode(errors="replace"))
+    try:
+        return int(_lib.pcap_snapshot(p))
+    finally:
+        _lib.pcap_close(p)

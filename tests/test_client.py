@@ -1,0 +1,161 @@
+"""The Python client against a real broker: batches, views, credit, end of
+stream, pacing, loops, several files, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PCAPS, run_pktipc
+from pcapref import read_pcap
+
+import pktipc
+from pktipc._synth import write_pcap
+
+DNS = PCAPS / "dns_udp.pcap"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5000 packets over 0.5 s of capture time."""
+    f = tmp_path_factory.mktemp("synth") / "synth.pcap"
+    with open(f, "wb") as out:
+        write_pcap(out, 5000, rate_pps=10_000)
+    return f
+
+
+def test_batches_views_and_release(broker, synth: Path) -> None:
+    want = read_pcap(str(synth)).packets
+    b = broker("-r", str(synth), "--slab-size", "64k")
+    with pktipc.connect(b.name, "c") as c:
+        seen = []
+        kept_view = kept_batch = None
+        for batch in c:
+            with batch:
+                d = batch.descriptors
+                assert d.dtype == pktipc.PKT_DTYPE and len(d) == len(batch)
+                assert not d.flags.writeable
+                pkts = list(batch)
+                assert [p.seq for p in pkts] == list(range(batch.seq, batch.seq + len(batch)))
+                assert np.array_equal(d["caplen"], [p.caplen for p in pkts])
+                for p in pkts:
+                    assert p.data.readonly and p.iface == 0 and p.linktype == 1
+                    seen.append((p.ts_ns, p.caplen, p.wirelen, bytes(p.data)))
+                kept_view, kept_batch = pkts[0].data, batch
+        assert seen == want
+        assert kept_batch is not None and kept_view is not None
+        with pytest.raises(ValueError):
+            bytes(kept_view)        # released with its batch
+        with pytest.raises(pktipc.ClosedError):
+            kept_batch.descriptors
+        with pytest.raises(pktipc.EndOfStream):
+            c.next_batch(timeout=1)
+        with pytest.raises(pktipc.EndOfStream):   # and again: it stays ended
+            c.next_batch(timeout=1)
+    with pytest.raises(pktipc.ClosedError):
+        c.next_batch()
+    c.close()   # idempotent
+
+
+def test_timeout_is_not_end_of_stream(broker) -> None:
+    b = broker("-r", str(DNS), "--wait-clients", "2")
+    with pktipc.connect(b.name, "early") as c:
+        t = time.monotonic()
+        assert c.next_batch(timeout=0.3) is None      # waiting for a second client
+        assert time.monotonic() - t >= 0.29
+        with pktipc.connect(b.name, "second") as c2:
+            assert len(list(c.packets(timeout=10))) == len(read_pcap(str(DNS)).packets)
+            assert list(c2.packets(timeout=10))
+
+
+def test_credit_bounds_held_batches(broker, synth: Path) -> None:
+    b = broker("-r", str(synth), "--slab-size", "16k")
+    with pktipc.connect(b.name, "c", credit=2) as c:
+        first, second = c.next_batch(timeout=5), c.next_batch(timeout=5)
+        assert first is not None and second is not None
+        assert c.next_batch(timeout=0.5) is None      # credit exhausted
+        st = c.stats()["clients"][0]
+        assert st["held"] == 2 and st["credit"] == 2
+        first.release()
+        third = c.next_batch(timeout=5)
+        assert third is not None and third.seq == second.seq + len(second)
+        second.release()
+        third.release()
+        total = sum(len(x) for x in (first, second, third))
+        total += sum(1 for _ in c.packets(timeout=10))
+    assert total == len(read_pcap(str(synth)).packets)
+
+
+def test_loop_and_several_files(broker, synth: Path) -> None:
+    dns = read_pcap(str(DNS)).packets
+    syn = read_pcap(str(synth)).packets
+    b = broker("-r", str(DNS), "-r", str(synth), "--loop", "2")
+    with pktipc.connect(b.name, "c") as c:
+        assert [(i.name, i.linktype) for i in c.ifaces] == [(DNS.name, 1), (synth.name, 1)]
+        got = [(p.iface, p.seq, p.ts_ns, bytes(p.data)) for p in c.packets(timeout=10)]
+    want = [(0, p) for p in dns] + [(1, p) for p in syn]
+    want = want + want
+    assert [(i, ts, d) for i, _, ts, d in got] == [(i, p[0], p[3]) for i, p in want]
+    assert [s for _, s, _, _ in got] == list(range(len(got)))
+
+
+def test_paced_replay_takes_capture_time(broker, synth: Path) -> None:
+    """At --speed 2 a capture spanning 0.5 s cannot finish in less than 0.25 s,
+    and arrives complete."""
+    ref = read_pcap(str(synth)).packets
+    span = (ref[-1][0] - ref[0][0]) / 1e9
+    b = broker("-r", str(synth), "--speed", "2")
+    with pktipc.connect(b.name, "c") as c:
+        t0 = time.monotonic()
+        n = sum(1 for _ in c.packets(timeout=10))
+        elapsed = time.monotonic() - t0
+    assert n == len(ref)
+    assert elapsed >= span / 2 * 0.9
+
+
+def test_status_lists_broker_and_clients(broker) -> None:
+    b = broker("-r", str(DNS), "--wait-clients", "2")
+    with pktipc.connect(b.name, "watcher", credit=3):
+        r = run_pktipc("status", "--json")
+        assert r.returncode == 0, r.stderr
+        [st] = json.loads(r.stdout)
+        assert st["name"] == b.name and st["pid"] == b.pid
+        assert [(c["name"], c["credit"], c["policy"]) for c in st["clients"]] == \
+            [("watcher", 3, "block")]
+        assert st["sources"][0]["name"] == DNS.name
+        text = run_pktipc("status", b.name)
+        assert text.returncode == 0 and "client watcher" in text.stdout
+    assert b.name in pktipc.brokers()
+
+
+def test_broker_killed_is_noticed(broker) -> None:
+    b = broker("-r", str(DNS), "--wait-clients", "2", "--heartbeat", "0.1")
+    with pktipc.connect(b.name, "c") as c:
+        os.kill(b.pid, signal.SIGKILL)
+        b.wait()
+        t = time.monotonic()
+        with pytest.raises(pktipc.BrokerGone):
+            c.next_batch(timeout=10)
+        assert time.monotonic() - t < 5
+    # A killed broker cannot clean up; the next broker of that name does.
+    b.socket.unlink()
+    for p in Path("/dev/shm").glob(f"pktipc.{b.name}.*"):
+        p.unlink()
+    (b.runtime / f"{b.name}.lock").unlink()
+
+
+def test_restart_after_kill_cleans_stale_files(broker) -> None:
+    first = broker("-r", str(DNS), "--wait-clients", "2")
+    name = first.name
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert list(Path("/dev/shm").glob(f"pktipc.{name}.*"))
+    r = run_pktipc("serve", "--name", name, "-r", str(DNS), "--wait-clients", "0")
+    assert r.returncode == 0, r.stderr
+    assert not list(Path("/dev/shm").glob(f"pktipc.{name}.*"))
+    assert not first.socket.exists()

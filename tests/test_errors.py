@@ -1,0 +1,193 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, no
+hang, and the broker keeps serving everyone else."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+from conftest import PCAPS, run_pktipc, segments
+from pcapref import read_pcap
+
+import pktipc
+
+DNS = PCAPS / "dns_udp.pcap"
+MANY = PCAPS / "DECnet_Phone.pcap"
+
+
+def one_line_error(r, *needles: str) -> None:
+    assert r.returncode != 0
+    err = r.stderr.strip()
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("pktipc: error:"), err
+    for n in needles:
+        assert n in err, err
+
+
+def test_missing_file() -> None:
+    r = run_pktipc("serve", "--name", "x1", "-r", "/nonexistent/file.pcap")
+    one_line_error(r, "/nonexistent/file.pcap", "No such file")
+
+
+def test_not_a_capture(tmp_path: Path) -> None:
+    f = tmp_path / "notes.txt"
+    f.write_text("these are not packets\n" * 20)
+    r = run_pktipc("serve", "--name", "x2", "-r", str(f))
+    one_line_error(r, str(f), "format")
+
+
+def test_directory_and_empty_file(tmp_path: Path) -> None:
+    one_line_error(run_pktipc("serve", "--name", "x3", "-r", str(tmp_path)), "directory")
+    empty = tmp_path / "empty.pcap"
+    empty.write_bytes(b"")
+    one_line_error(run_pktipc("serve", "--name", "x3", "-r", str(empty)), str(empty))
+
+
+def test_second_file_bad_refuses_before_start(tmp_path: Path, runtime_dir: Path) -> None:
+    r = run_pktipc("serve", "--name", "x4", "-r", str(DNS), "-r", str(tmp_path / "nope.pcap"))
+    one_line_error(r, "nope.pcap")
+    assert not (runtime_dir / "x4.ctl").exists()
+    assert segments("x4") == []
+
+
+def test_truncated_capture(broker, tmp_path: Path) -> None:
+    """Packets before the cut are served; then the stream ends with libpcap's
+    complaint, and both the broker and dump exit non-zero."""
+    ref = read_pcap(str(MANY))
+    data = MANY.read_bytes()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(data[: len(data) - 30])
+    want = read_pcap(str(cut))
+    assert want.error and "truncated" in want.error
+    b = broker("-r", str(cut))
+    out = tmp_path / "out.pcap"
+    r = run_pktipc("dump", "--server", b.name, "-w", str(out))
+    one_line_error(r, "truncated")
+    assert b.wait() == 1
+    assert "truncated" in b.stderr()
+    got = read_pcap(str(out))
+    assert got.error is None
+    assert got.packets == want.packets and len(got.packets) == len(ref.packets) - 1
+
+
+def test_unknown_option() -> None:
+    r = run_pktipc("serve", "--name", "x5", "-r", str(DNS), "--frobnicate")
+    assert r.returncode == 2
+    one_line_error(r, "--frobnicate")
+
+
+@pytest.mark.parametrize("args", [["--slab-size", "1000"], ["--slabs", "1"],
+                                  ["--speed", "0"], ["--credit", "0"], ["--name", "a/b"],
+                                  ["--slab-size", "lots"]])
+def test_bad_values(args: list[str]) -> None:
+    r = run_pktipc("serve", "--name", "x6", "-r", str(DNS), *args)
+    one_line_error(r)
+
+
+def test_broker_not_running() -> None:
+    r = run_pktipc("dump", "--server", "nobody-here", "-w", "-")
+    one_line_error(r, "nobody-here", "not running")
+    with pytest.raises(pktipc.BrokerNotRunning):
+        pktipc.connect("nobody-here", "c")
+    r = run_pktipc("status", "nobody-here")
+    assert r.returncode == 1 and "not running" in r.stdout
+
+
+def test_stale_socket_is_not_a_broker(runtime_dir: Path) -> None:
+    """A socket file whose broker died (nobody listening) fails fast."""
+    import socket
+
+    path = runtime_dir / "ghost.ctl"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()
+    t = time.monotonic()
+    with pytest.raises(pktipc.BrokerNotRunning):
+        pktipc.connect("ghost", "c", timeout=1.0)
+    assert time.monotonic() - t < 5
+
+
+def test_duplicate_client_name(broker) -> None:
+    b = broker("-r", str(DNS), "--wait-clients", "2")
+    with pktipc.connect(b.name, "same"):
+        with pytest.raises(pktipc.NameTaken) as e:
+            pktipc.connect(b.name, "same")
+        assert "same" in str(e.value) and isinstance(e.value, pktipc.PktipcError)
+        r = run_pktipc("dump", "--server", b.name, "--client", "same", "-w", "-")
+        one_line_error(r, "already attached")
+        # The name is free again once its owner leaves.
+    with pktipc.connect(b.name, "same"):
+        pass
+
+
+def test_refuses_second_broker_of_same_name(broker) -> None:
+    b = broker("-r", str(DNS))
+    r = run_pktipc("serve", "--name", b.name, "-r", str(DNS))
+    one_line_error(r, "already running", str(b.pid))
+
+
+def test_malformed_control_messages(broker) -> None:
+    """Garbage from a raw ZeroMQ socket gets an ERROR reply and a counter;
+    a well-behaved client attached meanwhile receives every packet."""
+    want = read_pcap(str(MANY)).packets
+    b = broker("-r", str(MANY), "--wait-clients", "2")
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(f"ipc://{b.socket}")
+    try:
+        with pktipc.connect(b.name, "good") as good:
+            bad_frames = [
+                b"\xc1garbage",
+                msgpack.packb([1, 2, 3]),
+                msgpack.packb({"t": "hello", "v": 99}),
+                msgpack.packb({"t": "hello", "v": 1, "name": 7, "group": None,
+                               "policy": None, "credit": None, "pid": 1}),
+                msgpack.packb({"t": "release", "v": 1, "seqs": [0]}),
+                msgpack.packb({"t": "launch", "v": 1}),
+                b"x" * 100_000,
+            ]
+            codes = []
+            for frame in bad_frames:
+                raw.send(frame)
+                assert raw.poll(5000), "no ERROR reply"
+                reply = msgpack.unpackb(raw.recv())
+                assert reply["t"] == "error"
+                codes.append(reply["code"])
+            raw.send_multipart([b"two", b"frames"])
+            assert raw.poll(5000)
+            codes.append(msgpack.unpackb(raw.recv())["code"])
+            assert codes == ["malformed", "malformed", "version", "bad-field", "not-attached",
+                             "unknown-type", "too-large", "malformed"]
+            stats = good.stats()
+            assert stats["counters"]["protocol_errors"] >= len(codes)
+            # The second client attaches; the replay starts and `good` gets it all.
+            with pktipc.connect(b.name, "other") as other:
+                got = [(p.ts_ns, p.caplen, p.wirelen, bytes(p.data))
+                       for p in good.packets(timeout=10)]
+                assert len(list(other.packets(timeout=10))) == len(want)
+            assert got == want
+    finally:
+        raw.close()
+        ctx.term()
+    assert b.wait() == 0
+
+
+def test_sigint_cleans_up(broker, runtime_dir: Path) -> None:
+    b = broker("-r", str(DNS), "--wait-clients", "2")
+    with pktipc.connect(b.name, "c1") as c:
+        assert segments(b.name)
+        b.proc.send_signal(signal.SIGINT)
+        with pytest.raises(pktipc.EndOfStream) as e:
+            while True:
+                c.next_batch(timeout=10)
+        assert "stopped" in str(e.value)
+        assert b.wait(timeout=10) == 0
+    assert segments(b.name) == []
+    assert not b.socket.exists()
+    assert not (runtime_dir / f"{b.name}.lock").exists()

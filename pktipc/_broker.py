@@ -24,7 +24,14 @@ import zmq
 from . import _protocol as proto
 from ._errors import PktipcError, SourceError
 from ._layout import Geometry, Segment, SlabPool
-from ._paths import check_name, control_endpoint, ipc_path, runtime_dir, segment_name, segment_prefix
+from ._paths import (
+    check_name,
+    control_endpoint,
+    ipc_path,
+    runtime_dir,
+    segment_name,
+    segment_prefix,
+)
 from ._shm import ffi, lib
 from ._source import NO_LIMIT, FileSource
 
@@ -268,7 +275,11 @@ class Broker:
                               + (f" (pid {other})" if other else "")) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._cleanup.append(lambda: (lock_path.unlink(missing_ok=True), os.close(fd)))
+
+        def unlock() -> None:
+            lock_path.unlink(missing_ok=True)
+            os.close(fd)
+        self._cleanup.append(unlock)
         # We hold the lock: any segment of this name was left by a dead broker.
         for stale in Path("/dev/shm").glob(segment_prefix(self.opts.name) + "*"):
             stale.unlink(missing_ok=True)

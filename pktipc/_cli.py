@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--server", default="default", help="broker name or endpoint")
     d.add_argument("--client", default=f"dump-{os.getpid()}", help="client name")
     d.add_argument("--group", help="group to join (default: the client's name)")
-    d.add_argument("-w", dest="out", required=True, metavar="FILE", help="output file, - for stdout")
+    d.add_argument("-w", dest="out", required=True, metavar="FILE",
+                   help="output file, - for stdout")
     d.add_argument("-c", dest="count", type=int, metavar="COUNT", help="stop after COUNT packets")
     d.add_argument("--format", choices=("pcap", "pcapng"), default="pcap")
     d.add_argument("--policy", choices=("block", "drop"), help="default: the broker's")
@@ -167,10 +168,14 @@ def _status_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_demo(a: argparse.Namespace) -> int:
+    return _demo.run(a.file, a.clients, a.speed)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status,
-           "demo": lambda a: _demo.run(a.file, a.clients, a.speed)}[a.cmd]
+           "demo": cmd_demo}[a.cmd]
     try:
         return run(a)
     except KeyboardInterrupt:

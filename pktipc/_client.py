@@ -22,8 +22,7 @@ from ._errors import (
     ClosedError,
     EndOfStream,
     LayoutError,
-    NameTaken,
-    Refused,
+    refusal,
 )
 from ._layout import LAYOUT_VERSION, Iface, Segment
 from ._paths import check_name, control_endpoint, ipc_path
@@ -193,8 +192,8 @@ class Client:
                 if isinstance(ev, proto.Welcome):
                     return ev
                 if isinstance(ev, proto.ErrorReply):
-                    cls = NameTaken if ev.code == "name-taken" else Refused
-                    raise cls(ev.code, f"broker {self.server!r} refused {self.name!r}: {ev.text}")
+                    raise refusal(ev.code, f"broker {self.server!r} refused {self.name!r}: "
+                                  f"{ev.text}")
 
     def _map(self, w: proto.Welcome) -> None:
         if w.layout != LAYOUT_VERSION:
@@ -369,7 +368,7 @@ class Client:
             elif isinstance(ev, proto.StatsReply):
                 self._stats = ev.stats
             elif isinstance(ev, proto.ErrorReply):
-                raise Refused(ev.code, f"broker {self.server!r} refused a request: {ev.text}")
+                raise refusal(ev.code, f"broker {self.server!r} refused a request: {ev.text}")
             elif isinstance(ev, proto.Evicted):
                 raise BrokerGone(f"broker {self.server!r} evicted {self.name!r}: {ev.text}")
             elif isinstance(ev, proto.BrokerLost):

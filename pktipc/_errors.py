@@ -39,6 +39,12 @@ class SourceError(PktipcError):
     """A packet source (capture file, interface) cannot be used."""
 
 
+def refusal(code: str, text: str) -> Refused:
+    """The exception for a broker's ERROR reply, by its code."""
+    cls = NameTaken if code == "name-taken" else Refused
+    return cls(code, text)
+
+
 class EndOfStream(Exception):  # noqa: N818 - a signal, not an error
     """The broker has sent its last batch: no more packets will come.
 

@@ -204,7 +204,8 @@ class Segment:
         ]
 
     def batch_rec(self, slab: int) -> Any:
-        return ffi.cast("struct pktipc_batch_rec *", self._cbuf + self.header.batch_table_off) + slab
+        table = ffi.cast("struct pktipc_batch_rec *", self._cbuf + self.header.batch_table_off)
+        return table + slab
 
     def slab_ptr(self, slab: int) -> Any:
         return self._cbuf + self.geometry.slab_off(slab)

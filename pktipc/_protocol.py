@@ -140,7 +140,8 @@ def decode(frame: bytes) -> tuple[str, dict[str, Any]]:
     try:
         msg = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as e:  # any decoding failure of untrusted bytes
-        raise RemoteProtocolError("malformed", f"not a msgpack frame ({type(e).__name__})") from None
+        raise RemoteProtocolError("malformed",
+                                  f"not a msgpack frame ({type(e).__name__})") from None
     if type(msg) is not dict:
         raise RemoteProtocolError("malformed", "frame is not a map")
     if msg.get("v") != VERSION or type(msg.get("v")) is not int:

@@ -20,7 +20,7 @@ def _csum(data: bytes) -> int:
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+    return int(~s & 0xFFFF)
 
 
 def frame(rng: random.Random, flow: tuple[int, ...], reply: bool, size: int) -> bytes:
@@ -63,7 +63,7 @@ def write_pcap(out: BinaryIO, packets: int, *, flows: int = 64, seed: int = 1,
     """`packets` frames of `flows` flows, timestamps `rate_pps` apart on average."""
     rng = random.Random(seed)
     table = []
-    for i in range(flows):
+    for _ in range(flows):
         v6 = rng.random() < 0.25
         proto = 6 if rng.random() < 0.7 else 17
         vlan = rng.choice((0, 0, 0, 100))

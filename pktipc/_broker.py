@@ -52,11 +52,25 @@ class ClientState:
     slot: int
     queue: deque[int] = field(default_factory=deque)   # published to it, not yet sent
     held: set[int] = field(default_factory=set)         # sent, not released
-    gap: tuple[int, int] | None = None                  # packets skipped, not yet told
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # skipped, not yet told
     eos_sent: bool = False
     batches: int = 0
     packets: int = 0
     drops: int = 0
+
+
+def _add_gap(gaps: list[tuple[int, int]], start: int, end: int) -> None:
+    """Inserts [start, end) into a sorted list of disjoint ranges, merging
+    it with the ranges it touches."""
+    gaps.append((start, end))
+    gaps.sort()
+    merged = [gaps[0]]
+    for s, e in gaps[1:]:
+        if s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
+        else:
+            merged.append((s, e))
+    gaps[:] = merged
 
 
 @dataclass
@@ -85,7 +99,7 @@ class Dispatcher:
         self.end_error: str | None = None
         self.client_drops = 0
         self.clients_total = 0
-        self._next_slot = 0
+        self.slots: dict[str, int] = {}     # a client that comes back gets its slot back
 
     # -- clients --
     def hello(self, ev: proto.Hello, now: float, welcome: dict[str, Any]) -> ClientState | None:
@@ -101,8 +115,7 @@ class Dispatcher:
         c = ClientState(name=ev.name, peer=ev.peer, group=ev.group or ev.name,
                         policy=ev.policy or self.default_policy,
                         credit=min(ev.credit or self.default_credit, len(self.pool.refs)),
-                        pid=ev.pid, slot=self._next_slot)
-        self._next_slot += 1
+                        pid=ev.pid, slot=self.slots.setdefault(ev.name, len(self.slots)))
         self.clients_total += 1
         self.clients[c.name] = c
         self.by_peer[c.peer] = c
@@ -152,16 +165,20 @@ class Dispatcher:
         while c.queue and len(c.held) < c.credit:
             seq = c.queue.popleft()
             b = self.batches[seq]
-            if c.gap is not None:
-                self.conn.send_gap(c.peer, now, *c.gap)
-                c.gap = None
+            self._tell_gaps(c, now, before=seq)
             self.conn.send_batch(c.peer, now, seq, b.slab, b.gen, b.n)
             c.held.add(seq)
             c.batches += 1
             c.packets += b.n
         if self.ended and not c.queue and not c.eos_sent:
+            self._tell_gaps(c, now, before=self.next_seq)
             c.eos_sent = True
             self.conn.send_eos(c.peer, now, self.end_error)
+
+    def _tell_gaps(self, c: ClientState, now: float, before: int) -> None:
+        """Sends, in order, the gaps that come before seq `before`."""
+        while c.gaps and c.gaps[0][0] < before:
+            self.conn.send_gap(c.peer, now, *c.gaps.pop(0))
 
     def end(self, now: float, error: str | None = None) -> None:
         self.ended = True
@@ -170,20 +187,20 @@ class Dispatcher:
             self.pump(c, now)
 
     def reclaim(self) -> int | None:
-        """Frees a slab by skipping the oldest batch owed to `drop` clients, if
-        that frees one; the skipped packets are counted against them alone."""
+        """Frees a slab by skipping the oldest batch that is owed, and not yet
+        sent, only to `drop` clients; the skipped packets are counted against
+        them alone, and each is told GAP where the batch would have been."""
         for seq in sorted({s for c in self.clients.values() if c.policy == "drop"
                            for s in c.queue}):
-            b = self.batches[seq]
             holders = [c for c in self.clients.values() if seq in c.held or seq in c.queue]
             if any(c.policy != "drop" or seq in c.held for c in holders):
                 continue
+            n = self.batches[seq].n
             for c in holders:
                 c.queue.remove(seq)
-                c.drops += b.n
-                self.client_drops += b.n
-                start = c.gap[0] if c.gap else seq
-                c.gap = (start, seq + b.n)
+                c.drops += n
+                self.client_drops += n
+                _add_gap(c.gaps, seq, seq + n)
                 self._unref(seq)
             return self.pool.take()
         return None

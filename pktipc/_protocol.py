@@ -462,7 +462,7 @@ class ClientConnection:
             # The broker's loop never blocks for long, so it is declared lost
             # after a few missed heartbeats; liveness_ms is how long the broker
             # waits for us, which our heartbeat interval keeps well inside.
-            self.heartbeat = min(f["heartbeat_ms"], f["liveness_ms"] // 3) / 1000
+            self.heartbeat = max(1, min(f["heartbeat_ms"], f["liveness_ms"] // 3)) / 1000
             self.liveness = BROKER_MISSED_HEARTBEATS * f["heartbeat_ms"] / 1000
             self._last_sent = now
             return [Welcome(**f)]

@@ -14,78 +14,81 @@
 
 #include "pktipc_layout.h"
 
-#define PKTIPC_ASSERT_AT(type, field, off) \
-    _Static_assert(offsetof(struct type, field) == (off), #type "." #field " moved")
+/* Pins a field's offset and width, so neither moving a field nor narrowing
+ * it into implicit padding goes unnoticed. */
+#define PKTIPC_ASSERT_AT(type, field, off, size)                                       \
+    _Static_assert(offsetof(struct type, field) == (off), #type "." #field " moved"); \
+    _Static_assert(sizeof(((struct type *)0)->field) == (size), #type "." #field " resized")
 
 _Static_assert(sizeof(struct pktipc_pkt) == PKTIPC_DESC_SIZE, "descriptor size");
-PKTIPC_ASSERT_AT(pktipc_pkt, ts_ns, 0);
-PKTIPC_ASSERT_AT(pktipc_pkt, data_off, 8);
-PKTIPC_ASSERT_AT(pktipc_pkt, caplen, 12);
-PKTIPC_ASSERT_AT(pktipc_pkt, wirelen, 16);
-PKTIPC_ASSERT_AT(pktipc_pkt, hash, 20);
-PKTIPC_ASSERT_AT(pktipc_pkt, iface, 24);
-PKTIPC_ASSERT_AT(pktipc_pkt, linktype, 26);
-PKTIPC_ASSERT_AT(pktipc_pkt, vlan_tci, 28);
-PKTIPC_ASSERT_AT(pktipc_pkt, flags, 30);
+PKTIPC_ASSERT_AT(pktipc_pkt, ts_ns, 0, 8);
+PKTIPC_ASSERT_AT(pktipc_pkt, data_off, 8, 4);
+PKTIPC_ASSERT_AT(pktipc_pkt, caplen, 12, 4);
+PKTIPC_ASSERT_AT(pktipc_pkt, wirelen, 16, 4);
+PKTIPC_ASSERT_AT(pktipc_pkt, hash, 20, 4);
+PKTIPC_ASSERT_AT(pktipc_pkt, iface, 24, 2);
+PKTIPC_ASSERT_AT(pktipc_pkt, linktype, 26, 2);
+PKTIPC_ASSERT_AT(pktipc_pkt, vlan_tci, 28, 2);
+PKTIPC_ASSERT_AT(pktipc_pkt, flags, 30, 2);
 
 _Static_assert(sizeof(struct pktipc_counters) == 64, "counters: one cache line");
-PKTIPC_ASSERT_AT(pktipc_counters, packets, 0);
-PKTIPC_ASSERT_AT(pktipc_counters, bytes, 8);
-PKTIPC_ASSERT_AT(pktipc_counters, batches, 16);
-PKTIPC_ASSERT_AT(pktipc_counters, broker_drops, 24);
-PKTIPC_ASSERT_AT(pktipc_counters, client_drops, 32);
-PKTIPC_ASSERT_AT(pktipc_counters, protocol_errors, 40);
-PKTIPC_ASSERT_AT(pktipc_counters, clients, 48);
-PKTIPC_ASSERT_AT(pktipc_counters, clients_total, 56);
+PKTIPC_ASSERT_AT(pktipc_counters, packets, 0, 8);
+PKTIPC_ASSERT_AT(pktipc_counters, bytes, 8, 8);
+PKTIPC_ASSERT_AT(pktipc_counters, batches, 16, 8);
+PKTIPC_ASSERT_AT(pktipc_counters, broker_drops, 24, 8);
+PKTIPC_ASSERT_AT(pktipc_counters, client_drops, 32, 8);
+PKTIPC_ASSERT_AT(pktipc_counters, protocol_errors, 40, 8);
+PKTIPC_ASSERT_AT(pktipc_counters, clients, 48, 8);
+PKTIPC_ASSERT_AT(pktipc_counters, clients_total, 56, 8);
 
 _Static_assert(sizeof(struct pktipc_iface) == PKTIPC_IFACE_SIZE, "iface size");
-PKTIPC_ASSERT_AT(pktipc_iface, name, 0);
-PKTIPC_ASSERT_AT(pktipc_iface, ifindex, 48);
-PKTIPC_ASSERT_AT(pktipc_iface, linktype, 52);
-PKTIPC_ASSERT_AT(pktipc_iface, snaplen, 56);
-PKTIPC_ASSERT_AT(pktipc_iface, ts_resolution, 60);
-PKTIPC_ASSERT_AT(pktipc_iface, packets, 64);
-PKTIPC_ASSERT_AT(pktipc_iface, bytes, 72);
-PKTIPC_ASSERT_AT(pktipc_iface, kernel_packets, 80);
-PKTIPC_ASSERT_AT(pktipc_iface, kernel_drops, 88);
-PKTIPC_ASSERT_AT(pktipc_iface, kernel_freezes, 96);
-PKTIPC_ASSERT_AT(pktipc_iface, kind, 104);
-PKTIPC_ASSERT_AT(pktipc_iface, reserved1, 112);
+PKTIPC_ASSERT_AT(pktipc_iface, name, 0, 48);
+PKTIPC_ASSERT_AT(pktipc_iface, ifindex, 48, 4);
+PKTIPC_ASSERT_AT(pktipc_iface, linktype, 52, 4);
+PKTIPC_ASSERT_AT(pktipc_iface, snaplen, 56, 4);
+PKTIPC_ASSERT_AT(pktipc_iface, ts_resolution, 60, 4);
+PKTIPC_ASSERT_AT(pktipc_iface, packets, 64, 8);
+PKTIPC_ASSERT_AT(pktipc_iface, bytes, 72, 8);
+PKTIPC_ASSERT_AT(pktipc_iface, kernel_packets, 80, 8);
+PKTIPC_ASSERT_AT(pktipc_iface, kernel_drops, 88, 8);
+PKTIPC_ASSERT_AT(pktipc_iface, kernel_freezes, 96, 8);
+PKTIPC_ASSERT_AT(pktipc_iface, kind, 104, 4);
+PKTIPC_ASSERT_AT(pktipc_iface, reserved1, 112, 16);
 
 _Static_assert(sizeof(struct pktipc_header) == PKTIPC_HEADER_SIZE, "header: one page");
-PKTIPC_ASSERT_AT(pktipc_header, magic, 0);
-PKTIPC_ASSERT_AT(pktipc_header, layout_version, 8);
-PKTIPC_ASSERT_AT(pktipc_header, header_size, 12);
-PKTIPC_ASSERT_AT(pktipc_header, epoch, 16);
-PKTIPC_ASSERT_AT(pktipc_header, start_time_ns, 24);
-PKTIPC_ASSERT_AT(pktipc_header, broker_pid, 32);
-PKTIPC_ASSERT_AT(pktipc_header, state, 36);
-PKTIPC_ASSERT_AT(pktipc_header, slab_size, 40);
-PKTIPC_ASSERT_AT(pktipc_header, slab_count, 44);
-PKTIPC_ASSERT_AT(pktipc_header, desc_size, 48);
-PKTIPC_ASSERT_AT(pktipc_header, batch_rec_size, 52);
-PKTIPC_ASSERT_AT(pktipc_header, iface_count, 56);
-PKTIPC_ASSERT_AT(pktipc_header, iface_size, 60);
-PKTIPC_ASSERT_AT(pktipc_header, iface_table_off, 64);
-PKTIPC_ASSERT_AT(pktipc_header, batch_table_off, 72);
-PKTIPC_ASSERT_AT(pktipc_header, slabs_off, 80);
-PKTIPC_ASSERT_AT(pktipc_header, total_size, 88);
-PKTIPC_ASSERT_AT(pktipc_header, reserved0, 96);
-PKTIPC_ASSERT_AT(pktipc_header, name, 128);
-PKTIPC_ASSERT_AT(pktipc_header, counters, 192);
-PKTIPC_ASSERT_AT(pktipc_header, reserved1, 256);
+PKTIPC_ASSERT_AT(pktipc_header, magic, 0, 8);
+PKTIPC_ASSERT_AT(pktipc_header, layout_version, 8, 4);
+PKTIPC_ASSERT_AT(pktipc_header, header_size, 12, 4);
+PKTIPC_ASSERT_AT(pktipc_header, epoch, 16, 8);
+PKTIPC_ASSERT_AT(pktipc_header, start_time_ns, 24, 8);
+PKTIPC_ASSERT_AT(pktipc_header, broker_pid, 32, 4);
+PKTIPC_ASSERT_AT(pktipc_header, state, 36, 4);
+PKTIPC_ASSERT_AT(pktipc_header, slab_size, 40, 4);
+PKTIPC_ASSERT_AT(pktipc_header, slab_count, 44, 4);
+PKTIPC_ASSERT_AT(pktipc_header, desc_size, 48, 4);
+PKTIPC_ASSERT_AT(pktipc_header, batch_rec_size, 52, 4);
+PKTIPC_ASSERT_AT(pktipc_header, iface_count, 56, 4);
+PKTIPC_ASSERT_AT(pktipc_header, iface_size, 60, 4);
+PKTIPC_ASSERT_AT(pktipc_header, iface_table_off, 64, 8);
+PKTIPC_ASSERT_AT(pktipc_header, batch_table_off, 72, 8);
+PKTIPC_ASSERT_AT(pktipc_header, slabs_off, 80, 8);
+PKTIPC_ASSERT_AT(pktipc_header, total_size, 88, 8);
+PKTIPC_ASSERT_AT(pktipc_header, reserved0, 96, 32);
+PKTIPC_ASSERT_AT(pktipc_header, name, 128, 64);
+PKTIPC_ASSERT_AT(pktipc_header, counters, 192, 64);
+PKTIPC_ASSERT_AT(pktipc_header, reserved1, 256, 3840);
 
 _Static_assert(sizeof(struct pktipc_batch_rec) == PKTIPC_BATCH_REC_SIZE, "batch record");
-PKTIPC_ASSERT_AT(pktipc_batch_rec, seq, 0);
-PKTIPC_ASSERT_AT(pktipc_batch_rec, slab, 8);
-PKTIPC_ASSERT_AT(pktipc_batch_rec, gen, 12);
-PKTIPC_ASSERT_AT(pktipc_batch_rec, count, 16);
-PKTIPC_ASSERT_AT(pktipc_batch_rec, data_bytes, 20);
-PKTIPC_ASSERT_AT(pktipc_batch_rec, first_ts_ns, 24);
-PKTIPC_ASSERT_AT(pktipc_batch_rec, last_ts_ns, 32);
-PKTIPC_ASSERT_AT(pktipc_batch_rec, kernel_drops, 40);
-PKTIPC_ASSERT_AT(pktipc_batch_rec, broker_drops, 48);
-PKTIPC_ASSERT_AT(pktipc_batch_rec, flags, 56);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, seq, 0, 8);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, slab, 8, 4);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, gen, 12, 4);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, count, 16, 4);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, data_bytes, 20, 4);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, first_ts_ns, 24, 8);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, last_ts_ns, 32, 8);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, kernel_drops, 40, 8);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, broker_drops, 48, 8);
+PKTIPC_ASSERT_AT(pktipc_batch_rec, flags, 56, 4);
 
 #undef PKTIPC_ASSERT_AT
 
@@ -103,7 +106,9 @@ static inline int pktipc_shm_check(const void *base, uint64_t size)
         h->layout_version != PKTIPC_LAYOUT_VERSION || h->total_size > size ||
         h->desc_size != PKTIPC_DESC_SIZE || h->batch_rec_size != PKTIPC_BATCH_REC_SIZE ||
         h->iface_size != PKTIPC_IFACE_SIZE || h->iface_count > PKTIPC_MAX_IFACES ||
+        h->iface_table_off < PKTIPC_HEADER_SIZE ||
         h->iface_table_off + (uint64_t)h->iface_count * PKTIPC_IFACE_SIZE > h->batch_table_off ||
+        h->batch_table_off + (uint64_t)h->slab_count * PKTIPC_BATCH_REC_SIZE > h->slabs_off ||
         h->slabs_off + (uint64_t)h->slab_size * h->slab_count > h->total_size)
         return -1;
     return 0;

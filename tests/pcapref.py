@@ -62,8 +62,6 @@ def _load() -> ctypes.CDLL:
     lib.pcap_next_ex.restype = ctypes.c_int
     lib.pcap_datalink.argtypes = [ctypes.c_void_p]
     lib.pcap_datalink.restype = ctypes.c_int
-    lib.pcap_snapshot.argtypes = [ctypes.c_void_p]
-    lib.pcap_snapshot.restype = ctypes.c_int
     lib.pcap_geterr.argtypes = [ctypes.c_void_p]
     lib.pcap_geterr.restype = ctypes.c_char_p
     lib.pcap_close.argtypes = [ctypes.c_void_p]
@@ -108,15 +106,3 @@ def read_pcap(path: str) -> PcapRef:
     finally:
         _lib.pcap_close(p)
 
-
-def snaplen(path: str) -> int:
-    """The file's snapshot length as libpcap reports it."""
-    errbuf = ctypes.create_string_buffer(PCAP_ERRBUF_SIZE)
-    p = _lib.pcap_open_offline_with_tstamp_precision(
-        str(path).encode(), PCAP_TSTAMP_PRECISION_NANO, errbuf)
-    if not p:
-        raise PcapError(errbuf.value.decode(errors="replace"))
-    try:
-        return int(_lib.pcap_snapshot(p))
-    finally:
-        _lib.pcap_close(p)

@@ -146,10 +146,6 @@ def test_accept_twice_is_a_local_error() -> None:
         pair.broker.accept(b"c1", 0.0, slot=0, credit=1, policy="block", **WELCOME)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG _protocol.py ClientConnection.receive (welcome): heartbeat = "
-    "min(heartbeat_ms, liveness_ms // 3) / 1000 is 0 when liveness_ms < 3, and a zero "
-    "interval makes handle_timer send a heartbeat on every call"))
 def test_client_heartbeat_interval_is_never_zero() -> None:
     c = ClientConnection()
     c.hello(0.0, name="a")

@@ -1,0 +1,622 @@
+"""The broker's bookkeeping: a Dispatcher with a real BrokerConnection, a real
+SlabPool and real ClientConnections, frames carried by hand, no sockets."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from pktipc._broker import Dispatcher
+from pktipc._layout import SlabPool
+from pktipc._protocol import (
+    Batch,
+    BrokerConnection,
+    Bye,
+    ClientConnection,
+    EndOfStream,
+    ErrorReply,
+    Gap,
+    Hello,
+    PeerLost,
+    Release,
+    RemoteProtocolError,
+    State,
+    Welcome,
+)
+
+WELCOME = dict(shm="/pktipc.test.0000000000000001", epoch=1, layout=1)
+
+
+class World:
+    """A broker (Dispatcher over a BrokerConnection) and its clients.
+
+    What every client received is kept, in order, in `log[peer]`; a frame a
+    client refused is logged as the RemoteProtocolError itself."""
+
+    def __init__(self, *, slabs: int = 4, credit: int = 2, policy: str = "block",
+                 max_clients: int = 8) -> None:
+        self.conn = BrokerConnection(heartbeat=1.0, liveness=30.0)
+        self.pool = SlabPool(slabs)
+        self.disp = Dispatcher(self.conn, self.pool, default_policy=policy,
+                               default_credit=credit, max_clients=max_clients)
+        self.clients: dict[bytes, ClientConnection] = {}
+        self.log: dict[bytes, list[Any]] = defaultdict(list)
+        self.now = 0.0
+        self._ids = itertools.count()
+
+    def connect(self, name: str, **hello: Any) -> bytes:
+        peer = f"peer{next(self._ids)}".encode()
+        c = self.clients[peer] = ClientConnection()
+        c.hello(self.now, name=name, **hello)
+        self.flush()
+        return peer
+
+    def handle(self, ev: Any) -> None:
+        """What Broker._handle does with each event, minus the I/O."""
+        d = self.disp
+        if isinstance(ev, Hello):
+            d.hello(ev, self.now, dict(WELCOME))
+        elif isinstance(ev, Release):
+            c = d.by_peer.get(ev.peer)
+            if c is not None:
+                d.release(c, ev.seqs, self.now)
+        elif isinstance(ev, Bye | PeerLost):
+            c = d.by_peer.get(ev.peer)
+            if c is not None:
+                d.remove(c)
+
+    def flush(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            for peer, c in self.clients.items():
+                for f in c.frames_to_send():
+                    moved = True
+                    try:
+                        events = self.conn.receive(peer, f, self.now)
+                    except RemoteProtocolError:
+                        continue
+                    for ev in events:
+                        self.handle(ev)
+            for peer, f in self.conn.frames_to_send():
+                moved = True
+                try:
+                    self.log[peer] += self.clients[peer].receive(f, self.now)
+                except RemoteProtocolError as e:
+                    self.log[peer].append(e)
+
+    def take(self) -> int:
+        slab = self.pool.take()
+        if slab is None:
+            slab = self.disp.reclaim()
+        assert slab is not None, "no slab free and none reclaimable"
+        return slab
+
+    def publish(self, n: int = 1, slab: int | None = None) -> int:
+        """Publishes one batch of n packets; returns its seq."""
+        seq = self.disp.next_seq
+        self.disp.publish(self.take() if slab is None else slab, n, self.now)
+        self.flush()
+        return seq
+
+    def release(self, peer: bytes, *seqs: int) -> None:
+        self.clients[peer].release(self.now, list(seqs))
+        self.flush()
+
+    def bye(self, peer: bytes) -> None:
+        self.clients[peer].bye(self.now)
+        self.flush()
+
+    def end(self, error: str | None = None) -> None:
+        self.disp.end(self.now, error)
+        self.flush()
+
+    def batches(self, peer: bytes) -> list[Batch]:
+        return [e for e in self.log[peer] if isinstance(e, Batch)]
+
+    def seqs(self, peer: bytes) -> list[int]:
+        return [b.seq for b in self.batches(peer)]
+
+    def after_welcome(self, peer: bytes) -> list[Any]:
+        assert isinstance(self.log[peer][0], Welcome)
+        return self.log[peer][1:]
+
+    def state(self, peer: bytes) -> Any:
+        return self.disp.by_peer[peer]
+
+    def holders(self, slab: int) -> int:
+        """Clients that hold or are owed the batch in `slab`."""
+        return sum(1 for c in self.disp.clients.values() for s in (*c.held, *c.queue)
+                   if self.disp.batches[s].slab == slab)
+
+
+# --- attaching ---------------------------------------------------------------
+
+
+def test_welcome_carries_the_client_settings() -> None:
+    w = World(slabs=4, credit=2, policy="block")
+    a = w.connect("ids")
+    b = w.connect("rec", policy="drop", credit=3, group="g", pid=42)
+    big = w.connect("big", credit=100)
+    [wa], [wb], [wbig] = w.log[a], w.log[b], w.log[big]
+    assert (wa.slot, wa.credit, wa.policy) == (0, 2, "block")
+    assert (wb.slot, wb.credit, wb.policy) == (1, 3, "drop")
+    assert wbig.credit == 4             # never more than there are slabs
+    assert (wa.shm, wa.epoch, wa.layout) == (WELCOME["shm"], 1, 1)
+    assert w.state(a).group == "ids"    # a group of its own by default
+    assert (w.state(b).group, w.state(b).pid) == ("g", 42)
+    assert w.disp.clients_total == 3
+    assert w.conn.errors == 0
+
+
+def test_name_taken() -> None:
+    w = World()
+    a = w.connect("ids", pid=100)
+    dup = w.connect("ids", pid=200)
+    [err] = w.log[dup]
+    assert isinstance(err, ErrorReply) and err.code == "name-taken"
+    assert "100" in err.text            # says who holds the name
+    assert w.clients[dup].state is State.CLOSED
+    assert w.conn.state(dup) is State.NEW
+    assert set(w.disp.clients) == {"ids"} and set(w.disp.by_peer) == {a}
+    assert w.conn.errors == 1
+    assert w.disp.clients_total == 1
+    seq = w.publish()
+    assert w.seqs(a) == [seq] and w.batches(dup) == []
+    # Once the holder is gone the name is free again.
+    w.bye(a)
+    again = w.connect("ids")
+    assert isinstance(w.log[again][0], Welcome)
+
+
+def test_too_many_clients() -> None:
+    w = World(max_clients=2)
+    a = w.connect("a")
+    w.connect("b")
+    c = w.connect("c")
+    [err] = w.log[c]
+    assert isinstance(err, ErrorReply) and err.code == "too-many-clients"
+    assert set(w.disp.clients) == {"a", "b"}
+    w.bye(a)
+    d = w.connect("d")
+    assert isinstance(w.log[d][0], Welcome)
+    assert set(w.disp.clients) == {"b", "d"}
+
+
+# --- batches -----------------------------------------------------------------
+
+
+def test_fan_out_to_two_clients_in_order() -> None:
+    w = World(slabs=8, credit=8)
+    a, b = w.connect("ids"), w.connect("rec")
+    seqs = [w.publish(n) for n in (3, 5, 2, 7)]
+    assert seqs == [0, 3, 8, 10]
+    expected = [Batch(seq=0, slab=0, gen=1, n=3), Batch(seq=3, slab=1, gen=1, n=5),
+                Batch(seq=8, slab=2, gen=1, n=2), Batch(seq=10, slab=3, gen=1, n=7)]
+    assert w.after_welcome(a) == expected
+    assert w.after_welcome(b) == expected
+    assert [w.pool.refs[s] for s in range(4)] == [2, 2, 2, 2]
+    assert (w.state(a).batches, w.state(a).packets) == (4, 17)
+
+
+def test_late_client_gets_only_later_batches() -> None:
+    w = World(slabs=4, credit=4)
+    a = w.connect("a")
+    w.publish(2)
+    b = w.connect("b")
+    w.publish(3)
+    assert w.seqs(a) == [0, 2]
+    assert w.seqs(b) == [2]
+    assert w.pool.refs[0] == 1 and w.pool.refs[1] == 2
+
+
+def test_publish_with_no_client_frees_the_slab_at_once() -> None:
+    w = World(slabs=2)
+    w.disp.publish(w.take(), 5, 0.0)
+    assert w.pool.refs[0] == 0 and 0 in w.pool.free
+    assert w.disp.batches == {}
+    assert w.disp.next_seq == 5           # those packets still had numbers
+    assert w.pool.in_use == 0
+
+
+def test_credit_limits_what_is_sent() -> None:
+    w = World(slabs=8, credit=2)
+    a = w.connect("ids")
+    seqs = [w.publish() for _ in range(5)]
+    assert w.seqs(a) == seqs[:2]
+    assert list(w.state(a).queue) == seqs[2:]
+    w.release(a, seqs[1])                 # releases in any order
+    assert w.seqs(a) == seqs[:3]
+    w.release(a, seqs[0], seqs[2])
+    assert w.seqs(a) == seqs
+    assert len(w.state(a).held) == 2
+    w.release(a, seqs[3])
+    w.publish()
+    assert len(w.seqs(a)) == 6 and len(w.state(a).held) == 2
+
+
+def test_credit_is_per_client() -> None:
+    w = World(slabs=8, credit=1)
+    slow = w.connect("slow")
+    fast = w.connect("fast", credit=4)
+    for _ in range(4):
+        w.publish()
+    assert len(w.batches(slow)) == 1
+    assert len(w.batches(fast)) == 4
+
+
+def test_slab_free_only_when_every_client_released() -> None:
+    w = World(slabs=2, credit=2)
+    a, b = w.connect("a"), w.connect("b")
+    seq = w.publish()
+    [batch] = w.batches(a)
+    assert w.pool.refs[batch.slab] == 2 and batch.slab not in w.pool.free
+    w.release(a, seq)
+    assert w.pool.refs[batch.slab] == 1
+    assert batch.slab not in w.pool.free
+    assert seq in w.disp.batches
+    w.release(b, seq)
+    assert w.pool.refs[batch.slab] == 0
+    assert batch.slab in w.pool.free
+    assert seq not in w.disp.batches
+    # The slab comes back with a new generation.
+    w.publish()
+    again = w.publish()
+    assert w.batches(a)[-1] == Batch(seq=again, slab=batch.slab, gen=2, n=1)
+
+
+def test_bad_release() -> None:
+    w = World(slabs=4, credit=2)
+    a = w.connect("a")
+    s0, s1, s2 = w.publish(), w.publish(), w.publish()   # s2 is queued, not sent
+    slab0 = w.batches(a)[0].slab
+    w.release(a, s0, 99, s2)
+    [err] = [e for e in w.log[a] if isinstance(e, ErrorReply)]
+    assert err.code == "bad-release"
+    assert "99" in err.text and str(s2) in err.text
+    assert w.conn.errors == 1
+    # The good seq was released (and the queued batch went out in its place).
+    assert w.pool.refs[slab0] == 0 and slab0 in w.pool.free
+    assert w.state(a).held == {s1, s2}
+    # The client is still attached and still served.
+    assert w.clients[a].state is State.ATTACHED
+    assert w.conn.state(a) is State.ATTACHED
+    # Releasing twice is refused too, and does not unref the slab again.
+    w.release(a, s0)
+    assert isinstance(w.log[a][-1], ErrorReply)
+    assert w.conn.errors == 2
+    assert all(r >= 0 for r in w.pool.refs)
+    w.release(a, s1, s2)
+    assert w.pool.in_use == 0
+    assert not any(isinstance(e, RemoteProtocolError) for e in w.log[a])
+
+
+def test_release_repeating_a_seq_unrefs_once() -> None:
+    w = World(slabs=4)
+    a, b = w.connect("a"), w.connect("b")
+    seq = w.publish()
+    w.release(a, seq, seq)
+    assert w.pool.refs[w.batches(a)[0].slab] == 1   # b still holds it
+    w.release(b, seq)
+    assert w.pool.in_use == 0
+
+
+def test_remove_returns_held_and_queued_slabs() -> None:
+    w = World(slabs=4, credit=1)
+    a = w.connect("a")
+    b = w.connect("b", credit=4)
+    seqs = [w.publish() for _ in range(3)]
+    assert len(w.state(a).held) == 1 and len(w.state(a).queue) == 2
+    assert [w.pool.refs[s] for s in range(3)] == [2, 2, 2]
+    w.bye(a)
+    assert "a" not in w.disp.clients and a not in w.disp.by_peer
+    assert [w.pool.refs[s] for s in range(3)] == [1, 1, 1]
+    w.release(b, *seqs)
+    assert w.pool.in_use == 0
+    assert w.disp.batches == {}
+
+
+def test_lost_client_gives_back_its_slabs() -> None:
+    w = World(slabs=2, credit=2)
+    a = w.connect("a")
+    w.publish()
+    w.publish()
+    assert w.pool.take() is None
+    w.now = 30.0
+    for ev in w.conn.handle_timer(w.now):
+        w.handle(ev)
+    assert w.disp.clients == {}
+    assert w.pool.in_use == 0
+    assert w.conn.state(a) is State.NEW
+
+
+def test_end_sends_eos_after_queued_batches() -> None:
+    w = World(slabs=4, credit=1)
+    a = w.connect("a")
+    seqs = [w.publish(n) for n in (1, 2, 3)]
+    w.end()
+    assert w.after_welcome(a) == [Batch(seqs[0], 0, 1, 1)]
+    assert not w.disp.finished
+    w.release(a, seqs[0])
+    w.release(a, seqs[1])
+    assert w.after_welcome(a) == [Batch(seqs[0], 0, 1, 1), Batch(seqs[1], 1, 1, 2),
+                                  Batch(seqs[2], 2, 1, 3), EndOfStream(None)]
+    assert w.clients[a].state is State.ENDED
+    # Finished once everything sent was also given back.
+    assert not w.disp.finished
+    w.release(a, seqs[2])
+    assert w.disp.finished
+    assert w.pool.in_use == 0
+
+
+def test_end_with_error_and_several_clients() -> None:
+    w = World(slabs=4, credit=4)
+    a, b = w.connect("a"), w.connect("b", credit=1)
+    w.publish()
+    w.publish()
+    w.end("x.pcap: truncated dump file")
+    assert w.log[a][-1] == EndOfStream("x.pcap: truncated dump file")
+    assert not any(isinstance(e, EndOfStream) for e in w.log[b])
+    w.release(b, 0)
+    assert w.log[b][-2:] == [Batch(1, 1, 1, 1), EndOfStream("x.pcap: truncated dump file")]
+    # Each client is told once.
+    w.end("again")
+    assert sum(isinstance(e, EndOfStream) for e in w.log[a]) == 1
+
+
+def test_client_arriving_after_the_end_is_told_at_once() -> None:
+    w = World()
+    w.end()
+    assert w.disp.finished
+    a = w.connect("late")
+    assert w.after_welcome(a) == [EndOfStream(None)]
+    assert w.disp.finished
+
+
+# --- reclaim (drop policy) ----------------------------------------------------
+
+
+def lagging_drop_client(slabs: int = 3) -> tuple[World, bytes, bytes]:
+    """A `drop` client holding its one credit and owed the rest, beside a
+    `block` client that keeps up; every slab is in use."""
+    w = World(slabs=slabs)
+    d = w.connect("dropper", policy="drop", credit=1)
+    b = w.connect("blocker", policy="block", credit=slabs)
+    for _ in range(slabs):
+        seq = w.publish(2)
+        w.release(b, seq)
+    assert w.pool.free == type(w.pool.free)()
+    return w, d, b
+
+
+def test_reclaim_skips_the_drop_client_and_records_a_gap() -> None:
+    w, d, b = lagging_drop_client()
+    assert list(w.state(d).queue) == [2, 4]
+    slab = w.disp.reclaim()
+    assert slab == 1                       # the slab of seq 2, the oldest owed
+    assert list(w.state(d).queue) == [4]
+    assert w.state(d).drops == 2 and w.disp.client_drops == 2
+    assert w.state(d).gaps == [(2, 4)]
+    assert 2 not in w.disp.batches
+    assert w.pool.refs[1] == 0
+    # The block client lost nothing; the drop client hears of its gap just
+    # before the next batch it gets.
+    w.publish(2, slab=slab)
+    assert w.seqs(b) == [0, 2, 4, 6]
+    w.release(d, 0)
+    assert w.after_welcome(d) == [Batch(0, 0, 1, 2), Gap(2, 4), Batch(4, 2, 1, 2)]
+    assert w.state(d).gaps == []
+
+
+def test_consecutive_reclaims_make_one_gap() -> None:
+    w, d, b = lagging_drop_client(slabs=4)
+    s1 = w.disp.reclaim()
+    assert s1 == 1
+    w.publish(2, slab=s1)            # seq 8
+    s2 = w.disp.reclaim()
+    assert s2 == 2
+    assert w.state(d).gaps == [(2, 6)]
+    assert w.state(d).drops == 4
+    w.release(d, 0)
+    assert w.after_welcome(d)[1:] == [Gap(2, 6), Batch(6, 3, 1, 2)]
+    w.release(d, 6)
+    assert w.after_welcome(d)[3:] == [Batch(8, 1, 2, 2)]
+
+
+def test_reclaim_never_skips_a_block_client() -> None:
+    w = World(slabs=2)
+    w.connect("dropper", policy="drop", credit=1)
+    w.connect("blocker", policy="block", credit=1)     # never releases
+    w.publish()
+    w.publish()
+    assert w.disp.reclaim() is None
+    assert w.disp.client_drops == 0
+    assert all(c.gaps == [] for c in w.disp.clients.values())
+
+
+def test_reclaim_never_takes_a_batch_already_sent() -> None:
+    w = World(slabs=2)
+    d = w.connect("dropper", policy="drop", credit=2)
+    w.publish()
+    w.publish()
+    assert len(w.state(d).held) == 2
+    assert w.disp.reclaim() is None
+    assert w.pool.in_use == 2
+
+
+def test_reclaim_skips_every_drop_client_owed_the_batch() -> None:
+    w = World(slabs=2)
+    d1 = w.connect("d1", policy="drop", credit=1)
+    d2 = w.connect("d2", policy="drop", credit=1)
+    w.publish(3)
+    w.publish(4)
+    slab = w.disp.reclaim()
+    assert slab == 1
+    assert (w.state(d1).drops, w.state(d2).drops) == (4, 4)
+    assert w.disp.client_drops == 8
+    assert w.state(d1).gaps == w.state(d2).gaps == [(3, 7)]
+
+
+def test_reclaim_with_nothing_owed() -> None:
+    w = World(slabs=2)
+    assert w.disp.reclaim() is None
+    w.connect("d", policy="drop")
+    assert w.disp.reclaim() is None
+
+
+# --- known bugs ----------------------------------------------------------------
+
+
+def accounted_in_order(events: list[Any], start: int = 0) -> bool:
+    """Batches and gaps, read in order, account for every seq exactly once."""
+    cursor = start
+    for e in events:
+        if isinstance(e, Batch):
+            if e.seq != cursor:
+                return False
+            cursor += e.n
+        elif isinstance(e, Gap):
+            if e.start != cursor or e.end <= e.start:
+                return False
+            cursor = e.end
+    return True
+
+
+def test_gap_pending_at_the_end_is_told_before_eos() -> None:
+    w = World(slabs=2)
+    d = w.connect("d", policy="drop", credit=1)
+    w.publish()
+    w.publish()
+    slab = w.disp.reclaim()          # skips seq 1 for d
+    assert slab is not None and w.state(d).gaps == [(1, 2)]
+    w.pool.give_back(slab)           # the source had nothing more
+    w.end()
+    w.release(d, 0)
+    assert w.after_welcome(d) == [Batch(0, 0, 1, 1), Gap(1, 2), EndOfStream(None)]
+
+
+def test_gaps_and_batches_account_for_every_seq_in_order() -> None:
+    w = World(slabs=4)
+    a = w.connect("a", policy="drop", credit=1)
+    b = w.connect("b", policy="drop", credit=1)
+    for _ in range(4):
+        w.publish()                  # seqs 0..3; a and b hold 0
+    w.release(b, 0)                  # b now holds 1
+    w.release(b, 1)                  # b now holds 2; seq 1 is owed to a alone
+    s = w.disp.reclaim()             # skips seq 1 for a
+    assert s is not None
+    w.publish(slab=s)                # seq 4
+    s = w.disp.reclaim()             # seq 2 is held by b: skips seq 3 for a and b
+    assert s is not None
+    w.publish(slab=s)                # seq 5
+    for seq in (0, 2, 4, 5):
+        w.release(a, seq)
+    assert w.state(a).drops == 2
+    assert accounted_in_order(w.after_welcome(a)), w.after_welcome(a)
+
+
+# --- a state machine ------------------------------------------------------------
+
+
+class DispatcherMachine(RuleBasedStateMachine):
+    """Random clients, publishes, releases, reclaims, departures and the end;
+    the slab reference counts always match who holds or is owed what."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = World(slabs=4, credit=2)
+        self.peers: dict[str, bytes] = {}
+        self.held: dict[bytes, list[int]] = defaultdict(list)   # client's view
+        self.seen: dict[bytes, int] = defaultdict(int)          # events looked at
+
+    def _sync(self) -> None:
+        for peer in self.w.clients:
+            events = self.w.log[peer][self.seen[peer]:]
+            self.seen[peer] += len(events)
+            for e in events:
+                assert not isinstance(e, RemoteProtocolError), e
+                if isinstance(e, Batch):
+                    assert not self.held[peer] or e.seq > max(self.held[peer])
+                    self.held[peer].append(e.seq)
+
+    @rule(name=st.sampled_from(["a", "b", "c"]), policy=st.sampled_from(["block", "drop"]),
+          credit=st.integers(1, 3))
+    def connect(self, name: str, policy: str, credit: int) -> None:
+        peer = self.w.connect(name, policy=policy, credit=credit)
+        if name not in self.peers:
+            self.peers[name] = peer
+        self._sync()
+
+    @precondition(lambda self: not self.w.disp.ended)
+    @rule(n=st.integers(1, 5))
+    def publish(self, n: int) -> None:
+        slab = self.w.pool.take()
+        if slab is None:
+            slab = self.w.disp.reclaim()
+        if slab is None:
+            return
+        self.w.disp.publish(slab, n, self.w.now)
+        self.w.flush()
+        self._sync()
+
+    @rule(name=st.sampled_from(["a", "b", "c"]), data=st.data())
+    def release(self, name: str, data: st.DataObject) -> None:
+        peer = self.peers.get(name)
+        if peer is None or not self.held[peer]:
+            return
+        some = data.draw(st.lists(st.sampled_from(self.held[peer]), min_size=1, unique=True))
+        for s in some:
+            self.held[peer].remove(s)
+        self.w.release(peer, *some)
+        self._sync()
+
+    @rule(name=st.sampled_from(["a", "b", "c"]))
+    def bye(self, name: str) -> None:
+        peer = self.peers.pop(name, None)
+        if peer is not None:
+            self.w.bye(peer)
+            self.held.pop(peer, None)
+
+    @rule()
+    def end(self) -> None:
+        self.w.end()
+        self._sync()
+
+    @invariant()
+    def refs_match_holders(self) -> None:
+        w = self.w
+        free = list(w.pool.free)
+        assert len(free) == len(set(free))
+        for slab in range(len(w.pool.refs)):
+            holders = sum(1 for c in w.disp.clients.values() for s in (*c.held, *c.queue)
+                          if w.disp.batches[s].slab == slab)
+            assert w.pool.refs[slab] == holders
+            assert (slab in free) == (holders == 0)
+        for seq, b in w.disp.batches.items():
+            assert w.pool.gen[b.slab] == b.gen
+            assert any(seq in c.held or seq in c.queue for c in w.disp.clients.values())
+
+    @invariant()
+    def credit_respected(self) -> None:
+        for c in self.w.disp.clients.values():
+            assert len(c.held) <= c.credit
+            assert not (c.queue and len(c.held) < c.credit)   # owed and sendable: sent
+            assert c.held.isdisjoint(c.queue)
+
+    @invariant()
+    def views_agree(self) -> None:
+        for name, peer in self.peers.items():
+            c = self.w.disp.clients.get(name)
+            if c is not None and c.peer == peer:
+                assert set(self.held[peer]) == c.held
+
+
+DispatcherMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=40,
+                                               deadline=None)
+TestDispatcherMachine = DispatcherMachine.TestCase

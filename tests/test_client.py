@@ -52,7 +52,7 @@ def test_batches_views_and_release(broker, synth: Path) -> None:
         with pytest.raises(ValueError):
             bytes(kept_view)        # released with its batch
         with pytest.raises(pktipc.ClosedError):
-            kept_batch.descriptors
+            _ = kept_batch.descriptors
         with pytest.raises(pktipc.EndOfStream):
             c.next_batch(timeout=1)
         with pytest.raises(pktipc.EndOfStream):   # and again: it stays ended

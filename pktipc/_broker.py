@@ -8,8 +8,10 @@ segment, the ZeroMQ ROUTER socket, the sources, signals and the event loop.
 from __future__ import annotations
 
 import fcntl
+import math
 import mmap
 import os
+import re
 import signal
 import sys
 import time
@@ -39,6 +41,29 @@ DEFAULT_SLAB_SIZE = 1 << 20
 DEFAULT_SLAB_COUNT = 64
 DEFAULT_CREDIT = 8
 MAX_CLIENTS = 64
+
+
+def _segment_pid(path: Path) -> int:
+    """The broker pid recorded in a segment's header, 0 if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return 0
+    off = ffi.offsetof("struct pktipc_header", "broker_pid")
+    return int.from_bytes(head[off : off + 4], "little") if len(head) == 64 else 0
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -112,9 +137,13 @@ class Dispatcher:
             self.conn.refuse(ev.peer, now, "too-many-clients",
                              f"this broker serves at most {self.max_clients} clients")
             return None
+        policy = ev.policy or self.default_policy
+        # Never more than the ring; a `drop` client, which the broker must
+        # never wait for, at most half of it, so that what it holds never
+        # leaves the others without a slab.
+        most = len(self.pool.refs) if policy == "block" else max(1, len(self.pool.refs) // 2)
         c = ClientState(name=ev.name, peer=ev.peer, group=ev.group or ev.name,
-                        policy=ev.policy or self.default_policy,
-                        credit=min(ev.credit or self.default_credit, len(self.pool.refs)),
+                        policy=policy, credit=min(ev.credit or self.default_credit, most),
                         pid=ev.pid, slot=self.slots.setdefault(ev.name, len(self.slots)))
         self.clients_total += 1
         self.clients[c.name] = c
@@ -148,7 +177,10 @@ class Dispatcher:
             del self.batches[seq]
 
     # -- batches --
-    def publish(self, slab: int, n: int, now: float) -> Published:
+    def publish(self, slab: int, n: int, now: float) -> tuple[int, Published]:
+        """Hands a filled slab to every client: (seq of its first packet, batch).
+        BATCH messages are only queued: the caller writes the batch record
+        before it flushes them."""
         seq = self.next_seq
         self.next_seq += n
         gen = self.pool.publish(slab, holders=len(self.clients))
@@ -158,7 +190,7 @@ class Dispatcher:
         for c in self.clients.values():
             c.queue.append(seq)
             self.pump(c, now)
-        return b
+        return seq, b
 
     def pump(self, c: ClientState, now: float) -> None:
         """Sends what `c` is owed, as far as its credit allows."""
@@ -180,20 +212,25 @@ class Dispatcher:
         while c.gaps and c.gaps[0][0] < before:
             self.conn.send_gap(c.peer, now, *c.gaps.pop(0))
 
-    def end(self, now: float, error: str | None = None) -> None:
+    def end(self, now: float, error: str | None = None, *, abandon: bool = False) -> None:
+        """No batch follows; each client is told end-of-stream after what it is
+        owed, or at once with `abandon` (the broker is stopping)."""
         self.ended = True
         self.end_error = error
         for c in self.clients.values():
+            if abandon:
+                for seq in c.queue:
+                    self._unref(seq)
+                c.queue.clear()
             self.pump(c, now)
 
     def reclaim(self) -> int | None:
         """Frees a slab by skipping the oldest batch that is owed, and not yet
         sent, only to `drop` clients; the skipped packets are counted against
         them alone, and each is told GAP where the batch would have been."""
-        for seq in sorted({s for c in self.clients.values() if c.policy == "drop"
-                           for s in c.queue}):
+        for seq in list(self.batches):     # oldest first
             holders = [c for c in self.clients.values() if seq in c.held or seq in c.queue]
-            if any(c.policy != "drop" or seq in c.held for c in holders):
+            if not holders or any(c.policy != "drop" or seq in c.held for c in holders):
                 continue
             n = self.batches[seq].n
             for c in holders:
@@ -226,7 +263,6 @@ class ServeOptions:
     max_clients: int = MAX_CLIENTS
     heartbeat: float = 1.0
     liveness: float = 30.0
-    endpoint: str | None = None         # default: ipc://<runtime dir>/<name>.ctl
 
 
 class Pacer:
@@ -255,8 +291,9 @@ class Broker:
         check_name("broker", opts.name)
         if opts.wait_clients < 0:
             raise ValueError("--wait-clients must be 0 or more")
-        if opts.speed is not None and opts.speed <= 0:
-            raise ValueError("--speed must be positive")
+        if opts.speed is not None and not (math.isfinite(opts.speed) and
+                                           1e-6 <= opts.speed <= 1e6):
+            raise ValueError("--speed must be between 1e-6 and 1e6")
         if opts.loops < 0:
             raise ValueError("--loop must be 0 (forever) or more")
         if not 1 <= opts.credit <= proto.MAX_CREDIT:
@@ -265,7 +302,7 @@ class Broker:
         self.log = log
         self.source = FileSource(opts.files, opts.loops)
         self.geometry = Geometry(opts.slab_size, opts.slab_count, len(self.source.ifaces))
-        self.endpoint = opts.endpoint or control_endpoint(opts.name)
+        self.endpoint = control_endpoint(opts.name)
         self.epoch = time.time_ns()
         self.shm_name = segment_name(opts.name, self.epoch)
         self.pacer = Pacer(opts.speed) if opts.speed else None
@@ -282,14 +319,23 @@ class Broker:
         rdir = runtime_dir()
         rdir.mkdir(mode=0o750, parents=True, exist_ok=True)
         lock_path = rdir / f"{self.opts.name}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise PktipcError(f"a broker named {self.opts.name!r} is already running"
+                                  + (f" (pid {other})" if other else "")) from None
+            # The previous holder unlinks the file as it exits: a lock taken on
+            # the unlinked file guards nothing, so take it again on the new one.
+            try:
+                if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise PktipcError(f"a broker named {self.opts.name!r} is already running"
-                              + (f" (pid {other})" if other else "")) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -297,9 +343,13 @@ class Broker:
             lock_path.unlink(missing_ok=True)
             os.close(fd)
         self._cleanup.append(unlock)
-        # We hold the lock: any segment of this name was left by a dead broker.
-        for stale in Path("/dev/shm").glob(segment_prefix(self.opts.name) + "*"):
-            stale.unlink(missing_ok=True)
+        # Segments of this name whose broker is dead were left by a killed
+        # broker. (Checking the pid, not only our lock, spares a live broker of
+        # the same name under another runtime directory.)
+        pattern = re.compile(re.escape(segment_prefix(self.opts.name)) + "[0-9a-f]{16}")
+        for stale in Path("/dev/shm").iterdir():
+            if pattern.fullmatch(stale.name) and not _alive(_segment_pid(stale)):
+                stale.unlink(missing_ok=True)
 
     def _create_segment(self) -> None:
         g = self.geometry
@@ -307,7 +357,14 @@ class Broker:
                                      size=g.total_size)
         self._cleanup.append(shm.unlink)
         try:
+            # Reserve the memory now: a sparse segment that cannot be backed
+            # later would kill the broker with SIGBUS mid-run.
+            os.posix_fallocate(shm.fd, 0, g.total_size)
             self._mm = mmap.mmap(shm.fd, g.total_size)
+        except OSError as e:
+            raise PktipcError(f"cannot allocate {g.total_size >> 20} MiB of shared memory "
+                              f"in /dev/shm ({e.strerror}); lower --slabs or --slab-size"
+                              ) from None
         finally:
             shm.close_fd()
         self._cleanup.append(self._close_map)
@@ -325,7 +382,7 @@ class Broker:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.LINGER, 1000)
         path = ipc_path(self.endpoint)
         if path is not None:
             path.unlink(missing_ok=True)   # left by a dead broker; we hold the lock
@@ -353,6 +410,10 @@ class Broker:
 
     # -- the loop --
     def serve(self) -> int:
+        # Our handlers stay until cleanup is over: a SIGTERM arriving while
+        # the sockets close must not cut the removal of the segment short.
+        old_handlers = {s: signal.signal(s, self._on_signal)
+                        for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._lock()
             self._create_segment()
@@ -364,14 +425,13 @@ class Broker:
                                    default_credit=self.opts.credit,
                                    max_clients=self.opts.max_clients)
             self.seg.header.state = lib.PKTIPC_STATE_RUNNING
-            old_handlers = {s: signal.signal(s, self._on_signal)
-                            for s in (signal.SIGINT, signal.SIGTERM)}
-            self._cleanup.append(lambda: [signal.signal(s, h) for s, h in old_handlers.items()])
             self._say_hello()
             self._loop()
             return self.exit_status
         finally:
             self.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
 
     def _say_hello(self) -> None:
         n = len(self.opts.files)
@@ -390,7 +450,7 @@ class Broker:
         while True:
             now = time.monotonic()
             if self.stopping and not self.disp.ended:
-                self._end(now, "broker stopped")
+                self._end(now, "broker stopped", stopped=True)
             busy = self._produce(now) if self._can_produce(now) else False
             self._flush()
             if self.disp.finished and not self.opts.linger:
@@ -521,7 +581,9 @@ class Broker:
                     self._end(now, str(e))
                     return False
                 if more:
-                    continue
+                    # Back to the loop at every file boundary, so signals and
+                    # control messages are seen however short the files are.
+                    return True
                 self._end(now)
                 return False
             # ERROR or TOOBIG: serve what was read, then end the stream.
@@ -532,26 +594,26 @@ class Broker:
         slab, fill = self._open_slab, self._fill
         assert slab is not None
         self._open_slab = None
-        b = self.disp.publish(slab, fill.count, now)
-        seq = self.disp.next_seq - fill.count
+        seq, b = self.disp.publish(slab, fill.count, now)
         lib.pktipc_batch_publish(self.seg.batch_rec(slab), slab, b.gen, seq, fill, 0, 0)
         c = self.seg.header.counters
         c.packets += fill.count
         c.bytes += fill.bytes
         c.batches += 1
 
-    def _end(self, now: float, error: str | None = None) -> None:
+    def _end(self, now: float, error: str | None = None, *, stopped: bool = False) -> None:
         if self._open_slab is not None:
             if self._fill.count:
                 self._publish(now)
             else:
                 self.pool.give_back(self._open_slab)
                 self._open_slab = None
-        if error:
+        if stopped:
+            print("pktipc: stopped", file=self.log, flush=True)
+        elif error:
             print(f"pktipc: error: {error}", file=self.log, flush=True)
-            if error != "broker stopped":
-                self.exit_status = 1
-        self.disp.end(now, error)
+            self.exit_status = 1
+        self.disp.end(now, error, abandon=stopped)
         self.seg.header.state = lib.PKTIPC_STATE_ENDED
 
     def _sync_counters(self) -> None:

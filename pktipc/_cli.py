@@ -68,7 +68,6 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dump", help="write what a client receives to a capture file")
     d.add_argument("--server", default="default", help="broker name or endpoint")
     d.add_argument("--client", default=f"dump-{os.getpid()}", help="client name")
-    d.add_argument("--group", help="group to join (default: the client's name)")
     d.add_argument("-w", dest="out", required=True, metavar="FILE",
                    help="output file, - for stdout")
     d.add_argument("-c", dest="count", type=int, metavar="COUNT", help="stop after COUNT packets")
@@ -103,7 +102,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_dump(a: argparse.Namespace) -> int:
     if a.count is not None and a.count < 1:
         raise ValueError("-c COUNT must be at least 1")
-    with connect(a.server, a.client, group=a.group, policy=a.policy, credit=a.credit,
+    with connect(a.server, a.client, policy=a.policy, credit=a.credit,
                  timeout=a.timeout) as client:
         out = sys.stdout.buffer if a.out == "-" else open(a.out, "wb")  # noqa: SIM115
         try:

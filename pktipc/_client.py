@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -46,6 +49,20 @@ class Packet(NamedTuple):
 _make_packet = partial(tuple.__new__, Packet)
 
 
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pauses the cyclic garbage collector while a batch's packet objects are
+    made: they form no cycles, and collections triggered by thousands of new
+    objects would otherwise double the cost of making them."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 class Batch:
     """Packets handed to this client by one BATCH message, read in place.
 
@@ -56,7 +73,8 @@ class Batch:
     revoke: it reads recycled memory after release, so copy what you keep.
     """
 
-    __slots__ = ("seq", "slab", "gen", "count", "_client", "_desc", "_views", "_released")
+    __slots__ = ("seq", "slab", "gen", "count", "_client", "_desc", "_views", "_released",
+                 "__weakref__")
 
     def __init__(self, client: Client, seq: int, slab: int, gen: int, count: int) -> None:
         self.seq = seq
@@ -78,12 +96,16 @@ class Batch:
     def _check(self) -> None:
         if self._released:
             raise ClosedError("batch already released")
+        if self._client._closed:
+            raise ClosedError(f"client {self._client.name!r} is closed")
 
     @property
     def descriptors(self) -> np.ndarray[Any, Any]:
         """Structured array (dtype pktipc.PKT_DTYPE) over the slab's descriptors."""
         self._check()
         if self._desc is None:
+            if self._client._seg.batch_rec(self.slab).gen != self.gen:
+                raise BrokerGone(f"batch {self.seq} was taken back by the broker")
             self._desc = self._client._seg.descriptors(self.slab, self.count)
         return self._desc
 
@@ -97,23 +119,24 @@ class Batch:
 
     def views(self) -> list[memoryview]:
         """The bytes of every packet, in order (zero-copy, read-only)."""
-        d = self.descriptors
-        starts = d["data_off"].astype(np.int64) + self._client._slab_base(self.slab)
-        ends = starts + d["caplen"]
+        with _no_gc():
+            return self._make_views(self.descriptors)
+
+    def _make_views(self, d: np.ndarray[Any, Any]) -> list[memoryview]:
+        starts = (d["data_off"].astype(np.int64) + self._client._slab_base(self.slab)).tolist()
         view = self._client._view
-        views = list(map(view.__getitem__, map(slice, starts.tolist(), ends.tolist())))
+        views = [view[s : s + n] for s, n in zip(starts, d["caplen"].tolist(), strict=True)]
         self._views.extend(views)
         return views
 
     def packets(self) -> list[Packet]:
         """Every packet of the batch, in order; built column by column."""
         d = self.descriptors
-        views = self.views()
-        seqs = range(self.seq, self.seq + self.count)
-        return list(map(_make_packet, zip(
-            views, d["ts_ns"].tolist(), d["caplen"].tolist(), d["wirelen"].tolist(),
-            d["linktype"].tolist(), d["iface"].tolist(), seqs, d["flags"].tolist(),
-            strict=True)))
+        with _no_gc():
+            return list(map(_make_packet, zip(
+                self._make_views(d), d["ts_ns"].tolist(), d["caplen"].tolist(),
+                d["wirelen"].tolist(), d["linktype"].tolist(), d["iface"].tolist(),
+                range(self.seq, self.seq + self.count), d["flags"].tolist(), strict=True)))
 
     def __iter__(self) -> Iterator[Packet]:
         return iter(self.packets())
@@ -138,21 +161,21 @@ class Batch:
 class Client:
     """One named client of one broker. See connect()."""
 
-    def __init__(self, server: str, client: str, *, group: str | None = None,
-                 policy: str | None = None, credit: int | None = None,
-                 timeout: float = 5.0) -> None:
+    def __init__(self, server: str, client: str, *, policy: str | None = None,
+                 credit: int | None = None, timeout: float = 5.0) -> None:
         check_name("client", client)
-        if group is not None:
-            check_name("group", group)
         if policy is not None and policy not in proto.POLICIES:
             raise ValueError(f"policy must be one of {', '.join(proto.POLICIES)}")
+        if credit is not None and not 1 <= credit <= proto.MAX_CREDIT:
+            raise ValueError(f"credit must be between 1 and {proto.MAX_CREDIT}")
         self.name = client
         self.server = server
         self.endpoint = control_endpoint(server)
         self._closed = True     # until there is a socket to close
-        self._ended: str | None | bool = False
+        self._ended = False
         self._pending: deque[proto.Batch] = deque()
         self._held: set[int] = set()
+        self._batches: weakref.WeakSet[Batch] = weakref.WeakSet()
         self.gaps: list[tuple[int, int]] = []
         self.end_error: str | None = None
         self._conn = proto.ClientConnection()
@@ -165,11 +188,13 @@ class Client:
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.connect(self.endpoint)
         try:
-            self._conn.hello(time.monotonic(), name=client, group=group, policy=policy,
+            self._conn.hello(time.monotonic(), name=client, group=None, policy=policy,
                              credit=credit, pid=os.getpid())
             welcome = self._await_welcome(timeout)
             self._map(welcome)
         except BaseException:
+            self._conn.bye(time.monotonic())    # BYE only if it was attached
+            self._flush()
             self._teardown()
             raise
         self.welcome = welcome
@@ -239,9 +264,14 @@ class Client:
             if self._pending:
                 b = self._pending.popleft()
                 self._held.add(b.seq)
-                return Batch(self, b.seq, b.slab, b.gen, b.n)
+                batch = Batch(self, b.seq, b.slab, b.gen, b.n)
+                self._batches.add(batch)
+                return batch
             if self._ended:
                 raise EndOfStream(self.end_error)
+            self._receive_all()
+            if self._pending or self._ended:
+                continue
             now = time.monotonic()
             wake = self._conn.get_timer()
             wait = 0.5 if wake is None else max(0.0, wake - now)
@@ -276,7 +306,13 @@ class Client:
             if b is None:
                 return
             with b:
-                copies = [p._replace(data=bytes(p.data)) for p in b.packets()]
+                d = b.descriptors
+                with _no_gc():
+                    copies = list(map(_make_packet, zip(
+                        map(bytes, b._make_views(d)), d["ts_ns"].tolist(),
+                        d["caplen"].tolist(), d["wirelen"].tolist(), d["linktype"].tolist(),
+                        d["iface"].tolist(), range(b.seq, b.seq + b.count),
+                        d["flags"].tolist(), strict=True)))
             yield from copies
 
     def stats(self, timeout: float = 2.0) -> dict[str, Any]:
@@ -323,6 +359,8 @@ class Client:
 
     def _teardown(self) -> None:
         self._closed = True
+        for batch in list(self._batches):
+            batch.release()         # its views must not read slabs the broker reuses
         self._sock.close()
         self._ctx.term()
         view = getattr(self, "_view", None)
@@ -356,8 +394,8 @@ class Client:
     def _on_events(self, events: list[proto.ClientEvent]) -> None:
         for ev in events:
             if isinstance(ev, proto.Batch):
-                rec = self._seg.batch_rec(ev.slab)
-                if ev.slab >= self._seg.geometry.slab_count or rec.gen != ev.gen:
+                if (ev.slab >= self._seg.geometry.slab_count
+                        or self._seg.batch_rec(ev.slab).gen != ev.gen):
                     raise BrokerGone(f"batch {ev.seq} does not match the segment")
                 self._pending.append(ev)
             elif isinstance(ev, proto.Gap):
@@ -379,7 +417,7 @@ class Client:
             self._sock.send(frame)
 
 
-def connect(server: str, client: str, *, group: str | None = None, policy: str | None = None,
+def connect(server: str, client: str, *, policy: str | None = None,
             credit: int | None = None, timeout: float = 5.0) -> Client:
     """Attaches to broker `server` (a name or "ipc://..."/"tcp://..." endpoint)
     as `client`, a name unique on that broker.
@@ -388,7 +426,7 @@ def connect(server: str, client: str, *, group: str | None = None, policy: str |
     (the broker skips ahead when it lags, reporting Client.gaps); default:
     the broker's. credit: batches held at most at once.
     """
-    return Client(server, client, group=group, policy=policy, credit=credit, timeout=timeout)
+    return Client(server, client, policy=policy, credit=credit, timeout=timeout)
 
 
 def broker_stats(server: str, timeout: float = 2.0) -> dict[str, Any]:

@@ -31,7 +31,8 @@ from typing import Any
 import msgpack
 
 VERSION = 1
-MAX_FRAME = 64 * 1024
+MAX_FRAME = 64 * 1024             # what the broker accepts from a peer
+MAX_BROKER_FRAME = 64 * 1024 * 1024   # what a client accepts (STATS of a big broker)
 MAX_RELEASE = 4096
 MAX_CREDIT = 4096
 MAX_TEXT = 1024
@@ -133,10 +134,10 @@ def encode(mtype: str, **fields: Any) -> bytes:
     return out
 
 
-def decode(frame: bytes) -> tuple[str, dict[str, Any]]:
+def decode(frame: bytes, limit: int = MAX_FRAME) -> tuple[str, dict[str, Any]]:
     """(type, fields) of a frame; RemoteProtocolError for anything else."""
-    if len(frame) > MAX_FRAME:
-        raise RemoteProtocolError("too-large", f"frame of {len(frame)} bytes, limit {MAX_FRAME}")
+    if len(frame) > limit:
+        raise RemoteProtocolError("too-large", f"frame of {len(frame)} bytes, limit {limit}")
     try:
         msg = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as e:  # any decoding failure of untrusted bytes
@@ -412,6 +413,10 @@ class BrokerConnection:
         lost: list[BrokerEvent] = []
         for peer, p in list(self.peers.items()):
             if p.last_recv + self.liveness <= now:
+                # Told, in case it is alive but silent: it must stop reading
+                # the slabs it held, which are about to be reused.
+                self._send(peer, "evict", now, code="timeout",
+                           text=f"nothing heard for {self.liveness:g} s")
                 del self.peers[peer]
                 lost.append(PeerLost(peer))
             elif p.last_sent + self.heartbeat <= now:
@@ -452,7 +457,7 @@ class ClientConnection:
         self.state = State.CLOSED
 
     def receive(self, frame: bytes, now: float) -> list[ClientEvent]:
-        mtype, f = decode(frame)
+        mtype, f = decode(frame, MAX_BROKER_FRAME)
         key = (self.state, mtype)
         if key not in CLIENT_TRANSITIONS:
             raise RemoteProtocolError("unexpected", f"{mtype} while {self.state.value}")

@@ -37,11 +37,12 @@ class FillResult:
 
 
 class FileSource:
-    """Capture files served one after another, each `loops` times (0: forever).
+    """Capture files served one after another, each `loops` times (0: for ever).
 
-    Every file is opened when the source is made, so a missing or unreadable
-    file is refused before the broker starts. Each file is one entry of the
-    interface table; its packets carry that entry's index.
+    Every file is opened once when the source is made, so a missing or
+    unreadable file is refused before the broker starts; then only the file
+    being read is open. Each file is one entry of the interface table; its
+    packets carry that entry's index.
     """
 
     def __init__(self, paths: list[str], loops: int = 1) -> None:
@@ -50,7 +51,6 @@ class FileSource:
         self.paths = paths
         self.loops = loops
         self.ifaces: list[Iface] = []
-        self._handles: list[Any] = []
         for path in paths:
             if os.path.isdir(path):
                 raise SourceError(f"{path}: is a directory")
@@ -64,11 +64,11 @@ class FileSource:
                 kind=lib.PKTIPC_IFACE_FILE,
                 ts_resolution=_RESOLUTION.get(magic, 0),
             ))
-            self._handles.append(handle)
+            if path is paths[0]:
+                self.current: Any = handle    # the others close as they go out of scope
         self.index = 0          # file being read
         self.loop = 0           # passes completed over the whole list
-        self.current: Any = self._handles[0]
-        self.ended = False
+        self._pass_packets = 0
 
     def next_ts(self) -> int:
         """Capture time of the next packet of the current file (NO_LIMIT at its end)."""
@@ -83,6 +83,7 @@ class FileSource:
         fill.iface = self.index
         status = lib.pktipc_src_fill(self.current, fill, ts_limit, 0xFFFFFFFF)
         res = FillResult(status, fill.count - count, fill.bytes - nbytes)
+        self._pass_packets += res.packets
         if status == lib.PKTIPC_FILL_ERROR:
             msg = ffi.string(lib.pktipc_src_error(self.current)).decode(errors="replace")
             res.error = f"{self.paths[self.index]}: {msg}"
@@ -92,19 +93,17 @@ class FileSource:
         return res
 
     def next_file(self) -> bool:
-        """Moves to the next file (or pass); False when every pass is done."""
+        """Moves to the next file (or pass); False when every pass is done.
+        Raises SourceError if the file cannot be opened any more, or if a
+        whole pass found no packet to loop over."""
         self.index += 1
         if self.index == len(self.paths):
             self.loop += 1
             if self.loops and self.loop >= self.loops:
-                self.ended = True
                 return False
+            if not self._pass_packets:
+                raise SourceError("the capture files hold no packet: nothing to loop over")
+            self._pass_packets = 0
             self.index = 0
-        if self.loop > 0:
-            self._handles[self.index] = _open(self.paths[self.index])
-        self.current = self._handles[self.index]
+        self.current = _open(self.paths[self.index])
         return True
-
-    def close(self) -> None:
-        self._handles.clear()
-        self.current = None

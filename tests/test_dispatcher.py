@@ -139,14 +139,14 @@ class World:
 
 
 def test_welcome_carries_the_client_settings() -> None:
-    w = World(slabs=4, credit=2, policy="block")
+    w = World(slabs=6, credit=2, policy="block")
     a = w.connect("ids")
     b = w.connect("rec", policy="drop", credit=3, group="g", pid=42)
     big = w.connect("big", credit=100)
     [wa], [wb], [wbig] = w.log[a], w.log[b], w.log[big]
     assert (wa.slot, wa.credit, wa.policy) == (0, 2, "block")
     assert (wb.slot, wb.credit, wb.policy) == (1, 3, "drop")
-    assert wbig.credit == 4             # never more than there are slabs
+    assert wbig.credit == 6             # never more than there are slabs
     assert (wa.shm, wa.epoch, wa.layout) == (WELCOME["shm"], 1, 1)
     assert w.state(a).group == "ids"    # a group of its own by default
     assert (w.state(b).group, w.state(b).pid) == ("g", 42)
@@ -441,12 +441,20 @@ def test_reclaim_never_skips_a_block_client() -> None:
 
 def test_reclaim_never_takes_a_batch_already_sent() -> None:
     w = World(slabs=2)
-    d = w.connect("dropper", policy="drop", credit=2)
+    d = w.connect("dropper", policy="drop", credit=1)
+    b = w.connect("blocker", policy="block", credit=2)
     w.publish()
     w.publish()
-    assert len(w.state(d).held) == 2
-    assert w.disp.reclaim() is None
+    assert len(w.state(d).held) == 1 and len(w.state(b).held) == 2
+    assert w.disp.reclaim() is None     # seq 1 is owed to the block client too
     assert w.pool.in_use == 2
+
+
+def test_drop_client_credit_is_at_most_half_the_ring() -> None:
+    w = World(slabs=8)
+    d = w.connect("dropper", policy="drop", credit=8)
+    b = w.connect("blocker", policy="block", credit=8)
+    assert (w.state(d).credit, w.state(b).credit) == (4, 8)
 
 
 def test_reclaim_skips_every_drop_client_owed_the_batch() -> None:

@@ -623,7 +623,7 @@ def welcome_with(**kw: Any) -> bytes:
 BAD_FOR_HELLO_SENT: list[tuple[str, bytes, str]] = [
     ("garbage", b"\xc1", "malformed"),
     ("list", msgpack.packb([1]), "malformed"),
-    ("oversized", b"\x00" * (MAX_FRAME + 1), "too-large"),
+    ("oversized", b"\x00" * (proto.MAX_BROKER_FRAME + 1), "too-large"),
     ("version", welcome_with(v=2), "version"),
     ("unknown", frame(t="welcome2", v=1), "unknown-type"),
     ("client type", proto.encode("stats"), "unexpected"),

@@ -261,6 +261,9 @@ class Client:
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            # Read what has come before handing out what was queued: an EVICT
+            # behind queued batches means their slabs are no longer ours.
+            self._receive_all()
             if self._pending:
                 b = self._pending.popleft()
                 self._held.add(b.seq)
@@ -269,9 +272,6 @@ class Client:
                 return batch
             if self._ended:
                 raise EndOfStream(self.end_error)
-            self._receive_all()
-            if self._pending or self._ended:
-                continue
             now = time.monotonic()
             wake = self._conn.get_timer()
             wait = 0.5 if wake is None else max(0.0, wake - now)
@@ -380,18 +380,22 @@ class Client:
         self._flush()
 
     def _receive_all(self) -> None:
+        events: list[proto.ClientEvent] = []
         while True:
             try:
                 frame = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             try:
-                events = self._conn.receive(frame, time.monotonic())
+                events += self._conn.receive(frame, time.monotonic())
             except proto.RemoteProtocolError as e:
                 raise BrokerGone(f"broker {self.server!r} broke the protocol: {e}") from e
-            self._on_events(events)
+        self._on_events(events)
 
     def _on_events(self, events: list[proto.ClientEvent]) -> None:
+        # An eviction voids the batches announced before it (their slabs may
+        # already hold other packets), so it is handled first.
+        events.sort(key=lambda ev: not isinstance(ev, proto.Evicted))
         for ev in events:
             if isinstance(ev, proto.Batch):
                 if (ev.slab >= self._seg.geometry.slab_count
@@ -408,6 +412,7 @@ class Client:
             elif isinstance(ev, proto.ErrorReply):
                 raise refusal(ev.code, f"broker {self.server!r} refused a request: {ev.text}")
             elif isinstance(ev, proto.Evicted):
+                self._pending.clear()
                 raise BrokerGone(f"broker {self.server!r} evicted {self.name!r}: {ev.text}")
             elif isinstance(ev, proto.BrokerLost):
                 raise BrokerGone(f"broker {self.server!r} stopped answering")

@@ -159,3 +159,43 @@ def test_restart_after_kill_cleans_stale_files(broker) -> None:
     assert r.returncode == 0, r.stderr
     assert not list(Path("/dev/shm").glob(f"pktipc.{name}.*"))
     assert not first.socket.exists()
+
+
+def test_zero_timeout_polls(broker, synth: Path) -> None:
+    b = broker("-r", str(synth))
+    with pktipc.connect(b.name, "c") as c:
+        got = None
+        for _ in range(500):
+            got = c.next_batch(timeout=0)
+            if got is not None:
+                break
+            time.sleep(0.01)
+        assert got is not None
+        got.release()
+
+
+def test_silent_client_is_evicted_and_told(broker, synth: Path) -> None:
+    b = broker("-r", str(synth), "--wait-clients", "2", "--slab-size", "16k",
+               "--liveness", "1", "--heartbeat", "0.2")
+    with pktipc.connect(b.name, "sleepy") as sleepy, pktipc.connect(b.name, "busy") as busy:
+        held = sleepy.next_batch(timeout=5)
+        assert held is not None
+        # "busy" receives everything although "sleepy" holds a slab and is silent.
+        assert sum(1 for _ in busy.packets(timeout=10)) == len(read_pcap(str(synth)).packets)
+        with pytest.raises(pktipc.BrokerGone, match="evicted"):
+            sleepy.next_batch(timeout=5)
+        with pytest.raises((pktipc.BrokerGone, pktipc.ClosedError)):
+            _ = held.descriptors
+
+
+def test_batches_do_not_outlive_their_client(broker, synth: Path) -> None:
+    b = broker("-r", str(synth))
+    c = pktipc.connect(b.name, "c")
+    batch = c.next_batch(timeout=5)
+    assert batch is not None
+    view = batch.packets()[0].data
+    c.close()
+    with pytest.raises(pktipc.ClosedError):
+        _ = batch.descriptors
+    with pytest.raises(ValueError):
+        bytes(view)

@@ -4,6 +4,8 @@ hang, and the broker keeps serving everyone else."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -191,3 +193,72 @@ def test_sigint_cleans_up(broker, runtime_dir: Path) -> None:
     assert segments(b.name) == []
     assert not b.socket.exists()
     assert not (runtime_dir / f"{b.name}.lock").exists()
+
+
+def test_stop_with_busy_client_sends_end_of_stream(broker, tmp_path: Path) -> None:
+    """Ctrl-C while a client still has batches queued: it is told at once."""
+    b = broker("-r", str(MANY), "--loop", "0", "--slabs", "4", "--slab-size", "4k")
+    with pktipc.connect(b.name, "busy", credit=1) as c:
+        first = c.next_batch(timeout=10)
+        assert first is not None        # held: the ring fills up behind it
+        b.proc.send_signal(signal.SIGINT)
+        t = time.monotonic()
+        with pytest.raises(pktipc.EndOfStream) as e:
+            first.release()
+            while True:
+                batch = c.next_batch(timeout=10)
+                assert batch is not None
+                batch.release()
+        assert "stopped" in str(e.value) and time.monotonic() - t < 5
+    assert b.wait() == 0
+    assert b.stderr().strip().splitlines()[-1] == "pktipc: stopped"
+
+
+def test_empty_capture_with_endless_loop_ends(tmp_path: Path, runtime_dir: Path) -> None:
+    empty = tmp_path / "empty.pcap"
+    empty.write_bytes(DNS.read_bytes()[:24])        # a header and no packet
+    r = run_pktipc("serve", "--name", "x7", "-r", str(empty), "--loop", "0",
+                   "--wait-clients", "0", timeout=20)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "pktipc: error: the capture files hold no packet: nothing to loop over")
+    assert segments("x7") == [] and not (runtime_dir / "x7.ctl").exists()
+
+
+def test_dotted_name_spares_the_other_broker(broker) -> None:
+    """Starting broker "a" must not remove the segment of a live "a.b"."""
+    first = broker("-r", str(DNS), "--wait-clients", "2")
+    second = broker("-r", str(DNS), "--wait-clients", "2", ready=False)
+    second.proc.kill()
+    second.proc.wait()
+    r = run_pktipc("serve", "--name", first.name.rsplit("-", 1)[0], "-r", str(DNS),
+                   "--wait-clients", "0")
+    assert r.returncode == 0, r.stderr
+    assert segments(first.name), "a live broker's segment was removed"
+    with pktipc.connect(first.name, "c"):
+        pass
+
+
+@pytest.mark.parametrize("args", [["--credit", "0"], ["--credit", "100000"]])
+def test_dump_bad_values(broker, args: list[str]) -> None:
+    r = run_pktipc("dump", "--server", "whatever", "-w", "-", *args)
+    one_line_error(r, "credit")
+
+
+@pytest.mark.parametrize("speed", ["nan", "inf", "1e300", "-1"])
+def test_bad_speed(speed: str) -> None:
+    one_line_error(run_pktipc("serve", "--name", "x8", "-r", str(DNS), "--speed", speed),
+                   "--speed")
+
+
+def test_shared_memory_too_small(tmp_path: Path) -> None:
+    """A /dev/shm too small for the ring: refused at start, nothing left behind."""
+    script = (f"mount -t tmpfs -o size=8m tmpfs /dev/shm && "
+              f"{sys.executable} -m pktipc serve --name x9 -r {DNS} --wait-clients 0; "
+              f"echo rc=$?; ls /dev/shm")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True,
+                       timeout=60)
+    assert "rc=1" in r.stdout, r.stdout + r.stderr
+    assert "pktipc." not in r.stdout.split("rc=1", 1)[1]
+    err = [line for line in r.stderr.splitlines() if line.startswith("pktipc:")]
+    assert len(err) == 1 and "shared memory" in err[0] and "--slabs" in err[0], r.stderr

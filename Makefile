@@ -35,6 +35,8 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check pktipc tests bench
+	$(VENV)/bin/mypy
 
 lint: install
 	$(VENV)/bin/ruff check pktipc tests bench

@@ -13,6 +13,8 @@ from ._layout import Iface
 
 PCAP_NS_MAGIC = 0xA1B23C4D
 _PCAP_REC = np.dtype([("sec", "<u4"), ("nsec", "<u4"), ("incl", "<u4"), ("orig", "<u4")])
+_EPB_HEAD = np.dtype([("type", "<u4"), ("size", "<u4"), ("ifid", "<u4"), ("ts_hi", "<u4"),
+                      ("ts_lo", "<u4"), ("caplen", "<u4"), ("wirelen", "<u4")])
 
 
 class CaptureWriter:
@@ -87,16 +89,32 @@ class CaptureWriter:
 
     def _write_pcapng(self, desc: np.ndarray[Any, Any], views: list[memoryview]) -> None:
         parts: list[bytes | memoryview] = []
-        for d, v in zip(desc.tolist(), views, strict=True):
-            ts, _, caplen, wirelen, _, iface, linktype, _, _ = d
-            ifid = self._interface_id(iface, linktype, parts)
-            pad = -caplen % 4
-            size = 32 + caplen + pad
-            ts &= 0xFFFFFFFFFFFFFFFF    # before 1970 (malformed files): as pcapng stores it
-            parts.append(struct.pack("<IIIIIII", 6, size, ifid, ts >> 32, ts & 0xFFFFFFFF,
-                                     caplen, wirelen))
-            parts.append(v)
-            parts.append(b"\0" * pad + struct.pack("<I", size))
+        # Interface blocks first, for the sources this batch brings up first.
+        for iface, linktype in dict.fromkeys(zip(desc["iface"].tolist(),
+                                                 desc["linktype"].tolist(), strict=True)):
+            self._interface_id(iface, linktype, parts)
+        n = len(desc)
+        caplen = desc["caplen"].astype(np.int64)
+        pad = -caplen % 4
+        size = 32 + caplen + pad
+        ts = desc["ts_ns"].view("<u8")      # before 1970 wraps, as pcapng stores it
+        head = np.empty(n, dtype=_EPB_HEAD)
+        head["type"] = 6
+        head["size"] = size
+        head["ifid"] = [self._idb[i] for i in desc["iface"].tolist()]
+        head["ts_hi"] = ts >> 32
+        head["ts_lo"] = ts & 0xFFFFFFFF
+        head["caplen"] = caplen
+        head["wirelen"] = desc["wirelen"]
+        # Each trailer is the packet's padding and the block size again: the
+        # last pad + 4 bytes of an 8-byte cell whose first four are zero.
+        tail = np.zeros(n, dtype=[("zero", "<u4"), ("size", "<u4")])
+        tail["size"] = size
+        hv, tv = memoryview(head.tobytes()), memoryview(tail.tobytes())
+        starts = (np.arange(n) * 8 + 4 - pad).tolist()
+        heads = [hv[i * 28 : i * 28 + 28] for i in range(n)]
+        tails = [tv[s : (i + 1) * 8] for i, s in enumerate(starts)]
+        parts.extend(chain.from_iterable(zip(heads, views, tails, strict=True)))
         self.out.write(b"".join(parts))
 
     def finish(self) -> None:

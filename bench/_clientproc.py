@@ -1,0 +1,95 @@
+"""One benchmark client, run as its own process by bench.offline.
+
+    python bench/_clientproc.py SERVER NAME {objects,numpy}
+
+Reads the whole stream and prints one JSON line: packets, caplen sum, and
+CLOCK_MONOTONIC times (system-wide, so comparable across processes) of
+attach, first batch and end of stream, and CPU time used while streaming.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import pktipc
+
+
+def objects(client: pktipc.Client) -> tuple[int, int, int, float]:
+    """What a Python user writes: a Packet per packet, its fields read."""
+    n = caplen = last_ts = 0
+    first = 0.0
+    while True:
+        try:
+            batch = client.next_batch()
+        except pktipc.EndOfStream:
+            return n, caplen, last_ts, first
+        if batch is None:
+            continue
+        if not first:
+            first = time.monotonic()
+        with batch:
+            for p in batch:
+                caplen += p.caplen
+                last_ts = p.ts_ns
+                n += 1
+
+
+def numpy(client: pktipc.Client) -> tuple[int, int, int, float]:
+    """Column-wise: descriptors as a NumPy structured array, no per-packet Python."""
+    n = caplen = last_ts = 0
+    first = 0.0
+    while True:
+        try:
+            batch = client.next_batch()
+        except pktipc.EndOfStream:
+            return n, caplen, last_ts, first
+        if batch is None:
+            continue
+        if not first:
+            first = time.monotonic()
+        with batch:
+            d = batch.descriptors
+            caplen += int(d["caplen"].sum())
+            last_ts = int(d["ts_ns"][-1])
+            n += len(d)
+
+
+def main() -> int:
+    server, name, mode = sys.argv[1:4]
+    read = {"objects": objects, "numpy": numpy}[mode]
+    profile = os.environ.get("PKTIPC_BENCH_PROFILE")
+    prof = None
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+    t_start = time.monotonic()
+    client = pktipc.connect(server, name, timeout=30.0)
+    t_attached = time.monotonic()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    if prof is not None:
+        prof.enable()
+    n, caplen, last_ts, t_first = read(client)
+    if prof is not None:
+        prof.disable()
+    t_end = time.monotonic()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    client.close()
+    if prof is not None:
+        prof.dump_stats(profile)
+    print(json.dumps({
+        "name": name, "mode": mode, "packets": n, "caplen_sum": caplen, "last_ts": last_ts,
+        "t_start": t_start, "t_attached": t_attached, "t_first": t_first, "t_end": t_end,
+        "gaps": len(client.gaps), "end_error": client.end_error,
+        "cpu_user": ru.ru_utime, "cpu_sys": ru.ru_stime,
+        "cpu_stream_s": ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime,
+    }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

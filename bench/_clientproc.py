@@ -14,53 +14,44 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 
 import pktipc
 
 
-def objects(client: pktipc.Client) -> tuple[int, int, int, float]:
+def objects(batch: pktipc.Batch) -> tuple[int, int]:
     """What a Python user writes: a Packet per packet, its fields read."""
-    n = caplen = last_ts = 0
-    first = 0.0
-    while True:
-        try:
-            batch = client.next_batch()
-        except pktipc.EndOfStream:
-            return n, caplen, last_ts, first
-        if batch is None:
-            continue
-        if not first:
-            first = time.monotonic()
-        with batch:
-            for p in batch:
-                caplen += p.caplen
-                last_ts = p.ts_ns
-                n += 1
+    caplen = last_ts = 0
+    for p in batch:
+        caplen += p.caplen
+        last_ts = p.ts_ns
+    return caplen, last_ts
 
 
-def numpy(client: pktipc.Client) -> tuple[int, int, int, float]:
+def numpy(batch: pktipc.Batch) -> tuple[int, int]:
     """Column-wise: descriptors as a NumPy structured array, no per-packet Python."""
+    d = batch.descriptors
+    return int(d["caplen"].sum()), int(d["ts_ns"][-1])
+
+
+def consume(client: pktipc.Client, per_batch: Callable[[pktipc.Batch], tuple[int, int]]
+            ) -> tuple[int, int, int, float]:
+    """Packets, caplen sum, last timestamp, and when the first batch came."""
     n = caplen = last_ts = 0
     first = 0.0
-    while True:
-        try:
-            batch = client.next_batch()
-        except pktipc.EndOfStream:
-            return n, caplen, last_ts, first
-        if batch is None:
-            continue
+    for batch in client:            # until end-of-stream
         if not first:
             first = time.monotonic()
         with batch:
-            d = batch.descriptors
-            caplen += int(d["caplen"].sum())
-            last_ts = int(d["ts_ns"][-1])
-            n += len(d)
+            c, last_ts = per_batch(batch)
+            caplen += c
+            n += len(batch)
+    return n, caplen, last_ts, first
 
 
 def main() -> int:
     server, name, mode = sys.argv[1:4]
-    read = {"objects": objects, "numpy": numpy}[mode]
+    per_batch = {"objects": objects, "numpy": numpy}[mode]
     profile = os.environ.get("PKTIPC_BENCH_PROFILE")
     prof = None
     if profile:
@@ -73,7 +64,7 @@ def main() -> int:
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     if prof is not None:
         prof.enable()
-    n, caplen, last_ts, t_first = read(client)
+    n, caplen, last_ts, t_first = consume(client, per_batch)
     if prof is not None:
         prof.disable()
     t_end = time.monotonic()

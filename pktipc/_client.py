@@ -8,7 +8,7 @@ import os
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from types import TracebackType
@@ -131,12 +131,15 @@ class Batch:
 
     def packets(self) -> list[Packet]:
         """Every packet of the batch, in order; built column by column."""
-        d = self.descriptors
         with _no_gc():
-            return list(map(_make_packet, zip(
-                self._make_views(d), d["ts_ns"].tolist(), d["caplen"].tolist(),
-                d["wirelen"].tolist(), d["linktype"].tolist(), d["iface"].tolist(),
-                range(self.seq, self.seq + self.count), d["flags"].tolist(), strict=True)))
+            return self._packets(self._make_views(self.descriptors))
+
+    def _packets(self, data: Iterable[memoryview | bytes]) -> list[Packet]:
+        d = self.descriptors
+        return list(map(_make_packet, zip(
+            data, d["ts_ns"].tolist(), d["caplen"].tolist(), d["wirelen"].tolist(),
+            d["linktype"].tolist(), d["iface"].tolist(), range(self.seq, self.seq + self.count),
+            d["flags"].tolist(), strict=True)))
 
     def __iter__(self) -> Iterator[Packet]:
         return iter(self.packets())
@@ -305,14 +308,8 @@ class Client:
                 return
             if b is None:
                 return
-            with b:
-                d = b.descriptors
-                with _no_gc():
-                    copies = list(map(_make_packet, zip(
-                        map(bytes, b._make_views(d)), d["ts_ns"].tolist(),
-                        d["caplen"].tolist(), d["wirelen"].tolist(), d["linktype"].tolist(),
-                        d["iface"].tolist(), range(b.seq, b.seq + b.count),
-                        d["flags"].tolist(), strict=True)))
+            with b, _no_gc():
+                copies = b._packets(map(bytes, b._make_views(b.descriptors)))
             yield from copies
 
     def stats(self, timeout: float = 2.0) -> dict[str, Any]:

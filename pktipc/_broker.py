@@ -77,6 +77,8 @@ class ClientState:
     slot: int
     queue: deque[int] = field(default_factory=deque)   # published to it, not yet sent
     held: set[int] = field(default_factory=set)         # sent, not released
+    sent_at: dict[int, float] = field(default_factory=dict)  # held seq -> when sent
+    pidfd: int | None = None                            # local clients: death is readable
     gaps: list[tuple[int, int]] = field(default_factory=list)  # skipped, not yet told
     eos_sent: bool = False
     batches: int = 0
@@ -110,8 +112,10 @@ class Dispatcher:
     most `credit` at once; a slab is free again when its last holder let go."""
 
     def __init__(self, conn: proto.BrokerConnection, pool: SlabPool, *,
-                 default_policy: str, default_credit: int, max_clients: int) -> None:
+                 default_policy: str, default_credit: int, max_clients: int,
+                 lease: float | None = None) -> None:
         self.conn = conn
+        self.lease = lease
         self.pool = pool
         self.default_policy = default_policy
         self.default_credit = default_credit
@@ -157,6 +161,7 @@ class Dispatcher:
         for seq in (*c.held, *c.queue):
             self._unref(seq)
         c.held.clear()
+        c.sent_at.clear()
         c.queue.clear()
         del self.clients[c.name]
         del self.by_peer[c.peer]
@@ -166,6 +171,7 @@ class Dispatcher:
         for seq in seqs:
             if seq in c.held:
                 c.held.remove(seq)
+                del c.sent_at[seq]
                 self._unref(seq)
         if unknown:
             self.conn.refuse(c.peer, now, "bad-release",
@@ -200,6 +206,7 @@ class Dispatcher:
             self._tell_gaps(c, now, before=seq)
             self.conn.send_batch(c.peer, now, seq, b.slab, b.gen, b.n)
             c.held.add(seq)
+            c.sent_at[seq] = now
             c.batches += 1
             c.packets += b.n
         if self.ended and not c.queue and not c.eos_sent:
@@ -242,6 +249,20 @@ class Dispatcher:
             return self.pool.take()
         return None
 
+    def lease_timer(self) -> float | None:
+        """When the oldest batch held by anyone outlives its lease."""
+        if self.lease is None:
+            return None
+        sent = [min(c.sent_at.values()) for c in self.clients.values() if c.sent_at]
+        return min(sent) + self.lease if sent else None
+
+    def expired(self, now: float) -> list[ClientState]:
+        """Clients holding a batch past its lease: they are to be evicted."""
+        if self.lease is None:
+            return []
+        return [c for c in self.clients.values()
+                if c.sent_at and min(c.sent_at.values()) + self.lease <= now]
+
     @property
     def finished(self) -> bool:
         """Every client was sent everything and gave it all back (a client
@@ -263,6 +284,7 @@ class ServeOptions:
     max_clients: int = MAX_CLIENTS
     heartbeat: float = 1.0
     liveness: float = 30.0
+    lease: float | None = 30.0          # seconds a client may hold a batch; None: for ever
 
 
 class Pacer:
@@ -296,6 +318,10 @@ class Broker:
             raise ValueError("--speed must be between 1e-6 and 1e6")
         if opts.loops < 0:
             raise ValueError("--loop must be 0 (forever) or more")
+        if opts.lease is not None and not (math.isfinite(opts.lease) and opts.lease > 0):
+            raise ValueError("--lease must be a positive number of seconds (0: never)")
+        if not 0 < opts.heartbeat < opts.liveness:
+            raise ValueError("--heartbeat must be positive and below --liveness")
         if not 1 <= opts.credit <= proto.MAX_CREDIT:
             raise ValueError(f"--credit must be between 1 and {proto.MAX_CREDIT}")
         self.opts = opts
@@ -423,7 +449,7 @@ class Broker:
             self.pool = SlabPool(self.geometry.slab_count)
             self.disp = Dispatcher(self.conn, self.pool, default_policy="block",
                                    default_credit=self.opts.credit,
-                                   max_clients=self.opts.max_clients)
+                                   max_clients=self.opts.max_clients, lease=self.opts.lease)
             self.seg.header.state = lib.PKTIPC_STATE_RUNNING
             self._say_hello()
             self._loop()
@@ -445,7 +471,7 @@ class Broker:
         self.stopping = True
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
+        self.poller = poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         while True:
             now = time.monotonic()
@@ -458,21 +484,27 @@ class Broker:
             if self.stopping and self.disp.ended:
                 break
             timeout = 0.0 if busy else self._timeout(now)
-            if poller.poll(int(timeout * 1000 + 0.999)):
+            ready = dict(poller.poll(int(timeout * 1000 + 0.999)))
+            if self.sock in ready:
                 self._receive_all()
             now = time.monotonic()
+            for c in [c for c in self.disp.clients.values() if c.pidfd in ready]:
+                self._drop(c, now, "its process exited")
             timer = self.conn.get_timer()
             if timer is not None and timer <= now:
                 for ev in self.conn.handle_timer(now):
                     self._handle(ev, now)
+            for c in self.disp.expired(now):
+                self._drop(c, now, f"it held a batch for more than {self.opts.lease:g} s",
+                           code="lease")
             self._sync_counters()
         self._flush()
 
     def _timeout(self, now: float) -> float:
         t = 0.2   # upper bound, so signals are noticed promptly
-        timer = self.conn.get_timer()
-        if timer is not None:
-            t = min(t, timer - now)
+        for timer in (self.conn.get_timer(), self.disp.lease_timer()):
+            if timer is not None:
+                t = min(t, timer - now)
         if self._wake > now and self._reading():
             t = min(t, self._wake - now)
         return max(t, 0.0)
@@ -509,20 +541,50 @@ class Broker:
         if isinstance(ev, proto.Hello):
             welcome = dict(shm=self.shm_name, epoch=self.epoch,
                            layout=lib.PKTIPC_LAYOUT_VERSION)
-            if d.hello(ev, now, welcome) is not None and not self._started:
-                self._started = len(d.clients) >= self.opts.wait_clients
+            c = d.hello(ev, now, welcome)
+            if c is not None:
+                self._watch(c)
+                if not self._started:
+                    self._started = len(d.clients) >= self.opts.wait_clients
         elif isinstance(ev, proto.Release):
             c = d.by_peer.get(ev.peer)
             if c is not None:
                 d.release(c, ev.seqs, now)
         elif isinstance(ev, proto.StatsRequest):
             self.conn.send_stats(ev.peer, now, self.stats())
-        elif isinstance(ev, proto.Bye | proto.PeerLost):
+        elif isinstance(ev, proto.Bye):
             c = d.by_peer.get(ev.peer)
             if c is not None:
-                d.remove(c)
-                if isinstance(ev, proto.PeerLost):
-                    print(f"pktipc: client {c.name!r} lost (no heartbeat)", file=self.log)
+                self._drop(c, now, None)
+        elif isinstance(ev, proto.PeerLost):
+            c = d.by_peer.get(ev.peer)
+            if c is not None:      # the protocol has told it already
+                self._drop(c, now, "nothing heard from it within the liveness")
+
+    def _watch(self, c: ClientState) -> None:
+        """A local client's death is seen at once through a pidfd, beside
+        heartbeats; pids mean nothing across hosts, so only for ipc://."""
+        if c.pid <= 0 or not self.endpoint.startswith("ipc://"):
+            return
+        try:
+            c.pidfd = os.pidfd_open(c.pid)
+        except OSError:
+            return          # no such process (or no pidfd): heartbeats will do
+        self.poller.register(c.pidfd, zmq.POLLIN)
+
+    def _drop(self, c: ClientState, now: float, why: str | None, code: str = "gone") -> None:
+        """Forgets a client and takes back its slabs; `why` is logged, and told
+        to the client if it is still attached and reachable."""
+        if why is not None:
+            print(f"pktipc: client {c.name!r} dropped: {why}", file=self.log, flush=True)
+            if c.peer in self.conn.peers:
+                self.conn.evict(c.peer, now, code, why)
+        self.conn.forget(c.peer)
+        if c.pidfd is not None:
+            self.poller.unregister(c.pidfd)
+            os.close(c.pidfd)
+            c.pidfd = None
+        self.disp.remove(c)
 
     def _flush(self) -> None:
         for peer, frame in self.conn.frames_to_send():
@@ -533,7 +595,7 @@ class Broker:
                 c = self.disp.by_peer.get(peer)
                 self.conn.forget(peer)
                 if c is not None:
-                    self.disp.remove(c)
+                    self._drop(c, time.monotonic(), None)
 
     # -- producing --
     def _take_slab(self) -> int | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -199,3 +201,43 @@ def test_batches_do_not_outlive_their_client(broker, synth: Path) -> None:
         _ = batch.descriptors
     with pytest.raises(ValueError):
         bytes(view)
+
+
+HOLDER = """
+import sys, time, pktipc
+c = pktipc.connect(sys.argv[1], "holder", credit=2)
+b = c.next_batch(timeout=10)
+print("holding", b.seq, flush=True)
+time.sleep(60)
+"""
+
+
+def test_killed_client_is_dropped_at_once(broker, synth: Path) -> None:
+    """kill -9 of a client holding a batch: its slabs come back through its
+    pidfd long before any heartbeat timeout, and the other client gets all."""
+    b = broker("-r", str(synth), "--wait-clients", "2", "--slab-size", "16k", "--slabs", "8")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, b.name], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        with pktipc.connect(b.name, "survivor") as c:
+            assert holder.stdout is not None and holder.stdout.readline().startswith("holding")
+            t = time.monotonic()
+            holder.kill()
+            holder.wait()
+            n = sum(1 for _ in c.packets(timeout=10))
+            assert n == len(read_pcap(str(synth)).packets)
+            assert time.monotonic() - t < 5        # liveness is 30 s
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "holder' dropped: its process exited" in (b.wait() == 0 and b.stderr())
+
+
+def test_lease_evicts_a_holder(broker, synth: Path) -> None:
+    b = broker("-r", str(synth), "--lease", "0.5", "--slab-size", "16k")
+    with pktipc.connect(b.name, "c", credit=2) as c:
+        kept = c.next_batch(timeout=5)
+        assert kept is not None
+        with pytest.raises(pktipc.BrokerGone, match="held a batch"):
+            while True:                 # keeps talking to the broker, never releases
+                c.next_batch(timeout=0.2)

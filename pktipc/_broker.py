@@ -8,6 +8,7 @@ segment, the ZeroMQ ROUTER socket, the sources, signals and the event loop.
 from __future__ import annotations
 
 import fcntl
+import grp
 import math
 import mmap
 import os
@@ -52,6 +53,15 @@ def _segment_pid(path: Path) -> int:
         return 0
     off = ffi.offsetof("struct pktipc_header", "broker_pid")
     return int.from_bytes(head[off : off + 4], "little") if len(head) == 64 else 0
+
+
+def _group_id(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise ValueError(f"--group {group}: no such group") from None
 
 
 def _alive(pid: int) -> bool:
@@ -285,6 +295,7 @@ class ServeOptions:
     heartbeat: float = 1.0
     liveness: float = 30.0
     lease: float | None = 30.0          # seconds a client may hold a batch; None: for ever
+    group: str | None = None            # clients of this group are admitted too
 
 
 class Pacer:
@@ -332,6 +343,7 @@ class Broker:
         self.epoch = time.time_ns()
         self.shm_name = segment_name(opts.name, self.epoch)
         self.pacer = Pacer(opts.speed) if opts.speed else None
+        self.gid = _group_id(opts.group) if opts.group is not None else None
         self.stopping = False
         self.exit_status = 0
         self._cleanup: list[Any] = []
@@ -344,6 +356,8 @@ class Broker:
     def _lock(self) -> None:
         rdir = runtime_dir()
         rdir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if self.gid is not None and rdir.stat().st_gid == os.getegid():
+            os.chown(rdir, -1, self.gid)      # so that the group can reach the socket
         lock_path = rdir / f"{self.opts.name}.lock"
         while True:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -386,6 +400,9 @@ class Broker:
             # Reserve the memory now: a sparse segment that cannot be backed
             # later would kill the broker with SIGBUS mid-run.
             os.posix_fallocate(shm.fd, 0, g.total_size)
+            if self.gid is not None:
+                os.fchown(shm.fd, -1, self.gid)
+                os.fchmod(shm.fd, 0o640)     # the group maps it read-only, as anyone
             self._mm = mmap.mmap(shm.fd, g.total_size)
         except OSError as e:
             raise PktipcError(f"cannot allocate {g.total_size >> 20} MiB of shared memory "
@@ -419,6 +436,10 @@ class Broker:
             raise PktipcError(f"cannot listen on {self.endpoint}: {e}") from None
         finally:
             os.umask(old)
+        if path is not None:
+            if self.gid is not None:
+                os.chown(path, -1, self.gid)
+            os.chmod(path, 0o600 if self.gid is None else 0o660)
 
         def close() -> None:
             self.sock.close()

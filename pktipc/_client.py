@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -25,6 +26,7 @@ from ._errors import (
     ClosedError,
     EndOfStream,
     LayoutError,
+    PermissionDenied,
     refusal,
 )
 from ._layout import LAYOUT_VERSION, Iface, Segment
@@ -182,9 +184,7 @@ class Client:
         self.gaps: list[tuple[int, int]] = []
         self.end_error: str | None = None
         self._conn = proto.ClientConnection()
-        path = ipc_path(self.endpoint)
-        if path is not None and not path.exists():
-            raise BrokerNotRunning(f"broker {server!r} is not running (no {path})")
+        _check_socket(server, ipc_path(self.endpoint))
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._closed = False
@@ -419,6 +419,23 @@ class Client:
             self._sock.send(frame)
 
 
+def _check_socket(server: str, path: Path | None) -> None:
+    """Fails fast, and says why, when a local broker's socket is not there or
+    not ours to use (ZeroMQ would retry in silence)."""
+    if path is None:
+        return
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise BrokerNotRunning(f"broker {server!r} is not running (no {path})") from None
+    except PermissionError:
+        raise PermissionDenied(f"{path.parent}: permission denied (a broker admits its own "
+                               "user, and a group given with serve --group)") from None
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise PermissionDenied(f"{path}: permission denied (a broker admits its own user, "
+                               "and a group given with serve --group)")
+
+
 def connect(server: str, client: str, *, policy: str | None = None,
             credit: int | None = None, timeout: float = 5.0) -> Client:
     """Attaches to broker `server` (a name or "ipc://..."/"tcp://..." endpoint)
@@ -434,9 +451,7 @@ def connect(server: str, client: str, *, policy: str | None = None,
 def broker_stats(server: str, timeout: float = 2.0) -> dict[str, Any]:
     """The STATS reply of broker `server`, without attaching to it."""
     endpoint = control_endpoint(server)
-    path = ipc_path(endpoint)
-    if path is not None and not path.exists():
-        raise BrokerNotRunning(f"broker {server!r} is not running (no {path})")
+    _check_socket(server, ipc_path(endpoint))
     conn = proto.ClientConnection()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)

@@ -22,6 +22,10 @@ class NameTaken(Refused):
     """Another live client already uses this name on the broker."""
 
 
+class PermissionDenied(PktipcError):
+    """The broker does not admit this user (see `pktipc serve --group`)."""
+
+
 class BrokerGone(PktipcError):
     """The broker stopped answering or evicted this client; the cause, if
     any, is in __cause__."""

@@ -9,7 +9,8 @@ from pktipc._errors import refusal
 def test_all_is_pinned() -> None:
     assert sorted(pktipc.__all__) == sorted([
         "PKT_DTYPE", "Batch", "BrokerGone", "BrokerNotRunning", "Client", "ClosedError",
-        "EndOfStream", "LayoutError", "NameTaken", "Packet", "PktipcError", "Refused",
+        "EndOfStream", "LayoutError", "NameTaken", "Packet", "PermissionDenied", "PktipcError",
+        "Refused",
         "SourceError", "broker_stats", "brokers", "connect",
     ])
     for name in pktipc.__all__:
@@ -18,6 +19,7 @@ def test_all_is_pinned() -> None:
 
 def test_errors_share_one_base() -> None:
     for cls in (pktipc.BrokerGone, pktipc.BrokerNotRunning, pktipc.ClosedError,
+                pktipc.PermissionDenied,
                 pktipc.LayoutError, pktipc.NameTaken, pktipc.Refused, pktipc.SourceError):
         assert issubclass(cls, pktipc.PktipcError)
     # The end of a capture is not a failure: catching errors must not swallow it.

@@ -79,7 +79,7 @@ def _alive(pid: int) -> bool:
 @dataclass
 class ClientState:
     name: str
-    peer: bytes
+    peer: bytes | None                                  # None: detached, may resume
     group: str
     policy: str
     credit: int
@@ -89,6 +89,7 @@ class ClientState:
     held: set[int] = field(default_factory=set)         # sent, not released
     sent_at: dict[int, float] = field(default_factory=dict)  # held seq -> when sent
     pidfd: int | None = None                            # local clients: death is readable
+    detached_at: float = 0.0
     gaps: list[tuple[int, int]] = field(default_factory=list)  # skipped, not yet told
     eos_sent: bool = False
     batches: int = 0
@@ -144,6 +145,8 @@ class Dispatcher:
     def hello(self, ev: proto.Hello, now: float, welcome: dict[str, Any]) -> ClientState | None:
         if ev.name in self.clients:
             other = self.clients[ev.name]
+            if other.peer is None:
+                return self._resume(other, ev, now, welcome)
             self.conn.refuse(ev.peer, now, "name-taken",
                              f"a client named {ev.name!r} is already attached (pid {other.pid})")
             return None
@@ -161,10 +164,35 @@ class Dispatcher:
                         pid=ev.pid, slot=self.slots.setdefault(ev.name, len(self.slots)))
         self.clients_total += 1
         self.clients[c.name] = c
-        self.by_peer[c.peer] = c
+        self.by_peer[ev.peer] = c
+        self.conn.accept(ev.peer, now, slot=c.slot, credit=c.credit, policy=c.policy, **welcome)
+        self.pump(c, now)
+        return c
+
+    def _resume(self, c: ClientState, ev: proto.Hello, now: float,
+                welcome: dict[str, Any]) -> ClientState:
+        """A detached client is back under its name: it continues where it
+        stopped, from the batches it never released."""
+        c.peer, c.pid = ev.peer, ev.pid
+        self.by_peer[ev.peer] = c
+        self.clients_total += 1
         self.conn.accept(c.peer, now, slot=c.slot, credit=c.credit, policy=c.policy, **welcome)
         self.pump(c, now)
         return c
+
+    def detach(self, c: ClientState, now: float) -> None:
+        """Keeps a lost client's place: what it held and what it is owed wait
+        for it under its name (see resume); `drop` clients may lose them."""
+        assert c.peer is not None
+        del self.by_peer[c.peer]
+        c.peer = None
+        c.detached_at = now
+        c.queue.extendleft(sorted(c.held, reverse=True))
+        c.held.clear()
+        c.sent_at.clear()
+
+    def detached_before(self, when: float) -> list[ClientState]:
+        return [c for c in self.clients.values() if c.peer is None and c.detached_at <= when]
 
     def remove(self, c: ClientState) -> None:
         """Forgets a client (bye, lost, evicted), letting go of all it held."""
@@ -174,7 +202,8 @@ class Dispatcher:
         c.sent_at.clear()
         c.queue.clear()
         del self.clients[c.name]
-        del self.by_peer[c.peer]
+        if c.peer is not None:
+            del self.by_peer[c.peer]
 
     def release(self, c: ClientState, seqs: list[int], now: float) -> None:
         unknown = [s for s in seqs if s not in c.held]
@@ -183,7 +212,7 @@ class Dispatcher:
                 c.held.remove(seq)
                 del c.sent_at[seq]
                 self._unref(seq)
-        if unknown:
+        if unknown and c.peer is not None:
             self.conn.refuse(c.peer, now, "bad-release",
                              f"batches {unknown[:8]} are not held by {c.name!r}")
         self.pump(c, now)
@@ -210,6 +239,8 @@ class Dispatcher:
 
     def pump(self, c: ClientState, now: float) -> None:
         """Sends what `c` is owed, as far as its credit allows."""
+        if c.peer is None:
+            return
         while c.queue and len(c.held) < c.credit:
             seq = c.queue.popleft()
             b = self.batches[seq]
@@ -226,7 +257,7 @@ class Dispatcher:
 
     def _tell_gaps(self, c: ClientState, now: float, before: int) -> None:
         """Sends, in order, the gaps that come before seq `before`."""
-        while c.gaps and c.gaps[0][0] < before:
+        while c.gaps and c.gaps[0][0] < before and c.peer is not None:
             self.conn.send_gap(c.peer, now, *c.gaps.pop(0))
 
     def end(self, now: float, error: str | None = None, *, abandon: bool = False) -> None:
@@ -296,6 +327,7 @@ class ServeOptions:
     liveness: float = 30.0
     lease: float | None = 30.0          # seconds a client may hold a batch; None: for ever
     group: str | None = None            # clients of this group are admitted too
+    grace: float = 0.0                  # seconds a lost client's place is kept for it
 
 
 class Pacer:
@@ -331,6 +363,8 @@ class Broker:
             raise ValueError("--loop must be 0 (forever) or more")
         if opts.lease is not None and not (math.isfinite(opts.lease) and opts.lease > 0):
             raise ValueError("--lease must be a positive number of seconds (0: never)")
+        if not (math.isfinite(opts.grace) and opts.grace >= 0):
+            raise ValueError("--grace must be 0 or more seconds")
         if not 0 < opts.heartbeat < opts.liveness:
             raise ValueError("--heartbeat must be positive and below --liveness")
         if not 1 <= opts.credit <= proto.MAX_CREDIT:
@@ -510,7 +544,7 @@ class Broker:
                 self._receive_all()
             now = time.monotonic()
             for c in [c for c in self.disp.clients.values() if c.pidfd in ready]:
-                self._drop(c, now, "its process exited")
+                self._drop(c, now, "its process exited", resume=True)
             timer = self.conn.get_timer()
             if timer is not None and timer <= now:
                 for ev in self.conn.handle_timer(now):
@@ -518,12 +552,18 @@ class Broker:
             for c in self.disp.expired(now):
                 self._drop(c, now, f"it held a batch for more than {self.opts.lease:g} s",
                            code="lease")
+            for c in self.disp.detached_before(now - self.opts.grace):
+                print(f"pktipc: client {c.name!r} did not come back within "
+                      f"{self.opts.grace:g} s", file=self.log, flush=True)
+                self.disp.remove(c)
             self._sync_counters()
         self._flush()
 
     def _timeout(self, now: float) -> float:
         t = 0.2   # upper bound, so signals are noticed promptly
-        for timer in (self.conn.get_timer(), self.disp.lease_timer()):
+        detached = [c.detached_at + self.opts.grace for c in self.disp.clients.values()
+                    if c.peer is None]
+        for timer in (self.conn.get_timer(), self.disp.lease_timer(), min(detached, default=None)):
             if timer is not None:
                 t = min(t, timer - now)
         if self._wake > now and self._reading():
@@ -580,7 +620,7 @@ class Broker:
         elif isinstance(ev, proto.PeerLost):
             c = d.by_peer.get(ev.peer)
             if c is not None:      # the protocol has told it already
-                self._drop(c, now, "nothing heard from it within the liveness")
+                self._drop(c, now, "nothing heard from it within the liveness", resume=True)
 
     def _watch(self, c: ClientState) -> None:
         """A local client's death is seen at once through a pidfd, beside
@@ -593,11 +633,17 @@ class Broker:
             return          # no such process (or no pidfd): heartbeats will do
         self.poller.register(c.pidfd, zmq.POLLIN)
 
-    def _drop(self, c: ClientState, now: float, why: str | None, code: str = "gone") -> None:
-        """Forgets a client and takes back its slabs; `why` is logged, and told
-        to the client if it is still attached and reachable."""
+    def _drop(self, c: ClientState, now: float, why: str | None, code: str = "gone",
+              resume: bool = False) -> None:
+        """Detaches a client. `why` is logged, and told to the client if it is
+        still attached and reachable. A client that was lost (not one that
+        said BYE or broke its lease) keeps its place for --grace seconds;
+        otherwise its slabs are taken back at once."""
+        assert c.peer is not None
+        keep = resume and self.opts.grace > 0
         if why is not None:
-            print(f"pktipc: client {c.name!r} dropped: {why}", file=self.log, flush=True)
+            what = f"detached, its place kept for {self.opts.grace:g} s" if keep else "dropped"
+            print(f"pktipc: client {c.name!r} {what}: {why}", file=self.log, flush=True)
             if c.peer in self.conn.peers:
                 self.conn.evict(c.peer, now, code, why)
         self.conn.forget(c.peer)
@@ -605,7 +651,10 @@ class Broker:
             self.poller.unregister(c.pidfd)
             os.close(c.pidfd)
             c.pidfd = None
-        self.disp.remove(c)
+        if keep:
+            self.disp.detach(c, now)
+        else:
+            self.disp.remove(c)
 
     def _flush(self) -> None:
         for peer, frame in self.conn.frames_to_send():
@@ -616,7 +665,7 @@ class Broker:
                 c = self.disp.by_peer.get(peer)
                 self.conn.forget(peer)
                 if c is not None:
-                    self._drop(c, time.monotonic(), None)
+                    self._drop(c, time.monotonic(), "unreachable", resume=True)
 
     # -- producing --
     def _take_slab(self) -> int | None:
@@ -728,7 +777,7 @@ class Broker:
             "clients": [
                 {"name": c.name, "group": c.group, "policy": c.policy, "credit": c.credit,
                  "pid": c.pid, "batches": c.batches, "packets": c.packets, "drops": c.drops,
-                 "held": len(c.held), "queued": len(c.queue)}
+                 "held": len(c.held), "queued": len(c.queue), "attached": c.peer is not None}
                 for c in self.disp.clients.values()
             ],
         }

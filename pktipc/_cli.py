@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--group", metavar="GROUP",
                    help="admit clients of this group too (socket 0660, segment readable "
                         "by the group); default: the broker's user only")
+    s.add_argument("--grace", type=float, default=0.0, metavar="SEC",
+                   help="keep a lost client's place this long: back under its name, it "
+                        "resumes where it stopped (default: 0)")
     s.add_argument("--lease", type=float, default=30.0, metavar="SEC",
                    help="a client holding a batch this long is evicted, 0: never "
                         "(default: 30)")
@@ -101,7 +104,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         name=a.name, files=a.files, loops=a.loop, speed=a.speed,
         wait_clients=a.wait_clients, linger=a.linger, slab_size=a.slab_size,
         slab_count=a.slabs, credit=a.credit, max_clients=a.max_clients,
-        heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, group=a.group)
+        heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, group=a.group,
+        grace=a.grace)
     return _broker.Broker(opts).serve()
 
 

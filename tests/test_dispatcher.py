@@ -4,7 +4,7 @@ SlabPool and real ClientConnections, frames carried by hand, no sockets."""
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any
 
 from hypothesis import settings
@@ -627,3 +627,23 @@ class DispatcherMachine(RuleBasedStateMachine):
 DispatcherMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=40,
                                                deadline=None)
 TestDispatcherMachine = DispatcherMachine.TestCase
+
+
+def test_detached_client_resumes_from_what_it_never_released() -> None:
+    w = World(slabs=8, policy="block")
+    a = w.connect("a", credit=2)
+    for _ in range(3):
+        w.publish()                  # a holds seqs 0, 1; seq 2 is queued
+    w.release(a, 0)                  # a holds 1, 2
+    w.disp.detach(w.state(a), 0.0)
+    kept = w.disp.clients["a"]
+    assert kept.peer is None and kept.queue == deque([1, 2]) and not kept.held
+    w.publish()                      # seq 3 waits for it too
+    assert w.pool.in_use == 3        # nothing it was owed is given away
+    back = w.connect("a", credit=2)
+    assert w.state(back) is kept
+    sent = [e.seq for e in w.after_welcome(back) if isinstance(e, Batch)]
+    assert sent == [1, 2]            # re-sent first, then the rest as credit allows
+    w.release(back, 1)
+    w.release(back, 2)
+    assert [e.seq for e in w.after_welcome(back) if isinstance(e, Batch)] == [1, 2, 3]

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import posix_ipc
@@ -26,6 +26,7 @@ from ._errors import (
     ClosedError,
     EndOfStream,
     LayoutError,
+    NameTaken,
     PermissionDenied,
     refusal,
 )
@@ -65,6 +66,42 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
+class _Mapping:
+    """One broker's segment, mapped read-only. Batches keep theirs: after a
+    broker restart, batches of the old one still read the old segment."""
+
+    def __init__(self, w: proto.Welcome, server: str) -> None:
+        if w.layout != LAYOUT_VERSION:
+            raise LayoutError(f"broker uses layout {w.layout}, this client reads "
+                              f"{LAYOUT_VERSION}")
+        try:
+            shm = posix_ipc.SharedMemory(w.shm, read_only=True)
+        except posix_ipc.ExistentialError:
+            raise BrokerGone(f"segment {w.shm} of broker {server!r} is gone") from None
+        try:
+            self.mm = mmap.mmap(shm.fd, shm.size, prot=mmap.PROT_READ)
+        finally:
+            shm.close_fd()
+        self.seg = Segment(self.mm)
+        self.seg.check()
+        if self.seg.header.epoch != w.epoch:
+            raise LayoutError("segment epoch differs from the broker's")
+        self.epoch = w.epoch
+        self.view = memoryview(self.mm)
+        g = self.seg.geometry
+        self.slab_count, self.slabs_off, self.slab_size = g.slab_count, g.slabs_off, g.slab_size
+
+    def slab_base(self, slab: int) -> int:
+        return self.slabs_off + self.slab_size * slab
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self.mm.close()
+        except BufferError:
+            pass  # NumPy views still use the mapping; it goes with them
+
+
 class Batch:
     """Packets handed to this client by one BATCH message, read in place.
 
@@ -75,15 +112,16 @@ class Batch:
     revoke: it reads recycled memory after release, so copy what you keep.
     """
 
-    __slots__ = ("seq", "slab", "gen", "count", "_client", "_desc", "_views", "_released",
-                 "__weakref__")
+    __slots__ = ("seq", "slab", "gen", "count", "_client", "_map", "_desc", "_views",
+                 "_released", "__weakref__")
 
-    def __init__(self, client: Client, seq: int, slab: int, gen: int, count: int) -> None:
-        self.seq = seq
-        self.slab = slab
-        self.gen = gen
-        self.count = count
+    def __init__(self, client: Client, mapping: _Mapping, b: proto.Batch) -> None:
+        self.seq = b.seq
+        self.slab = b.slab
+        self.gen = b.gen
+        self.count = b.n
         self._client = client
+        self._map = mapping
         self._desc: np.ndarray[Any, Any] | None = None
         self._views: list[memoryview] = []
         self._released = False
@@ -106,16 +144,16 @@ class Batch:
         """Structured array (dtype pktipc.PKT_DTYPE) over the slab's descriptors."""
         self._check()
         if self._desc is None:
-            if self._client._seg.batch_rec(self.slab).gen != self.gen:
+            if self._map.seg.batch_rec(self.slab).gen != self.gen:
                 raise BrokerGone(f"batch {self.seq} was taken back by the broker")
-            self._desc = self._client._seg.descriptors(self.slab, self.count)
+            self._desc = self._map.seg.descriptors(self.slab, self.count)
         return self._desc
 
     def data(self, i: int) -> memoryview:
         """Bytes of packet i (zero-copy, read-only)."""
         d = self.descriptors[i]
-        start = self._client._slab_base(self.slab) + int(d["data_off"])
-        view = self._client._view[start : start + int(d["caplen"])]
+        start = self._map.slab_base(self.slab) + int(d["data_off"])
+        view = self._map.view[start : start + int(d["caplen"])]
         self._views.append(view)
         return view
 
@@ -125,8 +163,8 @@ class Batch:
             return self._make_views(self.descriptors)
 
     def _make_views(self, d: np.ndarray[Any, Any]) -> list[memoryview]:
-        starts = (d["data_off"].astype(np.int64) + self._client._slab_base(self.slab)).tolist()
-        view = self._client._view
+        starts = (d["data_off"].astype(np.int64) + self._map.slab_base(self.slab)).tolist()
+        view = self._map.view
         views = [view[s : s + n] for s, n in zip(starts, d["caplen"].tolist(), strict=True)]
         self._views.extend(views)
         return views
@@ -154,7 +192,7 @@ class Batch:
         deque(map(memoryview.release, self._views), maxlen=0)
         self._views.clear()
         self._desc = None
-        self._client._release(self.seq)
+        self._client._release(self)
 
     def __enter__(self) -> Batch:
         return self
@@ -163,11 +201,16 @@ class Batch:
         self.release()
 
 
+class _Lost(Exception):
+    """The broker stopped answering, or no longer knows this client."""
+
+
 class Client:
     """One named client of one broker. See connect()."""
 
     def __init__(self, server: str, client: str, *, policy: str | None = None,
-                 credit: int | None = None, timeout: float = 5.0) -> None:
+                 credit: int | None = None, timeout: float = 5.0,
+                 reconnect: float = 30.0) -> None:
         check_name("client", client)
         if policy is not None and policy not in proto.POLICIES:
             raise ValueError(f"policy must be one of {', '.join(proto.POLICIES)}")
@@ -176,33 +219,51 @@ class Client:
         self.name = client
         self.server = server
         self.endpoint = control_endpoint(server)
-        self._closed = True     # until there is a socket to close
+        self.reconnect = reconnect
+        self.reconnects = 0
+        self.gaps: list[tuple[int, int]] = []
+        self.end_error: str | None = None
+        self._policy, self._credit = policy, credit
         self._ended = False
+        self._lost_at: float | None = None
         self._pending: deque[proto.Batch] = deque()
         self._held: set[int] = set()
         self._batches: weakref.WeakSet[Batch] = weakref.WeakSet()
-        self.gaps: list[tuple[int, int]] = []
-        self.end_error: str | None = None
-        self._conn = proto.ClientConnection()
+        self._sock: zmq.Socket[bytes] | None = None
+        self._map: _Mapping | None = None
         _check_socket(server, ipc_path(self.endpoint))
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
         self._closed = False
+        try:
+            self._attach(timeout)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _attach(self, timeout: float) -> None:
+        """HELLO, WELCOME, and the broker's segment mapped."""
+        _check_socket(self.server, ipc_path(self.endpoint))
+        self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.connect(self.endpoint)
+        self._conn = proto.ClientConnection()
+        self._conn.hello(time.monotonic(), name=self.name, group=None, policy=self._policy,
+                         credit=self._credit, pid=os.getpid())
         try:
-            self._conn.hello(time.monotonic(), name=client, group=None, policy=policy,
-                             credit=credit, pid=os.getpid())
-            welcome = self._await_welcome(timeout)
-            self._map(welcome)
+            self.welcome = self._await_welcome(timeout)
+            mapping = _Mapping(self.welcome, self.server)
         except BaseException:
             self._conn.bye(time.monotonic())    # BYE only if it was attached
             self._flush()
-            self._teardown()
+            self._sock.close(linger=100)
+            self._sock = None
             raise
-        self.welcome = welcome
+        if self._map is not None and not any(b._map is self._map for b in self._batches):
+            self._map.close()
+        self._map = mapping
 
     def _await_welcome(self, timeout: float) -> proto.Welcome:
+        assert self._sock is not None
         self._flush()
         deadline = time.monotonic() + timeout
         while True:
@@ -223,35 +284,48 @@ class Client:
                     raise refusal(ev.code, f"broker {self.server!r} refused {self.name!r}: "
                                   f"{ev.text}")
 
-    def _map(self, w: proto.Welcome) -> None:
-        if w.layout != LAYOUT_VERSION:
-            raise LayoutError(f"broker uses layout {w.layout}, this client reads "
-                              f"{LAYOUT_VERSION}")
-        try:
-            shm = posix_ipc.SharedMemory(w.shm, read_only=True)
-        except posix_ipc.ExistentialError:
-            raise BrokerGone(f"segment {w.shm} of broker {self.server!r} is gone") from None
-        try:
-            self._mm = mmap.mmap(shm.fd, shm.size, prot=mmap.PROT_READ)
-        finally:
-            shm.close_fd()
-        self._seg = Segment(self._mm)
-        self._seg.check()
-        if self._seg.header.epoch != w.epoch:
-            raise LayoutError("segment epoch differs from the broker's")
-        self._view = memoryview(self._mm)
-        self._slabs_off = self._seg.geometry.slabs_off
-        self._slab_size = self._seg.geometry.slab_size
+    def _reattach(self, deadline: float | None) -> bool:
+        """After the broker was lost: attaches again, with backoff, to the
+        broker that takes its place. False when `deadline` comes first;
+        BrokerGone once `reconnect` seconds have passed in vain."""
+        assert self._lost_at is not None
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        delay = 0.05
+        while True:
+            now = time.monotonic()
+            give_up = self._lost_at + self.reconnect
+            if now >= give_up:
+                raise BrokerGone(f"broker {self.server!r} stopped answering and did not "
+                                 f"come back within {self.reconnect:g} s")
+            if deadline is not None and now >= deadline:
+                return False
+            try:
+                self._attach(min(1.0, give_up - now))
+            except (BrokerNotRunning, BrokerGone, LayoutError, NameTaken):
+                end = min(give_up, deadline if deadline is not None else give_up)
+                time.sleep(max(0.0, min(delay, end - time.monotonic())))
+                delay = min(2 * delay, 1.0)
+                continue
+            self._lost_at = None
+            self.reconnects += 1
+            return True
 
-    def _slab_base(self, slab: int) -> int:
-        return self._slabs_off + self._slab_size * slab
+    @property
+    def epoch(self) -> int:
+        """The broker's epoch: it changes when the client attaches to a new broker."""
+        self._check_open()
+        assert self._map is not None
+        return self._map.epoch
 
     # -- public --
     @property
     def ifaces(self) -> list[Iface]:
         """The broker's sources (interfaces or files); a packet's `iface` indexes it."""
         self._check_open()
-        return self._seg.ifaces()
+        assert self._map is not None
+        return self._map.seg.ifaces()
 
     @property
     def ended(self) -> bool:
@@ -259,33 +333,54 @@ class Client:
 
     def next_batch(self, timeout: float | None = None) -> Batch | None:
         """The next batch; None if none came within `timeout` seconds (None:
-        wait for ever). Raises EndOfStream after the broker's last batch,
-        BrokerGone if the broker died or evicted this client."""
+        wait for ever). Raises EndOfStream after the broker's last batch.
+        If the broker dies, the client attaches to the one that takes its
+        place (sequence numbers start again; `epoch` changes) and raises
+        BrokerGone only if none comes within `reconnect` seconds, or if the
+        broker evicted this client."""
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            # Read what has come before handing out what was queued: an EVICT
-            # behind queued batches means their slabs are no longer ours.
-            self._receive_all()
-            if self._pending:
-                b = self._pending.popleft()
-                self._held.add(b.seq)
-                batch = Batch(self, b.seq, b.slab, b.gen, b.n)
-                self._batches.add(batch)
+            if self._lost_at is not None and not self._reattach(deadline):
+                return None
+            try:
+                batch = self._next(deadline)
+            except _Lost as e:
+                if not self.reconnect:
+                    raise BrokerGone(str(e)) from None
+                self._lost_at = time.monotonic()
+                self._pending.clear()
+                self._held.clear()
+                continue
+            if batch is not False:
                 return batch
-            if self._ended:
-                raise EndOfStream(self.end_error)
-            now = time.monotonic()
-            wake = self._conn.get_timer()
-            wait = 0.5 if wake is None else max(0.0, wake - now)
-            if deadline is not None:
-                if now >= deadline:
-                    return None
-                wait = min(wait, deadline - now)
-            if self._sock.poll(int(wait * 1000) + (wait > 0)):
-                self._receive_all()
-            self._on_events(self._conn.handle_timer(time.monotonic()))
-            self._flush()
+
+    def _next(self, deadline: float | None) -> Batch | None | Literal[False]:
+        """A batch, None at the deadline, False to go round again."""
+        assert self._sock is not None and self._map is not None
+        # Read what has come before handing out what was queued: an EVICT
+        # behind queued batches means their slabs are no longer ours.
+        self._receive_all()
+        if self._pending:
+            b = self._pending.popleft()
+            self._held.add(b.seq)
+            batch = Batch(self, self._map, b)
+            self._batches.add(batch)
+            return batch
+        if self._ended:
+            raise EndOfStream(self.end_error)
+        now = time.monotonic()
+        wake = self._conn.get_timer()
+        wait = 0.5 if wake is None else max(0.0, wake - now)
+        if deadline is not None:
+            if now >= deadline:
+                return None
+            wait = min(wait, deadline - now)
+        if self._sock.poll(int(wait * 1000) + (wait > 0)):
+            self._receive_all()
+        self._on_events(self._conn.handle_timer(time.monotonic()))
+        self._flush()
+        return False
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches until end-of-stream."""
@@ -315,6 +410,8 @@ class Client:
     def stats(self, timeout: float = 2.0) -> dict[str, Any]:
         """The broker's STATS reply."""
         self._check_open()
+        if self._sock is None:
+            raise BrokerGone(f"broker {self.server!r} is gone")
         self._conn.request_stats(time.monotonic())
         self._flush()
         deadline = time.monotonic() + timeout
@@ -324,17 +421,20 @@ class Client:
             if left <= 0:
                 raise BrokerGone(f"broker {self.server!r} did not answer STATS")
             if self._sock.poll(int(left * 1000) + 1):
-                self._receive_all()
+                try:
+                    self._receive_all()
+                except _Lost as e:
+                    raise BrokerGone(str(e)) from None
         return self._stats
 
     def close(self) -> None:
         """Detaches from the broker (BYE); idempotent."""
         if self._closed:
             return
-        self._closed = True
         try:
-            self._conn.bye(time.monotonic())
-            self._flush()
+            if self._sock is not None:
+                self._conn.bye(time.monotonic())
+                self._flush()
         finally:
             self._teardown()
 
@@ -356,27 +456,27 @@ class Client:
 
     def _teardown(self) -> None:
         self._closed = True
+        maps = {id(b._map): b._map for b in self._batches}
         for batch in list(self._batches):
             batch.release()         # its views must not read slabs the broker reuses
-        self._sock.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         self._ctx.term()
-        view = getattr(self, "_view", None)
-        if view is not None:
-            self._seg = None  # type: ignore[assignment]
-            try:
-                view.release()
-                self._mm.close()
-            except BufferError:
-                pass  # NumPy views still use the mapping; it goes with them
+        if self._map is not None:
+            maps[id(self._map)] = self._map
+        for m in maps.values():
+            m.close()
 
-    def _release(self, seq: int) -> None:
-        if self._closed or seq not in self._held:
-            return
-        self._held.discard(seq)
-        self._conn.release(time.monotonic(), [seq])
+    def _release(self, batch: Batch) -> None:
+        if self._closed or batch._map is not self._map or batch.seq not in self._held:
+            return          # a batch of a broker that is gone: nobody to tell
+        self._held.discard(batch.seq)
+        self._conn.release(time.monotonic(), [batch.seq])
         self._flush()
 
     def _receive_all(self) -> None:
+        assert self._sock is not None
         events: list[proto.ClientEvent] = []
         while True:
             try:
@@ -395,8 +495,9 @@ class Client:
         events.sort(key=lambda ev: not isinstance(ev, proto.Evicted))
         for ev in events:
             if isinstance(ev, proto.Batch):
-                if (ev.slab >= self._seg.geometry.slab_count
-                        or self._seg.batch_rec(ev.slab).gen != ev.gen):
+                m = self._map
+                assert m is not None
+                if ev.slab >= m.slab_count or m.seg.batch_rec(ev.slab).gen != ev.gen:
                     raise BrokerGone(f"batch {ev.seq} does not match the segment")
                 self._pending.append(ev)
             elif isinstance(ev, proto.Gap):
@@ -407,14 +508,18 @@ class Client:
             elif isinstance(ev, proto.StatsReply):
                 self._stats = ev.stats
             elif isinstance(ev, proto.ErrorReply):
+                if ev.code == "not-attached":
+                    # A broker that does not know us: it restarted.
+                    raise _Lost(f"broker {self.server!r} restarted")
                 raise refusal(ev.code, f"broker {self.server!r} refused a request: {ev.text}")
             elif isinstance(ev, proto.Evicted):
                 self._pending.clear()
                 raise BrokerGone(f"broker {self.server!r} evicted {self.name!r}: {ev.text}")
             elif isinstance(ev, proto.BrokerLost):
-                raise BrokerGone(f"broker {self.server!r} stopped answering")
+                raise _Lost(f"broker {self.server!r} stopped answering")
 
     def _flush(self) -> None:
+        assert self._sock is not None
         for frame in self._conn.frames_to_send():
             self._sock.send(frame)
 
@@ -437,15 +542,18 @@ def _check_socket(server: str, path: Path | None) -> None:
 
 
 def connect(server: str, client: str, *, policy: str | None = None,
-            credit: int | None = None, timeout: float = 5.0) -> Client:
+            credit: int | None = None, timeout: float = 5.0, reconnect: float = 30.0) -> Client:
     """Attaches to broker `server` (a name or "ipc://..."/"tcp://..." endpoint)
     as `client`, a name unique on that broker.
 
     policy: "block" (lossless: the broker waits for this client) or "drop"
     (the broker skips ahead when it lags, reporting Client.gaps); default:
-    the broker's. credit: batches held at most at once.
+    the broker's. credit: batches held at most at once. timeout: for this
+    first attachment. reconnect: if the broker dies, how long to keep trying
+    to attach to the one that takes its place (0: raise BrokerGone at once).
     """
-    return Client(server, client, policy=policy, credit=credit, timeout=timeout)
+    return Client(server, client, policy=policy, credit=credit, timeout=timeout,
+                  reconnect=reconnect)
 
 
 def broker_stats(server: str, timeout: float = 2.0) -> dict[str, Any]:

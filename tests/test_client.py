@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PCAPS, run_pktipc
+from conftest import PCAPS, BrokerProc, run_pktipc
 from pcapref import read_pcap
 
 import pktipc
@@ -137,18 +137,43 @@ def test_status_lists_broker_and_clients(broker) -> None:
 
 def test_broker_killed_is_noticed(broker) -> None:
     b = broker("-r", str(DNS), "--wait-clients", "2", "--heartbeat", "0.1")
-    with pktipc.connect(b.name, "c") as c:
+    with pktipc.connect(b.name, "c", reconnect=0) as c:
         os.kill(b.pid, signal.SIGKILL)
         b.wait()
         t = time.monotonic()
-        with pytest.raises(pktipc.BrokerGone):
+        with pytest.raises(pktipc.BrokerGone, match="stopped answering"):
             c.next_batch(timeout=10)
         assert time.monotonic() - t < 5
-    # A killed broker cannot clean up; the next broker of that name does.
-    b.socket.unlink()
+    _remove_leftovers(b)
+
+
+def _remove_leftovers(b) -> None:
+    """A killed broker cannot clean up after itself."""
+    b.socket.unlink(missing_ok=True)
     for p in Path("/dev/shm").glob(f"pktipc.{b.name}.*"):
         p.unlink()
-    (b.runtime / f"{b.name}.lock").unlink()
+    (b.runtime / f"{b.name}.lock").unlink(missing_ok=True)
+
+
+def test_client_follows_a_restarted_broker(broker, synth: Path, runtime_dir: Path) -> None:
+    """kill -9 of the broker, then a new one of the same name: the client
+    attaches to it by itself and receives its packets; no stale segment."""
+    want = read_pcap(str(synth)).packets
+    first = broker("-r", str(DNS), "--wait-clients", "2")
+    with pktipc.connect(first.name, "c") as c:
+        old_epoch = c.epoch
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        assert c.next_batch(timeout=0.3) is None          # nothing yet, and no error
+        second = BrokerProc(first.name, ["-r", str(synth)], runtime_dir)
+        try:
+            got = [(p.seq, bytes(p.data)) for p in c.packets(timeout=15)]
+            assert second.wait() == 0
+        finally:
+            second.stop()
+        assert c.reconnects == 1 and c.epoch != old_epoch
+    assert got == [(i, p.data) for i, p in enumerate(want)]
+    assert not list(Path("/dev/shm").glob(f"pktipc.{first.name}.*"))
 
 
 def test_restart_after_kill_cleans_stale_files(broker) -> None:

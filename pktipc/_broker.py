@@ -206,12 +206,14 @@ class Dispatcher:
             del self.by_peer[c.peer]
 
     def release(self, c: ClientState, seqs: list[int], now: float) -> None:
-        unknown = [s for s in seqs if s not in c.held]
+        unknown = []
         for seq in seqs:
             if seq in c.held:
                 c.held.remove(seq)
                 del c.sent_at[seq]
                 self._unref(seq)
+            else:
+                unknown.append(seq)     # never held, or released twice
         if unknown and c.peer is not None:
             self.conn.refuse(c.peer, now, "bad-release",
                              f"batches {unknown[:8]} are not held by {c.name!r}")
@@ -629,7 +631,7 @@ class Broker:
             return
         try:
             c.pidfd = os.pidfd_open(c.pid)
-        except OSError:
+        except (OSError, OverflowError):
             return          # no such process (or no pidfd): heartbeats will do
         self.poller.register(c.pidfd, zmq.POLLIN)
 

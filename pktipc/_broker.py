@@ -190,11 +190,13 @@ class Dispatcher:
         c.queue.extendleft(sorted(c.held, reverse=True))
         c.held.clear()
         c.sent_at.clear()
+        if c.policy == "drop":
+            self._pump_drop(now)
 
     def detached_before(self, when: float) -> list[ClientState]:
         return [c for c in self.clients.values() if c.peer is None and c.detached_at <= when]
 
-    def remove(self, c: ClientState) -> None:
+    def remove(self, c: ClientState, now: float) -> None:
         """Forgets a client (bye, lost, evicted), letting go of all it held."""
         for seq in (*c.held, *c.queue):
             self._unref(seq)
@@ -204,6 +206,8 @@ class Dispatcher:
         del self.clients[c.name]
         if c.peer is not None:
             del self.by_peer[c.peer]
+        if c.policy == "drop":
+            self._pump_drop(now)
 
     def release(self, c: ClientState, seqs: list[int], now: float) -> None:
         unknown = []
@@ -218,6 +222,14 @@ class Dispatcher:
             self.conn.refuse(c.peer, now, "bad-release",
                              f"batches {unknown[:8]} are not held by {c.name!r}")
         self.pump(c, now)
+        if c.policy == "drop":
+            self._pump_drop(now)
+
+    def _pump_drop(self, now: float) -> None:
+        """What one `drop` client let go of may let another one on."""
+        for c in self.clients.values():
+            if c.policy == "drop":
+                self.pump(c, now)
 
     def _unref(self, seq: int) -> None:
         if self.pool.unref(self.batches[seq].slab):
@@ -243,7 +255,7 @@ class Dispatcher:
         """Sends what `c` is owed, as far as its credit allows."""
         if c.peer is None:
             return
-        while c.queue and len(c.held) < c.credit:
+        while c.queue and len(c.held) < c.credit and self._may_hold(c):
             seq = c.queue.popleft()
             b = self.batches[seq]
             self._tell_gaps(c, now, before=seq)
@@ -256,6 +268,14 @@ class Dispatcher:
             self._tell_gaps(c, now, before=self.next_seq)
             c.eos_sent = True
             self.conn.send_eos(c.peer, now, self.end_error)
+
+    def _may_hold(self, c: ClientState) -> bool:
+        """`drop` clients together hold at most half the ring, so that however
+        many of them stall, the others always find a slab."""
+        if c.policy != "drop":
+            return True
+        held = sum(len(x.held) for x in self.clients.values() if x.policy == "drop")
+        return held < max(1, len(self.pool.refs) // 2)
 
     def _tell_gaps(self, c: ClientState, now: float, before: int) -> None:
         """Sends, in order, the gaps that come before seq `before`."""
@@ -557,7 +577,7 @@ class Broker:
             for c in self.disp.detached_before(now - self.opts.grace):
                 print(f"pktipc: client {c.name!r} did not come back within "
                       f"{self.opts.grace:g} s", file=self.log, flush=True)
-                self.disp.remove(c)
+                self.disp.remove(c, now)
             self._sync_counters()
         self._flush()
 
@@ -656,7 +676,7 @@ class Broker:
         if keep:
             self.disp.detach(c, now)
         else:
-            self.disp.remove(c)
+            self.disp.remove(c, now)
 
     def _flush(self) -> None:
         for peer, frame in self.conn.frames_to_send():

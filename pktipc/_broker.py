@@ -312,19 +312,20 @@ class Dispatcher:
             return self.pool.take()
         return None
 
-    def lease_timer(self) -> float | None:
-        """When the oldest batch held by anyone outlives its lease."""
-        if self.lease is None:
+    def _lease_end(self, c: ClientState) -> float | None:
+        """When the oldest batch `c` holds outlives its lease."""
+        if self.lease is None or not c.sent_at:
             return None
-        sent = [min(c.sent_at.values()) for c in self.clients.values() if c.sent_at]
-        return min(sent) + self.lease if sent else None
+        return min(c.sent_at.values()) + self.lease
+
+    def lease_timer(self) -> float | None:
+        ends = [e for e in map(self._lease_end, self.clients.values()) if e is not None]
+        return min(ends, default=None)
 
     def expired(self, now: float) -> list[ClientState]:
         """Clients holding a batch past its lease: they are to be evicted."""
-        if self.lease is None:
-            return []
         return [c for c in self.clients.values()
-                if c.sent_at and min(c.sent_at.values()) + self.lease <= now]
+                if (end := self._lease_end(c)) is not None and end <= now]
 
     @property
     def finished(self) -> bool:

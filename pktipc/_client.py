@@ -149,14 +149,6 @@ class Batch:
             self._desc = self._map.seg.descriptors(self.slab, self.count)
         return self._desc
 
-    def data(self, i: int) -> memoryview:
-        """Bytes of packet i (zero-copy, read-only)."""
-        d = self.descriptors[i]
-        start = self._map.slab_base(self.slab) + int(d["data_off"])
-        view = self._map.view[start : start + int(d["caplen"])]
-        self._views.append(view)
-        return view
-
     def views(self) -> list[memoryview]:
         """The bytes of every packet, in order (zero-copy, read-only)."""
         with _no_gc():
@@ -326,10 +318,6 @@ class Client:
         self._check_open()
         assert self._map is not None
         return self._map.seg.ifaces()
-
-    @property
-    def ended(self) -> bool:
-        return bool(self._ended) and not self._pending
 
     def next_batch(self, timeout: float | None = None) -> Batch | None:
         """The next batch; None if none came within `timeout` seconds (None:

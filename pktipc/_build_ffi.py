@@ -15,7 +15,7 @@ ffibuilder = cffi.FFI()
 ffibuilder.cdef((SHM / "pktipc_layout.h").read_text() + (SHM / "ingest.h").read_text())
 ffibuilder.set_source(
     "pktipc._shm",
-    '#include "pktipc.h"\n#include "ingest.h"\n',
+    '#include "pktipc_shm.h"\n#include "ingest.h"\n',
     sources=["shm/ingest.c"],  # setuptools wants paths relative to setup.py
     include_dirs=["shm"],
     libraries=["pcap"],

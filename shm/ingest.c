@@ -5,7 +5,7 @@
 
 #include <pcap/pcap.h>
 
-#include "pktipc.h"
+#include "pktipc_shm.h"
 #include "ingest.h"
 
 struct pktipc_src {

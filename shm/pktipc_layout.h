@@ -4,7 +4,7 @@
  * This file is the single source of the layout. cffi's cdef() reads it as it
  * is, so it holds nothing but integer #defines and struct declarations: no
  * include guard, no #include, no expressions. C programs include
- * <pktipc.h>, which wraps this file and pins every size and offset with
+ * <pktipc_shm.h>, which wraps this file and pins every size and offset with
  * _Static_assert. shm/LAYOUT.md describes every byte.
  *
  * Do not change the layout of these structures; introduce new ones and a new

@@ -96,7 +96,7 @@ LAYOUT_DEFINES = re.findall(r"^#define\s+(PKTIPC_\w+)\s+\S", (SHM / "pktipc_layo
 def c_program() -> str:
     """Prints every size, offset and constant the cffi module knows, as the C
     compiler sees them; then reads segment files through the inline accessors."""
-    lines = ['#include <stdio.h>', '#include <stdlib.h>', '#include "pktipc.h"', "",
+    lines = ['#include <stdio.h>', '#include <stdlib.h>', '#include "pktipc_shm.h"', "",
              "static unsigned long long fnv(const uint8_t *p, uint32_t n)", "{",
              "    unsigned long long h = 14695981039346656037ull;",
              "    for (uint32_t i = 0; i < n; i++)", "        h = (h ^ p[i]) * 1099511628211ull;",
@@ -157,7 +157,7 @@ def c_reader(tmp_path_factory: pytest.TempPathFactory) -> Path:
     r = subprocess.run([gcc, "-Wall", "-Wextra", "-Werror", "-std=c11", "-pedantic",
                         "-I", str(SHM), "-o", str(exe), str(src)],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"pktipc.h does not compile cleanly:\n{r.stderr}"
+    assert r.returncode == 0, f"pktipc_shm.h does not compile cleanly:\n{r.stderr}"
     return exe
 
 
@@ -184,10 +184,10 @@ def test_c_constants_match_cffi(c_reader: Path) -> None:
 
 
 def compile_with_layout(tmp_path: Path, layout: str) -> subprocess.CompletedProcess[str]:
-    """Compiles a consumer against pktipc.h over an edited layout header."""
+    """Compiles a consumer against pktipc_shm.h over an edited layout header."""
     (tmp_path / "pktipc_layout.h").write_text(layout)
-    shutil.copy(SHM / "pktipc.h", tmp_path / "pktipc.h")
-    (tmp_path / "t.c").write_text('#include "pktipc.h"\nint main(void) { return 0; }\n')
+    shutil.copy(SHM / "pktipc_shm.h", tmp_path / "pktipc_shm.h")
+    (tmp_path / "t.c").write_text('#include "pktipc_shm.h"\nint main(void) { return 0; }\n')
     return subprocess.run(["gcc", "-std=c11", "-fsyntax-only", "-I", str(tmp_path),
                            str(tmp_path / "t.c")], capture_output=True, text=True, timeout=60)
 
@@ -672,7 +672,7 @@ def test_batch_publish_writes_the_record(c_reader: Path, tmp_path: Path) -> None
     # Only that record was written.
     assert table[[0, 1, 3]].tobytes() == bytes(3 * 64)
     assert seg.batch_rec(2).seq == 1000
-    # A C consumer reads the same batch and the same packets through pktipc.h.
+    # A C consumer reads the same batch and the same packets through pktipc_shm.h.
     f = tmp_path / "segment"
     f.write_bytes(buf)
     out = run_c(c_reader, f)

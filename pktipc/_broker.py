@@ -12,6 +12,7 @@ import grp
 import math
 import mmap
 import os
+import pwd
 import re
 import signal
 import sys
@@ -25,8 +26,9 @@ import posix_ipc
 import zmq
 
 from . import _protocol as proto
-from ._errors import PktipcError, SourceError
-from ._layout import Geometry, Segment, SlabPool
+from ._errors import PermissionDenied, PktipcError, SourceError
+from ._layout import Geometry, Iface, Segment, SlabPool
+from ._live import LiveOptions, LiveSource
 from ._paths import (
     check_name,
     control_endpoint,
@@ -337,10 +339,11 @@ class Dispatcher:
 @dataclass
 class ServeOptions:
     name: str
-    files: list[str]
+    files: list[str] = field(default_factory=list)
+    live: LiveOptions | None = None     # capture from interfaces instead of files
     loops: int = 1
     speed: float | None = None          # None: as fast as the slowest client allows
-    wait_clients: int = 1
+    wait_clients: int | None = None     # None: 1 for files, 0 for interfaces
     linger: bool = False
     slab_size: int = DEFAULT_SLAB_SIZE
     slab_count: int = DEFAULT_SLAB_COUNT
@@ -351,6 +354,7 @@ class ServeOptions:
     lease: float | None = 30.0          # seconds a client may hold a batch; None: for ever
     group: str | None = None            # clients of this group are admitted too
     grace: float = 0.0                  # seconds a lost client's place is kept for it
+    user: str | None = None             # drop privileges to this user once capturing
 
 
 class Pacer:
@@ -377,7 +381,9 @@ class Pacer:
 class Broker:
     def __init__(self, opts: ServeOptions, log: TextIO = sys.stderr) -> None:
         check_name("broker", opts.name)
-        if opts.wait_clients < 0:
+        self.wait_clients: int = (opts.wait_clients if opts.wait_clients is not None
+                                  else 0 if opts.live else 1)
+        if self.wait_clients < 0:
             raise ValueError("--wait-clients must be 0 or more")
         if opts.speed is not None and not (math.isfinite(opts.speed) and
                                            1e-6 <= opts.speed <= 1e6):
@@ -394,8 +400,24 @@ class Broker:
             raise ValueError(f"--credit must be between 1 and {proto.MAX_CREDIT}")
         self.opts = opts
         self.log = log
-        self.source = FileSource(opts.files, opts.loops)
-        self.geometry = Geometry(opts.slab_size, opts.slab_count, len(self.source.ifaces))
+        try:
+            self.user = pwd.getpwnam(opts.user) if opts.user else None
+        except KeyError:
+            raise ValueError(f"--user {opts.user}: no such user") from None
+        self.geometry = Geometry(opts.slab_size, opts.slab_count,
+                                 len(opts.live.interfaces) if opts.live else len(opts.files))
+        self.live: LiveSource | None = None
+        self.files: FileSource | None = None
+        if opts.live is not None:
+            if opts.slab_size < opts.live.block_size:
+                raise ValueError("--slab-size must be at least --block-size, so that a "
+                                 "block always fits in a slab")
+            self.live = LiveSource(opts.live)
+            self.ifaces = self.live.ifaces
+            self._kernel_drops = 0      # as of the previous batch
+        else:
+            self.files = FileSource(opts.files, opts.loops)
+            self.ifaces = self.files.ifaces
         self.endpoint = control_endpoint(opts.name)
         self.epoch = time.time_ns()
         self.shm_name = segment_name(opts.name, self.epoch)
@@ -405,11 +427,34 @@ class Broker:
         self.exit_status = 0
         self._cleanup: list[Any] = []
         self._wake = 0.0            # paced source: when the next packet is due
-        self._started = opts.wait_clients == 0
+        self._started = self.wait_clients == 0
         self._fill = ffi.new("struct pktipc_fill *")
         self._open_slab: int | None = None
+        self._starved = False       # live: no slab for what the rings hold
+        self._rings_polled = False
+        self._next_stats = 0.0
 
     # -- setup and teardown --
+    def _drop_privileges(self, pw: pwd.struct_passwd) -> None:
+        """The capture sockets are open: the rest runs as `pw`. The runtime
+        directory depends on the uid, so it is chosen before the switch."""
+        rdir = runtime_dir()
+        os.environ["PKTIPC_RUNTIME_DIR"] = str(rdir)
+        if not rdir.exists():
+            rdir.mkdir(mode=0o750, parents=True)
+            os.chown(rdir, pw.pw_uid, pw.pw_gid)
+        try:
+            os.initgroups(pw.pw_name, pw.pw_gid)
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+        except PermissionError:
+            raise PermissionDenied(f"--user {pw.pw_name}: only root can switch to another "
+                                   "user") from None
+        if not os.access(rdir, os.W_OK | os.X_OK):
+            raise PermissionDenied(f"--user {pw.pw_name}: that user cannot write in the "
+                                   f"runtime directory {rdir} (give it the directory, or "
+                                   "set PKTIPC_RUNTIME_DIR)")
+
     def _lock(self) -> None:
         rdir = runtime_dir()
         rdir.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -469,7 +514,7 @@ class Broker:
             shm.close_fd()
         self._cleanup.append(self._close_map)
         self.seg = Segment(self._mm, writable=True)
-        self.seg.init(g, name=self.opts.name, epoch=self.epoch, ifaces=self.source.ifaces)
+        self.seg.init(g, name=self.opts.name, epoch=self.epoch, ifaces=self.ifaces)
 
     def _close_map(self) -> None:
         del self.seg
@@ -518,14 +563,19 @@ class Broker:
         # the sockets close must not cut the removal of the segment short.
         old_handlers = {s: signal.signal(s, self._on_signal)
                         for s in (signal.SIGINT, signal.SIGTERM)}
+        if self.live is not None:
+            self._cleanup.append(self.live.close)
         try:
+            if self.user is not None:
+                self._drop_privileges(self.user)
             self._lock()
             self._create_segment()
             self._bind()
             self.conn = proto.BrokerConnection(heartbeat=self.opts.heartbeat,
                                                liveness=self.opts.liveness)
             self.pool = SlabPool(self.geometry.slab_count)
-            self.disp = Dispatcher(self.conn, self.pool, default_policy="block",
+            self.disp = Dispatcher(self.conn, self.pool,
+                                   default_policy="drop" if self.live else "block",
                                    default_credit=self.opts.credit,
                                    max_clients=self.opts.max_clients, lease=self.opts.lease)
             self.seg.header.state = lib.PKTIPC_STATE_RUNNING
@@ -538,11 +588,19 @@ class Broker:
                 signal.signal(s, h)
 
     def _say_hello(self) -> None:
-        n = len(self.opts.files)
-        what = self.opts.files[0] if n == 1 else f"{n} files"
-        wait = (f", waiting for {self.opts.wait_clients} client(s)"
-                if self.opts.wait_clients else "")
-        print(f"pktipc: serving {what} as {self.opts.name!r} on {self.endpoint}{wait}",
+        if self.live is not None:
+            lo = self.live.opts
+            what = "capturing on " + ", ".join(lo.interfaces)
+            if lo.filter:
+                what += f" (filter {lo.filter!r})"
+            if lo.fanout is not None:
+                what += f", fanout group {', '.join(map(str, self.live.fanout_ids))}"
+        else:
+            n = len(self.opts.files)
+            what = "serving " + (self.opts.files[0] if n == 1 else f"{n} files")
+        wait = (f", waiting for {self.wait_clients} client(s)"
+                if self.wait_clients else "")
+        print(f"pktipc: {what} as {self.opts.name!r} on {self.endpoint}{wait}",
               file=self.log, flush=True)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -555,17 +613,22 @@ class Broker:
             now = time.monotonic()
             if self.stopping and not self.disp.ended:
                 self._end(now, "broker stopped", stopped=True)
-            busy = self._produce(now) if self._can_produce(now) else False
+            busy = False
+            if self._can_produce(now):
+                busy = self._produce_live(now) if self.live else self._produce(now)
             self._flush()
             if self.disp.finished and not self.opts.linger:
                 break
             if self.stopping and self.disp.ended:
                 break
             timeout = 0.0 if busy else self._timeout(now)
+            self._poll_rings(self._reading() and not self._starved)
             ready = dict(poller.poll(int(timeout * 1000 + 0.999)))
             if self.sock in ready:
                 self._receive_all()
             now = time.monotonic()
+            if self.live is not None:
+                self._ring_events(ready, now)
             for c in [c for c in self.disp.clients.values() if c.pidfd in ready]:
                 self._drop(c, now, "its process exited", resume=True)
             timer = self.conn.get_timer()
@@ -582,6 +645,40 @@ class Broker:
             self._sync_counters()
         self._flush()
 
+    def _poll_rings(self, on: bool) -> None:
+        """Rings are polled only while a slab can take what they hold: a ready
+        block that cannot be read would wake the loop for nothing. Meanwhile
+        the kernel holds packets, then drops them (counted as kernel drops)."""
+        if self.live is None or on == self._rings_polled:
+            return
+        for fd in self.live.fds:
+            if on:
+                self.poller.register(fd, zmq.POLLIN | zmq.POLLERR)
+            else:
+                self.poller.unregister(fd)
+        self._rings_polled = on
+
+    def _ring_events(self, ready: dict[Any, int], now: float) -> None:
+        assert self.live is not None
+        for i, fd in enumerate(self.live.fds):
+            if ready.get(fd, 0) & zmq.POLLERR:
+                # Reading the error clears it; the kernel resumes the capture
+                # by itself if the interface comes back up.
+                print(f"pktipc: {self.live.error(i)}", file=self.log, flush=True)
+        if now >= self._next_stats:
+            self._read_kernel_stats()
+
+    def _read_kernel_stats(self) -> int:
+        """Brings the interfaces' kernel counters up to date (the kernel resets
+        its own when read); returns the kernel drops since the previous call."""
+        assert self.live is not None
+        self._next_stats = time.monotonic() + 0.5
+        for i in range(len(self.live.rings)):
+            self.live.read_stats(self.seg.iface(i), i)
+        total = sum(int(self.seg.iface(i).kernel_drops) for i in range(len(self.live.rings)))
+        delta, self._kernel_drops = total - self._kernel_drops, total
+        return delta
+
     def _timeout(self, now: float) -> float:
         t = 0.2   # upper bound, so signals are noticed promptly
         detached = [c.detached_at + self.opts.grace for c in self.disp.clients.values()
@@ -596,8 +693,11 @@ class Broker:
     def _reading(self) -> bool:
         # A file source pauses while nobody is attached, so nothing is
         # replayed to nobody; --wait-clients 0 asks for the replay regardless.
+        # Interfaces are read regardless: packets not read are kernel drops.
+        if self.live is not None:
+            return self._started and not self.disp.ended
         return (self._started and not self.disp.ended
-                and (bool(self.disp.clients) or self.opts.wait_clients == 0))
+                and (bool(self.disp.clients) or self.wait_clients == 0))
 
     def _can_produce(self, now: float) -> bool:
         return self._reading() and now >= self._wake
@@ -629,7 +729,7 @@ class Broker:
             if c is not None:
                 self._watch(c)
                 if not self._started:
-                    self._started = len(d.clients) >= self.opts.wait_clients
+                    self._started = len(d.clients) >= self.wait_clients
         elif isinstance(ev, proto.Release):
             c = d.by_peer.get(ev.peer)
             if c is not None:
@@ -699,7 +799,7 @@ class Broker:
             slab = self.disp.reclaim()
         if slab is not None:
             lib.pktipc_fill_begin(self._fill, self.seg.slab_ptr(slab),
-                                  self.geometry.slab_size, self.source.index)
+                                  self.geometry.slab_size, 0)
             self._open_slab = slab
         return slab
 
@@ -708,7 +808,8 @@ class Broker:
         slab = self._take_slab()
         if slab is None:
             return False        # every slab is held: wait for releases
-        src, fill = self.source, self._fill
+        src, fill = self.files, self._fill
+        assert src is not None
         while True:
             limit = NO_LIMIT
             if self.pacer is not None:
@@ -745,12 +846,34 @@ class Broker:
             self._end(now, res.error)
             return False
 
+    def _produce_live(self, now: float) -> bool:
+        """Drains the rings into one slab, published once full or once the
+        rings are empty; True if more may wait in the rings."""
+        assert self.live is not None
+        if self._take_slab() is None:
+            self._starved = True
+            return False
+        self._starved = False
+        status, added = self.live.fill(self._fill)
+        for i, n, nbytes in added:
+            entry = self.seg.iface(i)
+            entry.packets += n
+            entry.bytes += nbytes
+        if status == lib.PKTIPC_FILL_TOOBIG:    # a block always fits a slab: a bug
+            self._end(now, "a frame does not fit an empty slab")
+            return False
+        if self._fill.count:
+            self._publish(now)
+        return bool(status == lib.PKTIPC_FILL_FULL)
+
     def _publish(self, now: float) -> None:
         slab, fill = self._open_slab, self._fill
         assert slab is not None
         self._open_slab = None
         seq, b = self.disp.publish(slab, fill.count, now)
-        lib.pktipc_batch_publish(self.seg.batch_rec(slab), slab, b.gen, seq, fill, 0, 0)
+        kernel_drops = self._read_kernel_stats() if self.live is not None else 0
+        lib.pktipc_batch_publish(self.seg.batch_rec(slab), slab, b.gen, seq, fill,
+                                 kernel_drops, 0)
         c = self.seg.header.counters
         c.packets += fill.count
         c.bytes += fill.bytes
@@ -778,7 +901,24 @@ class Broker:
         c.client_drops = self.disp.client_drops
         c.protocol_errors = self.conn.errors
 
+    def _source_stats(self, i: int, s: Iface) -> dict[str, Any]:
+        e = self.seg.iface(i)
+        out = {"name": s.name, "linktype": s.linktype, "snaplen": s.snaplen,
+               "packets": int(e.packets), "bytes": int(e.bytes)}
+        if self.live is not None:
+            out.update(kind="interface", ifindex=s.ifindex,
+                       kernel_packets=int(e.kernel_packets), kernel_drops=int(e.kernel_drops),
+                       kernel_freezes=int(e.kernel_freezes))
+            if self.live.opts.fanout is not None:
+                out.update(fanout_id=self.live.fanout_ids[i],
+                           fanout_mode=self.live.opts.fanout_mode)
+        else:
+            out.update(kind="file")
+        return out
+
     def stats(self) -> dict[str, Any]:
+        if self.live is not None:
+            self._read_kernel_stats()
         h = self.seg.header
         return {
             "name": self.opts.name,
@@ -791,12 +931,7 @@ class Broker:
             "counters": self.seg.counters(),
             "slabs": {"size": self.geometry.slab_size, "count": self.geometry.slab_count,
                       "free": len(self.pool.free)},
-            "sources": [
-                {"name": s.name, "linktype": s.linktype, "snaplen": s.snaplen,
-                 "packets": int(self.seg.iface(i).packets),
-                 "bytes": int(self.seg.iface(i).bytes)}
-                for i, s in enumerate(self.source.ifaces)
-            ],
+            "sources": [self._source_stats(i, s) for i, s in enumerate(self.ifaces)],
             "clients": [
                 {"name": c.name, "group": c.group, "policy": c.policy, "credit": c.credit,
                  "pid": c.pid, "batches": c.batches, "packets": c.packets, "drops": c.drops,

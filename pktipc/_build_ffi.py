@@ -12,11 +12,12 @@ import cffi
 SHM = Path(__file__).resolve().parent.parent / "shm"
 
 ffibuilder = cffi.FFI()
-ffibuilder.cdef((SHM / "pktipc_layout.h").read_text() + (SHM / "ingest.h").read_text())
+ffibuilder.cdef("".join((SHM / h).read_text()
+                         for h in ("pktipc_layout.h", "ingest.h", "afpacket.h")))
 ffibuilder.set_source(
     "pktipc._shm",
-    '#include "pktipc_shm.h"\n#include "ingest.h"\n',
-    sources=["shm/ingest.c"],  # setuptools wants paths relative to setup.py
+    '#include "pktipc_shm.h"\n#include "ingest.h"\n#include "afpacket.h"\n',
+    sources=["shm/ingest.c", "shm/afpacket.c"],  # setuptools wants paths relative to setup.py
     include_dirs=["shm"],
     libraries=["pcap"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],

@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from . import _broker, _demo
+from . import _broker, _demo, _live
 from ._client import broker_stats, brokers, connect
 from ._errors import EndOfStream, PktipcError
 from ._pcapfile import CaptureWriter
@@ -37,10 +37,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("serve", help="serve capture files to named clients")
+    s = sub.add_parser("serve", help="capture from interfaces, or read capture files, and "
+                       "serve the packets to named clients")
     s.add_argument("--name", default="default", help="broker name (default: %(default)s)")
-    s.add_argument("-r", dest="files", action="append", required=True, metavar="FILE",
-                   help="pcap or pcapng file; repeat to serve several one after another")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("-i", dest="interfaces", action="append", metavar="IFACE",
+                     help="capture on this interface; repeat to aggregate several")
+    src.add_argument("-r", dest="files", action="append", metavar="FILE",
+                     help="pcap or pcapng file; repeat to serve several one after another")
+    s.add_argument("expression", nargs="*",
+                   help="capture filter in tcpdump syntax (interfaces only)")
+    s.add_argument("--filter", metavar="EXPR", help="the capture filter, as one argument")
+    s.add_argument("-s", dest="snaplen", type=int, default=_live.DEFAULT_SNAPLEN,
+                   metavar="SNAPLEN", help="bytes kept of each frame (default: %(default)s)")
+    s.add_argument("--no-promisc", dest="promisc", action="store_false",
+                   help="do not put the interfaces in promiscuous mode")
+    s.add_argument("--no-vlan-reinsert", dest="vlan_reinsert", action="store_false",
+                   help="leave a VLAN tag the kernel stripped in the descriptor only, not "
+                        "back in the bytes")
+    s.add_argument("--hw-timestamps", action="store_true",
+                   help="timestamps from the interface's clock (fails where unsupported)")
+    s.add_argument("--block-size", type=_size, default=_live.DEFAULT_BLOCK_SIZE,
+                   metavar="BYTES", help="TPACKET_V3 block size (default: 1M)")
+    s.add_argument("--blocks", type=int, default=_live.DEFAULT_BLOCK_COUNT, metavar="N",
+                   help=f"blocks in each ring (default: {_live.DEFAULT_BLOCK_COUNT})")
+    s.add_argument("--block-timeout", type=int, default=_live.DEFAULT_BLOCK_TIMEOUT_MS,
+                   metavar="MS", help="a block is handed over at the latest this long after "
+                   f"its first packet (default: {_live.DEFAULT_BLOCK_TIMEOUT_MS}; lower for "
+                   "latency)")
+    s.add_argument("--fanout", nargs="?", const="auto", metavar="ID",
+                   help="join AF_PACKET fanout group ID (interface k joins ID+k), so that "
+                        "several brokers share an interface; without ID, a group id no one "
+                        "uses, chosen by the kernel (shown by status)")
+    s.add_argument("--fanout-mode", default="hash", choices=sorted(_live.FANOUT_MODES),
+                   help="how the kernel spreads packets over the group (default: hash, "
+                        "with IP defragmentation)")
+    s.add_argument("--user", metavar="USER",
+                   help="run as USER once the capture sockets are open")
     pace = s.add_mutually_exclusive_group()
     pace.add_argument("--speed", type=float, metavar="X",
                       help="pace by the files' timestamps, X times real time")
@@ -48,8 +81,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="pace by the files' timestamps (same as --speed 1)")
     s.add_argument("--loop", type=int, default=1, metavar="N",
                    help="serve the files N times, 0 for ever (default: 1)")
-    s.add_argument("--wait-clients", type=int, default=1, metavar="N",
-                   help="start reading once N clients are attached (default: 1)")
+    s.add_argument("--wait-clients", type=int, metavar="N",
+                   help="start reading once N clients are attached (default: 1 for files, "
+                        "0 for interfaces)")
     s.add_argument("--linger", action="store_true",
                    help="keep running after the end of the stream")
     s.add_argument("--slab-size", type=_size, default=_broker.DEFAULT_SLAB_SIZE,
@@ -99,9 +133,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fanout_id(text: str | None) -> int | None:
+    if text is None or text == "auto":
+        return None if text is None else _live.FANOUT_AUTO
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ValueError(f"--fanout {text!r}: not a group id (0-65535)") from None
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
+    if a.expression and a.filter is not None:
+        raise ValueError("give the filter either as --filter or after the options, not both")
+    filt = a.filter if a.filter is not None else " ".join(a.expression)
+    live = None
+    if a.interfaces:
+        live = _live.LiveOptions(
+            interfaces=a.interfaces, filter=filt, snaplen=a.snaplen, block_size=a.block_size,
+            block_count=a.blocks, block_timeout_ms=a.block_timeout, promisc=a.promisc,
+            vlan_reinsert=a.vlan_reinsert, hw_timestamps=a.hw_timestamps,
+            fanout=_fanout_id(a.fanout), fanout_mode=a.fanout_mode)
+    elif filt:
+        raise ValueError("a capture filter applies to interfaces (-i), not to files")
     opts = _broker.ServeOptions(
-        name=a.name, files=a.files, loops=a.loop, speed=a.speed,
+        name=a.name, files=a.files or [], live=live, loops=a.loop, speed=a.speed, user=a.user,
         wait_clients=a.wait_clients, linger=a.linger, slab_size=a.slab_size,
         slab_count=a.slabs, credit=a.credit, max_clients=a.max_clients,
         heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, group=a.group,
@@ -167,8 +222,14 @@ def _status_text(r: dict[str, Any]) -> str:
         f"/{r['slabs']['count']}",
     ]
     for s in r["sources"]:
-        lines.append(f"  source {s['name']}  linktype {s['linktype']}  "
-                     f"packets {s['packets']}  bytes {s['bytes']}")
+        line = (f"  source {s['name']}  linktype {s['linktype']}  "
+                f"packets {s['packets']}  bytes {s['bytes']}")
+        if s.get("kind") == "interface":
+            line += (f"  kernel: packets {s['kernel_packets']} drops {s['kernel_drops']} "
+                     f"freezes {s['kernel_freezes']}")
+            if "fanout_id" in s:
+                line += f"  fanout {s['fanout_id']} ({s['fanout_mode']})"
+        lines.append(line)
     for cl in r["clients"]:
         lines.append(f"  client {cl['name']}  group {cl['group']}  {cl['policy']}  "
                      f"pid {cl['pid']}  packets {cl['packets']}  batches {cl['batches']}  "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -46,11 +47,68 @@ def runtime_dir(tmp_path_factory: pytest.TempPathFactory,
     return d
 
 
+class Netns:
+    """A network namespace of the test's own, holding veth pairs; frames are
+    sent from inside it with tests/sendframes.py."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        # No IPv6, no addresses: the kernel sends nothing of its own.
+        self.exec("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                  "net.ipv6.conf.default.disable_ipv6=1")
+
+    def cmd(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def exec(self, *args: str) -> str:
+        r = subprocess.run(self.cmd(*args), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, f"{args}: {r.stderr}"
+        return r.stdout
+
+    def ip(self, *args: str) -> None:
+        r = subprocess.run(["ip", "-n", self.name, *args], capture_output=True, text=True)
+        assert r.returncode == 0, f"ip {args}: {r.stderr}"
+
+    def veth(self, a: str, b: str, up: bool = True) -> None:
+        self.ip("link", "add", a, "type", "veth", "peer", "name", b)
+        for i in (a, b) if up else ():
+            self.ip("link", "set", i, "up")
+
+    def mac(self, iface: str) -> bytes:
+        return bytes.fromhex(self.exec("cat", f"/sys/class/net/{iface}/address")
+                             .strip().replace(":", ""))
+
+    def send(self, iface: str, frames: list[bytes], tmp: Path) -> int:
+        path = tmp / f"frames-{next(_names)}"
+        path.write_bytes(b"".join(struct.pack("<I", len(f)) + f for f in frames))
+        out = self.exec(sys.executable, str(ROOT / "tests" / "sendframes.py"), iface, str(path))
+        path.unlink()
+        return int(out)
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], check=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    """A fresh network namespace, deleted (with its interfaces) afterwards."""
+    ns = Netns(f"pktipc-t{os.getpid()}-{next(_names)}")
+    try:
+        yield ns
+    finally:
+        ns.delete()
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert ns.name not in listed, f"namespace {ns.name} left behind"
+
+
 class BrokerProc:
-    def __init__(self, name: str, args: list[str], runtime: Path) -> None:
+    def __init__(self, name: str, args: list[str], runtime: Path,
+                 netns: Netns | None = None) -> None:
         self.name = name
         self.runtime = runtime
-        self.proc = subprocess.Popen(pktipc_cmd("serve", "--name", name, *args),
+        cmd = pktipc_cmd("serve", "--name", name, *args)
+        self.proc = subprocess.Popen(netns.cmd(*cmd) if netns else cmd,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.socket = runtime / f"{name}.ctl"
 
@@ -101,9 +159,9 @@ def broker(runtime_dir: Path) -> Iterator[object]:
     its segment, control socket or lock file behind."""
     started: list[BrokerProc] = []
 
-    def start(*args: str, ready: bool = True) -> BrokerProc:
+    def start(*args: str, ready: bool = True, netns: Netns | None = None) -> BrokerProc:
         name = f"t{os.getpid()}-{next(_names)}"
-        b = BrokerProc(name, list(args), runtime_dir)
+        b = BrokerProc(name, list(args), runtime_dir, netns)
         started.append(b)
         if ready:
             b.wait_ready()

@@ -1,0 +1,377 @@
+/* Broker-side live capture: TPACKET_V3 blocks into slabs, one call per batch. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <linux/if_ether.h>
+#include <linux/filter.h>
+#include <linux/if_packet.h>
+#include <linux/net_tstamp.h>
+#include <linux/sockios.h>
+#include <net/if.h>
+#include <net/if_arp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <pcap/pcap.h>
+
+#include "pktipc_shm.h"
+#include "ingest.h"
+#include "afpacket.h"
+
+#define LINKTYPE_ETHERNET 1
+#define LINKTYPE_RAW 101
+#define VLAN_TAG_LEN 4
+#define VLAN_OFFSET 12          /* the tag goes after both MAC addresses */
+
+struct pktipc_ring {
+    int fd;
+    uint32_t ifindex;
+    uint32_t linktype;
+    uint32_t snaplen;
+    int32_t fanout_id;
+    int vlan_reinsert;
+    uint8_t *map;
+    size_t map_size;
+    uint32_t block_size;
+    uint32_t block_count;
+    uint32_t block;             /* the block to read next */
+    uint32_t pkt_index;         /* packets of that block already copied */
+    uint32_t pkt_off;           /* offset of the next one in the block */
+};
+
+static pktipc_ring *fail(pktipc_ring *r, int *err, int code, char *errbuf, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+/* Closes what was opened; errbuf gets the reason (or keeps it, fmt NULL). */
+static pktipc_ring *fail(pktipc_ring *r, int *err, int code, char *errbuf, const char *fmt, ...)
+{
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(errbuf, PKTIPC_ERRBUF_SIZE, fmt, ap);
+        va_end(ap);
+    }
+    *err = code;
+    pktipc_ring_close(r);
+    return NULL;
+}
+
+/* Compiles the filter as tcpdump would on this interface. A live libpcap
+ * handle (never activated for capture: no ring, no promiscuous mode) is what
+ * makes "vlan" match the tag the kernel stripped, through the BPF
+ * extensions libpcap uses on Linux; a dead handle would look for the tag in
+ * the bytes, where the kernel no longer leaves it. */
+static int compile_filter(const struct pktipc_ring_opts *o, struct bpf_program *prog, char *errbuf)
+{
+    char pcap_err[PCAP_ERRBUF_SIZE] = "";
+    pcap_t *p = pcap_create(o->ifname, pcap_err);
+    if (!p) {
+        snprintf(errbuf, PKTIPC_ERRBUF_SIZE, "%s", pcap_err);
+        return -1;
+    }
+    pcap_set_snaplen(p, (int)o->snaplen);
+    pcap_set_immediate_mode(p, 1);
+    pcap_set_buffer_size(p, 1 << 16);
+    int rc = pcap_activate(p);
+    if (rc < 0) {
+        snprintf(errbuf, PKTIPC_ERRBUF_SIZE, "%s: %s", o->ifname,
+                 rc == PCAP_ERROR ? pcap_geterr(p) : pcap_statustostr(rc));
+        pcap_close(p);
+        return -1;
+    }
+    if (pcap_compile(p, prog, o->filter, 1, PCAP_NETMASK_UNKNOWN) < 0) {
+        snprintf(errbuf, PKTIPC_ERRBUF_SIZE, "bad filter '%s': %s", o->filter, pcap_geterr(p));
+        pcap_close(p);
+        return -1;
+    }
+    pcap_close(p);
+    return 0;
+}
+
+static int hw_timestamps(int fd, const char *ifname, char *errbuf)
+{
+    struct hwtstamp_config cfg = {.tx_type = HWTSTAMP_TX_OFF, .rx_filter = HWTSTAMP_FILTER_ALL};
+    struct ifreq ifr = {0};
+    snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
+    ifr.ifr_data = (void *)&cfg;
+    if (ioctl(fd, SIOCSHWTSTAMP, &ifr) < 0) {
+        snprintf(errbuf, PKTIPC_ERRBUF_SIZE,
+                 "%s does not support hardware timestamps (SIOCSHWTSTAMP: %s)", ifname,
+                 strerror(errno));
+        return -1;
+    }
+    int req = SOF_TIMESTAMPING_RAW_HARDWARE;
+    if (setsockopt(fd, SOL_PACKET, PACKET_TIMESTAMP, &req, sizeof(req)) < 0) {
+        snprintf(errbuf, PKTIPC_ERRBUF_SIZE, "%s: PACKET_TIMESTAMP: %s", ifname, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+pktipc_ring *pktipc_ring_open(const struct pktipc_ring_opts *o, int *err, char *errbuf)
+{
+    pktipc_ring *r = calloc(1, sizeof(*r));
+    if (!r)
+        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "out of memory");
+    r->fd = -1;
+    r->map = MAP_FAILED;
+    r->snaplen = o->snaplen;
+    r->vlan_reinsert = o->vlan_reinsert;
+    r->fanout_id = PKTIPC_FANOUT_NONE;
+    r->block_size = o->block_size;
+    r->block_count = o->block_count;
+
+    if (strlen(o->ifname) >= IFNAMSIZ || !(r->ifindex = if_nametoindex(o->ifname)))
+        return fail(r, err, PKTIPC_RING_ENODEV, errbuf, "%s: no such interface", o->ifname);
+    /* Protocol 0: nothing is queued before the filter is on and the socket bound. */
+    r->fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
+    if (r->fd < 0) {
+        if (errno == EPERM || errno == EACCES)
+            return fail(r, err, PKTIPC_RING_EPERM, errbuf,
+                        "capturing on %s needs CAP_NET_RAW: run as root, or give the "
+                        "capability to the broker", o->ifname);
+        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "socket(AF_PACKET): %s", strerror(errno));
+    }
+    struct ifreq ifr = {0};
+    snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", o->ifname);
+    if (ioctl(r->fd, SIOCGIFFLAGS, &ifr) < 0)
+        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "%s: SIOCGIFFLAGS: %s", o->ifname,
+                    strerror(errno));
+    if (!(ifr.ifr_flags & IFF_UP))
+        return fail(r, err, PKTIPC_RING_EDOWN, errbuf, "%s: the interface is down", o->ifname);
+    if (ioctl(r->fd, SIOCGIFHWADDR, &ifr) < 0)
+        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "%s: SIOCGIFHWADDR: %s", o->ifname,
+                    strerror(errno));
+    switch (ifr.ifr_hwaddr.sa_family) {
+    case ARPHRD_ETHER:
+    case ARPHRD_LOOPBACK:
+        r->linktype = LINKTYPE_ETHERNET;
+        break;
+    case ARPHRD_NONE:
+        r->linktype = LINKTYPE_RAW;
+        break;
+    default:
+        return fail(r, err, PKTIPC_RING_EUNSUPP, errbuf,
+                    "%s: link type ARPHRD %u is not supported (Ethernet and raw IP are)",
+                    o->ifname, ifr.ifr_hwaddr.sa_family);
+    }
+
+    struct bpf_program prog;
+    if (compile_filter(o, &prog, errbuf) < 0)
+        return fail(r, err, PKTIPC_RING_EFILTER, errbuf, NULL);
+    /* libpcap's struct bpf_insn is the kernel's struct sock_filter. */
+    struct sock_fprog fprog = {.len = (unsigned short)prog.bf_len,
+                               .filter = (struct sock_filter *)prog.bf_insns};
+    int rc = setsockopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, &fprog, sizeof(fprog));
+    pcap_freecode(&prog);
+    int one = 1;
+    if (rc < 0 || setsockopt(r->fd, SOL_SOCKET, SO_LOCK_FILTER, &one, sizeof(one)) < 0)
+        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "%s: attaching the filter: %s",
+                    o->ifname, strerror(errno));
+
+    int version = TPACKET_V3;
+    if (setsockopt(r->fd, SOL_PACKET, PACKET_VERSION, &version, sizeof(version)) < 0)
+        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "PACKET_VERSION: %s", strerror(errno));
+    if (o->hw_timestamps && hw_timestamps(r->fd, o->ifname, errbuf) < 0)
+        return fail(r, err, PKTIPC_RING_EUNSUPP, errbuf, NULL);
+    struct tpacket_req3 req = {
+        .tp_block_size = o->block_size,
+        .tp_block_nr = o->block_count,
+        .tp_frame_size = TPACKET_ALIGNMENT << 7,
+        .tp_frame_nr = (uint32_t)((uint64_t)o->block_size * o->block_count / (TPACKET_ALIGNMENT << 7)),
+        .tp_retire_blk_tov = o->block_timeout_ms,
+    };
+    if (setsockopt(r->fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof(req)) < 0)
+        return fail(r, err, PKTIPC_RING_ESYS, errbuf,
+                    "%s: a ring of %u blocks of %u bytes: %s", o->ifname, o->block_count,
+                    o->block_size, strerror(errno));
+    r->map_size = (size_t)o->block_size * o->block_count;
+    r->map = mmap(NULL, r->map_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_LOCKED, r->fd, 0);
+    if (r->map == MAP_FAILED)   /* MAP_LOCKED may exceed RLIMIT_MEMLOCK: try without */
+        r->map = mmap(NULL, r->map_size, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, 0);
+    if (r->map == MAP_FAILED)
+        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "%s: mapping the ring: %s", o->ifname,
+                    strerror(errno));
+
+    struct sockaddr_ll sll = {.sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_ALL),
+                              .sll_ifindex = (int)r->ifindex};
+    if (bind(r->fd, (struct sockaddr *)&sll, sizeof(sll)) < 0)
+        return fail(r, err, errno == ENETDOWN ? PKTIPC_RING_EDOWN : PKTIPC_RING_ESYS, errbuf,
+                    "%s: bind: %s", o->ifname, strerror(errno));
+    if (o->promisc) {
+        /* A membership, not IFF_PROMISC: the kernel drops it with the socket. */
+        struct packet_mreq mr = {.mr_ifindex = (int)r->ifindex, .mr_type = PACKET_MR_PROMISC};
+        if (setsockopt(r->fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mr, sizeof(mr)) < 0)
+            return fail(r, err, PKTIPC_RING_ESYS, errbuf, "%s: promiscuous mode: %s",
+                        o->ifname, strerror(errno));
+    }
+    if (o->fanout_id != PKTIPC_FANOUT_NONE) {
+        uint32_t flags = o->fanout_mode == PACKET_FANOUT_HASH ? PACKET_FANOUT_FLAG_DEFRAG : 0;
+        uint32_t arg;
+        if (o->fanout_id == PKTIPC_FANOUT_AUTO)
+            arg = (o->fanout_mode | flags | PACKET_FANOUT_FLAG_UNIQUEID) << 16;
+        else
+            arg = (uint32_t)o->fanout_id | (o->fanout_mode | flags) << 16;
+        if (setsockopt(r->fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg)) < 0)
+            return fail(r, err, PKTIPC_RING_ESYS, errbuf,
+                        "%s: joining fanout group %d: %s%s", o->ifname, o->fanout_id,
+                        strerror(errno), errno == EINVAL ?
+                        " (a group of that id exists with another mode or interface)" : "");
+        uint32_t got = 0;
+        socklen_t len = sizeof(got);
+        if (getsockopt(r->fd, SOL_PACKET, PACKET_FANOUT, &got, &len) < 0)
+            return fail(r, err, PKTIPC_RING_ESYS, errbuf, "PACKET_FANOUT: %s", strerror(errno));
+        r->fanout_id = (int32_t)(got & 0xffff);
+    }
+    return r;
+}
+
+int pktipc_ring_fd(const pktipc_ring *r) { return r->fd; }
+uint32_t pktipc_ring_ifindex(const pktipc_ring *r) { return r->ifindex; }
+uint32_t pktipc_ring_linktype(const pktipc_ring *r) { return r->linktype; }
+int32_t pktipc_ring_fanout_id(const pktipc_ring *r) { return r->fanout_id; }
+
+static inline struct tpacket_block_desc *block_at(const pktipc_ring *r, uint32_t i)
+{
+    return (struct tpacket_block_desc *)(r->map + (size_t)i * r->block_size);
+}
+
+/* One packet of a block into the slab; 0 when the slab has no room for it. */
+static int copy_packet(const pktipc_ring *r, struct pktipc_fill *f, const struct tpacket3_hdr *h)
+{
+    const uint8_t *frame = (const uint8_t *)h + h->tp_mac;
+    const struct sockaddr_ll *sll =
+        (const struct sockaddr_ll *)((const uint8_t *)h + TPACKET_ALIGN(sizeof(*h)));
+    uint32_t snap = h->tp_snaplen, wire = h->tp_len;
+    uint16_t flags = 0, tci = 0, tpid = 0;
+    int insert = 0;
+
+    if ((h->tp_status & TP_STATUS_VLAN_VALID) || h->hv1.tp_vlan_tci) {
+        tci = (uint16_t)h->hv1.tp_vlan_tci;
+        tpid = (h->tp_status & TP_STATUS_VLAN_TPID_VALID) && h->hv1.tp_vlan_tpid
+                   ? (uint16_t)h->hv1.tp_vlan_tpid : ETH_P_8021Q;
+        flags |= PKTIPC_F_VLAN_VALID;
+        if (tpid != ETH_P_8021Q)
+            flags |= PKTIPC_F_QINQ;
+        /* As libpcap does: back into the bytes, lengths grown by the tag, the
+         * captured length still at most the snap length. */
+        insert = r->vlan_reinsert && r->linktype == LINKTYPE_ETHERNET && snap >= VLAN_OFFSET;
+    }
+    uint32_t caplen = snap + (insert ? VLAN_TAG_LEN : 0);
+    if (caplen > r->snaplen)
+        caplen = r->snaplen;
+    if (insert) {
+        wire += VLAN_TAG_LEN;
+        flags |= PKTIPC_F_VLAN_REINSERTED;
+    }
+
+    uint64_t room = ((uint64_t)caplen + PKTIPC_FRAME_ALIGN - 1) & ~(uint64_t)(PKTIPC_FRAME_ALIGN - 1);
+    uint64_t desc_end = (uint64_t)(f->count + 1) * sizeof(struct pktipc_pkt);
+    if (room + desc_end > f->data_low)
+        return 0;
+    f->data_low -= (uint32_t)room;
+    uint8_t *dst = f->slab + f->data_low;
+    if (insert) {
+        uint8_t tag[VLAN_TAG_LEN] = {(uint8_t)(tpid >> 8), (uint8_t)tpid,
+                                     (uint8_t)(tci >> 8), (uint8_t)tci};
+        memcpy(dst, frame, VLAN_OFFSET);
+        memcpy(dst + VLAN_OFFSET, tag, caplen - VLAN_OFFSET < VLAN_TAG_LEN
+                                           ? caplen - VLAN_OFFSET : VLAN_TAG_LEN);
+        if (caplen > VLAN_OFFSET + VLAN_TAG_LEN)
+            memcpy(dst + VLAN_OFFSET + VLAN_TAG_LEN, frame + VLAN_OFFSET,
+                   caplen - VLAN_OFFSET - VLAN_TAG_LEN);
+    } else {
+        memcpy(dst, frame, caplen);
+    }
+    if (caplen < wire)
+        flags |= PKTIPC_F_TRUNCATED;
+    if (h->tp_status & TP_STATUS_TS_RAW_HARDWARE)
+        flags |= PKTIPC_F_TS_HW;
+    if (sll->sll_pkttype <= PACKET_OUTGOING)
+        flags |= (uint16_t)((sll->sll_pkttype + 1) << PKTIPC_F_DIR_SHIFT);
+
+    int64_t ts = (int64_t)h->tp_sec * 1000000000 + h->tp_nsec;
+    struct pktipc_pkt *d = (struct pktipc_pkt *)f->slab + f->count;
+    d->ts_ns = ts;
+    d->data_off = f->data_low;
+    d->caplen = caplen;
+    d->wirelen = wire;
+    d->hash = 0;
+    d->iface = (uint16_t)f->iface;
+    d->linktype = (uint16_t)r->linktype;
+    d->vlan_tci = tci;
+    d->flags = flags;
+    if (f->count == 0)
+        f->first_ts_ns = ts;
+    f->last_ts_ns = ts;
+    f->bytes += caplen;
+    f->count++;
+    return 1;
+}
+
+int pktipc_ring_fill(pktipc_ring *r, struct pktipc_fill *f, uint32_t max_pkts)
+{
+    for (;;) {
+        struct tpacket_block_desc *b = block_at(r, r->block);
+        /* Make sure the kernel's writes to the block are seen before we read
+         * it: the status is the kernel's release store. */
+        if (!(__atomic_load_n(&b->hdr.bh1.block_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
+            return PKTIPC_FILL_EMPTY;
+        uint32_t n = b->hdr.bh1.num_pkts;
+        if (r->pkt_index == 0)
+            r->pkt_off = b->hdr.bh1.offset_to_first_pkt;
+        while (r->pkt_index < n) {
+            if (f->count >= max_pkts)
+                return PKTIPC_FILL_FULL;
+            const struct tpacket3_hdr *h = (const struct tpacket3_hdr *)((uint8_t *)b + r->pkt_off);
+            if (!copy_packet(r, f, h))
+                return f->count ? PKTIPC_FILL_FULL : PKTIPC_FILL_TOOBIG;
+            r->pkt_off += h->tp_next_offset;
+            r->pkt_index++;
+        }
+        /* Make sure every byte we copied out of the block is read before the
+         * kernel may write into it again. */
+        __atomic_store_n(&b->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+        r->block = (r->block + 1) % r->block_count;
+        r->pkt_index = 0;
+    }
+}
+
+int pktipc_ring_stats(pktipc_ring *r, struct pktipc_iface *e)
+{
+    struct tpacket_stats_v3 st = {0};
+    socklen_t len = sizeof(st);
+    if (getsockopt(r->fd, SOL_PACKET, PACKET_STATISTICS, &st, &len) < 0)
+        return -1;
+    /* tp_packets already includes the drops: everything the filter let in. */
+    e->kernel_packets += st.tp_packets;
+    e->kernel_drops += st.tp_drops;
+    e->kernel_freezes += st.tp_freeze_q_cnt;
+    return 0;
+}
+
+int pktipc_ring_sock_error(pktipc_ring *r)
+{
+    int e = 0;
+    socklen_t len = sizeof(e);
+    if (getsockopt(r->fd, SOL_SOCKET, SO_ERROR, &e, &len) < 0)
+        return errno;
+    return e;
+}
+
+void pktipc_ring_close(pktipc_ring *r)
+{
+    if (!r)
+        return;
+    if (r->map != MAP_FAILED)
+        munmap(r->map, r->map_size);
+    if (r->fd >= 0)
+        close(r->fd);
+    free(r);
+}

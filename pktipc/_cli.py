@@ -124,12 +124,17 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("names", nargs="*", help="brokers (default: every one running)")
     st.add_argument("--json", action="store_true")
 
-    de = sub.add_parser("demo", help="a broker, two clients, a live status line")
+    de = sub.add_parser("demo", help="a broker, two clients, a live status line: live on a "
+                        "veth pair of its own (as root), else from a capture file")
     de.add_argument("-r", dest="file", metavar="FILE",
-                    help="capture file (default: the one shipped with pktipc)")
+                    help="serve this capture file instead of a live capture")
     de.add_argument("--clients", type=int, default=2)
+    de.add_argument("--packets", type=int, default=8000, metavar="N",
+                    help="live: frames to send (default: 8000)")
+    de.add_argument("--rate", type=float, default=2000.0, metavar="PPS",
+                    help="live: frames per second (default: 2000)")
     de.add_argument("--speed", type=float, default=1.0, metavar="X",
-                    help="times real time (default: 1)")
+                    help="file: times real time (default: 1)")
     return p
 
 
@@ -239,7 +244,7 @@ def _status_text(r: dict[str, Any]) -> str:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    return _demo.run(a.file, a.clients, a.speed)
+    return _demo.run(a.file, a.clients, a.speed, a.packets, a.rate)
 
 
 def main(argv: list[str] | None = None) -> int:

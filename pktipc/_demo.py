@@ -1,12 +1,19 @@
-"""`pktipc demo`: a broker serving a capture file to two clients at once, a
-live status line, and a summary table at the end."""
+"""`pktipc demo`: a broker fanning packets out to several clients at once, a
+live status line, and a summary table at the end.
+
+Live by default: a veth pair in a network namespace of the demo's own,
+synthetic traffic sent into one end, the broker capturing on the other.
+Without the privileges for that, or given -r, it serves a capture file."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,6 +23,7 @@ from ._errors import PktipcError
 from ._paths import control_endpoint, ipc_path
 
 CLIENT_NAMES = ("ids", "recorder", "flows", "metrics")
+TAP, PEER = "pktipc0", "pktipc1"
 
 
 def default_capture() -> str:
@@ -31,6 +39,7 @@ class Tally:
     seconds: float = 0.0
     error: str | None = None
     seqs_in_order: bool = True
+    attached: bool = False
     _next_seq: int = field(default=0, repr=False)
 
 
@@ -38,6 +47,7 @@ def _consume(broker: str, t: Tally) -> None:
     start = time.monotonic()
     try:
         with connect(broker, t.name, timeout=10) as client:
+            t.attached = True
             for batch in client:
                 with batch:
                     d = batch.descriptors
@@ -51,56 +61,185 @@ def _consume(broker: str, t: Tally) -> None:
     t.seconds = time.monotonic() - start
 
 
-def run(capture: str | None, clients: int, speed: float) -> int:
+def _live_unavailable() -> str | None:
+    """Why a live demo cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "a live capture needs root (a network namespace, a veth pair, CAP_NET_RAW)"
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is missing"
+    return None
+
+
+class _Namespace:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._run("ip", "netns", "add", name)
+        self.created = True
+        self._run("ip", "-n", name, "link", "add", TAP, "type", "veth", "peer", "name", PEER)
+        for iface in (TAP, PEER):
+            self._run("ip", "-n", name, "link", "set", iface, "up")
+        # No IPv6 and no addresses: only the generator's frames cross the pair.
+        self._run("ip", "netns", "exec", name, "sysctl", "-qw",
+                  "net.ipv6.conf.all.disable_ipv6=1")
+
+    @staticmethod
+    def _run(*cmd: str) -> None:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise PktipcError(f"{' '.join(cmd)}: {r.stderr.strip() or r.returncode}")
+
+    def cmd(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+def run(capture: str | None, clients: int, speed: float, packets: int, rate: float) -> int:
     if not 1 <= clients <= len(CLIENT_NAMES):
         raise ValueError(f"--clients must be between 1 and {len(CLIENT_NAMES)}")
-    path = capture or default_capture()
+    if packets < 1 or not 1 <= rate <= 1e6:
+        raise ValueError("--packets must be positive and --rate between 1 and 1e6")
+    if capture is None:
+        why = _live_unavailable()
+        if why is None:
+            try:
+                return _run_live(clients, packets, rate)
+            except PktipcError as e:
+                why = f"the live demo could not start ({e})"
+        print(f"pktipc demo: {why}: serving the bundled capture instead", flush=True)
+    return _run_file(capture or default_capture(), clients, speed)
+
+
+def _run_file(path: str, clients: int, speed: float) -> int:
     if not Path(path).is_file():
         raise PktipcError(f"{path}: no such capture file")
-    name = f"demo-{int(time.time())}"
+    name = f"demo-{os.getpid()}"
     cmd = [sys.executable, "-m", "pktipc", "serve", "--name", name, "-r", path,
            "--speed", str(speed), "--wait-clients", str(clients)]
     print(f"pktipc demo: broker {name!r} serves {path} at {speed:g}x real time "
           f"to {clients} clients", flush=True)
     broker = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
-        sock = ipc_path(control_endpoint(name))
-        deadline = time.monotonic() + 15
-        while sock is not None and not sock.exists():
-            if broker.poll() is not None or time.monotonic() > deadline:
-                err = (broker.stderr.read() if broker.stderr else "").strip()
-                raise PktipcError(f"the broker did not start: {err.splitlines()[-1:] or '?'}")
-            time.sleep(0.05)
-        tallies = [Tally(n) for n in CLIENT_NAMES[:clients]]
-        threads = [threading.Thread(target=_consume, args=(name, t), daemon=True)
-                   for t in tallies]
-        for th in threads:
-            th.start()
-        tty = sys.stdout.isatty()
-        last = 0.0
-        while any(th.is_alive() for th in threads):
-            time.sleep(0.1)
-            if time.monotonic() - last < (0.25 if tty else 1.0):
-                continue
-            last = time.monotonic()
-            try:
-                st = broker_stats(name, timeout=1)
-            except PktipcError:
-                continue
-            c = st["counters"]
-            per = "  ".join(f"{t.name} {t.packets}" for t in tallies)
-            line = (f"  {c['packets']:>8} packets {c['bytes'] / 1e6:7.2f} MB in | {per} | "
-                    f"slabs free {st['slabs']['free']}/{st['slabs']['count']}")
-            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
-        for th in threads:
-            th.join()
+        tallies, threads = _start_clients(name, broker, clients)
+        _watch(name, tallies, threads)
         status = broker.wait(timeout=30)
-        if tty:
-            print()
     finally:
-        if broker.poll() is None:
-            broker.terminate()
-            broker.wait(timeout=10)
+        _stop(broker)
+    same = len({t.packets for t in tallies}) == 1
+    ok = _summary(tallies, "every client received every packet", same)
+    return 0 if ok and status == 0 else 1
+
+
+def _run_live(clients: int, packets: int, rate: float) -> int:
+    name = f"demo-{os.getpid()}"
+    ns = _Namespace(f"pktipc-demo-{os.getpid()}")
+    broker = gen = None
+    try:
+        cmd = [sys.executable, "-m", "pktipc", "serve", "--name", name, "-i", TAP,
+               "--block-timeout", "5"]
+        print(f"pktipc demo: broker {name!r} captures on {TAP}, a veth in namespace "
+              f"{ns.name}; {packets} synthetic frames at {rate:g}/s go into its peer, "
+              f"fanned out to {clients} clients", flush=True)
+        broker = subprocess.Popen(ns.cmd(*cmd), stderr=subprocess.PIPE, text=True)
+        tallies, threads = _start_clients(name, broker, clients)
+        deadline = time.monotonic() + 10
+        while not all(t.attached or t.error for t in tallies):
+            if time.monotonic() > deadline:
+                raise PktipcError("the clients did not attach")
+            time.sleep(0.02)
+        gen = subprocess.Popen(ns.cmd(sys.executable, "-m", "pktipc._traffic", "-i", PEER,
+                                      "-c", str(packets), "--rate", str(rate)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def sent_all() -> bool:
+            if gen.poll() is None:
+                return False
+            deadline = time.monotonic() + 2       # what is still in the kernel's ring
+            while time.monotonic() < deadline and any(t.packets < packets for t in tallies):
+                time.sleep(0.05)
+            broker.terminate()                    # the clients are told end-of-stream
+            return True
+
+        _watch(name, tallies, threads, stop=sent_all)
+        out, err = gen.communicate()
+        if gen.returncode != 0:
+            raise PktipcError(f"the traffic generator failed: {err.strip()}")
+        sent = int(out)
+        status = broker.wait(timeout=15)
+    finally:
+        for p in (gen, broker):
+            if p is not None:
+                _stop(p)
+        ns.delete()
+    print(f"\nthe generator sent {sent} frames")
+    ok = _summary(tallies, "every client received every frame sent",
+                  all(t.packets == sent for t in tallies))
+    return 0 if ok and status == 0 else 1
+
+
+def _start_clients(name: str, broker: subprocess.Popen[str],
+                   clients: int) -> tuple[list[Tally], list[threading.Thread]]:
+    sock = ipc_path(control_endpoint(name))
+    deadline = time.monotonic() + 15
+    while sock is not None and not sock.exists():
+        if broker.poll() is not None or time.monotonic() > deadline:
+            err = (broker.stderr.read() if broker.stderr else "").strip()
+            raise PktipcError(f"the broker did not start: {err.splitlines()[-1:] or '?'}")
+        time.sleep(0.05)
+    tallies = [Tally(n) for n in CLIENT_NAMES[:clients]]
+    threads = [threading.Thread(target=_consume, args=(name, t), daemon=True)
+               for t in tallies]
+    for th in threads:
+        th.start()
+    return tallies, threads
+
+
+def _watch(name: str, tallies: list[Tally], threads: list[threading.Thread],
+           stop: Callable[[], bool] | None = None) -> None:
+    """Prints a status line until every client is done."""
+    tty = sys.stdout.isatty()
+    last = 0.0
+    stopped = False
+    while any(th.is_alive() for th in threads):
+        time.sleep(0.1)
+        if stop is not None and not stopped:
+            stopped = bool(stop())
+        if stopped or time.monotonic() - last < (0.25 if tty else 1.0):
+            continue
+        last = time.monotonic()
+        try:
+            st = broker_stats(name, timeout=1)
+        except PktipcError:
+            continue
+        c = st["counters"]
+        kernel = sum(s.get("kernel_drops", 0) for s in st["sources"])
+        per = "  ".join(f"{t.name} {t.packets}" for t in tallies)
+        line = (f"  {c['packets']:>8} packets {c['bytes'] / 1e6:7.2f} MB in | {per} | "
+                f"slabs free {st['slabs']['free']}/{st['slabs']['count']} | "
+                f"drops: kernel {kernel} broker {c['broker_drops']} "
+                f"clients {c['client_drops']}")
+        print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+    for th in threads:
+        th.join()
+    if tty:
+        print()
+
+
+def _stop(p: subprocess.Popen[str]) -> None:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    for f in (p.stdout, p.stderr):
+        if f:
+            f.close()
+
+
+def _summary(tallies: list[Tally], claim: str, ok: bool) -> bool:
     print(f"\n{'client':<10} {'packets':>9} {'MB':>8} {'batches':>8} {'seconds':>8} "
           f"{'in order':>9}")
     for t in tallies:
@@ -108,6 +247,6 @@ def run(capture: str | None, clients: int, speed: float) -> int:
               f"{t.seconds:>8.2f} {'yes' if t.seqs_in_order else 'NO':>9}")
         if t.error:
             print(f"  {t.name}: {t.error}")
-    same = len({t.packets for t in tallies}) == 1 and not any(t.error for t in tallies)
-    print(f"\nevery client received every packet: {'yes' if same else 'NO'}")
-    return 0 if same and status == 0 else 1
+    ok = ok and not any(t.error for t in tallies)
+    print(f"\n{claim}: {'yes' if ok else 'NO'}")
+    return ok

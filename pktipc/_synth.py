@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Iterator
+from itertools import islice
 from typing import BinaryIO
 
 from ._pcapfile import PCAP_NS_MAGIC
@@ -57,11 +59,12 @@ def frame(rng: random.Random, flow: tuple[int, ...], reply: bool, size: int) -> 
     return mac_b + mac_a + tag + struct.pack("!H", ethertype) + l3 + l4 + payload
 
 
-def write_pcap(out: BinaryIO, packets: int, *, flows: int = 64, seed: int = 1,
-               sizes: tuple[int, ...] = (64, 64, 128, 576, 1400, 1514),
-               rate_pps: float = 2000.0, start_ns: int = 1_700_000_000_000_000_000) -> None:
-    """`packets` frames of `flows` flows, timestamps `rate_pps` apart on average."""
-    rng = random.Random(seed)
+SIZES = (64, 64, 128, 576, 1400, 1514)
+
+
+def frames(rng: random.Random, flows: int = 64,
+           sizes: tuple[int, ...] = SIZES) -> Iterator[bytes]:
+    """Endless frames of `flows` flows, a few flows carrying most packets."""
     table = []
     for _ in range(flows):
         v6 = rng.random() < 0.25
@@ -69,12 +72,20 @@ def write_pcap(out: BinaryIO, packets: int, *, flows: int = 64, seed: int = 1,
         vlan = rng.choice((0, 0, 0, 100))
         table.append((v6, proto, rng.randrange(1, 60000), rng.randrange(1, 60000),
                       rng.randrange(1024, 65535), rng.choice((80, 443, 53, 8080)), vlan))
+    while True:
+        flow = table[int(rng.paretovariate(1.2)) % flows]
+        yield frame(rng, flow, rng.random() < 0.4, rng.choice(sizes))
+
+
+def write_pcap(out: BinaryIO, packets: int, *, flows: int = 64, seed: int = 1,
+               sizes: tuple[int, ...] = SIZES,
+               rate_pps: float = 2000.0, start_ns: int = 1_700_000_000_000_000_000) -> None:
+    """`packets` frames of `flows` flows, timestamps `rate_pps` apart on average."""
+    rng = random.Random(seed)
     out.write(struct.pack("<IHHiIII", PCAP_NS_MAGIC, 2, 4, 0, 0, 65535, 1))
     ts = start_ns
     gap = 1e9 / rate_pps
-    for _ in range(packets):
-        flow = table[int(rng.paretovariate(1.2)) % flows]
-        data = frame(rng, flow, rng.random() < 0.4, rng.choice(sizes))
+    for data in islice(frames(rng, flows, sizes), packets):
         ts += int(rng.expovariate(1.0) * gap) + 1
         out.write(struct.pack("<IIII", ts // 1_000_000_000, ts % 1_000_000_000,
                               len(data), len(data)))
@@ -95,4 +106,4 @@ if __name__ == "__main__":
     a = ap.parse_args()
     with open(a.w, "wb") if a.w != "-" else sys.stdout.buffer as f:
         write_pcap(f, a.c, flows=a.flows, seed=a.seed, rate_pps=a.rate,
-                   sizes=tuple(a.size) if a.size else (64, 64, 128, 576, 1400, 1514))
+                   sizes=tuple(a.size) if a.size else SIZES)

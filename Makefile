@@ -6,7 +6,7 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.pktipc-installed
-DEBS    := gcc make pkg-config python3-venv python3-dev libpcap-dev libzmq3-dev \
+DEBS    := gcc make pkg-config python3-venv python3-dev iproute2 libpcap-dev libzmq3-dev \
            libmsgpack-dev tcpdump tshark
 
 .PHONY: all deps install demo test lint bench clean
@@ -44,6 +44,7 @@ lint: install
 
 bench: install
 	$(PY) -m bench.offline
+	$(PY) -m bench.live
 
 clean:
 	rm -rf $(VENV) build *.egg-info pktipc/*.so

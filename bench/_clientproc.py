@@ -1,10 +1,12 @@
 """One benchmark client, run as its own process by bench.offline.
 
-    python bench/_clientproc.py SERVER NAME {objects,numpy}
+    python bench/_clientproc.py SERVER NAME {objects,numpy,latency}
 
 Reads the whole stream and prints one JSON line: packets, caplen sum, and
 CLOCK_MONOTONIC times (system-wide, so comparable across processes) of
 attach, first batch and end of stream, and CPU time used while streaming.
+`latency` also reports percentiles of capture time (the kernel's timestamp)
+to the moment the batch is in the client's hands.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 
 import pktipc
 
@@ -34,6 +39,16 @@ def numpy(batch: pktipc.Batch) -> tuple[int, int]:
     return int(d["caplen"].sum()), int(d["ts_ns"][-1])
 
 
+LATENCIES: list[np.ndarray[Any, Any]] = []
+
+
+def latency(batch: pktipc.Batch) -> tuple[int, int]:
+    now = time.time_ns()
+    d = batch.descriptors
+    LATENCIES.append(now - d["ts_ns"])
+    return int(d["caplen"].sum()), int(d["ts_ns"][-1])
+
+
 def consume(client: pktipc.Client, per_batch: Callable[[pktipc.Batch], tuple[int, int]]
             ) -> tuple[int, int, int, float]:
     """Packets, caplen sum, last timestamp, and when the first batch came."""
@@ -49,9 +64,18 @@ def consume(client: pktipc.Client, per_batch: Callable[[pktipc.Batch], tuple[int
     return n, caplen, last_ts, first
 
 
+def _percentiles() -> dict[str, float]:
+    if not LATENCIES:
+        return {}
+    lat = np.concatenate(LATENCIES) / 1e6
+    p50, p99, p999 = np.percentile(lat, [50, 99, 99.9])
+    return {"lat_ms_p50": float(p50), "lat_ms_p99": float(p99), "lat_ms_p999": float(p999),
+            "lat_ms_max": float(lat.max())}
+
+
 def main() -> int:
     server, name, mode = sys.argv[1:4]
-    per_batch = {"objects": objects, "numpy": numpy}[mode]
+    per_batch = {"objects": objects, "numpy": numpy, "latency": latency}[mode]
     profile = os.environ.get("PKTIPC_BENCH_PROFILE")
     prof = None
     if profile:
@@ -75,7 +99,8 @@ def main() -> int:
     print(json.dumps({
         "name": name, "mode": mode, "packets": n, "caplen_sum": caplen, "last_ts": last_ts,
         "t_start": t_start, "t_attached": t_attached, "t_first": t_first, "t_end": t_end,
-        "gaps": len(client.gaps), "end_error": client.end_error,
+        "gaps": len(client.gaps), "gap_packets": sum(e - s for s, e in client.gaps),
+        "end_error": client.end_error, **_percentiles(),
         "cpu_user": ru.ru_utime, "cpu_sys": ru.ru_stime,
         "cpu_stream_s": ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime,
     }), flush=True)

@@ -414,7 +414,7 @@ class Broker:
                                  "block always fits in a slab")
             self.live = LiveSource(opts.live)
             self.ifaces = self.live.ifaces
-            self._kernel_drops = 0      # as of the previous batch
+            self._kernel_drops = 0      # as of the previous batch, for its record
         else:
             self.files = FileSource(opts.files, opts.loops)
             self.ifaces = self.files.ifaces
@@ -668,16 +668,13 @@ class Broker:
         if now >= self._next_stats:
             self._read_kernel_stats()
 
-    def _read_kernel_stats(self) -> int:
+    def _read_kernel_stats(self) -> None:
         """Brings the interfaces' kernel counters up to date (the kernel resets
-        its own when read); returns the kernel drops since the previous call."""
+        its own when read)."""
         assert self.live is not None
         self._next_stats = time.monotonic() + 0.5
         for i in range(len(self.live.rings)):
             self.live.read_stats(self.seg.iface(i), i)
-        total = sum(int(self.seg.iface(i).kernel_drops) for i in range(len(self.live.rings)))
-        delta, self._kernel_drops = total - self._kernel_drops, total
-        return delta
 
     def _timeout(self, now: float) -> float:
         t = 0.2   # upper bound, so signals are noticed promptly
@@ -871,7 +868,11 @@ class Broker:
         assert slab is not None
         self._open_slab = None
         seq, b = self.disp.publish(slab, fill.count, now)
-        kernel_drops = self._read_kernel_stats() if self.live is not None else 0
+        kernel_drops = 0
+        if self.live is not None:
+            self._read_kernel_stats()
+            total = sum(int(self.seg.iface(i).kernel_drops) for i in range(len(self.ifaces)))
+            kernel_drops, self._kernel_drops = total - self._kernel_drops, total
         lib.pktipc_batch_publish(self.seg.batch_rec(slab), slab, b.gen, seq, fill,
                                  kernel_drops, 0)
         c = self.seg.header.counters

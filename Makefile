@@ -6,10 +6,11 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.pktipc-installed
+BENCH_STAMP := $(VENV)/.pktipc-bench-installed
 DEBS    := gcc make pkg-config python3-venv python3-dev iproute2 libpcap-dev libzmq3-dev \
            libmsgpack-dev tcpdump tshark
 
-.PHONY: all deps install demo test lint bench clean
+.PHONY: all deps install demo test lint bench bench-quick clean
 
 all: install
 
@@ -42,9 +43,15 @@ lint: install
 	$(VENV)/bin/ruff check pktipc tests bench
 	$(VENV)/bin/mypy
 
-bench: install
-	$(PY) -m bench.offline
-	$(PY) -m bench.live
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: install $(BENCH_STAMP)
+	$(PY) -m bench.suite
+
+bench-quick: install $(BENCH_STAMP)
+	$(PY) -m bench.suite --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info pktipc/*.so

@@ -36,6 +36,7 @@ import pktipc
 from bench.offline import BASELINES, CLIENT, ROOT, machine
 
 PY = sys.executable
+CCOUNT = ROOT / "clients" / "c" / "build" / "bin" / "pktipc-count"
 HZ = os.sysconf("SC_CLK_TCK")
 SETTLE = 0.5        # after the generator: what is still in rings and slabs
 
@@ -129,8 +130,10 @@ class Bench:
                 "broker_drops": 0, "client_drops": 0}
 
     def pktipc(self, k: int, count: int, size: int, *, mode: str = "numpy",
-               block_timeout: int = 10, rate: float = 0) -> dict[str, Any]:
-        """A broker capturing once, K clients each receiving every packet."""
+               consumer: str = "python", block_timeout: int = 10,
+               rate: float = 0) -> dict[str, Any]:
+        """A broker capturing once, K clients each receiving every packet:
+        Python ones (bench/_clientproc.py in `mode`) or C ones (pktipc-count)."""
         name = f"bench{os.getpid()}"
         broker = subprocess.Popen(self.nsx(PY, "-m", "pktipc", "serve", "--name", name,
                                            "-i", "va", "--block-timeout", str(block_timeout)),
@@ -140,15 +143,20 @@ class Bench:
             if broker.poll() is not None:
                 raise RuntimeError(f"broker: {broker.stderr.read() if broker.stderr else ''}")
             time.sleep(0.02)
-        clients = [subprocess.Popen([PY, str(CLIENT), name, f"c{i}", mode],
-                                    stdout=subprocess.PIPE, text=True, cwd=ROOT)
-                   for i in range(k)]
+        if consumer == "c":
+            cmds = [[str(CCOUNT), "-n", f"c{i}", "-i", "3600", name] for i in range(k)]
+        else:
+            cmds = [[PY, str(CLIENT), name, f"c{i}", mode] for i in range(k)]
+        clients = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                   for cmd in cmds]
         while len(pktipc.broker_stats(name)["clients"]) < k:
             time.sleep(0.02)
         g = self.generate(count, size, rate, (broker.pid, *(c.pid for c in clients)))
         st = pktipc.broker_stats(name)
         broker.terminate()              # the clients are told end-of-stream
-        results = [json.loads(c.communicate(timeout=60)[0]) for c in clients]
+        outs = [c.communicate(timeout=60)[0] for c in clients]
+        results = ([{"packets": int(o.split("total packets ")[1].split()[0])} for o in outs]
+                   if consumer == "c" else [json.loads(o) for o in outs])
         broker.wait(timeout=30)
         if broker.stderr:
             broker.stderr.close()

@@ -691,7 +691,8 @@ class Broker:
             self.disp = Dispatcher(self.conn, self.pool, default_policy="block",
                                    default_credit=self.opts.credit,
                                    max_clients=self.opts.max_clients, lease=self.opts.lease,
-                                   descriptors=self.seg.descriptors)
+                                   # late-bound: the segment must be closable
+                                   descriptors=lambda slab, n: self.seg.descriptors(slab, n))
             self.seg.header.state = lib.PKTIPC_STATE_RUNNING
             self._say_hello()
             self._loop()

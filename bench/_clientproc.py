@@ -1,10 +1,11 @@
 """One benchmark client, run as its own process by bench.offline.
 
-    python bench/_clientproc.py SERVER NAME {objects,numpy}
+    python bench/_clientproc.py SERVER NAME {objects,numpy,flows} [GROUP]
 
-Reads the whole stream and prints one JSON line: packets, caplen sum, and
-CLOCK_MONOTONIC times (system-wide, so comparable across processes) of
-attach, first batch and end of stream, and CPU time used while streaming.
+Reads the whole stream (as a member of GROUP, if given) and prints one JSON
+line: packets, caplen sum, distinct flow hashes, and CLOCK_MONOTONIC times
+(system-wide, so comparable across processes) of attach, first batch and end
+of stream, and CPU time used while streaming.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+
+import numpy as np
 
 import pktipc
 
@@ -28,10 +31,21 @@ def objects(batch: pktipc.Batch) -> tuple[int, int]:
     return caplen, last_ts
 
 
+FLOWS: set[int] = set()
+
+
 def numpy(batch: pktipc.Batch) -> tuple[int, int]:
     """Column-wise: descriptors as a NumPy structured array, no per-packet Python."""
     d = batch.descriptors
+    if len(batch) != batch.n:       # a group member: its own packets
+        d = d[batch.mine]
     return int(d["caplen"].sum()), int(d["ts_ns"][-1])
+
+
+def flows(batch: pktipc.Batch) -> tuple[int, int]:
+    """NumPy, and the distinct flow hashes seen (for the spread of flows)."""
+    FLOWS.update(np.unique(batch.descriptors["hash"][batch.mine]).tolist())
+    return numpy(batch)
 
 
 def consume(client: pktipc.Client, per_batch: Callable[[pktipc.Batch], tuple[int, int]]
@@ -51,7 +65,8 @@ def consume(client: pktipc.Client, per_batch: Callable[[pktipc.Batch], tuple[int
 
 def main() -> int:
     server, name, mode = sys.argv[1:4]
-    per_batch = {"objects": objects, "numpy": numpy}[mode]
+    group = sys.argv[4] if len(sys.argv) > 4 else None
+    per_batch = {"objects": objects, "numpy": numpy, "flows": flows}[mode]
     profile = os.environ.get("PKTIPC_BENCH_PROFILE")
     prof = None
     if profile:
@@ -59,7 +74,7 @@ def main() -> int:
 
         prof = cProfile.Profile()
     t_start = time.monotonic()
-    client = pktipc.connect(server, name, timeout=30.0)
+    client = pktipc.connect(server, name, group=group, timeout=30.0)
     t_attached = time.monotonic()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     if prof is not None:
@@ -73,7 +88,8 @@ def main() -> int:
     if prof is not None:
         prof.dump_stats(profile)
     print(json.dumps({
-        "name": name, "mode": mode, "packets": n, "caplen_sum": caplen, "last_ts": last_ts,
+        "name": name, "mode": mode, "group": client.group, "flows": len(FLOWS),
+        "packets": n, "caplen_sum": caplen, "last_ts": last_ts,
         "t_start": t_start, "t_attached": t_attached, "t_first": t_first, "t_end": t_end,
         "gaps": len(client.gaps), "end_error": client.end_error,
         "cpu_user": ru.ru_utime, "cpu_sys": ru.ru_stime,

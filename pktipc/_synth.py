@@ -59,8 +59,11 @@ def frame(rng: random.Random, flow: tuple[int, ...], reply: bool, size: int) -> 
 
 def write_pcap(out: BinaryIO, packets: int, *, flows: int = 64, seed: int = 1,
                sizes: tuple[int, ...] = (64, 64, 128, 576, 1400, 1514),
-               rate_pps: float = 2000.0, start_ns: int = 1_700_000_000_000_000_000) -> None:
-    """`packets` frames of `flows` flows, timestamps `rate_pps` apart on average."""
+               rate_pps: float = 2000.0, start_ns: int = 1_700_000_000_000_000_000,
+               skew: float | None = 1.2) -> None:
+    """`packets` frames of `flows` flows, timestamps `rate_pps` apart on average.
+    Flows are picked with a Pareto law of index `skew` (a few carry most
+    packets, as on a real link), or evenly with `skew` None."""
     rng = random.Random(seed)
     table = []
     for _ in range(flows):
@@ -73,7 +76,8 @@ def write_pcap(out: BinaryIO, packets: int, *, flows: int = 64, seed: int = 1,
     ts = start_ns
     gap = 1e9 / rate_pps
     for _ in range(packets):
-        flow = table[int(rng.paretovariate(1.2)) % flows]
+        pick = int(rng.paretovariate(skew)) if skew is not None else rng.randrange(flows)
+        flow = table[pick % flows]
         data = frame(rng, flow, rng.random() < 0.4, rng.choice(sizes))
         ts += int(rng.expovariate(1.0) * gap) + 1
         out.write(struct.pack("<IIII", ts // 1_000_000_000, ts % 1_000_000_000,

@@ -182,10 +182,9 @@ PKTIPC_INLINE uint32_t pktipc_flow_owner(uint32_t hash, const uint32_t *members,
     uint64_t top = pktipc_hrw_weight(hash, members[0]);
     for (uint32_t i = 1; i < n; i++) {
         uint64_t w = pktipc_hrw_weight(hash, members[i]);
-        if (w > top) {
-            top = w;
-            best = i;
-        }
+        int higher = w > top;           /* conditional moves, not a branch */
+        top = higher ? w : top;
+        best = higher ? i : best;
     }
     return best;
 }
@@ -200,11 +199,13 @@ PKTIPC_INLINE uint32_t pktipc_select(const struct pktipc_pkt *pkts, uint32_t cou
 {
     uint32_t k = 0;
     for (uint32_t i = 0; i < count; i++) {
-        if (mask && !(mask[i >> 3] >> (i & 7) & 1))
-            continue;
-        if (n && members[pktipc_flow_owner(pkts[i].hash, members, n)] != me)
-            continue;
-        out[k++] = i;
+        /* Branch-free: whose packet it is follows no pattern a branch
+         * predictor could learn. */
+        uint32_t mine = mask ? mask[i >> 3] >> (i & 7) & 1 : 1;
+        if (n)
+            mine &= members[pktipc_flow_owner(pkts[i].hash, members, n)] == me;
+        out[k] = i;
+        k += mine;
     }
     return k;
 }

@@ -332,40 +332,29 @@ def test_real_vxlan_capture() -> None:
 # --- the definition, pinned ----------------------------------------------------------------
 
 
-def murmur3_32(data: bytes, seed: int) -> int:
-    m = 0xFFFFFFFF
-    h = seed
-    n = len(data) // 4 * 4
-    for i in range(0, n, 4):
-        k = int.from_bytes(data[i : i + 4], "little")
-        k = (k * 0xCC9E2D51) & m
-        k = ((k << 15) | (k >> 17)) & m
-        k = (k * 0x1B873593) & m
-        h ^= k
-        h = ((h << 13) | (h >> 19)) & m
-        h = (h * 5 + 0xE6546B64) & m
-    tail = data[n:]
-    if tail:
-        k = int.from_bytes(tail, "little")
-        k = (k * 0xCC9E2D51) & m
-        k = ((k << 15) | (k >> 17)) & m
-        k = (k * 0x1B873593) & m
-        h ^= k
-    h ^= len(data)
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & m
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & m
-    h ^= h >> 16
-    return h
+M64 = 2**64 - 1
+
+
+def fmix64(x: int) -> int:
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & M64
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & M64
+    return x ^ (x >> 33)
 
 
 def documented(kind: int, proto: int, a: bytes, pa: int, b: bytes, pb: int) -> int:
-    """shm/LAYOUT.md's definition: the lower endpoint first, then murmur3."""
+    """shm/LAYOUT.md's definition: the lower endpoint first; five products
+    of 64-bit words, summed, mixed."""
+    a, b = a.ljust(16, b"\0"), b.ljust(16, b"\0")
     if (b, pb) < (a, pa):
         a, pa, b, pb = b, pb, a, pa
-    key = bytes([kind, proto, 0, 0]) + a + b + struct.pack("!HH", pa, pb)
-    return murmur3_32(key, 0x70697470) or 1
+    words = [int.from_bytes(x, "big") for x in (a[:8], a[8:], b[:8], b[8:])]
+    words.append(kind << 40 | proto << 32 | pa << 16 | pb)
+    mult = [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x85EBCA77C2B2AE63,
+            0x27D4EB2F165667C5]
+    x = sum(w * m for w, m in zip(words, mult, strict=True)) & M64
+    return (fmix64(x) >> 32) or 1
 
 
 def test_the_hash_is_what_layout_md_says() -> None:

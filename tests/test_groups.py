@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from conftest import all_captures, pktipc_cmd, run_pktipc
 from pcapref import read_pcap
-from pktipc._shm import lib
+from pktipc._shm import ffi, lib
 
 import pktipc
 from pktipc._synth import write_pcap
@@ -34,7 +35,7 @@ class Member(threading.Thread):
                  balance: str | None = None, stop_after: int | None = None,
                  credit: int | None = None) -> None:
         super().__init__(daemon=True)
-        self.args = dict(group=group, balance=balance, credit=credit)
+        self.group, self.balance, self.credit = group, balance, credit
         self.server, self.client_name, self.stop_after = server, name, stop_after
         self.got: Got = {}
         self.batches: list[tuple[int, int, int]] = []   # (seq, n, own packets)
@@ -43,7 +44,8 @@ class Member(threading.Thread):
 
     def run(self) -> None:
         try:
-            with pktipc.connect(self.server, self.client_name, **self.args) as c:  # type: ignore[arg-type]
+            with pktipc.connect(self.server, self.client_name, group=self.group,
+                                balance=self.balance, credit=self.credit) as c:
                 self.attached.set()
                 for batch in c:
                     with batch:
@@ -223,6 +225,29 @@ def test_join_and_leave_during_traffic(broker, synth: Path) -> None:
     assert sorted(got) == list(range(total))
     assert b.wait() == 0
     assert len(late.got) > 0 and max(got_b) < max(late.got)
+
+
+def test_member_back_under_its_name_gets_its_flows_back(broker, synth: Path) -> None:
+    """Every pass over the capture has the same flows: b, gone for a while
+    and back under its name, is given exactly the flows it had."""
+    b = broker("-r", str(synth), "--loop", "4", "--wait-clients", "2", "--slab-size", "8k",
+               "--credit", "2")
+    a = Member(b.name, "a", "ids")
+    first = Member(b.name, "b", "ids", stop_after=5_000)
+    start(a, first)
+    flows_before = {h for _, h, _ in first.finish().values()}
+    time.sleep(0.2)                     # a has the group to itself for a while
+    again = Member(b.name, "b", "ids")
+    start(again)
+    got = union_exactly_once(a.finish(), first.got, again.finish())
+    assert sorted(got) == list(range(4 * 20_000))
+    assert b.wait() == 0
+    flows_after = {h for _, h, _ in again.got.values()}
+    slots = ffi.new("uint32_t[]", [0, 1])            # a and b, in the order they came
+    owned_by_b = {h for _, h, _ in got.values() if lib.pktipc_flow_owner(h, slots, 2) == 1}
+    assert flows_before <= flows_after == owned_by_b   # its place, and its flows, back
+    assert {h for _, h, _ in a.got.values()} > owned_by_b.symmetric_difference(
+        {h for _, h, _ in got.values()})                # a had them all meanwhile
 
 
 def test_status_shows_groups_and_members(broker, synth: Path) -> None:

@@ -20,8 +20,11 @@ group's rate is the packets its members received together / the time from
 the start of the stream to the last end-of-stream. Then the spread: all of
 ../shared/pcaps/tcpdump-tests served to a group of 2 and of 4 members, and
 the coefficient of variation (stdev / mean) of the packets per member, next
-to the same on the synthetic capture. Prints a table of medians and writes
-every run to bench/results/balance-<date>.json. Nothing passes or fails.
+to the same on the synthetic capture. Last, what the flow hash costs the
+broker's ingest per packet (bench/baselines/flowhash_cost.c: hashing every
+packet of the capture held in memory, beside only reading it). Prints a table
+of medians and writes every run to bench/results/balance-<date>.json.
+Nothing passes or fails.
 """
 
 from __future__ import annotations
@@ -40,7 +43,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.offline import BENCH, CLIENT, PY, ROOT, RUN_TIMEOUT, Procs, Watchdog, _cpu, _wait_for
+from bench.offline import (
+    BASELINES,
+    BENCH,
+    CLIENT,
+    PY,
+    ROOT,
+    RUN_TIMEOUT,
+    Procs,
+    Watchdog,
+    _cpu,
+    _wait_for,
+)
 from bench.offline import machine as machine_info
 
 PCAPS = ROOT.parent / "shared" / "pcaps" / "tcpdump-tests"
@@ -179,13 +193,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"real captures, {k} members: packets {s['per_member']}, cv {s['cv']:.3f}; "
                   f"flow hashes {s['flows_per_member']}")
 
+        exe = tmp / "flowhash_cost"
+        subprocess.run(["gcc", "-O2", "-I", str(ROOT / "shm"), "-o", str(exe),
+                        str(BASELINES / "flowhash_cost.c"), str(ROOT / "shm" / "flowhash.c"),
+                        "-lpcap"], check=True)
+        costs = [json.loads(subprocess.run([str(exe), str(synth)], capture_output=True,
+                                           check=True).stdout) for _ in range(reps)]
+        hash_cost = {k: statistics.median(c[k] for c in costs)
+                     for k in ("ns_read", "ns_hash", "ns_hash_tunnels")}
+        print(f"flow hash: {hash_cost['ns_hash'] - hash_cost['ns_read']:.1f} ns per packet "
+              f"({hash_cost['ns_hash_tunnels'] - hash_cost['ns_read']:.1f} with --tunnel-hash) "
+              f"beyond reading its headers ({hash_cost['ns_read']:.1f} ns)")
+
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = a.out or BENCH / "results" / f"balance-{stamp}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
             "bench": "balance", "date": stamp, "argv": sys.argv[1:], "packets": packets,
             "loops": loops, "reps": reps, "machine": host, "medians_pps": med, "cv": cvs,
-            "spread_real": spread, "runs": runs,
+            "spread_real": spread, "hash_cost_ns": hash_cost, "runs": runs,
             "elapsed_s": round(time.monotonic() - started, 1)}, indent=1))
         print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} "
               f"({time.monotonic() - started:.0f} s)")

@@ -1020,3 +1020,20 @@ class GroupMachine(RuleBasedStateMachine):
 GroupMachine.TestCase.settings = settings(max_examples=120, stateful_step_count=40,
                                           deadline=None)
 TestGroupMachine = GroupMachine.TestCase
+
+
+def test_a_kept_member_comes_back_only_to_its_group() -> None:
+    w = World(slabs=4, credit=2)
+    a = w.connect("a", group="g")
+    w.connect("b", group="g")
+    w.disp.detach(w.state(a), 0.0)
+    other = w.connect("a", group="h")
+    [err] = w.log[other]
+    assert isinstance(err, ErrorReply) and err.code == "group-mismatch"
+    assert "'g'" in err.text and "'h'" in err.text
+    mode = w.connect("a", group="g", balance="round-robin")
+    [err] = w.log[mode]
+    assert isinstance(err, ErrorReply) and err.code == "balance-mismatch"
+    back = w.connect("a", group="g")
+    assert isinstance(w.log[back][0], Welcome) and w.log[back][0].group == "g"
+    assert w.disp.clients["a"].peer == back

@@ -1,12 +1,13 @@
 """One benchmark client, run as its own process by bench.offline.
 
-    python bench/_clientproc.py SERVER NAME {objects,numpy,latency}
+    python bench/_clientproc.py SERVER NAME {objects,numpy,flows,latency} [GROUP]
 
-Reads the whole stream and prints one JSON line: packets, caplen sum, and
-CLOCK_MONOTONIC times (system-wide, so comparable across processes) of
-attach, first batch and end of stream, and CPU time used while streaming.
-`latency` also reports percentiles of capture time (the kernel's timestamp)
-to the moment the batch is in the client's hands.
+Reads the whole stream (as a member of GROUP, if given) and prints one JSON
+line: packets, caplen sum, distinct flow hashes, and CLOCK_MONOTONIC times
+(system-wide, so comparable across processes) of attach, first batch and end
+of stream, and CPU time used while streaming. `latency` also reports
+percentiles of capture time (the kernel's timestamp) to the moment the batch
+is in the client's hands.
 """
 
 from __future__ import annotations
@@ -33,10 +34,21 @@ def objects(batch: pktipc.Batch) -> tuple[int, int]:
     return caplen, last_ts
 
 
+FLOWS: set[int] = set()
+
+
 def numpy(batch: pktipc.Batch) -> tuple[int, int]:
     """Column-wise: descriptors as a NumPy structured array, no per-packet Python."""
     d = batch.descriptors
+    if len(batch) != batch.n:       # a group member: its own packets
+        d = d[batch.mine]
     return int(d["caplen"].sum()), int(d["ts_ns"][-1])
+
+
+def flows(batch: pktipc.Batch) -> tuple[int, int]:
+    """NumPy, and the distinct flow hashes seen (for the spread of flows)."""
+    FLOWS.update(np.unique(batch.descriptors["hash"][batch.mine]).tolist())
+    return numpy(batch)
 
 
 LATENCIES: list[np.ndarray[Any, Any]] = []
@@ -75,7 +87,8 @@ def _percentiles() -> dict[str, float]:
 
 def main() -> int:
     server, name, mode = sys.argv[1:4]
-    per_batch = {"objects": objects, "numpy": numpy, "latency": latency}[mode]
+    group = sys.argv[4] if len(sys.argv) > 4 else None
+    per_batch = {"objects": objects, "numpy": numpy, "flows": flows, "latency": latency}[mode]
     profile = os.environ.get("PKTIPC_BENCH_PROFILE")
     prof = None
     if profile:
@@ -83,7 +96,7 @@ def main() -> int:
 
         prof = cProfile.Profile()
     t_start = time.monotonic()
-    client = pktipc.connect(server, name, timeout=30.0)
+    client = pktipc.connect(server, name, group=group, timeout=30.0)
     t_attached = time.monotonic()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     if prof is not None:
@@ -97,7 +110,8 @@ def main() -> int:
     if prof is not None:
         prof.dump_stats(profile)
     print(json.dumps({
-        "name": name, "mode": mode, "packets": n, "caplen_sum": caplen, "last_ts": last_ts,
+        "name": name, "mode": mode, "group": client.group, "flows": len(FLOWS),
+        "packets": n, "caplen_sum": caplen, "last_ts": last_ts,
         "t_start": t_start, "t_attached": t_attached, "t_first": t_first, "t_end": t_end,
         "gaps": len(client.gaps), "gap_packets": sum(e - s for s, e in client.gaps),
         "end_error": client.end_error, **_percentiles(),

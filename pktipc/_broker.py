@@ -7,6 +7,7 @@ segment, the ZeroMQ ROUTER socket, the sources, signals and the event loop.
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import grp
 import math
@@ -18,16 +19,18 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import posix_ipc
 import zmq
 
 from . import _protocol as proto
 from ._errors import PermissionDenied, PktipcError, SourceError
-from ._layout import Geometry, Iface, Segment, SlabPool
+from ._layout import Geometry, Iface, Segment, SlabPool, mask_of, select, share_counts
 from ._live import LiveOptions, LiveSource
 from ._paths import (
     check_name,
@@ -78,6 +81,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Share:
+    """The packets of one batch owed to one client: those set in `mask` (None:
+    all) that `members`, if any, give to the client's slot. What a BATCH
+    carries, plus how many packets that is."""
+
+    packets: int
+    members: tuple[int, ...] = ()
+    mask: bytes | None = None
+
+
 @dataclass
 class ClientState:
     name: str
@@ -89,6 +103,8 @@ class ClientState:
     slot: int
     queue: deque[int] = field(default_factory=deque)   # published to it, not yet sent
     held: set[int] = field(default_factory=set)         # sent, not released
+    shares: dict[int, Share] = field(default_factory=dict)  # of each seq queued or held
+    later: dict[int, Share] = field(default_factory=dict)   # owed for a seq it holds
     sent_at: dict[int, float] = field(default_factory=dict)  # held seq -> when sent
     pidfd: int | None = None                            # local clients: death is readable
     detached_at: float = 0.0
@@ -97,6 +113,12 @@ class ClientState:
     batches: int = 0
     packets: int = 0
     drops: int = 0
+
+
+@dataclass
+class Group:
+    balance: str            # set by its first member
+    last: int = -1          # round-robin: slot of the member given the last batch
 
 
 def _add_gap(gaps: list[tuple[int, int]], start: int, end: int) -> None:
@@ -120,21 +142,29 @@ class Published:
     n: int
 
 
+Descriptors = Callable[[int, int], "np.ndarray[Any, Any]"]
+
+
 class Dispatcher:
-    """Fan-out bookkeeping: every client gets every batch, in order, holding at
-    most `credit` at once; a slab is free again when its last holder let go."""
+    """Fan-out and balance bookkeeping: every group gets every batch, divided
+    among its members (by flow or by batch); each client gets its shares in
+    order, holding at most `credit` at once; a slab is free again when its
+    last holder let go. `descriptors(slab, n)` reads a published slab's
+    descriptors, for the flow hashes."""
 
     def __init__(self, conn: proto.BrokerConnection, pool: SlabPool, *,
                  default_policy: str, default_credit: int, max_clients: int,
-                 lease: float | None = None) -> None:
+                 lease: float | None = None, descriptors: Descriptors | None = None) -> None:
         self.conn = conn
         self.lease = lease
         self.pool = pool
         self.default_policy = default_policy
         self.default_credit = default_credit
         self.max_clients = max_clients
+        self.descriptors = descriptors
         self.clients: dict[str, ClientState] = {}
         self.by_peer: dict[bytes, ClientState] = {}
+        self.groups: dict[str, Group] = {}
         self.batches: dict[int, Published] = {}
         self.next_seq = 0
         self.ended = False
@@ -145,13 +175,23 @@ class Dispatcher:
 
     # -- clients --
     def hello(self, ev: proto.Hello, now: float, welcome: dict[str, Any]) -> ClientState | None:
-        if ev.name in self.clients:
-            other = self.clients[ev.name]
-            if other.peer is None:
-                return self._resume(other, ev, now, welcome)
+        group = ev.group or ev.name
+        other = self.clients.get(ev.name)
+        if other is not None and other.peer is not None:
             self.conn.refuse(ev.peer, now, "name-taken",
                              f"a client named {ev.name!r} is already attached (pid {other.pid})")
             return None
+        if other is not None and other.group != group:
+            self.conn.refuse(ev.peer, now, "group-mismatch",
+                             f"{ev.name!r} is kept in group {other.group!r}, not {group!r}")
+            return None
+        g = self.groups.get(group)
+        if g is not None and ev.balance not in (None, g.balance):
+            self.conn.refuse(ev.peer, now, "balance-mismatch",
+                             f"group {group!r} balances by {g.balance}, not {ev.balance}")
+            return None
+        if other is not None:
+            return self._resume(other, ev, now, welcome)
         if len(self.clients) >= self.max_clients:
             self.conn.refuse(ev.peer, now, "too-many-clients",
                              f"this broker serves at most {self.max_clients} clients")
@@ -161,13 +201,15 @@ class Dispatcher:
         # never wait for, at most half of it, so that what it holds never
         # leaves the others without a slab.
         most = len(self.pool.refs) if policy == "block" else max(1, len(self.pool.refs) // 2)
-        c = ClientState(name=ev.name, peer=ev.peer, group=ev.group or ev.name,
+        c = ClientState(name=ev.name, peer=ev.peer, group=group,
                         policy=policy, credit=min(ev.credit or self.default_credit, most),
                         pid=ev.pid, slot=self.slots.setdefault(ev.name, len(self.slots)))
+        g = self.groups.setdefault(group, Group(ev.balance or "flow"))
         self.clients_total += 1
         self.clients[c.name] = c
         self.by_peer[ev.peer] = c
-        self.conn.accept(ev.peer, now, slot=c.slot, credit=c.credit, policy=c.policy, **welcome)
+        self.conn.accept(ev.peer, now, slot=c.slot, credit=c.credit, policy=c.policy,
+                         group=group, balance=g.balance, **welcome)
         self.pump(c, now)
         return c
 
@@ -178,9 +220,15 @@ class Dispatcher:
         c.peer, c.pid = ev.peer, ev.pid
         self.by_peer[ev.peer] = c
         self.clients_total += 1
-        self.conn.accept(c.peer, now, slot=c.slot, credit=c.credit, policy=c.policy, **welcome)
+        self.conn.accept(c.peer, now, slot=c.slot, credit=c.credit, policy=c.policy,
+                         group=c.group, balance=self.groups[c.group].balance, **welcome)
         self.pump(c, now)
         return c
+
+    def members(self, group: str) -> list[ClientState]:
+        """The members of a group, attached or kept for --grace, by slot."""
+        return sorted((c for c in self.clients.values() if c.group == group),
+                      key=lambda c: c.slot)
 
     def detach(self, c: ClientState, now: float) -> None:
         """Keeps a lost client's place: what it held and what it is owed wait
@@ -189,9 +237,15 @@ class Dispatcher:
         del self.by_peer[c.peer]
         c.peer = None
         c.detached_at = now
-        c.queue.extendleft(sorted(c.held, reverse=True))
+        held = sorted(c.held)
         c.held.clear()
         c.sent_at.clear()
+        for seq in held:
+            share = c.shares.pop(seq)
+            self._enqueue(c, seq, share)
+            later = c.later.pop(seq, None)
+            if later is not None:
+                self._owe(c, seq, later)
         if c.policy == "drop":
             self._pump_drop(now)
 
@@ -199,17 +253,47 @@ class Dispatcher:
         return [c for c in self.clients.values() if c.peer is None and c.detached_at <= when]
 
     def remove(self, c: ClientState, now: float) -> None:
-        """Forgets a client (bye, lost, evicted), letting go of all it held."""
-        for seq in (*c.held, *c.queue):
-            self._unref(seq)
+        """Forgets a client (bye, lost, evicted). What it held and what it was
+        owed goes to the rest of its group, each packet to the member that
+        owns its flow now; with nobody left, the slabs are let go."""
+        owed = [(seq, c.shares[seq]) for seq in (*sorted(c.held), *c.queue)]
+        owed += sorted(c.later.items())
         c.held.clear()
         c.sent_at.clear()
         c.queue.clear()
+        c.shares.clear()
+        c.later.clear()
         del self.clients[c.name]
         if c.peer is not None:
             del self.by_peer[c.peer]
+        heirs = [m for m in self.members(c.group) if not m.eos_sent]
+        for seq, share in owed:
+            self._pass_on(c, seq, share, heirs)
+        if not self.members(c.group):
+            del self.groups[c.group]
+        for m in heirs:
+            self.pump(m, now)
+        self._end_group(c.group, now)
         if c.policy == "drop":
             self._pump_drop(now)
+
+    def _pass_on(self, gone: ClientState, seq: int, share: Share,
+                 heirs: list[ClientState]) -> None:
+        """Divides the share of a member that left among `heirs`."""
+        if not heirs:
+            self._unref(seq)
+            return
+        b = self.batches[seq]
+        mask = share.mask
+        if share.members:
+            mask = mask_of(self._indexes(b, share, gone.slot), b.n)
+        parts = self._divide(self.groups[gone.group], heirs, b, mask, share.packets)
+        if not parts:
+            self._unref(seq)
+            return
+        self.pool.ref(b.slab, len(parts) - 1)
+        for m, part in parts:
+            self._owe(m, seq, part)
 
     def release(self, c: ClientState, seqs: list[int], now: float) -> None:
         unknown = []
@@ -217,7 +301,11 @@ class Dispatcher:
             if seq in c.held:
                 c.held.remove(seq)
                 del c.sent_at[seq]
+                del c.shares[seq]
                 self._unref(seq)
+                later = c.later.pop(seq, None)
+                if later is not None:
+                    self._enqueue(c, seq, later)
             else:
                 unknown.append(seq)     # never held, or released twice
         if unknown and c.peer is not None:
@@ -237,19 +325,76 @@ class Dispatcher:
         if self.pool.unref(self.batches[seq].slab):
             del self.batches[seq]
 
+    # -- shares --
+    def _indexes(self, b: Published, share: Share, slot: int) -> np.ndarray[Any, Any]:
+        if not share.members and share.mask is None:
+            return np.arange(b.n, dtype=np.uint32)
+        return select(self._descriptors(b), share.mask, share.members, slot)
+
+    def _descriptors(self, b: Published) -> np.ndarray[Any, Any]:
+        assert self.descriptors is not None, "flow balancing reads the descriptors"
+        return self.descriptors(b.slab, b.n)
+
+    def _divide(self, g: Group, members: list[ClientState], b: Published, mask: bytes | None,
+                packets: int) -> list[tuple[ClientState, Share]]:
+        """Shares of the packets set in `mask` (None: all of the batch) for
+        `members` (by slot), none of them empty."""
+        if len(members) == 1 or g.balance == "round-robin":
+            # Round-robin: the next member after the last one served,
+            # preferring those attached now, that do not need to catch up.
+            ready = [m for m in members if m.peer is not None] or members
+            m = next((m for m in ready if m.slot > g.last), ready[0])
+            g.last = m.slot
+            return [(m, Share(packets, (), mask))]
+        slots = tuple(m.slot for m in members)
+        counts = share_counts(self._descriptors(b), mask, slots)
+        return [(m, Share(k, slots, mask)) for m, k in zip(members, counts, strict=True) if k]
+
+    def _enqueue(self, c: ClientState, seq: int, share: Share) -> None:
+        """Queues a share (holding one slab reference) in seq order."""
+        c.shares[seq] = share
+        if not c.queue or seq > c.queue[-1]:
+            c.queue.append(seq)
+        else:
+            bisect.insort(c.queue, seq)
+
+    def _owe(self, c: ClientState, seq: int, share: Share) -> None:
+        """Adds a share (holding one slab reference) to what `c` is owed. A
+        second share of a seq it holds waits until it gives that back; one
+        of a seq queued for it is merged into the queued one."""
+        if seq in c.held:
+            if seq in c.later:
+                c.later[seq] = self._merge(c, seq, c.later[seq], share)
+            else:
+                c.later[seq] = share
+        elif seq in c.shares:
+            c.shares[seq] = self._merge(c, seq, c.shares[seq], share)
+        else:
+            self._enqueue(c, seq, share)
+
+    def _merge(self, c: ClientState, seq: int, a: Share, b: Share) -> Share:
+        """One share for both (their reference counts as one)."""
+        self._unref(seq)
+        batch = self.batches[seq]
+        both = np.union1d(self._indexes(batch, a, c.slot), self._indexes(batch, b, c.slot))
+        return Share(len(both), (), mask_of(both, batch.n))
+
     # -- batches --
     def publish(self, slab: int, n: int, now: float) -> tuple[int, Published]:
-        """Hands a filled slab to every client: (seq of its first packet, batch).
+        """Hands a filled slab to every group: (seq of its first packet, batch).
         BATCH messages are only queued: the caller writes the batch record
         before it flushes them."""
         seq = self.next_seq
         self.next_seq += n
-        gen = self.pool.publish(slab, holders=len(self.clients))
-        b = Published(slab, gen, n)
-        if self.clients:
+        b = Published(slab, self.pool.gen[slab] + 1, n)
+        owed: list[tuple[ClientState, Share]] = []
+        for name, g in self.groups.items():
+            owed += self._divide(g, self.members(name), b, None, n)
+        assert self.pool.publish(slab, holders=len(owed)) == b.gen
+        if owed:
             self.batches[seq] = b
-        for c in self.clients.values():
-            c.queue.append(seq)
+        for c, share in owed:
+            self._enqueue(c, seq, share)
             self.pump(c, now)
         return seq, b
 
@@ -259,17 +404,28 @@ class Dispatcher:
             return
         while c.queue and len(c.held) < c.credit and self._may_hold(c):
             seq = c.queue.popleft()
-            b = self.batches[seq]
+            b, share = self.batches[seq], c.shares[seq]
             self._tell_gaps(c, now, before=seq)
-            self.conn.send_batch(c.peer, now, seq, b.slab, b.gen, b.n)
+            self.conn.send_batch(c.peer, now, seq, b.slab, b.gen, b.n, share.members,
+                                 share.mask)
             c.held.add(seq)
             c.sent_at[seq] = now
             c.batches += 1
-            c.packets += b.n
+            c.packets += share.packets
         if self.ended and not c.queue and not c.eos_sent:
-            self._tell_gaps(c, now, before=self.next_seq)
-            c.eos_sent = True
-            self.conn.send_eos(c.peer, now, self.end_error)
+            self._end_group(c.group, now)
+
+    def _end_group(self, group: str, now: float) -> None:
+        """End-of-stream goes to a group's members once none of them is owed
+        anything: until then, one that leaves passes its shares on to them."""
+        members = self.members(group)
+        if not self.ended or any(m.queue or m.later for m in members):
+            return
+        for m in members:
+            if m.peer is not None and not m.eos_sent:
+                self._tell_gaps(m, now, before=self.next_seq)
+                m.eos_sent = True
+                self.conn.send_eos(m.peer, now, self.end_error)
 
     def _may_hold(self, c: ClientState) -> bool:
         """`drop` clients together hold at most half the ring, so that however
@@ -293,7 +449,12 @@ class Dispatcher:
             if abandon:
                 for seq in c.queue:
                     self._unref(seq)
+                    del c.shares[seq]
+                for seq in c.later:
+                    self._unref(seq)
                 c.queue.clear()
+                c.later.clear()
+        for c in list(self.clients.values()):
             self.pump(c, now)
 
     def reclaim(self) -> int | None:
@@ -301,14 +462,15 @@ class Dispatcher:
         sent, only to `drop` clients; the skipped packets are counted against
         them alone, and each is told GAP where the batch would have been."""
         for seq in list(self.batches):     # oldest first
-            holders = [c for c in self.clients.values() if seq in c.held or seq in c.queue]
+            holders = [c for c in self.clients.values() if seq in c.shares]
             if not holders or any(c.policy != "drop" or seq in c.held for c in holders):
                 continue
             n = self.batches[seq].n
             for c in holders:
                 c.queue.remove(seq)
-                c.drops += n
-                self.client_drops += n
+                share = c.shares.pop(seq)
+                c.drops += share.packets
+                self.client_drops += share.packets
                 _add_gap(c.gaps, seq, seq + n)
                 self._unref(seq)
             return self.pool.take()
@@ -355,6 +517,7 @@ class ServeOptions:
     group: str | None = None            # clients of this group are admitted too
     grace: float = 0.0                  # seconds a lost client's place is kept for it
     user: str | None = None             # drop privileges to this user once capturing
+    tunnel_hash: bool = False           # hash tunnelled packets on their inner flow
 
 
 class Pacer:
@@ -577,7 +740,9 @@ class Broker:
             self.disp = Dispatcher(self.conn, self.pool,
                                    default_policy="drop" if self.live else "block",
                                    default_credit=self.opts.credit,
-                                   max_clients=self.opts.max_clients, lease=self.opts.lease)
+                                   max_clients=self.opts.max_clients, lease=self.opts.lease,
+                                   # late-bound: the segment must be closable
+                                   descriptors=lambda slab, n: self.seg.descriptors(slab, n))
             self.seg.header.state = lib.PKTIPC_STATE_RUNNING
             self._say_hello()
             self._loop()
@@ -797,6 +962,7 @@ class Broker:
         if slab is not None:
             lib.pktipc_fill_begin(self._fill, self.seg.slab_ptr(slab),
                                   self.geometry.slab_size, 0)
+            self._fill.hash_opts = lib.PKTIPC_HASH_TUNNELS if self.opts.tunnel_hash else 0
             self._open_slab = slab
         return slab
 
@@ -934,9 +1100,16 @@ class Broker:
                       "free": len(self.pool.free)},
             "sources": [self._source_stats(i, s) for i, s in enumerate(self.ifaces)],
             "clients": [
-                {"name": c.name, "group": c.group, "policy": c.policy, "credit": c.credit,
-                 "pid": c.pid, "batches": c.batches, "packets": c.packets, "drops": c.drops,
-                 "held": len(c.held), "queued": len(c.queue), "attached": c.peer is not None}
+                {"name": c.name, "group": c.group, "slot": c.slot, "policy": c.policy,
+                 "credit": c.credit, "pid": c.pid, "batches": c.batches, "packets": c.packets,
+                 "drops": c.drops, "held": len(c.held), "queued": len(c.queue),
+                 "attached": c.peer is not None}
                 for c in self.disp.clients.values()
+            ],
+            "groups": [
+                {"name": name, "balance": g.balance,
+                 "members": [c.name for c in self.disp.members(name)],
+                 "packets": sum(c.packets for c in self.disp.members(name))}
+                for name, g in self.disp.groups.items()
             ],
         }

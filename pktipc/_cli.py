@@ -104,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", type=float, default=0.0, metavar="SEC",
                    help="keep a lost client's place this long: back under its name, it "
                         "resumes where it stopped (default: 0)")
+    s.add_argument("--tunnel-hash", action="store_true",
+                   help="balance GRE, IP-in-IP, VXLAN and GTP-U traffic on the inner flow")
     s.add_argument("--lease", type=float, default=30.0, metavar="SEC",
                    help="a client holding a batch this long is evicted, 0: never "
                         "(default: 30)")
@@ -111,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dump", help="write what a client receives to a capture file")
     d.add_argument("--server", default="default", help="broker name or endpoint")
     d.add_argument("--client", default=f"dump-{os.getpid()}", help="client name")
+    d.add_argument("--group", help="share the packets of this group with its other members "
+                                   "(default: a group of its own)")
+    d.add_argument("--balance", choices=("flow", "round-robin"),
+                   help="how the group divides its packets, if it is the first member "
+                        "(default: flow)")
     d.add_argument("-w", dest="out", required=True, metavar="FILE",
                    help="output file, - for stdout")
     d.add_argument("-c", dest="count", type=int, metavar="COUNT", help="stop after COUNT packets")
@@ -165,15 +172,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
         wait_clients=a.wait_clients, linger=a.linger, slab_size=a.slab_size,
         slab_count=a.slabs, credit=a.credit, max_clients=a.max_clients,
         heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, group=a.group,
-        grace=a.grace)
+        grace=a.grace, tunnel_hash=a.tunnel_hash)
     return _broker.Broker(opts).serve()
 
 
 def cmd_dump(a: argparse.Namespace) -> int:
     if a.count is not None and a.count < 1:
         raise ValueError("-c COUNT must be at least 1")
-    with connect(a.server, a.client, policy=a.policy, credit=a.credit,
-                 timeout=a.timeout) as client:
+    with connect(a.server, a.client, group=a.group, balance=a.balance, policy=a.policy,
+                 credit=a.credit, timeout=a.timeout) as client:
         out = sys.stdout.buffer if a.out == "-" else open(a.out, "wb")  # noqa: SIM115
         try:
             writer = CaptureWriter(out, client.ifaces, a.format)
@@ -186,7 +193,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
                 with batch:
                     n = len(batch) if a.count is None else min(len(batch),
                                                                a.count - writer.packets)
-                    writer.write(batch.descriptors[:n], batch.views()[:n])
+                    writer.write(batch.descriptors[batch.mine[:n]], batch.views()[:n])
                     out.flush()
             writer.finish()
         finally:
@@ -235,11 +242,16 @@ def _status_text(r: dict[str, Any]) -> str:
             if "fanout_id" in s:
                 line += f"  fanout {s['fanout_id']} ({s['fanout_mode']})"
         lines.append(line)
-    for cl in r["clients"]:
-        lines.append(f"  client {cl['name']}  group {cl['group']}  {cl['policy']}  "
-                     f"pid {cl['pid']}  packets {cl['packets']}  batches {cl['batches']}  "
-                     f"held {cl['held']}/{cl['credit']}  queued {cl['queued']}  "
-                     f"drops {cl['drops']}")
+    clients = {cl["name"]: cl for cl in r["clients"]}
+    for g in r["groups"]:
+        lines.append(f"  group {g['name']}  {g['balance']}  {len(g['members'])} member(s)  "
+                     f"packets {g['packets']}")
+        for cl in map(clients.__getitem__, g["members"]):
+            away = "" if cl["attached"] else "  (detached)"
+            lines.append(f"    client {cl['name']}  slot {cl['slot']}  {cl['policy']}  "
+                         f"pid {cl['pid']}  packets {cl['packets']}  batches {cl['batches']}  "
+                         f"held {cl['held']}/{cl['credit']}  queued {cl['queued']}  "
+                         f"drops {cl['drops']}{away}")
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ from ._errors import (
     PermissionDenied,
     refusal,
 )
-from ._layout import LAYOUT_VERSION, Iface, Segment
+from ._layout import LAYOUT_VERSION, Iface, Segment, select
 from ._paths import check_name, control_endpoint, ipc_path
 
 
@@ -105,6 +105,10 @@ class _Mapping:
 class Batch:
     """Packets handed to this client by one BATCH message, read in place.
 
+    A batch is one slab of `n` packets; in a group, only some of them are this
+    member's: `mine` indexes them in `descriptors`, and len(), iteration,
+    packets() and views() give those alone (all of them outside a group).
+
     Use it as a context manager, or call release(): the broker may reuse the
     slab only when every client it went to has released it. Releasing also
     releases every memoryview the batch handed out, so using one afterwards
@@ -112,22 +116,33 @@ class Batch:
     revoke: it reads recycled memory after release, so copy what you keep.
     """
 
-    __slots__ = ("seq", "slab", "gen", "count", "_client", "_map", "_desc", "_views",
-                 "_released", "__weakref__")
+    __slots__ = ("seq", "slab", "gen", "n", "count", "_client", "_map", "_desc", "_mine",
+                 "_views", "_released", "__weakref__")
 
-    def __init__(self, client: Client, mapping: _Mapping, b: proto.Batch) -> None:
+    def __init__(self, client: Client, mapping: _Mapping, b: proto.Batch, slot: int) -> None:
         self.seq = b.seq
         self.slab = b.slab
         self.gen = b.gen
-        self.count = b.n
+        self.n = b.n
         self._client = client
         self._map = mapping
         self._desc: np.ndarray[Any, Any] | None = None
+        self._mine: np.ndarray[Any, Any] | None = None
         self._views: list[memoryview] = []
         self._released = False
+        if b.members or b.mask is not None:
+            # One C pass over the hashes (pktipc_select), not a Python loop.
+            self._mine = select(self.descriptors, b.mask, b.members, slot)
+        self.count = self.n if self._mine is None else len(self._mine)
 
     def __len__(self) -> int:
         return self.count
+
+    @property
+    def mine(self) -> np.ndarray[Any, Any]:
+        """Indexes (uint32, ascending) in `descriptors` of this client's packets."""
+        self._check()
+        return np.arange(self.n, dtype=np.uint32) if self._mine is None else self._mine
 
     def __repr__(self) -> str:
         state = "released" if self._released else "held"
@@ -141,18 +156,23 @@ class Batch:
 
     @property
     def descriptors(self) -> np.ndarray[Any, Any]:
-        """Structured array (dtype pktipc.PKT_DTYPE) over the slab's descriptors."""
+        """Structured array (dtype pktipc.PKT_DTYPE) over all the slab's
+        descriptors, this client's packets or not (see `mine`)."""
         self._check()
         if self._desc is None:
             if self._map.seg.batch_rec(self.slab).gen != self.gen:
                 raise BrokerGone(f"batch {self.seq} was taken back by the broker")
-            self._desc = self._map.seg.descriptors(self.slab, self.count)
+            self._desc = self._map.seg.descriptors(self.slab, self.n)
         return self._desc
 
+    def _own(self) -> np.ndarray[Any, Any]:
+        d = self.descriptors
+        return d if self._mine is None else d[self._mine]
+
     def views(self) -> list[memoryview]:
-        """The bytes of every packet, in order (zero-copy, read-only)."""
+        """The bytes of each of this client's packets, in order (zero-copy, read-only)."""
         with _no_gc():
-            return self._make_views(self.descriptors)
+            return self._make_views(self._own())
 
     def _make_views(self, d: np.ndarray[Any, Any]) -> list[memoryview]:
         starts = (d["data_off"].astype(np.int64) + self._map.slab_base(self.slab)).tolist()
@@ -162,16 +182,18 @@ class Batch:
         return views
 
     def packets(self) -> list[Packet]:
-        """Every packet of the batch, in order; built column by column."""
+        """This client's packets of the batch, in order; built column by column."""
         with _no_gc():
-            return self._packets(self._make_views(self.descriptors))
+            return self._packets(self._make_views(self._own()))
 
     def _packets(self, data: Iterable[memoryview | bytes]) -> list[Packet]:
-        d = self.descriptors
+        d = self._own()
+        seqs = (range(self.seq, self.seq + self.n) if self._mine is None
+                else (self._mine.astype(np.int64) + self.seq).tolist())
         return list(map(_make_packet, zip(
             data, d["ts_ns"].tolist(), d["caplen"].tolist(), d["wirelen"].tolist(),
-            d["linktype"].tolist(), d["iface"].tolist(), range(self.seq, self.seq + self.count),
-            d["flags"].tolist(), strict=True)))
+            d["linktype"].tolist(), d["iface"].tolist(), seqs, d["flags"].tolist(),
+            strict=True)))
 
     def __iter__(self) -> Iterator[Packet]:
         return iter(self.packets())
@@ -200,10 +222,15 @@ class _Lost(Exception):
 class Client:
     """One named client of one broker. See connect()."""
 
-    def __init__(self, server: str, client: str, *, policy: str | None = None,
+    def __init__(self, server: str, client: str, *, group: str | None = None,
+                 balance: str | None = None, policy: str | None = None,
                  credit: int | None = None, timeout: float = 5.0,
                  reconnect: float = 30.0) -> None:
         check_name("client", client)
+        if group is not None:
+            check_name("group", group)
+        if balance is not None and balance not in proto.BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(proto.BALANCES)}")
         if policy is not None and policy not in proto.POLICIES:
             raise ValueError(f"policy must be one of {', '.join(proto.POLICIES)}")
         if credit is not None and not 1 <= credit <= proto.MAX_CREDIT:
@@ -216,6 +243,7 @@ class Client:
         self.gaps: list[tuple[int, int]] = []
         self.end_error: str | None = None
         self._policy, self._credit = policy, credit
+        self._group, self._balance = group, balance
         self._ended = False
         self._lost_at: float | None = None
         self._pending: deque[proto.Batch] = deque()
@@ -239,8 +267,9 @@ class Client:
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.connect(self.endpoint)
         self._conn = proto.ClientConnection()
-        self._conn.hello(time.monotonic(), name=self.name, group=None, policy=self._policy,
-                         credit=self._credit, pid=os.getpid())
+        self._conn.hello(time.monotonic(), name=self.name, group=self._group,
+                         policy=self._policy, credit=self._credit, pid=os.getpid(),
+                         balance=self._balance)
         try:
             self.welcome = self._await_welcome(timeout)
             mapping = _Mapping(self.welcome, self.server)
@@ -305,6 +334,16 @@ class Client:
             return True
 
     @property
+    def group(self) -> str:
+        """The group this client shares packets with (its own name by default)."""
+        return self.welcome.group
+
+    @property
+    def balance(self) -> str:
+        """How the group divides its packets: "flow" or "round-robin"."""
+        return self.welcome.balance
+
+    @property
     def epoch(self) -> int:
         """The broker's epoch: it changes when the client attaches to a new broker."""
         self._check_open()
@@ -352,8 +391,11 @@ class Client:
         if self._pending:
             b = self._pending.popleft()
             self._held.add(b.seq)
-            batch = Batch(self, self._map, b)
+            batch = Batch(self, self._map, b, self.welcome.slot)
             self._batches.add(batch)
+            if not batch.count:
+                batch.release()     # the broker sends no empty share; never hand one out
+                return False
             return batch
         if self._ended:
             raise EndOfStream(self.end_error)
@@ -392,7 +434,7 @@ class Client:
             if b is None:
                 return
             with b, _no_gc():
-                copies = b._packets(map(bytes, b._make_views(b.descriptors)))
+                copies = b._packets(map(bytes, b._make_views(b._own())))
             yield from copies
 
     def stats(self, timeout: float = 2.0) -> dict[str, Any]:
@@ -529,10 +571,18 @@ def _check_socket(server: str, path: Path | None) -> None:
                                "and a group given with serve --group)")
 
 
-def connect(server: str, client: str, *, policy: str | None = None,
-            credit: int | None = None, timeout: float = 5.0, reconnect: float = 30.0) -> Client:
+def connect(server: str, client: str, *, group: str | None = None, balance: str | None = None,
+            policy: str | None = None, credit: int | None = None, timeout: float = 5.0,
+            reconnect: float = 30.0) -> Client:
     """Attaches to broker `server` (a name or "ipc://..."/"tcp://..." endpoint)
     as `client`, a name unique on that broker.
+
+    group: every group receives every packet; the members of a group share
+    its packets (default: a group of its own, named as the client). balance:
+    how a group divides them, "flow" (the default: every packet of a flow,
+    both ways, to one member) or "round-robin" (whole batches in turn); the
+    group's first member sets it, and asking another is refused (Refused,
+    code "balance-mismatch").
 
     policy: "block" (lossless: the broker waits for this client) or "drop"
     (the broker skips ahead when it lags, reporting Client.gaps); default:
@@ -540,8 +590,8 @@ def connect(server: str, client: str, *, policy: str | None = None,
     first attachment. reconnect: if the broker dies, how long to keep trying
     to attach to the one that takes its place (0: raise BrokerGone at once).
     """
-    return Client(server, client, policy=policy, credit=credit, timeout=timeout,
-                  reconnect=reconnect)
+    return Client(server, client, group=group, balance=balance, policy=policy, credit=credit,
+                  timeout=timeout, reconnect=reconnect)
 
 
 def broker_stats(server: str, timeout: float = 2.0) -> dict[str, Any]:

@@ -5,12 +5,16 @@ The rules it keeps:
 - Every frame is one msgpack map holding "t" (the message type), "v" (the
   protocol version) and exactly the fields SCHEMAS lists for that type.
 - A client's first message is HELLO; the broker answers WELCOME or ERROR.
+  WELCOME names the client's group, its balance mode and the client's slot.
   Only STATS, BYE and HELLO may come from a peer that is not attached.
 - ERROR refuses one message and changes nothing else (after HELLO: the
   client stays unattached). Only EVICT ends an attachment from the broker's
   side, BYE from the client's.
 - Batches go to attached clients only; a client gives each one back with
-  RELEASE. END-OF-STREAM follows the last batch.
+  RELEASE. END-OF-STREAM follows the last batch. A BATCH names the packets
+  of the slab that are the client's (its share of its group's packets,
+  shm/PROTOCOL.md): `mask` has a bit for each of the slab's `n` packets and
+  no other, and a client's own slot is among `members` if any are named.
 - Both sides send HEARTBEAT when they have been quiet for an interval; a peer
   heard from for no longer than its liveness is lost.
 - Every field of every incoming frame is checked. On the broker a bad frame
@@ -30,12 +34,13 @@ from typing import Any
 
 import msgpack
 
-VERSION = 1
+VERSION = 2
 MAX_FRAME = 64 * 1024             # what the broker accepts from a peer
 MAX_BROKER_FRAME = 64 * 1024 * 1024   # what a client accepts (STATS of a big broker)
 MAX_RELEASE = 4096
 MAX_CREDIT = 4096
 MAX_TEXT = 1024
+MAX_MEMBERS = 1024                # slots a BATCH may name
 BROKER_MISSED_HEARTBEATS = 5
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
@@ -94,12 +99,23 @@ def _map(x: Any) -> bool:
     return type(x) is dict
 
 
+def _slots(x: Any) -> bool:
+    return (type(x) is list and len(x) <= MAX_MEMBERS
+            and all(type(s) is int and 0 <= s <= U32 for s in x) and len(set(x)) == len(x))
+
+
+def _bytes(x: Any) -> bool:
+    return type(x) is bytes
+
+
 POLICIES = ("block", "drop")
+BALANCES = ("flow", "round-robin")
 
 SCHEMAS: dict[str, dict[str, Check]] = {
     # client -> broker
     "hello": {"name": _name, "group": _opt(_name), "policy": _opt(_one_of(*POLICIES)),
-              "credit": _opt(_int(1, MAX_CREDIT)), "pid": _int(0, U32)},
+              "credit": _opt(_int(1, MAX_CREDIT)), "pid": _int(0, U32),
+              "balance": _opt(_one_of(*BALANCES))},
     "release": {"seqs": _seqs},
     "stats": {},
     "bye": {},
@@ -107,9 +123,9 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "welcome": {"shm": _str(255), "epoch": _int(0, U64), "layout": _int(0, U32),
                 "slot": _int(0, U32), "credit": _int(1, MAX_CREDIT),
                 "policy": _one_of(*POLICIES), "heartbeat_ms": _int(1, U32),
-                "liveness_ms": _int(1, U32)},
+                "liveness_ms": _int(1, U32), "group": _name, "balance": _one_of(*BALANCES)},
     "batch": {"seq": _int(0, U64), "slab": _int(0, U32), "gen": _int(0, U32),
-              "n": _int(1, U32)},
+              "n": _int(1, U32), "members": _slots, "mask": _opt(_bytes)},
     "gap": {"from": _int(0, U64), "to": _int(0, U64)},
     "eos": {"error": _opt(_str(1024))},
     "error": {"code": _str(64), "text": _str(MAX_TEXT)},
@@ -118,6 +134,21 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     # both ways
     "heartbeat": {},
 }
+
+
+def _mask_fits(f: dict[str, Any]) -> bool:
+    """A BATCH mask has one bit per packet of the slab, and no bit beyond."""
+    mask, n = f["mask"], f["n"]
+    return mask is None or (len(mask) == (n + 7) // 8 and not (n % 8 and mask[-1] >> n % 8))
+
+
+# Rules across the fields of one message, after each field passed SCHEMAS.
+CROSS_CHECKS: dict[str, Callable[[dict[str, Any]], bool]] = {"batch": _mask_fits}
+
+
+def _cross_check(mtype: str, fields: dict[str, Any]) -> bool:
+    check = CROSS_CHECKS.get(mtype)
+    return check is None or check(fields)
 
 
 def encode(mtype: str, **fields: Any) -> bytes:
@@ -130,6 +161,8 @@ def encode(mtype: str, **fields: Any) -> bytes:
     for key, check in schema.items():
         if not check(fields[key]):
             raise LocalProtocolError("bad-field", f"{mtype}.{key} = {fields[key]!r}")
+    if not _cross_check(mtype, fields):
+        raise LocalProtocolError("bad-field", f"{mtype}: fields disagree")
     out: bytes = msgpack.packb({"t": mtype, "v": VERSION, **fields}, use_bin_type=True)
     return out
 
@@ -160,6 +193,8 @@ def decode(frame: bytes, limit: int = MAX_FRAME) -> tuple[str, dict[str, Any]]:
     for key, check in schema.items():
         if not check(msg[key]):
             raise RemoteProtocolError("bad-field", f"{mtype}.{key}: bad value")
+    if not _cross_check(mtype, msg):
+        raise RemoteProtocolError("bad-field", f"{mtype}: fields disagree")
     return mtype, msg
 
 
@@ -174,6 +209,7 @@ class Hello:
     policy: str | None
     credit: int | None
     pid: int
+    balance: str | None = None
 
 
 @dataclass(frozen=True)
@@ -207,14 +243,21 @@ class Welcome:
     policy: str
     heartbeat_ms: int
     liveness_ms: int
+    group: str
+    balance: str
 
 
 @dataclass(frozen=True)
 class Batch:
+    """A slab handed to a client; its share is the packets set in `mask`
+    (None: all) that `members`, if any, give to the client's slot."""
+
     seq: int
     slab: int
     gen: int
     n: int
+    members: tuple[int, ...] = ()
+    mask: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -338,7 +381,8 @@ class BrokerConnection:
         if BROKER_TRANSITIONS[(state, mtype)] is State.CLOSED:
             del self.peers[peer]
         if mtype == "hello":
-            return [Hello(peer, f["name"], f["group"], f["policy"], f["credit"], f["pid"])]
+            return [Hello(peer, f["name"], f["group"], f["policy"], f["credit"], f["pid"],
+                          f["balance"])]
         if mtype == "release":
             return [Release(peer, f["seqs"])]
         if mtype == "stats":
@@ -349,12 +393,12 @@ class BrokerConnection:
 
     # -- decisions and sends --
     def accept(self, peer: bytes, now: float, *, shm: str, epoch: int, layout: int,
-               slot: int, credit: int, policy: str) -> None:
+               slot: int, credit: int, policy: str, group: str, balance: str) -> None:
         if peer in self.peers:
             raise LocalProtocolError("unexpected", "peer already attached")
         frame = encode("welcome", shm=shm, epoch=epoch, layout=layout, slot=slot,
                        credit=credit, policy=policy, heartbeat_ms=round(self.heartbeat * 1000),
-                       liveness_ms=round(self.liveness * 1000))
+                       liveness_ms=round(self.liveness * 1000), group=group, balance=balance)
         self.peers[peer] = _Peer(last_recv=now, last_sent=now)
         self._out.append((peer, frame))
 
@@ -363,9 +407,11 @@ class BrokerConnection:
         self.errors += 1
         self._send(peer, "error", now, code=code, text=text[:MAX_TEXT])
 
-    def send_batch(self, peer: bytes, now: float, seq: int, slab: int, gen: int, n: int) -> None:
+    def send_batch(self, peer: bytes, now: float, seq: int, slab: int, gen: int, n: int,
+                   members: tuple[int, ...] = (), mask: bytes | None = None) -> None:
         self._attached(peer)
-        self._send(peer, "batch", now, seq=seq, slab=slab, gen=gen, n=n)
+        self._send(peer, "batch", now, seq=seq, slab=slab, gen=gen, n=n, members=list(members),
+                   mask=mask)
 
     def send_gap(self, peer: bytes, now: float, start: int, end: int) -> None:
         self._attached(peer)
@@ -429,6 +475,7 @@ class ClientConnection:
 
     def __init__(self) -> None:
         self.state = State.NEW
+        self.slot: int | None = None       # from WELCOME
         self.heartbeat = 1.0
         self.liveness = 30.0
         self._last_recv = 0.0
@@ -436,10 +483,12 @@ class ClientConnection:
         self._out: list[bytes] = []
 
     def hello(self, now: float, *, name: str, group: str | None = None,
-              policy: str | None = None, credit: int | None = None, pid: int = 0) -> None:
+              policy: str | None = None, credit: int | None = None, pid: int = 0,
+              balance: str | None = None) -> None:
         if self.state is not State.NEW:
             raise LocalProtocolError("unexpected", "HELLO already sent")
-        self._send("hello", now, name=name, group=group, policy=policy, credit=credit, pid=pid)
+        self._send("hello", now, name=name, group=group, policy=policy, credit=credit, pid=pid,
+                   balance=balance)
         self.state = State.HELLO_SENT
 
     def request_stats(self, now: float) -> None:
@@ -461,6 +510,8 @@ class ClientConnection:
         key = (self.state, mtype)
         if key not in CLIENT_TRANSITIONS:
             raise RemoteProtocolError("unexpected", f"{mtype} while {self.state.value}")
+        if mtype == "batch" and f["members"] and self.slot not in f["members"]:
+            raise RemoteProtocolError("bad-field", f"batch: slot {self.slot} not among members")
         self.state = CLIENT_TRANSITIONS[key]
         self._last_recv = now
         if mtype == "welcome":
@@ -470,9 +521,10 @@ class ClientConnection:
             self.heartbeat = max(1, min(f["heartbeat_ms"], f["liveness_ms"] // 3)) / 1000
             self.liveness = BROKER_MISSED_HEARTBEATS * f["heartbeat_ms"] / 1000
             self._last_sent = now
+            self.slot = f["slot"]
             return [Welcome(**f)]
         if mtype == "batch":
-            return [Batch(**f)]
+            return [Batch(f["seq"], f["slab"], f["gen"], f["n"], tuple(f["members"]), f["mask"])]
         if mtype == "gap":
             return [Gap(f["from"], f["to"])]
         if mtype == "eos":

@@ -62,9 +62,11 @@ def frame(rng: random.Random, flow: tuple[int, ...], reply: bool, size: int) -> 
 SIZES = (64, 64, 128, 576, 1400, 1514)
 
 
-def frames(rng: random.Random, flows: int = 64,
-           sizes: tuple[int, ...] = SIZES) -> Iterator[bytes]:
-    """Endless frames of `flows` flows, a few flows carrying most packets."""
+def frames(rng: random.Random, flows: int = 64, sizes: tuple[int, ...] = SIZES,
+           skew: float | None = 1.2) -> Iterator[bytes]:
+    """Endless frames of `flows` flows, picked with a Pareto law of index
+    `skew` (a few carry most packets, as on a real link), or evenly with
+    `skew` None."""
     table = []
     for _ in range(flows):
         v6 = rng.random() < 0.25
@@ -73,19 +75,22 @@ def frames(rng: random.Random, flows: int = 64,
         table.append((v6, proto, rng.randrange(1, 60000), rng.randrange(1, 60000),
                       rng.randrange(1024, 65535), rng.choice((80, 443, 53, 8080)), vlan))
     while True:
-        flow = table[int(rng.paretovariate(1.2)) % flows]
+        pick = int(rng.paretovariate(skew)) if skew is not None else rng.randrange(flows)
+        flow = table[pick % flows]
         yield frame(rng, flow, rng.random() < 0.4, rng.choice(sizes))
 
 
 def write_pcap(out: BinaryIO, packets: int, *, flows: int = 64, seed: int = 1,
                sizes: tuple[int, ...] = SIZES,
-               rate_pps: float = 2000.0, start_ns: int = 1_700_000_000_000_000_000) -> None:
-    """`packets` frames of `flows` flows, timestamps `rate_pps` apart on average."""
+               rate_pps: float = 2000.0, start_ns: int = 1_700_000_000_000_000_000,
+               skew: float | None = 1.2) -> None:
+    """`packets` frames of `flows` flows (see frames()), timestamps `rate_pps`
+    apart on average."""
     rng = random.Random(seed)
     out.write(struct.pack("<IHHiIII", PCAP_NS_MAGIC, 2, 4, 0, 0, 65535, 1))
     ts = start_ns
     gap = 1e9 / rate_pps
-    for data in islice(frames(rng, flows, sizes), packets):
+    for data in islice(frames(rng, flows, sizes, skew), packets):
         ts += int(rng.expovariate(1.0) * gap) + 1
         out.write(struct.pack("<IIII", ts // 1_000_000_000, ts % 1_000_000_000,
                               len(data), len(data)))

@@ -22,6 +22,7 @@
 
 #include "pktipc_shm.h"
 #include "ingest.h"
+#include "flowhash.h"
 #include "afpacket.h"
 
 #define LINKTYPE_ETHERNET 1
@@ -302,7 +303,7 @@ static int copy_packet(const pktipc_ring *r, struct pktipc_fill *f, const struct
     d->data_off = f->data_low;
     d->caplen = caplen;
     d->wirelen = wire;
-    d->hash = 0;
+    d->hash = pktipc_flow_hash(dst, caplen, r->linktype, f->hash_opts);
     d->iface = (uint16_t)f->iface;
     d->linktype = (uint16_t)r->linktype;
     d->vlan_tci = tci;

@@ -7,6 +7,7 @@
 
 #include "pktipc_shm.h"
 #include "ingest.h"
+#include "flowhash.h"
 
 struct pktipc_src {
     pcap_t *p;
@@ -130,7 +131,7 @@ int pktipc_src_fill(pktipc_src *s, struct pktipc_fill *f, int64_t ts_limit, uint
         d->data_off = f->data_low;
         d->caplen = caplen;
         d->wirelen = h->len;
-        d->hash = 0;
+        d->hash = pktipc_flow_hash(s->data, caplen, linktype, f->hash_opts);
         d->iface = (uint16_t)f->iface;
         d->linktype = linktype;
         d->vlan_tci = 0;

@@ -23,6 +23,7 @@ struct pktipc_fill {
     uint64_t bytes;        /* captured bytes written */
     int64_t first_ts_ns;
     int64_t last_ts_ns;
+    uint32_t hash_opts;    /* PKTIPC_HASH_* for pktipc_flow_hash(); cleared by fill_begin */
 };
 
 typedef struct pktipc_src pktipc_src;

@@ -14,6 +14,13 @@
 
 #include "pktipc_layout.h"
 
+/* Helpers marked PKTIPC_INLINE are static inline here; pktipc_shm.c
+ * compiles them as real symbols (prototypes in pktipc_shm_ffi.h) for FFI
+ * users, which cannot call an inline function. */
+#ifndef PKTIPC_INLINE
+#define PKTIPC_INLINE static inline
+#endif
+
 /* Pins a field's offset and width, so neither moving a field nor narrowing
  * it into implicit padding goes unnoticed. */
 #define PKTIPC_ASSERT_AT(type, field, off, size)                                       \
@@ -146,6 +153,74 @@ static inline const uint8_t *pktipc_pkt_bytes(const uint8_t *slab, const struct 
 static inline unsigned pktipc_pkt_direction(const struct pktipc_pkt *p)
 {
     return (p->flags & PKTIPC_F_DIR_MASK) >> PKTIPC_F_DIR_SHIFT;
+}
+
+/*
+ * Flow balancing within a group: rendezvous (highest random weight) hashing.
+ * A packet whose descriptor hash is h belongs to the member whose slot s
+ * gives the highest pktipc_hrw_weight(h, s). A member joining takes about
+ * 1/N of the flows and a member leaving gives up only its own; a member that
+ * comes back with its slot wins back the same flows. shm/PROTOCOL.md says
+ * how a BATCH names the members a batch is divided among.
+ */
+PKTIPC_INLINE uint64_t pktipc_hrw_weight(uint32_t hash, uint32_t slot)
+{
+    /* murmur3's 64-bit finaliser: a bijection, so two slots never tie. */
+    uint64_t x = (uint64_t)slot << 32 | hash;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return x;
+}
+
+/* Index in members[0..n) of the member owning flow hash `hash`; n >= 1. */
+PKTIPC_INLINE uint32_t pktipc_flow_owner(uint32_t hash, const uint32_t *members, uint32_t n)
+{
+    uint32_t best = 0;
+    uint64_t top = pktipc_hrw_weight(hash, members[0]);
+    for (uint32_t i = 1; i < n; i++) {
+        uint64_t w = pktipc_hrw_weight(hash, members[i]);
+        int higher = w > top;           /* conditional moves, not a branch */
+        top = higher ? w : top;
+        best = higher ? i : best;
+    }
+    return best;
+}
+
+/* A member's share of a batch of `count` packets: writes to out[] (room for
+ * `count`) the indexes, in order, of the packets that are set in `mask` (bit
+ * i & 7 of byte i >> 3; NULL: every packet) and, if n > 0, owned by slot
+ * `me` among members[0..n). Returns how many it wrote. */
+PKTIPC_INLINE uint32_t pktipc_select(const struct pktipc_pkt *pkts, uint32_t count,
+                                     const uint8_t *mask, const uint32_t *members, uint32_t n,
+                                     uint32_t me, uint32_t *out)
+{
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        /* Branch-free: whose packet it is follows no pattern a branch
+         * predictor could learn. */
+        uint32_t mine = mask ? mask[i >> 3] >> (i & 7) & 1 : 1;
+        if (n)
+            mine &= members[pktipc_flow_owner(pkts[i].hash, members, n)] == me;
+        out[k] = i;
+        k += mine;
+    }
+    return k;
+}
+
+/* Adds to counts[j] the packets of the batch (those set in `mask`, if not
+ * NULL) owned by members[j]; n >= 1. One pass for every member's share. */
+PKTIPC_INLINE void pktipc_share_counts(const struct pktipc_pkt *pkts, uint32_t count,
+                                       const uint8_t *mask, const uint32_t *members, uint32_t n,
+                                       uint32_t *counts)
+{
+    for (uint32_t i = 0; i < count; i++) {
+        if (mask && !(mask[i >> 3] >> (i & 7) & 1))
+            continue;
+        counts[pktipc_flow_owner(pkts[i].hash, members, n)]++;
+    }
 }
 
 #endif /* PKTIPC_SHM_H */

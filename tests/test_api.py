@@ -28,7 +28,9 @@ def test_errors_share_one_base() -> None:
 
 @pytest.mark.parametrize(("code", "cls"), [("name-taken", pktipc.NameTaken),
                                            ("too-many-clients", pktipc.Refused),
-                                           ("bad-release", pktipc.Refused)])
+                                           ("bad-release", pktipc.Refused),
+                                           ("balance-mismatch", pktipc.Refused),
+                                           ("group-mismatch", pktipc.Refused)])
 def test_refusal_maps_every_code(code: str, cls: type) -> None:
     e = refusal(code, "why")
     assert type(e) is cls and e.code == code and str(e) == "why"
@@ -40,3 +42,7 @@ def test_bad_names_are_refused_before_any_io() -> None:
             pktipc.connect("broker", bad)
         with pytest.raises(ValueError):
             pktipc.connect(bad, "client")
+        with pytest.raises(ValueError):
+            pktipc.connect("broker", "client", group=bad)
+    with pytest.raises(ValueError, match="balance"):
+        pktipc.connect("broker", "client", balance="hash")

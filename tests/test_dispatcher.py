@@ -4,15 +4,17 @@ SlabPool and real ClientConnections, frames carried by hand, no sockets."""
 from __future__ import annotations
 
 import itertools
+import random
 from collections import defaultdict, deque
 from typing import Any
 
+import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pktipc._broker import Dispatcher
-from pktipc._layout import SlabPool
+from pktipc._layout import PKT_DTYPE, SlabPool, select
 from pktipc._protocol import (
     Batch,
     BrokerConnection,
@@ -42,10 +44,15 @@ class World:
                  max_clients: int = 8) -> None:
         self.conn = BrokerConnection(heartbeat=1.0, liveness=30.0)
         self.pool = SlabPool(slabs)
+        self.desc: dict[int, np.ndarray[Any, Any]] = {}     # slab -> its descriptors
         self.disp = Dispatcher(self.conn, self.pool, default_policy=policy,
-                               default_credit=credit, max_clients=max_clients)
+                               default_credit=credit, max_clients=max_clients,
+                               descriptors=lambda slab, n: self.desc[slab][:n])
         self.clients: dict[bytes, ClientConnection] = {}
         self.log: dict[bytes, list[Any]] = defaultdict(list)
+        # Packet seqs of each BATCH a client received, as the client selects them.
+        self.share: dict[bytes, dict[int, list[int]]] = defaultdict(dict)
+        self.shares_log: dict[bytes, list[list[int]]] = defaultdict(list)
         self.now = 0.0
         self._ids = itertools.count()
 
@@ -86,9 +93,24 @@ class World:
             for peer, f in self.conn.frames_to_send():
                 moved = True
                 try:
-                    self.log[peer] += self.clients[peer].receive(f, self.now)
+                    events = self.clients[peer].receive(f, self.now)
                 except RemoteProtocolError as e:
                     self.log[peer].append(e)
+                    continue
+                self.log[peer] += events
+                for e in events:
+                    if isinstance(e, Batch):
+                        self.share[peer][e.seq] = self.select(peer, e)
+                        self.shares_log[peer].append(self.share[peer][e.seq])
+
+    def select(self, peer: bytes, b: Batch) -> list[int]:
+        """The packets of a BATCH that are the client's, as a client computes them."""
+        slot = self.clients[peer].slot
+        assert slot is not None
+        if not b.members and b.mask is None:
+            return list(range(b.seq, b.seq + b.n))
+        idx = select(self.desc[b.slab][: b.n], b.mask, b.members, slot)
+        return [b.seq + int(i) for i in idx]
 
     def take(self) -> int:
         slab = self.pool.take()
@@ -97,10 +119,17 @@ class World:
         assert slab is not None, "no slab free and none reclaimable"
         return slab
 
-    def publish(self, n: int = 1, slab: int | None = None) -> int:
-        """Publishes one batch of n packets; returns its seq."""
+    def publish(self, n: int = 1, slab: int | None = None,
+                hashes: list[int] | None = None) -> int:
+        """Publishes one batch of n packets (flow hashes: distinct unless
+        given); returns its seq."""
         seq = self.disp.next_seq
-        self.disp.publish(self.take() if slab is None else slab, n, self.now)
+        slab = self.take() if slab is None else slab
+        d = np.zeros(n, dtype=PKT_DTYPE)
+        d["hash"] = (hashes if hashes is not None else
+                     [(s * 2654435761 + 12345) % 2**32 for s in range(seq, seq + n)])
+        self.desc[slab] = d
+        self.disp.publish(slab, n, self.now)
         self.flush()
         return seq
 
@@ -665,3 +694,346 @@ def test_drop_clients_together_hold_at_most_half_the_ring() -> None:
     # The block client never waits for a slab: reclaim frees what only the
     # drop clients are owed.
     assert w.disp.reclaim() is not None
+
+
+# --- groups -------------------------------------------------------------------------------
+
+M64 = 2**64 - 1
+
+
+def hrw_owner(h: int, slots: list[int]) -> int:
+    """pktipc_shm.h's owner rule, written again: murmur3's fmix64 of slot:hash."""
+    def weight(slot: int) -> int:
+        x = slot << 32 | h
+        x ^= x >> 33
+        x = (x * 0xFF51AFD7ED558CCD) & M64
+        x ^= x >> 33
+        x = (x * 0xC4CEB9FE1A85EC53) & M64
+        return x ^ (x >> 33)
+    return max(slots, key=weight)
+
+
+def consumed(w: World, peer: bytes) -> list[int]:
+    """Every packet of every BATCH `peer` received, in order."""
+    return [p for share in w.shares_log[peer] for p in share]
+
+
+def test_groups_fan_out_and_members_share_by_flow() -> None:
+    w = World(slabs=8, credit=8)
+    w1 = w.connect("w1", group="ids")
+    w2 = w.connect("w2", group="ids")
+    rec = w.connect("rec")
+    hashes = [h * 0x9E3779B1 % 2**32 for h in range(400)]
+    for i in range(4):
+        w.publish(100, hashes=hashes[100 * i : 100 * (i + 1)])
+    assert consumed(w, rec) == list(range(400))          # a group of one: everything
+    got1, got2 = consumed(w, w1), consumed(w, w2)
+    assert sorted(got1 + got2) == list(range(400))       # the group: each packet once
+    s1, s2 = w.state(w1).slot, w.state(w2).slot
+    assert got1 == [p for p in range(400) if hrw_owner(hashes[p], [s1, s2]) == s1]
+    assert 150 < len(got1) < 250
+    # What a BATCH says: the group's slots, no mask; the lone member: nothing.
+    b = w.batches(w1)[0]
+    assert (b.members, b.mask) == ((s1, s2), None)
+    assert (w.batches(rec)[0].members, w.batches(rec)[0].mask) == ((), None)
+    assert (w.state(w1).packets, w.state(w2).packets) == (len(got1), len(got2))
+    assert w.pool.refs[w.batches(rec)[0].slab] == 3
+
+
+def test_packets_of_one_flow_go_to_one_member() -> None:
+    w = World(slabs=8, credit=8)
+    peers = [w.connect(f"w{i}", group="ids") for i in range(3)]
+    flows = [0xDEAD0000 + i for i in range(12)]
+    rng = random.Random(3)
+    for _ in range(5):
+        w.publish(50, hashes=[rng.choice(flows) for _ in range(50)])
+    owner_of: dict[int, bytes] = {}
+    for peer in peers:
+        for seq in w.seqs(peer):
+            b = next(b for b in w.batches(peer) if b.seq == seq)
+            d = w.desc[b.slab]
+            for p in w.share[peer][seq]:
+                flow = int(d["hash"][p - seq])
+                assert owner_of.setdefault(flow, peer) == peer
+    assert len(set(owner_of.values())) == 3
+
+
+def test_a_member_with_nothing_in_a_batch_gets_no_batch() -> None:
+    w = World(slabs=4, credit=4)
+    a, b = w.connect("a", group="g"), w.connect("b", group="g")
+    sa, sb = w.state(a).slot, w.state(b).slot
+    h = next(h for h in range(1, 1000) if hrw_owner(h, [sa, sb]) == sa)
+    seq = w.publish(5, hashes=[h] * 5)
+    assert w.seqs(a) == [seq] and w.seqs(b) == []
+    assert w.pool.refs[w.batches(a)[0].slab] == 1
+    assert (w.state(a).packets, w.state(b).packets) == (5, 0)
+
+
+def test_round_robin_gives_whole_batches_in_turn() -> None:
+    w = World(slabs=8, credit=8)
+    a = w.connect("a", group="rr", balance="round-robin")
+    b = w.connect("b", group="rr")          # joins in the group's mode
+    c = w.connect("c", group="rr", balance="round-robin")
+    assert [w.log[p][0].balance for p in (a, b, c)] == ["round-robin"] * 3
+    seqs = [w.publish(3) for _ in range(6)]
+    assert w.seqs(a) == [seqs[0], seqs[3]]
+    assert w.seqs(b) == [seqs[1], seqs[4]]
+    assert w.seqs(c) == [seqs[2], seqs[5]]
+    assert all((x.members, x.mask) == ((), None) for p in (a, b, c) for x in w.batches(p))
+
+
+def test_another_balance_mode_is_refused() -> None:
+    w = World()
+    a = w.connect("a", group="ids", balance="flow")
+    bad = w.connect("b", group="ids", balance="round-robin")
+    [err] = w.log[bad]
+    assert isinstance(err, ErrorReply) and err.code == "balance-mismatch"
+    assert "flow" in err.text and "round-robin" in err.text
+    assert set(w.disp.clients) == {"a"}
+    assert isinstance(w.log[a][0], Welcome) and w.log[a][0].group == "ids"
+    # Once the group is empty, its next first member sets the mode again.
+    w.bye(a)
+    again = w.connect("b", group="ids", balance="round-robin")
+    assert w.log[again][0].balance == "round-robin"
+
+
+def test_leaver_shares_go_to_the_rest_exactly_once() -> None:
+    w = World(slabs=8, credit=1)
+    a, b, c = (w.connect(n, group="g") for n in "abc")
+    for _ in range(4):
+        w.publish(60)
+    # Each holds its share of the first batch; the rest is queued.
+    assert [len(w.seqs(p)) for p in (a, b, c)] == [1, 1, 1]
+    w.bye(b)                                  # holds one share, owes three
+    for _ in range(12):
+        for p in (a, c):
+            if w.state(p).held:
+                w.release(p, *w.state(p).held)
+    assert sorted(consumed(w, a) + consumed(w, c)) == list(range(240))   # b's held share too
+    assert w.pool.in_use == 0
+
+
+def test_a_held_seq_gets_the_leavers_share_after_release() -> None:
+    w = World(slabs=4, credit=2)
+    a, b = w.connect("a", group="g"), w.connect("b", group="g", credit=1)
+    w.publish(40)
+    w.publish(40)                      # b holds seq 0, owes seq 40; a holds both
+    w.bye(b)
+    assert w.seqs(a) == [0, 40]        # nothing more while a holds them
+    assert set(w.state(a).later) == {0, 40}
+    w.release(a, 0)
+    assert w.seqs(a) == [0, 40, 0]     # b's part of seq 0, as a second BATCH
+    second = w.batches(a)[2]
+    assert second.mask is not None and second.members == ()
+    w.release(a, 40, 0)
+    assert w.seqs(a) == [0, 40, 0, 40]
+    w.release(a, 40)
+    assert sorted(consumed(w, a)) == list(range(80))
+    assert w.pool.in_use == 0
+
+
+def test_a_queued_seq_is_merged_with_the_leavers_share() -> None:
+    w = World(slabs=4, credit=1)
+    a = w.connect("a", group="g")
+    b = w.connect("b", group="g")
+    w.publish(40)
+    w.publish(40)                      # both hold seq 0; seq 40 queued for both
+    w.bye(b)
+    assert w.pool.refs[w.disp.batches[40].slab] == 1   # b's share merged into a's
+    w.release(a, 0)
+    assert w.seqs(a) == [0, 0]                          # b's part of seq 0 first
+    w.release(a, 0)
+    merged = w.batches(a)[2]
+    assert merged.seq == 40 and merged.members == () and merged.mask is not None
+    assert w.share[a][40] == list(range(40, 80))
+    w.release(a, 40)
+    assert sorted(consumed(w, a)) == list(range(80))
+    assert w.pool.in_use == 0
+
+
+def test_joining_member_takes_a_part_from_the_next_batch() -> None:
+    w = World(slabs=8, credit=8)
+    a, b = w.connect("a", group="g"), w.connect("b", group="g")
+    first = w.publish(300)
+    c = w.connect("c", group="g")
+    second = w.publish(300)
+    assert w.seqs(c) == [second]
+    assert len(w.batches(c)[0].members) == 3
+    moved = [p for p in w.share[c][second]]
+    assert 60 < len(moved) < 140
+    # What a and b lost to c, they did not swap among themselves.
+    slots = [w.state(p).slot for p in (a, b)]
+    for p in (a, b):
+        for q in w.share[p][second]:
+            h = int(w.desc[w.batches(p)[1].slab]["hash"][q - second])
+            assert hrw_owner(h, slots) == w.state(p).slot
+    assert sorted(w.share[a][first] + w.share[b][first]) == list(range(first, first + 300))
+
+
+def test_member_back_under_its_name_gets_its_flows_back() -> None:
+    w = World(slabs=8, credit=8)
+    a, b = w.connect("a", group="g"), w.connect("b", group="g")
+    hashes = list(range(1, 201))
+    s0 = w.publish(200, hashes=hashes)
+    w.release(a, s0)
+    w.release(b, s0)
+    mine = [p - s0 for p in w.share[b][s0]]
+    slot = w.state(b).slot
+    w.bye(b)
+    s1 = w.publish(200, hashes=hashes)
+    assert w.share[a][s1] == list(range(s1, s1 + 200))
+    back = w.connect("b", group="g")
+    assert w.state(back).slot == slot
+    s2 = w.publish(200, hashes=hashes)
+    assert [p - s2 for p in w.share[back][s2]] == mine
+
+
+def test_end_of_stream_waits_for_the_whole_group() -> None:
+    w = World(slabs=4, credit=1)
+    a, b = w.connect("a", group="g"), w.connect("b", group="g")
+    w.publish(30)
+    w.publish(30)
+    w.end()
+    w.release(a, 0)                    # a now holds 30; b still owes 30
+    w.release(a, 30)
+    assert not any(isinstance(e, EndOfStream) for e in w.log[a])
+    w.bye(b)                           # what b owed goes to a, then the end
+    while w.state(a).held:
+        w.release(a, *w.state(a).held)
+    assert isinstance(w.log[a][-1], EndOfStream)
+    assert sorted(consumed(w, a)) == list(range(60))
+
+
+def test_group_of_a_detached_member_waits_for_it() -> None:
+    w = World(slabs=8, credit=4)
+    a, b = w.connect("a", group="g"), w.connect("b", group="g")
+    s = w.publish(100)
+    w.disp.detach(w.state(b), 0.0)
+    s2 = w.publish(100)
+    assert len(w.batches(a)[1].members) == 2      # b keeps its flows while away
+    back = w.connect("b", group="g")
+    assert [x.seq for x in w.batches(back)] == [s, s2]
+    assert sorted(w.share[a][s2] + w.share[back][s2]) == list(range(s2, s2 + 100))
+
+
+class GroupMachine(RuleBasedStateMachine):
+    """Members join, leave and come back during traffic, in a flow or a
+    round-robin group, beside a lone client: no packet is consumed (released)
+    twice within the group, and by the end every packet published once the
+    group existed was consumed exactly once; the slab counts always match."""
+
+    names = ["a", "b", "c", "d"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = World(slabs=6, credit=2)
+        self.lone = self.w.connect("lone", credit=6)
+        self.peers: dict[str, bytes] = {}
+        self.balance = "flow"
+        self.first = 0                       # first seq the group is owed
+        self.done: list[int] = []            # packets the group's members released
+        self.seen: dict[bytes, int] = defaultdict(int)
+        self.held: dict[bytes, dict[int, list[int]]] = defaultdict(dict)
+
+    def _sync(self) -> None:
+        for peer in self.peers.values():
+            events = self.w.log[peer]
+            shares = self.w.shares_log[peer]
+            batches = [e for e in events if isinstance(e, Batch)]
+            for b, share in list(zip(batches, shares, strict=True))[self.seen[peer]:]:
+                assert b.seq not in self.held[peer], "a second share of a seq it holds"
+                self.held[peer][b.seq] = share
+            self.seen[peer] = len(batches)
+        for seq in list(self.w.state(self.lone).held):
+            self.w.release(self.lone, seq)
+
+    @precondition(lambda self: len(self.peers) < 3)
+    @rule(name=st.sampled_from(names), credit=st.integers(1, 3),
+          rr=st.booleans())
+    def join(self, name: str, credit: int, rr: bool) -> None:
+        if name in self.peers:
+            return
+        if not self.peers:
+            self.balance = "round-robin" if rr else "flow"
+            self.first = self.w.disp.next_seq
+        peer = self.w.connect(name, group="g", credit=credit, balance=self.balance)
+        self.peers[name] = peer
+        self._sync()
+
+    @precondition(lambda self: len(self.peers) >= 2)
+    @rule(data=st.data())
+    def leave(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.peers)))
+        peer = self.peers.pop(name)
+        self.w.bye(peer)          # what it holds, unreleased, goes to the others
+        self.held.pop(peer, None)
+        self._sync()
+
+    @precondition(lambda self: bool(self.peers) and not self.w.disp.ended)
+    @rule(n=st.integers(1, 40))
+    def publish(self, n: int) -> None:
+        slab = self.w.pool.take()
+        if slab is None:
+            return
+        self.w.publish(n, slab=slab)
+        self._sync()
+
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        holding = [p for p in self.peers.values() if self.held[p]]
+        if not holding:
+            return
+        peer = data.draw(st.sampled_from(holding))
+        seq = data.draw(st.sampled_from(sorted(self.held[peer])))
+        self.done += self.held[peer].pop(seq)
+        self.w.release(peer, seq)
+        self._sync()
+
+    @invariant()
+    def nothing_twice_and_refs_match(self) -> None:
+        assert len(self.done) == len(set(self.done))
+        w = self.w
+        for slab in range(len(w.pool.refs)):
+            entries = sum(1 for c in w.disp.clients.values()
+                          for s in (*c.shares, *c.later) if w.disp.batches[s].slab == slab)
+            assert w.pool.refs[slab] == entries
+
+    def teardown(self) -> None:
+        if not self.peers:
+            return
+        self.w.end()
+        self._sync()
+        for _ in range(200):
+            holding = [(p, s) for p in self.peers.values() for s in self.held[p]]
+            if not holding:
+                break
+            for peer, seq in holding:
+                self.done += self.held[peer].pop(seq)
+                self.w.release(peer, seq)
+            self._sync()
+        assert sorted(self.done) == list(range(self.first, self.w.disp.next_seq))
+        for peer in self.peers.values():
+            assert isinstance(self.w.log[peer][-1], EndOfStream)
+        assert self.w.pool.in_use == 0
+
+
+GroupMachine.TestCase.settings = settings(max_examples=120, stateful_step_count=40,
+                                          deadline=None)
+TestGroupMachine = GroupMachine.TestCase
+
+
+def test_a_kept_member_comes_back_only_to_its_group() -> None:
+    w = World(slabs=4, credit=2)
+    a = w.connect("a", group="g")
+    w.connect("b", group="g")
+    w.disp.detach(w.state(a), 0.0)
+    other = w.connect("a", group="h")
+    [err] = w.log[other]
+    assert isinstance(err, ErrorReply) and err.code == "group-mismatch"
+    assert "'g'" in err.text and "'h'" in err.text
+    mode = w.connect("a", group="g", balance="round-robin")
+    [err] = w.log[mode]
+    assert isinstance(err, ErrorReply) and err.code == "balance-mismatch"
+    back = w.connect("a", group="g")
+    assert isinstance(w.log[back][0], Welcome) and w.log[back][0].group == "g"
+    assert w.disp.clients["a"].peer == back

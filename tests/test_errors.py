@@ -16,6 +16,7 @@ from conftest import PCAPS, run_pktipc, segments
 from pcapref import read_pcap
 
 import pktipc
+from pktipc import _protocol as proto
 
 DNS = PCAPS / "dns_udp.pcap"
 MANY = PCAPS / "DECnet_Phone.pcap"
@@ -148,10 +149,10 @@ def test_malformed_control_messages(broker) -> None:
                 b"\xc1garbage",
                 msgpack.packb([1, 2, 3]),
                 msgpack.packb({"t": "hello", "v": 99}),
-                msgpack.packb({"t": "hello", "v": 1, "name": 7, "group": None,
-                               "policy": None, "credit": None, "pid": 1}),
-                msgpack.packb({"t": "release", "v": 1, "seqs": [0]}),
-                msgpack.packb({"t": "launch", "v": 1}),
+                msgpack.packb({"t": "hello", "v": proto.VERSION, "name": 7, "group": None,
+                               "policy": None, "credit": None, "pid": 1, "balance": None}),
+                msgpack.packb({"t": "release", "v": proto.VERSION, "seqs": [0]}),
+                msgpack.packb({"t": "launch", "v": proto.VERSION}),
                 b"x" * 100_000,
             ]
             codes = []

@@ -52,6 +52,7 @@ MAX_FRAME = proto.MAX_FRAME
 ZMQ_MAX = 1 << 20       # the broker's ZMQ_MAXMSGSIZE: a longer frame drops the connection
 BROKER_TYPES = {"error", "welcome", "stats_reply", "batch", "heartbeat", "eos", "evict", "gap"}
 ERROR_CODES = {"malformed", "version", "unknown-type", "bad-field", "too-large",
+               "balance-mismatch", "group-mismatch",
                "not-attached", "unexpected", "bad-release", "name-taken", "too-many-clients"}
 MAP_HEADERS = set(range(0x80, 0x90)) | {0xDE, 0xDF}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")   # the protocol's client names
@@ -65,7 +66,8 @@ SURR_BYTES = b"\xed\xa0\x80\xed\xb0\x80\xed\xbf\xbf!"
 assert len(SURR.encode()) == len(SURR_BYTES)
 
 # Every field of every message type: (kind, None allowed). Kinds: ("int", lo,
-# hi), ("str", longest), ("name",), ("policy",), ("seqs",), ("map",).
+# hi), ("str", longest), ("name",), ("policy",), ("balance",), ("seqs",), ("slots",),
+# ("bytes",), ("map",).
 _U32F = (("int", 0, U32), False)
 _U64F = (("int", 0, U64), False)
 _MS = (("int", 1, U32), False)
@@ -73,15 +75,17 @@ _CODE_TEXT = {"code": (("str", 64), False), "text": (("str", proto.MAX_TEXT), Fa
 KINDS: dict[str, dict[str, tuple[tuple[Any, ...], bool]]] = {
     "hello": {"name": (("name",), False), "group": (("name",), True),
               "policy": (("policy",), True), "credit": (("int", 1, proto.MAX_CREDIT), True),
-              "pid": _U32F},
+              "pid": _U32F, "balance": (("balance",), True)},
     "release": {"seqs": (("seqs",), False)},
     "stats": {},
     "bye": {},
     "heartbeat": {},
     "welcome": {"shm": (("str", 255), False), "epoch": _U64F, "layout": _U32F, "slot": _U32F,
                 "credit": (("int", 1, proto.MAX_CREDIT), False), "policy": (("policy",), False),
-                "heartbeat_ms": _MS, "liveness_ms": _MS},
-    "batch": {"seq": _U64F, "slab": _U32F, "gen": _U32F, "n": _MS},
+                "heartbeat_ms": _MS, "liveness_ms": _MS, "group": (("name",), False),
+                "balance": (("balance",), False)},
+    "batch": {"seq": _U64F, "slab": _U32F, "gen": _U32F, "n": _MS,
+              "members": (("slots",), False), "mask": (("bytes",), True)},
     "gap": {"from": _U64F, "to": _U64F},
     "eos": {"error": (("str", 1024), True)},
     "error": dict(_CODE_TEXT),
@@ -125,6 +129,13 @@ def conforms(kind: tuple[Any, ...], optional: bool, x: Any) -> bool:
         return type(x) is str and NAME_RE.fullmatch(x) is not None
     if k == "policy":
         return type(x) is str and x in ("block", "drop")
+    if k == "balance":
+        return type(x) is str and x in ("flow", "round-robin")
+    if k == "slots":
+        return (type(x) is list and len(x) <= proto.MAX_MEMBERS and len(set(x)) == len(x)
+                and all(type(s) is int and 0 <= s <= U32 for s in x))
+    if k == "bytes":
+        return type(x) is bytes
     if k == "seqs":
         return (type(x) is list and 1 <= len(x) <= proto.MAX_RELEASE
                 and all(type(s) is int and 0 <= s <= U64 for s in x))
@@ -150,6 +161,12 @@ def valid_value(rng: random.Random, kind: tuple[Any, ...], optional: bool) -> An
         return rand_name(rng)
     if k == "policy":
         return rng.choice(proto.POLICIES)
+    if k == "balance":
+        return rng.choice(proto.BALANCES)
+    if k == "slots":
+        return rng.sample(range(100), rng.randint(0, 4))
+    if k == "bytes":
+        return b""
     if k == "seqs":
         return [rng.randint(0, U64) for _ in range(rng.randint(1, 8))]
     return {"a": 1}
@@ -176,6 +193,12 @@ def bad_values(rng: random.Random, kind: tuple[Any, ...], optional: bool) -> lis
                   "ß", "a" * 47 + "\u0301", b"name", "\U0001f600"]
     elif k == "policy":
         cands += ["Block", "DROP", "", "drop ", "block\x00", "lossy", b"drop"]
+    elif k == "balance":
+        cands += ["Flow", "roundrobin", "round_robin", "", "flow\x00", b"flow", "hash"]
+    elif k == "slots":
+        cands += [[-1], [1, 1], [U32 + 1], [1.5], ["1"], [None], list(range(1025)), "x"]
+    elif k == "bytes":
+        cands += ["x", [1]]
     elif k == "seqs":
         cands += [[-1], [1.5], [True], ["1"], [None], [[1]], [SURR], "0", {"0": 1},
                   [0] * (proto.MAX_RELEASE + 1), [U64, -1], [I64_MIN], [0, "x"]]
@@ -208,11 +231,11 @@ def g_trailing(rng: random.Random) -> bytes:
 
 def g_not_a_map(rng: random.Random) -> bytes:
     t = rng.choice(TYPES)
-    whole = {"t": t, "v": 1, **valid_fields(rng, t)}
+    whole = {"t": t, "v": proto.VERSION, **valid_fields(rng, t)}
     return pack(rng.choice([
         [1, 2, 3], [whole], list(whole.items()), 7, -1, U64, I64_MIN, "hello", b"\x81",
         None, True, 1.5, [[[]]], msgpack.ExtType(1, pack(whole)), msgpack.Timestamp(0, 1),
-        [{"t": "stats", "v": 1}], "x" * rng.randint(0, 3000)]))
+        [{"t": "stats", "v": proto.VERSION}], "x" * rng.randint(0, 3000)]))
 
 
 def g_no_type_or_version(rng: random.Random) -> bytes:
@@ -224,8 +247,9 @@ def g_no_type_or_version(rng: random.Random) -> bytes:
 
 def g_version(rng: random.Random) -> bytes:
     t = rng.choice(TYPES)
-    v = rng.choice([0, 2, -1, 99, U64, I64_MIN, "1", 1.0, True, None, [1], {"v": 1},
-                    b"\x01", SURR, 1 << 32])
+    v = rng.choice([0, proto.VERSION - 1, proto.VERSION + 1, -1, 99, U64, I64_MIN,
+                    str(proto.VERSION), float(proto.VERSION), True, None, [proto.VERSION],
+                    {"v": proto.VERSION}, bytes([proto.VERSION]), SURR, 1 << 32])
     if rng.random() < 0.15:
         return pack({"t": t, **valid_fields(rng, t)})
     return msg(t, valid_fields(rng, t), v)
@@ -237,7 +261,7 @@ def g_unknown_type(rng: random.Random) -> bytes:
                     b"hello", b"stats", SURR, 1.5, "ハロー"])
     fields = valid_fields(rng, rng.choice(TYPES))
     if rng.random() < 0.1:
-        return pack({"v": 1, **fields})
+        return pack({"v": proto.VERSION, **fields})
     return msg(t, fields)
 
 
@@ -276,13 +300,13 @@ def g_all_bad(rng: random.Random) -> bytes:
 def g_bad_key(rng: random.Random) -> bytes:
     t = rng.choice(TYPES)
     key = rng.choice([1, -1, 1.5, None, True, (1, 2)])
-    return pack({"t": t, "v": 1, **valid_fields(rng, t), key: 1})
+    return pack({"t": t, "v": proto.VERSION, **valid_fields(rng, t), key: 1})
 
 
 def g_duplicate_key(rng: random.Random) -> bytes:
     """The last of two equal keys wins: make that one wrong."""
     t = rng.choice(TYPES)
-    pairs: list[tuple[Any, Any]] = [("t", t), ("v", 1), *valid_fields(rng, t).items()]
+    pairs: list[tuple[Any, Any]] = [("t", t), ("v", proto.VERSION), *valid_fields(rng, t).items()]
     if len(pairs) > 2 and rng.random() < 0.5:
         f, _ = rng.choice(pairs[2:])
         kind, opt = KINDS[t][f]
@@ -290,7 +314,7 @@ def g_duplicate_key(rng: random.Random) -> bytes:
     elif rng.random() < 0.5:
         pairs.append(("t", "launch"))
     else:
-        pairs.append(("v", 2))
+        pairs.append(("v", proto.VERSION + 1))
     head = pairs[:-1]
     rng.shuffle(head)
     return raw_map([*head, pairs[-1]])
@@ -343,7 +367,7 @@ def multipart(rng: random.Random) -> list[bytes]:
 def hello_frame(name: str, *, policy: str | None = "drop", credit: int | None = 1,
                 pid: int = 0, group: str | None = None) -> bytes:
     return msg("hello", {"name": name, "group": group, "policy": policy, "credit": credit,
-                         "pid": pid})
+                         "pid": pid, "balance": None})
 
 
 def release_frame(seqs: list[int]) -> bytes:

@@ -437,7 +437,8 @@ def fill_file(path: Path, slab_size: int, iface: int = 0
 def expected(path: Path, iface: int = 0) -> tuple[list[tuple[Any, ...]], str | None]:
     ref = read_pcap(str(path))
     return [(p.ts_ns, p.caplen, p.wirelen, p.data, ref.linktype, iface,
-             lib.PKTIPC_F_TRUNCATED if p.caplen < p.wirelen else 0, 0, 0)
+             lib.PKTIPC_F_TRUNCATED if p.caplen < p.wirelen else 0,
+             lib.pktipc_flow_hash(p.data, p.caplen, ref.linktype, 0), 0)
             for p in ref.packets], ref.error
 
 

@@ -356,3 +356,42 @@ def test_interface_going_down_and_up(ns: Netns, broker: Any, tmp_path: Path) -> 
     b.proc.terminate()
     assert b.wait() == 0
     assert "pktipc: va: the interface went down" in b.stderr()
+
+
+def test_live_flow_group(ns: Netns, broker: Any, tmp_path: Path) -> None:
+    """Live packets carry the flow hash (tags put back or not, both directions
+    alike), and a flow group of two splits them by flow, each exactly once,
+    beside a client of its own that gets them all."""
+    frames = []
+    for i in range(40):
+        a, b = udp4(4000 + i, 53, 20, a=i), udp4(53, 4000 + i, 20, a=i)
+        b = b[:12] + a[16:20] + a[12:16] + b[20:]      # the reply: addresses swapped
+        tags = [(0x8100, 10)] if i % 3 == 0 else []
+        frames += [frame(OTHER, a, *tags), frame(SRC, b, *tags, src=OTHER)]
+    b = serve_live(broker, ns, "-i", "va")
+    with pktipc.connect(b.name, "m1", group="ids") as m1, \
+            pktipc.connect(b.name, "m2", group="ids") as m2, \
+            pktipc.connect(b.name, "all") as everyone:
+        ns.send("vb", frames, tmp_path)
+        got_all, hashes = [], []
+        while len(got_all) < len(frames):
+            batch = everyone.next_batch(timeout=5)
+            assert batch is not None
+            with batch:
+                got_all += [p._replace(data=bytes(p.data)) for p in batch]
+                hashes += batch.descriptors["hash"].tolist()
+        got1: list[pktipc.Packet] = []
+        got2: list[pktipc.Packet] = []
+        deadline = time.monotonic() + 10
+        while len(got1) + len(got2) < len(frames) and time.monotonic() < deadline:
+            got1 += receive(m1, 1, timeout=0.1)
+            got2 += receive(m2, 1, timeout=0.1)
+        assert_nothing_more(m1)
+        assert_nothing_more(m2)
+    assert [p.data for p in got_all] == frames
+    assert sorted(p.seq for p in got1 + got2) == [p.seq for p in got_all]
+    assert got1 and got2
+    assert all(hashes) and hashes[0::2] == hashes[1::2]     # a reply hashes as its request
+    assert len(set(hashes)) == 40
+    flow_of = {p.seq: p.seq // 2 for p in got_all}        # request and reply: one flow
+    assert not {flow_of[p.seq] for p in got1} & {flow_of[p.seq] for p in got2}

@@ -39,7 +39,9 @@ from pktipc._protocol import (
     Welcome,
 )
 
-WELCOME = dict(shm="/pktipc.test.0000000000000001", epoch=7, layout=1)
+WELCOME = dict(shm="/pktipc.test.0000000000000001", epoch=7, layout=1, group="g",
+               balance="flow")
+BATCH0 = proto.encode("batch", seq=0, slab=0, gen=0, n=1, members=[], mask=None)
 
 
 def frame(**msg: Any) -> bytes:
@@ -92,9 +94,9 @@ def test_hello_welcome() -> None:
     pair = Pair(heartbeat=2.0, liveness=20.0)
     c = pair.client(b"peer-1")
     assert c.state is State.NEW
-    c.hello(10.0, name="ids", policy="drop", credit=4, pid=1234)
+    c.hello(10.0, name="ids", policy="drop", credit=4, pid=1234, group="g", balance="flow")
     assert c.state is State.HELLO_SENT
-    assert pair.to_broker(10.0) == [Hello(b"peer-1", "ids", None, "drop", 4, 1234)]
+    assert pair.to_broker(10.0) == [Hello(b"peer-1", "ids", "g", "drop", 4, 1234, "flow")]
     # Attached only once the broker accepts.
     assert pair.broker.state(b"peer-1") is State.NEW
     assert pair.broker.get_timer() is None
@@ -102,8 +104,9 @@ def test_hello_welcome() -> None:
     assert pair.broker.state(b"peer-1") is State.ATTACHED
     assert pair.to_clients(10.5) == {b"peer-1": [Welcome(
         shm=WELCOME["shm"], epoch=7, layout=1, slot=3, credit=4, policy="drop",
-        heartbeat_ms=2000, liveness_ms=20000)]}
+        heartbeat_ms=2000, liveness_ms=20000, group="g", balance="flow")]}
     assert c.state is State.ATTACHED
+    assert c.slot == 3
     assert c.heartbeat == 2.0
     assert c.liveness == proto.BROKER_MISSED_HEARTBEATS * 2.0
     assert pair.broker.errors == 0
@@ -164,6 +167,21 @@ def test_welcome_heartbeat_keeps_inside_short_liveness() -> None:
 
 
 # --- batches -----------------------------------------------------------------
+
+
+def test_batch_names_the_share() -> None:
+    pair = Pair()
+    pair.attach()
+    pair.broker.send_batch(b"c1", 1.0, 0, 2, 1, 10, members=(4, 0, 9))
+    pair.broker.send_batch(b"c1", 1.0, 10, 3, 1, 10, mask=b"\x01\x02")
+    pair.broker.send_batch(b"c1", 1.0, 20, 4, 1, 9, members=(0, 9), mask=b"\xff\x01")
+    assert pair.to_clients(1.0)[b"c1"] == [
+        Batch(0, 2, 1, 10, (4, 0, 9), None), Batch(10, 3, 1, 10, (), b"\x01\x02"),
+        Batch(20, 4, 1, 9, (0, 9), b"\xff\x01")]
+    with pytest.raises(LocalProtocolError):
+        pair.broker.send_batch(b"c1", 1.0, 0, 2, 1, 10, mask=b"\x01")     # one bit per packet
+    with pytest.raises(LocalProtocolError):
+        pair.broker.send_batch(b"c1", 1.0, 0, 2, 1, 10, members=(1, 1))
 
 
 def test_batch_gap_release_eos() -> None:
@@ -329,8 +347,8 @@ def test_broker_timer_and_heartbeat() -> None:
     b.send_batch(b"c1", 101.5, 0, 0, 1, 1)
     assert b.get_timer() == 102.5
     assert b.handle_timer(102.0) == []
-    assert [f for _, f in b.frames_to_send()] == [proto.encode("batch", seq=0, slab=0, gen=1,
-                                                               n=1)]
+    assert [f for _, f in b.frames_to_send()] == [proto.encode(
+        "batch", seq=0, slab=0, gen=1, n=1, members=[], mask=None)]
     assert c.state is State.ATTACHED
 
 
@@ -441,7 +459,8 @@ def test_heartbeat_settings_checked() -> None:
 
 # --- incoming validation -------------------------------------------------------
 
-GOOD_HELLO = dict(t="hello", v=1, name="ids", group=None, policy=None, credit=None, pid=1)
+GOOD_HELLO = dict(t="hello", v=2, name="ids", group=None, policy=None, credit=None, pid=1,
+                  balance=None)
 
 
 def hello_with(**kw: Any) -> bytes:
@@ -461,29 +480,29 @@ BAD_ANYWHERE: list[tuple[str, bytes, str]] = [
     ("truncated map", b"\x82\xa1t", "malformed"),
     ("trailing bytes", proto.encode("stats") + b"\x00", "malformed"),
     ("not utf-8", b"\x81\xa1t\xa2\xff\xfe", "malformed"),
-    ("int key", msgpack.packb({"t": "stats", "v": 1, 1: 2}), "malformed"),
+    ("int key", msgpack.packb({"t": "stats", "v": 2, 1: 2}), "malformed"),
     ("list", msgpack.packb(["hello", 1]), "malformed"),
     ("string", msgpack.packb("hello"), "malformed"),
     ("nil", msgpack.packb(None), "malformed"),
     ("integer", msgpack.packb(1), "malformed"),
     ("oversized", b"\x90" * (MAX_FRAME + 1), "too-large"),
-    ("oversized valid map", frame(t="stats", v=1, pad="x" * MAX_FRAME), "too-large"),
+    ("oversized valid map", frame(t="stats", v=2, pad="x" * MAX_FRAME), "too-large"),
     ("no version", frame(t="stats"), "version"),
-    ("version 2", frame(t="stats", v=2), "version"),
+    ("version 1", frame(t="stats", v=1), "version"),
     ("version 0", frame(t="stats", v=0), "version"),
     ("version true", frame(t="stats", v=True), "version"),
-    ("version float", frame(t="stats", v=1.0), "version"),
-    ("version string", frame(t="stats", v="1"), "version"),
+    ("version float", frame(t="stats", v=2.0), "version"),
+    ("version string", frame(t="stats", v="2"), "version"),
     ("version nil", frame(t="stats", v=None), "version"),
-    ("no type", frame(v=1), "unknown-type"),
-    ("unknown type", frame(t="subscribe", v=1), "unknown-type"),
-    ("type int", frame(t=1, v=1), "unknown-type"),
-    ("type nil", frame(t=None, v=1), "unknown-type"),
-    ("type bytes", frame(t=b"stats", v=1), "unknown-type"),
-    ("type list", frame(t=["stats"], v=1), "unknown-type"),
-    ("type upper", frame(t="STATS", v=1), "unknown-type"),
-    ("stats extra", frame(t="stats", v=1, x=1), "bad-field"),
-    ("bye extra", frame(t="bye", v=1, reason="done"), "bad-field"),
+    ("no type", frame(v=2), "unknown-type"),
+    ("unknown type", frame(t="subscribe", v=2), "unknown-type"),
+    ("type int", frame(t=1, v=2), "unknown-type"),
+    ("type nil", frame(t=None, v=2), "unknown-type"),
+    ("type bytes", frame(t=b"stats", v=2), "unknown-type"),
+    ("type list", frame(t=["stats"], v=2), "unknown-type"),
+    ("type upper", frame(t="STATS", v=2), "unknown-type"),
+    ("stats extra", frame(t="stats", v=2, x=1), "bad-field"),
+    ("bye extra", frame(t="bye", v=2, reason="done"), "bad-field"),
     ("hello missing pid", hello_with(pid=...), "bad-field"),
     ("hello missing name", hello_with(name=...), "bad-field"),
     ("hello missing optional group", hello_with(group=...), "bad-field"),
@@ -519,29 +538,29 @@ BAD_FROM_NEW: list[tuple[str, bytes, str]] = [
     ("heartbeat", proto.encode("heartbeat"), "not-attached"),
     ("welcome", proto.encode("welcome", slot=0, credit=1, policy="drop", heartbeat_ms=1,
                              liveness_ms=2, **WELCOME), "not-attached"),
-    ("batch", proto.encode("batch", seq=0, slab=0, gen=0, n=1), "not-attached"),
+    ("batch", BATCH0, "not-attached"),
     ("error", proto.encode("error", code="x", text="y"), "not-attached"),
     ("evict", proto.encode("evict", code="x", text="y"), "not-attached"),
 ]
 
 BAD_FROM_ATTACHED: list[tuple[str, bytes, str]] = [
     ("hello again", proto.encode("hello", name="a", group=None, policy=None, credit=None,
-                                 pid=0), "unexpected"),
+                                 pid=0, balance=None), "unexpected"),
     ("eos", proto.encode("eos", error=None), "unexpected"),
-    ("gap", frame(t="gap", v=1, **{"from": 0, "to": 1}), "unexpected"),
+    ("gap", frame(t="gap", v=2, **{"from": 0, "to": 1}), "unexpected"),
     ("stats_reply", proto.encode("stats_reply", stats={}), "unexpected"),
-    ("release empty", frame(t="release", v=1, seqs=[]), "bad-field"),
-    ("release too many", frame(t="release", v=1, seqs=list(range(MAX_RELEASE + 1))),
+    ("release empty", frame(t="release", v=2, seqs=[]), "bad-field"),
+    ("release too many", frame(t="release", v=2, seqs=list(range(MAX_RELEASE + 1))),
      "bad-field"),
-    ("release negative", frame(t="release", v=1, seqs=[-1]), "bad-field"),
-    ("release bool", frame(t="release", v=1, seqs=[1, True]), "bad-field"),
-    ("release float", frame(t="release", v=1, seqs=[1.0]), "bad-field"),
-    ("release nil", frame(t="release", v=1, seqs=[None]), "bad-field"),
-    ("release not list", frame(t="release", v=1, seqs=1), "bad-field"),
-    ("release map", frame(t="release", v=1, seqs={"0": 0}), "bad-field"),
-    ("release missing", frame(t="release", v=1), "bad-field"),
-    ("release extra", frame(t="release", v=1, seqs=[1], all=True), "bad-field"),
-    ("heartbeat extra", frame(t="heartbeat", v=1, now=1), "bad-field"),
+    ("release negative", frame(t="release", v=2, seqs=[-1]), "bad-field"),
+    ("release bool", frame(t="release", v=2, seqs=[1, True]), "bad-field"),
+    ("release float", frame(t="release", v=2, seqs=[1.0]), "bad-field"),
+    ("release nil", frame(t="release", v=2, seqs=[None]), "bad-field"),
+    ("release not list", frame(t="release", v=2, seqs=1), "bad-field"),
+    ("release map", frame(t="release", v=2, seqs={"0": 0}), "bad-field"),
+    ("release missing", frame(t="release", v=2), "bad-field"),
+    ("release extra", frame(t="release", v=2, seqs=[1], all=True), "bad-field"),
+    ("heartbeat extra", frame(t="heartbeat", v=2, now=1), "bad-field"),
 ]
 
 
@@ -600,14 +619,18 @@ def test_release_accepts_u64_seqs() -> None:
     pair = Pair()
     pair.attach()
     seqs = [0, U64, *range(1, MAX_RELEASE - 1)]
-    assert pair.broker.receive(b"c1", frame(t="release", v=1, seqs=seqs), 1.0) == [
+    assert pair.broker.receive(b"c1", frame(t="release", v=2, seqs=seqs), 1.0) == [
         Release(b"c1", seqs)]
 
 
 # --- the client validates what the broker sends -------------------------------
 
-GOOD_WELCOME = dict(t="welcome", v=1, slot=0, credit=4, policy="block", heartbeat_ms=1000,
+GOOD_WELCOME = dict(t="welcome", v=2, slot=0, credit=4, policy="block", heartbeat_ms=1000,
                     liveness_ms=30000, **WELCOME)
+
+
+def batch_frame(**kw: Any) -> bytes:
+    return frame(t="batch", v=2, **{"members": [], "mask": None, **kw})
 
 
 def welcome_with(**kw: Any) -> bytes:
@@ -624,10 +647,10 @@ BAD_FOR_HELLO_SENT: list[tuple[str, bytes, str]] = [
     ("garbage", b"\xc1", "malformed"),
     ("list", msgpack.packb([1]), "malformed"),
     ("oversized", b"\x00" * (proto.MAX_BROKER_FRAME + 1), "too-large"),
-    ("version", welcome_with(v=2), "version"),
-    ("unknown", frame(t="welcome2", v=1), "unknown-type"),
+    ("version", welcome_with(v=1), "version"),
+    ("unknown", frame(t="welcome2", v=2), "unknown-type"),
     ("client type", proto.encode("stats"), "unexpected"),
-    ("batch before welcome", proto.encode("batch", seq=0, slab=0, gen=0, n=1), "unexpected"),
+    ("batch before welcome", BATCH0, "unexpected"),
     ("heartbeat before welcome", proto.encode("heartbeat"), "unexpected"),
     ("eos before welcome", proto.encode("eos", error=None), "unexpected"),
     ("evict before welcome", proto.encode("evict", code="x", text="y"), "unexpected"),
@@ -643,31 +666,50 @@ BAD_FOR_HELLO_SENT: list[tuple[str, bytes, str]] = [
     ("liveness float", welcome_with(liveness_ms=3e4), "bad-field"),
     ("missing liveness", welcome_with(liveness_ms=...), "bad-field"),
     ("extra", welcome_with(motd="hi"), "bad-field"),
-    ("error code int", frame(t="error", v=1, code=1, text="x"), "bad-field"),
-    ("error code too long", frame(t="error", v=1, code="c" * 65, text="x"), "bad-field"),
-    ("error text too long", frame(t="error", v=1, code="c", text="x" * 1025), "bad-field"),
-    ("error missing text", frame(t="error", v=1, code="c"), "bad-field"),
+    ("error code int", frame(t="error", v=2, code=1, text="x"), "bad-field"),
+    ("error code too long", frame(t="error", v=2, code="c" * 65, text="x"), "bad-field"),
+    ("error text too long", frame(t="error", v=2, code="c", text="x" * 1025), "bad-field"),
+    ("error missing text", frame(t="error", v=2, code="c"), "bad-field"),
 ]
 
 BAD_FOR_ATTACHED: list[tuple[str, bytes, str]] = [
     ("welcome again", welcome_with(), "unexpected"),
     ("client type", proto.encode("release", seqs=[1]), "unexpected"),
-    ("batch n zero", frame(t="batch", v=1, seq=0, slab=0, gen=0, n=0), "bad-field"),
-    ("batch seq bool", frame(t="batch", v=1, seq=False, slab=0, gen=0, n=1), "bad-field"),
-    ("batch seq negative", frame(t="batch", v=1, seq=-5, slab=0, gen=0, n=1), "bad-field"),
-    ("batch slab too big", frame(t="batch", v=1, seq=0, slab=U32 + 1, gen=0, n=1),
+    ("batch n zero", batch_frame(seq=0, slab=0, gen=0, n=0), "bad-field"),
+    ("batch seq bool", batch_frame(seq=False, slab=0, gen=0, n=1), "bad-field"),
+    ("batch seq negative", batch_frame(seq=-5, slab=0, gen=0, n=1), "bad-field"),
+    ("batch slab too big", batch_frame(seq=0, slab=U32 + 1, gen=0, n=1),
      "bad-field"),
-    ("batch gen float", frame(t="batch", v=1, seq=0, slab=0, gen=0.0, n=1), "bad-field"),
-    ("batch missing n", frame(t="batch", v=1, seq=0, slab=0, gen=0), "bad-field"),
-    ("gap missing to", frame(t="gap", v=1, **{"from": 0}), "bad-field"),
-    ("gap string", frame(t="gap", v=1, **{"from": "0", "to": 1}), "bad-field"),
-    ("eos error int", frame(t="eos", v=1, error=1), "bad-field"),
-    ("eos missing error", frame(t="eos", v=1), "bad-field"),
-    ("stats_reply list", frame(t="stats_reply", v=1, stats=[1]), "bad-field"),
-    ("stats_reply nil", frame(t="stats_reply", v=1, stats=None), "bad-field"),
-    ("heartbeat extra", frame(t="heartbeat", v=1, x=0), "bad-field"),
-    ("evict missing text", frame(t="evict", v=1, code="x"), "bad-field"),
-    ("evict text too long", frame(t="evict", v=1, code="x", text="y" * 1025), "bad-field"),
+    ("batch gen float", batch_frame(seq=0, slab=0, gen=0.0, n=1), "bad-field"),
+    ("batch missing n", batch_frame(seq=0, slab=0, gen=0), "bad-field"),
+    ("batch members not a list", batch_frame(seq=0, slab=0, gen=0, n=1, members=0),
+     "bad-field"),
+    ("batch members repeat", batch_frame(seq=0, slab=0, gen=0, n=1, members=[0, 1, 0]),
+     "bad-field"),
+    ("batch member too big", batch_frame(seq=0, slab=0, gen=0, n=1, members=[0, U32 + 1]),
+     "bad-field"),
+    ("batch too many members", batch_frame(seq=0, slab=0, gen=0, n=1,
+                                           members=list(range(proto.MAX_MEMBERS + 1))),
+     "bad-field"),
+    ("batch not among members", batch_frame(seq=0, slab=0, gen=0, n=1, members=[1, 2]),
+     "bad-field"),
+    ("batch missing mask", frame(t="batch", v=2, seq=0, slab=0, gen=0, n=1, members=[]),
+     "bad-field"),
+    ("batch mask string", batch_frame(seq=0, slab=0, gen=0, n=1, mask="\x01"), "bad-field"),
+    ("batch mask short", batch_frame(seq=0, slab=0, gen=0, n=9, mask=b"\xff"), "bad-field"),
+    ("batch mask long", batch_frame(seq=0, slab=0, gen=0, n=8, mask=b"\xff\x00"),
+     "bad-field"),
+    ("batch mask bit past n", batch_frame(seq=0, slab=0, gen=0, n=3, mask=b"\x08"),
+     "bad-field"),
+    ("gap missing to", frame(t="gap", v=2, **{"from": 0}), "bad-field"),
+    ("gap string", frame(t="gap", v=2, **{"from": "0", "to": 1}), "bad-field"),
+    ("eos error int", frame(t="eos", v=2, error=1), "bad-field"),
+    ("eos missing error", frame(t="eos", v=2), "bad-field"),
+    ("stats_reply list", frame(t="stats_reply", v=2, stats=[1]), "bad-field"),
+    ("stats_reply nil", frame(t="stats_reply", v=2, stats=None), "bad-field"),
+    ("heartbeat extra", frame(t="heartbeat", v=2, x=0), "bad-field"),
+    ("evict missing text", frame(t="evict", v=2, code="x"), "bad-field"),
+    ("evict text too long", frame(t="evict", v=2, code="x", text="y" * 1025), "bad-field"),
 ]
 
 
@@ -701,7 +743,7 @@ def test_client_refuses_everything_once_closed() -> None:
     c = pair.attach()
     c.bye(1.0)
     c.frames_to_send()
-    for data in (proto.encode("heartbeat"), proto.encode("batch", seq=0, slab=0, gen=0, n=1),
+    for data in (proto.encode("heartbeat"), BATCH0,
                  proto.encode("error", code="x", text="y")):
         _client_refuses(c, data, "unexpected")
 
@@ -713,7 +755,7 @@ def test_client_transitions_after_eos() -> None:
     pair.to_clients(1.0)
     assert c.state is State.ENDED
     assert c.receive(proto.encode("heartbeat"), 2.0) == []
-    _client_refuses(c, proto.encode("batch", seq=0, slab=0, gen=0, n=1), "unexpected")
+    _client_refuses(c, BATCH0, "unexpected")
     _client_refuses(c, proto.encode("eos", error=None), "unexpected")
     # An ERROR refuses one message (a release, say) and changes nothing else.
     assert c.receive(proto.encode("error", code="bad-release", text="x"), 3.0) == [
@@ -754,9 +796,12 @@ def test_encode_refuses_bad_messages(mtype: str, fields: dict[str, Any]) -> None
 
 def test_encode_decode_round_trip() -> None:
     for mtype, fields in [
-        ("hello", dict(name="x", group="g", policy="drop", credit=1, pid=U32)),
+        ("hello", dict(name="x", group="g", policy="drop", credit=1, pid=U32,
+                       balance="round-robin")),
         ("release", dict(seqs=[0, U64])),
-        ("batch", dict(seq=U64, slab=U32, gen=U32, n=U32)),
+        ("batch", dict(seq=U64, slab=U32, gen=U32, n=U32, members=[], mask=None)),
+        ("batch", dict(seq=0, slab=0, gen=0, n=10, members=[U32, 0, 5],
+                       mask=b"\xff\x03")),
         ("gap", {"from": 1, "to": 2}),
         ("eos", dict(error="x" * 1024)),
         ("stats_reply", dict(stats={"a": [1, {"b": None}]})),
@@ -794,10 +839,10 @@ def test_bad_accept_leaves_the_peer_unattached() -> None:
 
 
 @pytest.mark.parametrize("data,code", [
-    (frame(t="x" * 2000, v=1), "unknown-type"),
+    (frame(t="x" * 2000, v=2), "unknown-type"),
     (frame(t="stats", v="9" * 2000), "version"),
-    (frame(t="stats", v=1, **{f"k{i:04d}": 0 for i in range(300)}), "bad-field"),
-    (frame(t="stats", v=1, **{"k" * 2000: 0}), "bad-field"),
+    (frame(t="stats", v=2, **{f"k{i:04d}": 0 for i in range(300)}), "bad-field"),
+    (frame(t="stats", v=2, **{"k" * 2000: 0}), "bad-field"),
 ], ids=["long type", "long version", "many extra fields", "long extra field"])
 def test_error_reply_quoting_long_input(data: bytes, code: str) -> None:
     # Found broken: the ERROR text quotes the peer's input, and past 1024
@@ -837,7 +882,7 @@ def test_error_to_attached_peer_leaves_both_sides_attached() -> None:
     pair = Pair()
     c = pair.attach()
     with pytest.raises(RemoteProtocolError):
-        pair.broker.receive(b"c1", frame(t="release", v=1, seqs=[]), 1.0)
+        pair.broker.receive(b"c1", frame(t="release", v=2, seqs=[]), 1.0)
     pair.broker.refuse(b"c1", 1.0, "bad-release", "batch 7 is not held")
     [e1, e2] = pair.to_clients(1.0)[b"c1"]
     assert isinstance(e1, ErrorReply) and e1.code == "bad-field"
@@ -880,11 +925,18 @@ VALID = {
     "seq": st.integers(0, U64), "slab": u32s, "gen": u32s, "n": st.integers(1, U32),
     "from": st.integers(0, U64), "to": st.integers(0, U64), "error": st.none() | short_text,
     "code": short_text, "text": short_text, "stats": st.dictionaries(short_text, values),
+    "balance": st.sampled_from([None, "flow", "round-robin"]),
+    "members": st.just([]) | st.lists(st.integers(1, U32), max_size=4, unique=True).map(
+        lambda m: [0, *m]),
+    "mask": st.none() | st.binary(max_size=2),
 }
 assert set(VALID) == set(ALL_FIELDS)
 # Where a field of the same name takes other values in another message.
 VALID_IN = {("welcome", "credit"): st.integers(1, MAX_CREDIT),
-            ("welcome", "policy"): st.sampled_from(["block", "drop"])}
+            ("welcome", "policy"): st.sampled_from(["block", "drop"]),
+            ("welcome", "group"): st.sampled_from(["ids", "g.1"]),
+            ("welcome", "balance"): st.sampled_from(["flow", "round-robin"]),
+            ("batch", "n"): st.integers(1, 16)}
 
 
 def valid(mtype: str, key: str) -> st.SearchStrategy[Any]:
@@ -906,7 +958,7 @@ def messages(draw: st.DrawFn, likely: list[str]) -> Any:
         msg["t"] = draw(st.sampled_from(likely) if sometimes(draw, 7) else
                         st.sampled_from(ALL_TYPES) if sometimes(draw, 8) else scalars)
     if sometimes(draw, 9):
-        msg["v"] = 1 if sometimes(draw, 9) else draw(scalars)
+        msg["v"] = 2 if sometimes(draw, 9) else draw(scalars)
     mtype = msg.get("t")
     schema = SCHEMAS.get(mtype, {}) if isinstance(mtype, str) else {}
     if draw(st.booleans()):

@@ -1,0 +1,11 @@
+/*
+ * The PKTIPC_INLINE helpers of pktipc_shm.h as real symbols, compiled by
+ * pktipc_shm.c, for FFI users (cffi reads this file as it is: prototypes
+ * only). The compiler checks every prototype against its definition there.
+ */
+uint64_t pktipc_hrw_weight(uint32_t hash, uint32_t slot);
+uint32_t pktipc_flow_owner(uint32_t hash, const uint32_t *members, uint32_t n);
+uint32_t pktipc_select(const struct pktipc_pkt *pkts, uint32_t count, const uint8_t *mask,
+                       const uint32_t *members, uint32_t n, uint32_t me, uint32_t *out);
+void pktipc_share_counts(const struct pktipc_pkt *pkts, uint32_t count, const uint8_t *mask,
+                         const uint32_t *members, uint32_t n, uint32_t *counts);

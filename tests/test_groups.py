@@ -1,0 +1,314 @@
+"""Groups against a real broker: real captures and generated traffic fanned
+out to several groups and balanced within each, members in threads of
+their own (each its own ZeroMQ socket), joining and leaving during traffic;
+status, dump --group and refused modes through the command line."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import struct
+import subprocess
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import all_captures, pktipc_cmd, run_pktipc
+from pcapref import read_pcap
+from pktipc._shm import ffi, lib
+
+import pktipc
+from pktipc._synth import write_pcap
+
+Got = dict[int, tuple[int, int, bytes]]     # seq -> (iface, hash, bytes)
+
+
+class Member(threading.Thread):
+    """One client consuming until end-of-stream (or `stop_after` packets),
+    recording what it released: seq -> (iface, descriptor hash, bytes)."""
+
+    def __init__(self, server: str, name: str, group: str | None = None,
+                 balance: str | None = None, stop_after: int | None = None,
+                 credit: int | None = None) -> None:
+        super().__init__(daemon=True)
+        self.group, self.balance, self.credit = group, balance, credit
+        self.server, self.client_name, self.stop_after = server, name, stop_after
+        self.got: Got = {}
+        self.batches: list[tuple[int, int, int]] = []   # (seq, n, own packets)
+        self.error: BaseException | None = None
+        self.attached = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with pktipc.connect(self.server, self.client_name, group=self.group,
+                                balance=self.balance, credit=self.credit) as c:
+                self.attached.set()
+                for batch in c:
+                    with batch:
+                        d = batch.descriptors
+                        mine = batch.mine
+                        assert len(batch) == len(mine) > 0
+                        self.batches.append((batch.seq, batch.n, len(mine)))
+                        hashes = d["hash"][mine].tolist()
+                        for p, h in zip(batch, hashes, strict=True):
+                            assert p.seq not in self.got, f"{self.client_name}: {p.seq} twice"
+                            self.got[p.seq] = (p.iface, h, bytes(p.data))
+                    if self.stop_after is not None and len(self.got) >= self.stop_after:
+                        return
+        except BaseException as e:  # reported by finish()
+            self.error = e
+            self.attached.set()
+
+    def finish(self, timeout: float = 60) -> Got:
+        self.join(timeout)
+        assert not self.is_alive(), f"{self.client_name} did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.got
+
+
+def start(*members: Member) -> None:
+    for m in members:
+        m.start()
+        assert m.attached.wait(15), f"{m.client_name} did not attach"
+        if m.error is not None:
+            raise m.error
+
+
+def union_exactly_once(*gots: Got) -> Got:
+    out: Got = {}
+    for g in gots:
+        assert out.keys().isdisjoint(g), "a packet reached two members of one group"
+        out.update(g)
+    return out
+
+
+def one_member_per_hash(gots: list[Got]) -> dict[int, int]:
+    owner: dict[int, int] = {}
+    for i, g in enumerate(gots):
+        for _, h, _ in g.values():
+            assert owner.setdefault(h, i) == i, f"flow hash {h:#x} reached two members"
+    return owner
+
+
+# --- real captures ------------------------------------------------------------------------
+
+
+def test_every_capture_to_two_groups(broker) -> None:
+    """All the tcpdump captures to group ids (two members, by flow) and rec
+    (one member): each group gets every packet exactly once, byte for byte;
+    within ids, every flow hash goes to one member."""
+    files = all_captures()
+    want = [(i, d.data) for i, f in enumerate(files) for d in read_pcap(str(f)).packets]
+    args = [a for f in files for a in ("-r", str(f))]
+    b = broker(*args, "--wait-clients", "3", "--slab-size", "256k", "--slabs", "8")
+    ids1, ids2 = Member(b.name, "ids-1", "ids"), Member(b.name, "ids-2", "ids")
+    rec = Member(b.name, "rec")
+    start(ids1, ids2, rec)
+    got1, got2, got_rec = ids1.finish(), ids2.finish(), rec.finish()
+    assert b.wait() == 0
+
+    assert [(i, data) for _, (i, _, data) in sorted(got_rec.items())] == want
+    ids = union_exactly_once(got1, got2)
+    assert ids == got_rec
+    owners = one_member_per_hash([got1, got2])
+    assert set(owners.values()) == {0, 1}
+    assert min(len(got1), len(got2)) > len(want) // 5
+    # The descriptor's hash is the flow hash of the packet's bytes.
+    linktypes = [read_pcap(str(f)).linktype for f in files]
+    assert all(h == lib.pktipc_flow_hash(d, len(d), linktypes[i], 0)
+               for i, h, d in got_rec.values())
+
+
+@pytest.mark.parametrize("name", ["vxlan.pcap", "bigtcp-ipv4-vxlan-ipv6.pcap"])
+def test_tunnel_hash_balances_on_the_inner_flow(broker, name: str) -> None:
+    f = next(p for p in all_captures() if p.name == name)
+    b = broker("-r", str(f), "--tunnel-hash", "--wait-clients", "2")
+    m1, m2 = Member(b.name, "m1", "g"), Member(b.name, "m2", "g")
+    start(m1, m2)
+    got = union_exactly_once(m1.finish(), m2.finish())
+    assert len(got) == len(read_pcap(str(f)).packets)
+    assert all(h == lib.pktipc_flow_hash(d, len(d), 1, lib.PKTIPC_HASH_TUNNELS)
+               for _, h, d in got.values())
+    one_member_per_hash([m1.got, m2.got])
+
+
+# --- generated traffic ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20,000 packets of 300 flows, both directions, some VLAN-tagged."""
+    f = tmp_path_factory.mktemp("synth") / "flows.pcap"
+    with open(f, "wb") as out:
+        write_pcap(out, 20_000, flows=300, seed=7, sizes=(64, 128, 256))
+    return f
+
+
+def flow_of(frame: bytes) -> tuple[Any, ...]:
+    """Both directions of a flow give the same key: read from the bytes,
+    independently of the C."""
+    off = 12
+    etype = struct.unpack_from("!H", frame, off)[0]
+    while etype == 0x8100:
+        off += 4
+        etype = struct.unpack_from("!H", frame, off)[0]
+    ip = frame[off + 2:]
+    if etype == 0x0800:
+        proto, src, dst, l4 = ip[9], ip[12:16], ip[16:20], ip[(ip[0] & 15) * 4:]
+    else:
+        assert etype == 0x86DD
+        proto, src, dst, l4 = ip[6], ip[8:24], ip[24:40], ip[40:]
+    sport, dport = struct.unpack_from("!HH", l4)
+    a = (ipaddress.ip_address(src), sport)
+    z = (ipaddress.ip_address(dst), dport)
+    return (proto, *sorted([a, z], key=lambda e: (e[0].version, int(e[0]), e[1])))
+
+
+def test_every_flow_both_ways_to_one_member(broker, synth: Path) -> None:
+    want = read_pcap(str(synth)).packets
+    b = broker("-r", str(synth), "--wait-clients", "4", "--slab-size", "64k")
+    members = [Member(b.name, f"w{i}", "ids") for i in range(3)]
+    rec = Member(b.name, "rec", "rec")
+    start(*members, rec)
+    gots = [m.finish() for m in members]
+    assert len(rec.finish()) == len(want)
+    assert b.wait() == 0
+    ids = union_exactly_once(*gots)
+    assert [d for _, (_, _, d) in sorted(ids.items())] == [p.data for p in want]
+    owner: dict[tuple[Any, ...], int] = {}
+    directions: dict[tuple[Any, ...], set[bytes]] = defaultdict(set)
+    for i, g in enumerate(gots):
+        for _, _, data in g.values():
+            key = flow_of(data)
+            assert owner.setdefault(key, i) == i, f"flow {key} reached two members"
+            directions[key].add(data[6:12])          # the source MAC: which way
+    assert sum(len(d) == 2 for d in directions.values()) > 50    # both ways seen
+    assert set(owner.values()) == {0, 1, 2}
+    # Flows, not packets, are spread: each member has some.
+    per_member = [list(owner.values()).count(i) for i in range(3)]
+    assert min(per_member) > len(owner) // 6
+
+
+def test_round_robin_gives_whole_batches_in_turn(broker, synth: Path) -> None:
+    b = broker("-r", str(synth), "--wait-clients", "2", "--slab-size", "16k")
+    a = Member(b.name, "a", "rr", balance="round-robin")
+    z = Member(b.name, "z", "rr")
+    start(a, z)
+    got = union_exactly_once(a.finish(), z.finish())
+    assert sorted(got) == list(range(20_000))
+    for m in (a, z):
+        assert all(n == own for _, n, own in m.batches)      # whole batches
+    turns = sorted([(seq, m.client_name) for m in (a, z) for seq, _, _ in m.batches])
+    assert len(turns) > 20
+    assert all(x[1] != y[1] for x, y in zip(turns, turns[1:], strict=False))
+
+
+def test_join_and_leave_during_traffic(broker, synth: Path) -> None:
+    """A joins, B leaves mid-stream and C joins late: the group still gets
+    every packet exactly once, counting what each member released."""
+    b = broker("-r", str(synth), "--loop", "3", "--wait-clients", "2",
+               "--slab-size", "8k", "--credit", "2")
+    total = 3 * 20_000
+    a = Member(b.name, "a", "ids")
+    leaver = Member(b.name, "b", "ids", stop_after=8_000)
+    start(a, leaver)
+    got_b = leaver.finish()
+    assert len(got_b) >= 8_000
+    late = Member(b.name, "c", "ids")
+    start(late)
+    got = union_exactly_once(a.finish(), got_b, late.finish())
+    assert sorted(got) == list(range(total))
+    assert b.wait() == 0
+    assert len(late.got) > 0 and max(got_b) < max(late.got)
+
+
+def test_member_back_under_its_name_gets_its_flows_back(broker, synth: Path) -> None:
+    """Every pass over the capture has the same flows: b, gone for a while
+    and back under its name, is given exactly the flows it had."""
+    b = broker("-r", str(synth), "--loop", "4", "--wait-clients", "2", "--slab-size", "8k",
+               "--credit", "2")
+    a = Member(b.name, "a", "ids")
+    first = Member(b.name, "b", "ids", stop_after=5_000)
+    start(a, first)
+    flows_before = {h for _, h, _ in first.finish().values()}
+    time.sleep(0.2)                     # a has the group to itself for a while
+    again = Member(b.name, "b", "ids")
+    start(again)
+    got = union_exactly_once(a.finish(), first.got, again.finish())
+    assert sorted(got) == list(range(4 * 20_000))
+    assert b.wait() == 0
+    flows_after = {h for _, h, _ in again.got.values()}
+    slots = ffi.new("uint32_t[]", [0, 1])            # a and b, in the order they came
+    owned_by_b = {h for _, h, _ in got.values() if lib.pktipc_flow_owner(h, slots, 2) == 1}
+    assert flows_before <= flows_after == owned_by_b   # its place, and its flows, back
+    assert {h for _, h, _ in a.got.values()} > owned_by_b.symmetric_difference(
+        {h for _, h, _ in got.values()})                # a had them all meanwhile
+
+
+def test_status_shows_groups_and_members(broker, synth: Path) -> None:
+    b = broker("-r", str(synth), "--wait-clients", "3", "--linger")
+    with pktipc.connect(b.name, "w1", group="ids") as w1, \
+            pktipc.connect(b.name, "w2", group="ids") as w2, \
+            pktipc.connect(b.name, "rec", balance="round-robin") as rec:
+        assert (w1.group, w1.balance, rec.group, rec.balance) == \
+            ("ids", "flow", "rec", "round-robin")
+        counts = {}
+        for c in (w1, w2, rec):       # the whole capture fits the ring: one at a time
+            counts[c.name] = sum(len(batch) for batch in c if batch.release() is None)
+        assert counts["rec"] == 20_000 and counts["w1"] + counts["w2"] == 20_000
+        r = run_pktipc("status", "--json", b.name)
+        assert r.returncode == 0, r.stderr
+        [st] = json.loads(r.stdout)
+        groups = {g["name"]: g for g in st["groups"]}
+        assert groups["ids"]["members"] == ["w1", "w2"] and groups["ids"]["balance"] == "flow"
+        assert groups["ids"]["packets"] == 20_000
+        assert groups["rec"] == {"name": "rec", "balance": "round-robin", "members": ["rec"],
+                                 "packets": 20_000}
+        per = {c["name"]: c["packets"] for c in st["clients"]}
+        assert per == counts
+        text = run_pktipc("status", b.name).stdout
+        assert "group ids  flow  2 member(s)  packets 20000" in text
+        assert f"client w1  slot 0  block  pid {os.getpid()}  packets {counts['w1']}" in text
+
+
+def test_another_mode_is_refused(broker, synth: Path) -> None:
+    b = broker("-r", str(synth), "--wait-clients", "2")
+    with pktipc.connect(b.name, "w1", group="ids"):
+        with pytest.raises(pktipc.Refused) as e:
+            pktipc.connect(b.name, "w2", group="ids", balance="round-robin")
+        assert e.value.code == "balance-mismatch"
+        r = run_pktipc("dump", "--server", b.name, "--client", "w3", "--group", "ids",
+                       "--balance", "round-robin", "-w", "/dev/null")
+        assert r.returncode == 1
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+        assert "group 'ids' balances by flow, not round-robin" in r.stderr
+        r = run_pktipc("dump", "--server", b.name, "--group", "no spaces", "-w", "/dev/null")
+        assert r.returncode == 1 and "group" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_dump_group_members_write_their_shares(broker, synth: Path, tmp_path: Path) -> None:
+    """Two `pktipc dump --group` processes: tcpdump reads each file, and
+    together they hold the capture."""
+    b = broker("-r", str(synth), "--wait-clients", "2")
+    outs = [tmp_path / f"{i}.pcap" for i in range(2)]
+    procs = [subprocess.Popen(pktipc_cmd("dump", "--server", b.name, "--client", f"d{i}",
+                                         "--group", "dumpers", "-w", str(o)),
+                              stderr=subprocess.PIPE, text=True)
+             for i, o in enumerate(outs)]
+    for p in procs:
+        assert p.wait(timeout=60) == 0, p.stderr.read() if p.stderr else ""
+        if p.stderr:
+            p.stderr.close()
+    assert b.wait() == 0
+    shares = [read_pcap(str(o)).packets for o in outs]
+    assert all(shares)
+    assert sorted(p.data for s in shares for p in s) == sorted(p.data for p in
+                                                               read_pcap(str(synth)).packets)
+    for o, s in zip(outs, shares, strict=True):
+        r = subprocess.run(["tcpdump", "-nn", "-r", str(o)], capture_output=True, text=True)
+        assert r.returncode == 0 and len(r.stdout.splitlines()) == len(s)

@@ -135,3 +135,25 @@ def test_dump_count_stops_early(broker, tmp_path: Path) -> None:
     r = run_pktipc("dump", "--server", b.name, "-c", "5", "-w", str(out))
     assert r.returncode == 0, r.stderr
     assert reference(out) == want[:5]
+
+
+def test_records_past_the_snap_length(broker, tmp_path: Path) -> None:
+    """A classic pcap is read from a mapping until a record is out of the
+    ordinary (here: longer than the file's snap length); libpcap reads from
+    that record on, so what is served is what libpcap reads, in either
+    byte order."""
+    import struct
+
+    for order in "<>":
+        recs = [(i, bytes([i]) * n) for i, n in enumerate((60, 70, 80, 150, 64, 99, 100))]
+        body = b"".join(struct.pack(order + "iIII", 1_700_000_000 + i, 1000 * i, len(d),
+                                    len(d) + 5) + d for i, d in recs)
+        path = tmp_path / f"snap{order == '<'}.pcap"
+        path.write_bytes(struct.pack(order + "IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 100, 1) + body)
+        want = reference(path)
+        assert [r[1] for r in want] == [60, 70, 80, 100, 64, 99, 100]     # libpcap truncates
+        b = broker("-r", str(path))
+        with pktipc.connect(b.name, "c") as client:
+            got, _ = collect(client)
+        assert got[0] == want
+        assert b.wait() == 0

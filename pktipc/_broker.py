@@ -66,7 +66,7 @@ def _group_id(group: str) -> int:
     except KeyError:
         if group.isdigit():
             return int(group)
-        raise ValueError(f"--group {group}: no such group") from None
+        raise ValueError(f"--allow-group {group}: no such group") from None
 
 
 def _alive(pid: int) -> bool:
@@ -514,7 +514,7 @@ class ServeOptions:
     heartbeat: float = 1.0
     liveness: float = 30.0
     lease: float | None = 30.0          # seconds a client may hold a batch; None: for ever
-    group: str | None = None            # clients of this group are admitted too
+    unix_group: str | None = None       # clients of this Unix group are admitted too
     grace: float = 0.0                  # seconds a lost client's place is kept for it
     user: str | None = None             # drop privileges to this user once capturing
     tunnel_hash: bool = False           # hash tunnelled packets on their inner flow
@@ -585,7 +585,7 @@ class Broker:
         self.epoch = time.time_ns()
         self.shm_name = segment_name(opts.name, self.epoch)
         self.pacer = Pacer(opts.speed) if opts.speed else None
-        self.gid = _group_id(opts.group) if opts.group is not None else None
+        self.gid = _group_id(opts.unix_group) if opts.unix_group is not None else None
         self.stopping = False
         self.exit_status = 0
         self._cleanup: list[Any] = []

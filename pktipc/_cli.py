@@ -98,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="heartbeat interval (default: 1)")
     s.add_argument("--liveness", type=float, default=30.0, metavar="SEC",
                    help="a client silent this long is dropped (default: 30)")
-    s.add_argument("--group", metavar="GROUP",
-                   help="admit clients of this group too (socket 0660, segment readable "
+    s.add_argument("--allow-group", metavar="GROUP",
+                   help="admit clients of this Unix group too (socket 0660, segment readable "
                         "by the group); default: the broker's user only")
     s.add_argument("--grace", type=float, default=0.0, metavar="SEC",
                    help="keep a lost client's place this long: back under its name, it "
@@ -171,7 +171,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         name=a.name, files=a.files or [], live=live, loops=a.loop, speed=a.speed, user=a.user,
         wait_clients=a.wait_clients, linger=a.linger, slab_size=a.slab_size,
         slab_count=a.slabs, credit=a.credit, max_clients=a.max_clients,
-        heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, group=a.group,
+        heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, unix_group=a.allow_group,
         grace=a.grace, tunnel_hash=a.tunnel_hash)
     return _broker.Broker(opts).serve()
 

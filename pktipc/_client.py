@@ -565,10 +565,10 @@ def _check_socket(server: str, path: Path | None) -> None:
         raise BrokerNotRunning(f"broker {server!r} is not running (no {path})") from None
     except PermissionError:
         raise PermissionDenied(f"{path.parent}: permission denied (a broker admits its own "
-                               "user, and a group given with serve --group)") from None
+                               "user, and a group given with serve --allow-group)") from None
     if not os.access(path, os.R_OK | os.W_OK):
         raise PermissionDenied(f"{path}: permission denied (a broker admits its own user, "
-                               "and a group given with serve --group)")
+                               "and a group given with serve --allow-group)")
 
 
 def connect(server: str, client: str, *, group: str | None = None, balance: str | None = None,

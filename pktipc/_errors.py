@@ -23,7 +23,7 @@ class NameTaken(Refused):
 
 
 class PermissionDenied(PktipcError):
-    """The broker does not admit this user (see `pktipc serve --group`)."""
+    """The broker does not admit this user (see `pktipc serve --allow-group`)."""
 
 
 class BrokerGone(PktipcError):

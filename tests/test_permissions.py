@@ -1,4 +1,4 @@
-"""Who may use a broker: its own user by default, a group with --group.
+"""Who may use a broker: its own user by default, a Unix group with --allow-group.
 
 The other user is `nobody`; what it tries is what any client must do, in a
 small C program (so nothing it needs lives in this checkout): connect to the
@@ -103,7 +103,7 @@ def test_default_admits_only_the_owner(probe: Path, shared_runtime: Path) -> Non
 
 
 def test_group_is_admitted(probe: Path, shared_runtime: Path) -> None:
-    b = serve(f"permg{os.getpid()}", shared_runtime, "--group", "nogroup")
+    b = serve(f"permg{os.getpid()}", shared_runtime, "--allow-group", "nogroup")
     try:
         assert shared_runtime.stat().st_gid == NOBODY
         assert (b.socket.stat().st_gid, stat.S_IMODE(b.socket.stat().st_mode)) == \
@@ -121,7 +121,7 @@ def test_denied_is_said_plainly(shared_runtime: Path, monkeypatch: pytest.Monkey
     b = serve(f"permd{os.getpid()}", shared_runtime)
     try:
         monkeypatch.setattr(os, "access", lambda path, mode: False)
-        with pytest.raises(pktipc.PermissionDenied, match="serve --group"):
+        with pytest.raises(pktipc.PermissionDenied, match="serve --allow-group"):
             pktipc.connect(b.name, "c")
     finally:
         b.stop()
@@ -130,6 +130,6 @@ def test_denied_is_said_plainly(shared_runtime: Path, monkeypatch: pytest.Monkey
 def test_unknown_group_is_refused() -> None:
     from conftest import run_pktipc
 
-    r = run_pktipc("serve", "--name", "x10", "-r", str(DNS), "--group", "no-such-group-x")
+    r = run_pktipc("serve", "--name", "x10", "-r", str(DNS), "--allow-group", "no-such-group-x")
     assert r.returncode == 1
-    assert r.stderr.strip() == "pktipc: error: --group no-such-group-x: no such group"
+    assert r.stderr.strip() == "pktipc: error: --allow-group no-such-group-x: no such group"

@@ -3,7 +3,7 @@
  * second and in all, reading the first byte of every packet as a consumer
  * would.
  *
- *     pktipc-count [-n NAME] [-p drop|block] [-C CREDIT] [-c COUNT] [-i SECONDS] SERVER
+ *     pktipc-count [-n NAME] [-g GROUP] [-p drop|block] [-C CREDIT] [-c COUNT] [-i SECONDS] SERVER
  *
  * It stops after COUNT packets, at the end of the stream, or on Ctrl-C, and
  * prints its totals. The default policy is drop: a meter should never hold
@@ -20,6 +20,7 @@
 #include <pktipc.h>
 
 static volatile sig_atomic_t stop;
+static volatile unsigned first_bytes;   /* so that reading them is not optimised away */
 
 static void on_signal(int sig)
 {
@@ -36,7 +37,7 @@ static double now(void)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: pktipc-count [-n NAME] [-p drop|block] [-C CREDIT] [-c COUNT] "
+    fprintf(stderr, "usage: pktipc-count [-n NAME] [-g GROUP] [-p drop|block] [-C CREDIT] [-c COUNT] "
                     "[-i SECONDS] SERVER\n");
     exit(2);
 }
@@ -62,9 +63,10 @@ int main(int argc, char **argv)
     unsigned long long limit = 0;
     double interval = 1.0;
     int opt;
-    while ((opt = getopt(argc, argv, "n:p:C:c:i:")) != -1) {
+    while ((opt = getopt(argc, argv, "n:g:p:C:c:i:")) != -1) {
         switch (opt) {
         case 'n': o.name = optarg; break;
+        case 'g': o.group = optarg; break;
         case 'p':
             if (strcmp(optarg, "drop") && strcmp(optarg, "block"))
                 usage();
@@ -113,8 +115,8 @@ int main(int argc, char **argv)
         if (t - last >= interval) {
             struct pktipc_stats st;
             pktipc_stats(c, &st);
-            printf("%8.1f s  %10.0f pkt/s  %9.2f Mbit/s  packets %llu  drops %llu  "
-                   "reconnects %llu\n", t - start, (packets - last_packets) / (t - last),
+            printf("t %.1f pkt/s %.0f Mbit/s %.2f packets %llu drops %llu reconnects %llu\n",
+                   t - start, (packets - last_packets) / (t - last),
                    (bytes - last_bytes) * 8 / (t - last) / 1e6, packets,
                    (unsigned long long)st.drops, (unsigned long long)st.reconnects);
             fflush(stdout);
@@ -126,9 +128,9 @@ int main(int argc, char **argv)
     struct pktipc_stats st;
     pktipc_stats(c, &st);
     double secs = now() - start;
-    printf("total: packets %llu bytes %llu seconds %.3f drops %llu reconnects %llu "
-           "firstbytes %u\n", packets, bytes, secs, (unsigned long long)st.drops,
-           (unsigned long long)st.reconnects, sum);
+    printf("total packets %llu bytes %llu seconds %.3f drops %llu reconnects %llu\n", packets,
+           bytes, secs, (unsigned long long)st.drops, (unsigned long long)st.reconnects);
+    first_bytes = sum;
     int status = 0;
     if (r < 0 && r != -PKTIPC_EINTR && (r != -PKTIPC_EEOS || *pktipc_geterr(c))) {
         fprintf(stderr, "pktipc-count: %s\n", pktipc_geterr(c));

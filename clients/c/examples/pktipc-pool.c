@@ -8,7 +8,7 @@
  * the worker, out of order; the capture thread alone talks to the broker,
  * which gets one message per slab given back.
  *
- *     pktipc-pool [-n NAME] [-p drop|block] [-C CREDIT] [-s POOL] [-l SECONDS] SERVER
+ *     pktipc-pool [-n NAME] [-g GROUP] [-p drop|block] [-C CREDIT] [-s POOL] [-l SECONDS] SERVER
  *
  * At the end of the stream it prints what it saw and what it gave back;
  * -l keeps it attached that much longer (see it with `pktipc status`).
@@ -146,7 +146,7 @@ static void *work(void *arg)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: pktipc-pool [-n NAME] [-p drop|block] [-C CREDIT] [-s POOL] "
+    fprintf(stderr, "usage: pktipc-pool [-n NAME] [-g GROUP] [-p drop|block] [-C CREDIT] [-s POOL] "
                     "[-l SECONDS] SERVER\n");
     exit(2);
 }
@@ -172,9 +172,10 @@ int main(int argc, char **argv)
     unsigned pool_size = 1024;
     long linger = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "n:p:C:s:l:")) != -1) {
+    while ((opt = getopt(argc, argv, "n:g:p:C:s:l:")) != -1) {
         switch (opt) {
         case 'n': o.name = optarg; break;
+        case 'g': o.group = optarg; break;
         case 'p':
             if (strcmp(optarg, "drop") && strcmp(optarg, "block"))
                 usage();

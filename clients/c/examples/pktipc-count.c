@@ -103,7 +103,7 @@ int main(int argc, char **argv)
             if (limit && packets + n > limit)
                 n = (uint32_t)(limit - packets);
             for (uint32_t i = 0; i < n; i++) {
-                sum += pktipc_pkt_data(c, &b.pkts[i])[0];
+                sum += pktipc_batch_data(&b, &b.pkts[i])[0];
                 bytes += b.pkts[i].caplen;
             }
             packets += n;

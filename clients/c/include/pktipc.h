@@ -15,10 +15,10 @@
  *     struct pktipc_batch b;
  *     while ((r = pktipc_next_batch(c, &b, 1000)) >= 0) {
  *         for (uint32_t i = 0; i < b.count; i++)
- *             handle(&b.pkts[i], pktipc_pkt_data(c, &b.pkts[i]));
+ *             handle(&b.pkts[i], pktipc_batch_data(&b, &b.pkts[i]));
  *         pktipc_release_batch(c, &b);
  *     }
- *     if (r != -PKTIPC_EEOS)
+ *     if (r != -PKTIPC_EEOS || *pktipc_geterr(c))
  *         warnx("%s", pktipc_geterr(c));
  *     pktipc_close(c);
  *
@@ -33,10 +33,11 @@
  *
  * Threads. One thread at a time consumes: pktipc_next_batch, pktipc_dispatch,
  * pktipc_stats (a second concurrent caller gets -PKTIPC_EBUSY); it alone
- * uses the ZeroMQ socket, and it sends the RELEASE messages. pktipc_release,
- * pktipc_release_batch and pktipc_pkt_data may be called from any thread,
- * at any time between pktipc_open and pktipc_close. pktipc_close must be
- * the last call, once no other thread uses the client.
+ * uses the ZeroMQ socket, and it sends the RELEASE messages; pktipc_iface
+ * is for it too. pktipc_release, pktipc_release_batch and pktipc_pkt_data
+ * may be called from any thread, at any time between pktipc_open and
+ * pktipc_close. pktipc_close must be the last call, once no other thread
+ * uses the client.
  *
  * Keeping alive. The broker evicts a client it has not heard from for its
  * liveness (30 s by default) or that holds one batch longer than its lease
@@ -108,6 +109,7 @@ struct pktipc_batch {       /* filled by pktipc_next_batch */
     uint64_t seq;           /* sequence number of the batch's first packet */
     uint32_t count;         /* descriptors in pkts[] (only this member's packets when balanced) */
     const struct pktipc_pkt *pkts;
+    const uint8_t *base;    /* the batch's slab: a packet's bytes are at base + data_off */
     /* private: */
     uint64_t ticket_;
     void *slot_;
@@ -165,6 +167,14 @@ int pktipc_next_batch(pktipc_client *c, struct pktipc_batch *b, int timeout_ms);
 /* The bytes (caplen of them) of a packet given to this client; NULL for a
  * pointer that is not one. Valid until the packet is released. */
 const uint8_t *pktipc_pkt_data(const pktipc_client *c, const struct pktipc_pkt *p);
+
+/* The bytes of a packet of batch b: pktipc_pkt_data without the lookup,
+ * for loops over a batch. */
+static inline const uint8_t *pktipc_batch_data(const struct pktipc_batch *b,
+                                               const struct pktipc_pkt *p)
+{
+    return b->base + p->data_off;
+}
 
 /* Gives one packet back: 0, -PKTIPC_EALREADY, -PKTIPC_EFOREIGN. Any order,
  * any thread. A packet is known by its descriptor's address, so a packet

@@ -887,6 +887,7 @@ static int hand_out(pktipc_client *c, struct pktipc_batch *b)
     b->seq = pb.seq;
     b->count = pb.n;
     b->pkts = d;
+    b->base = (const uint8_t *)d;
     b->ticket_ = c->tickets;
     b->slot_ = s;
     c->packets += pb.n;
@@ -935,14 +936,11 @@ API int pktipc_dispatch(pktipc_client *c, int max, pktipc_handler cb, void *user
         c->disp_active = 1;
         c->disp_next = 0;
     }
-    struct slot *s = c->disp.slot_;
-    uint32_t slab = (uint32_t)(s - s->map->slots);
-    const uint8_t *base = s->map->slabs + (size_t)slab * s->map->slab_size;
     uint32_t end = c->disp.count;
     if (max > 0 && (uint32_t)max < end - c->disp_next)
         end = c->disp_next + (uint32_t)max;
     for (uint32_t i = c->disp_next; i < end; i++)
-        cb(user, &c->disp.pkts[i], base + c->disp.pkts[i].data_off);
+        cb(user, &c->disp.pkts[i], pktipc_batch_data(&c->disp, &c->disp.pkts[i]));
     r = (int)(end - c->disp_next);
     c->disp_next = end;
     if (end == c->disp.count) {

@@ -107,7 +107,7 @@ static void check_bytes(pktipc_client *c, const struct pktipc_batch *b)
 {
     for (uint32_t i = 0; i < b->count; i++) {
         const uint8_t *d = pktipc_pkt_data(c, &b->pkts[i]);
-        CHECK(d != NULL);
+        CHECK(d != NULL && d == pktipc_batch_data(b, &b->pkts[i]));
         CHECK_EQ(b->pkts[i].ts_ns, (int64_t)(b->seq + i));
         for (uint32_t j = 0; j < b->pkts[i].caplen; j++)
             CHECK_EQ(d[j], fb_byte(b->seq, i, j));

@@ -5,7 +5,7 @@
  * OWNERSHIP. The consuming thread (the one in pktipc_next_batch, _dispatch
  * or _stats, one at a time) owns the ZeroMQ socket, the protocol state, the
  * queue of pending batches and every field not marked otherwise. Any thread
- * may release packets: it touches only a slot's `refs` and `done` bits, the
+ * may release packets: it touches only a slot's `done` bits and `words_left`, the
  * client's `done` stack and its eventfd, all atomic or thread-safe. A slot
  * whose last packet is released goes onto the `done` stack; the consuming
  * thread takes the stack whole and sends one RELEASE for all it found.
@@ -55,7 +55,7 @@ enum slot_state { SLOT_FREE, SLOT_PENDING, SLOT_HELD };
 struct map;
 
 struct slot {
-    _Atomic uint32_t refs;      /* (any) packets not released yet; 0 unless held */
+    _Atomic uint32_t words_left;  /* (any) words of `done` not full yet; 0 unless held */
     uint32_t count;             /* packets given out */
     _Atomic uint64_t ticket;    /* which hand-out this is; 0: never held */
     uint64_t seq;
@@ -318,15 +318,19 @@ API int pktipc_release(pktipc_client *c, const struct pktipc_pkt *p)
         return -PKTIPC_EFOREIGN;
     uint32_t i = (uint32_t)(within / sizeof(*p));
     struct slot *s = &m->slots[slab];
-    if (atomic_load_explicit(&s->refs, memory_order_acquire) == 0)
+    if (atomic_load_explicit(&s->words_left, memory_order_acquire) == 0)
         return atomic_load_explicit(&s->ticket, memory_order_relaxed) ? -PKTIPC_EALREADY
                                                                       : -PKTIPC_EFOREIGN;
     if (i >= s->count)
         return -PKTIPC_EFOREIGN;
+    /* One atomic operation per packet: the one that fills a word of the
+     * bitmap counts the word, the one that counts the last word frees the slab. */
     uint64_t bit = UINT64_C(1) << (i % WORD_BITS);
-    if (atomic_fetch_or_explicit(&s->done[i / WORD_BITS], bit, memory_order_acq_rel) & bit)
+    uint64_t old = atomic_fetch_or_explicit(&s->done[i / WORD_BITS], bit, memory_order_acq_rel);
+    if (old & bit)
         return -PKTIPC_EALREADY;
-    if (atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) == 1)
+    if ((old | bit) == ~UINT64_C(0) &&
+        atomic_fetch_sub_explicit(&s->words_left, 1, memory_order_acq_rel) == 1)
         slot_done(c, s);
     return 0;
 }
@@ -350,18 +354,19 @@ API int pktipc_release_batch(pktipc_client *c, struct pktipc_batch *b)
     if (!s || !client_has_slot(c, s))
         return -PKTIPC_EFOREIGN;
     if (!b->ticket_ || atomic_load_explicit(&s->ticket, memory_order_acquire) != b->ticket_ ||
-        atomic_load_explicit(&s->refs, memory_order_acquire) == 0)
+        atomic_load_explicit(&s->words_left, memory_order_acquire) == 0)
         return -PKTIPC_EALREADY;
-    uint32_t n = s->count, released = 0;
-    for (uint32_t w = 0; w * WORD_BITS < n; w++) {
-        uint32_t left = n - w * WORD_BITS;
-        uint64_t mask = left >= WORD_BITS ? ~UINT64_C(0) : (UINT64_C(1) << left) - 1;
-        uint64_t old = atomic_fetch_or_explicit(&s->done[w], mask, memory_order_acq_rel);
-        released += (uint32_t)__builtin_popcountll(mask & ~old);
+    uint32_t filled = 0, released = 0;
+    for (uint32_t w = 0; w * WORD_BITS < s->count; w++) {
+        uint64_t old = atomic_fetch_or_explicit(&s->done[w], ~UINT64_C(0), memory_order_acq_rel);
+        if (old != ~UINT64_C(0)) {
+            filled++;
+            released += (uint32_t)__builtin_popcountll(~old);
+        }
     }
     if (!released)
         return -PKTIPC_EALREADY;
-    if (atomic_fetch_sub_explicit(&s->refs, released, memory_order_acq_rel) == released)
+    if (atomic_fetch_sub_explicit(&s->words_left, filled, memory_order_acq_rel) == filled)
         slot_done(c, s);
     return 0;
 }
@@ -875,14 +880,19 @@ static int hand_out(pktipc_client *c, struct pktipc_batch *b)
         }
         bytes += d[i].caplen;
     }
-    for (uint32_t w = 0; w * WORD_BITS < pb.n; w++)
+    /* Bits past the last packet are set: every word is full once released. */
+    uint32_t words = (pb.n + WORD_BITS - 1) / WORD_BITS;
+    for (uint32_t w = 0; w < words; w++)
         atomic_store_explicit(&s->done[w], 0, memory_order_relaxed);
+    if (pb.n % WORD_BITS)
+        atomic_store_explicit(&s->done[words - 1], ~UINT64_C(0) << (pb.n % WORD_BITS),
+                              memory_order_relaxed);
     s->count = pb.n;
     s->seq = pb.seq;
     s->state = SLOT_HELD;
     atomic_store_explicit(&s->ticket, ++c->tickets, memory_order_relaxed);
     /* Make sure the slot is set up before a releasing thread sees it held. */
-    atomic_store_explicit(&s->refs, pb.n, memory_order_release);
+    atomic_store_explicit(&s->words_left, words, memory_order_release);
     m->out++;
     b->seq = pb.seq;
     b->count = pb.n;

@@ -353,9 +353,10 @@ static void test_one_release_message_for_many_slabs(void)
     pktipc_client *c = attach(&f, f.h->name, 8, 1000, 0);
     struct pktipc_batch b[6];
     uint64_t want[6];
+    static const uint32_t sizes[6] = {64, 128, 1, 63, 65, 200};   /* around bitmap words */
     for (int i = 0; i < 6; i++) {
-        want[i] = fb_batch(&f, (uint32_t)i, 200, 100);
-        CHECK_EQ(pktipc_next_batch(c, &b[i], 1000), 200);
+        want[i] = fb_batch(&f, (uint32_t)i, sizes[i], 100);
+        CHECK_EQ(pktipc_next_batch(c, &b[i], 1000), sizes[i]);
     }
     struct releaser r[6];
     for (int i = 0; i < 6; i++) {

@@ -4,11 +4,11 @@
  *
  * OWNERSHIP. The consuming thread (the one in pktipc_next_batch, _dispatch
  * or _stats, one at a time) owns the ZeroMQ socket, the protocol state, the
- * queue of pending batches and every field not marked otherwise. Any thread
- * may release packets: it touches only a slot's `done` bits and `words_left`, the
- * client's `done` stack and its eventfd, all atomic or thread-safe. A slot
- * whose last packet is released goes onto the `done` stack; the consuming
- * thread takes the stack whole and sends one RELEASE for all it found.
+ * queue of pending batches and every field not marked (any). Any thread may
+ * release packets: it touches only a slot's `done` bits and `words_left`,
+ * the client's `done` stack and its eventfd, all atomic or thread-safe. A
+ * slot whose last packet is released goes onto the `done` stack; the
+ * consuming thread takes the stack whole and sends one RELEASE for it all.
  *
  * Mappings. Each broker's segment is a `struct map` record on a list that
  * only grows (records are reused, never freed before pktipc_close), so a

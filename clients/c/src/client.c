@@ -860,7 +860,10 @@ static int64_t deadline_of(int timeout_ms)
 }
 
 /* Hands out the oldest pending batch. This is the one place that decides
- * which of a slab's packets are this client's, and checks them. */
+ * which of a slab's packets are this client's, and checks them: all of them
+ * today. A share of them would be chosen here, its packets in pkts[] and
+ * count, and the done bits of the others set from the start, so that the
+ * slab goes back once this client's share is released. */
 static int hand_out(pktipc_client *c, struct pktipc_batch *b)
 {
     struct pending pb = c->pend[c->pend_head];

@@ -25,7 +25,7 @@
 #include <pktipc.h>
 
 #define QUEUE_SIZE (1u << 16)
-#define IDLE_MS 5
+#define IDLE_MS 1
 
 /* Packets from the capture thread to the worker; NULL ends the stream. */
 struct queue {

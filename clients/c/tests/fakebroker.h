@@ -39,6 +39,30 @@ static uint64_t fb_align(uint64_t n, uint64_t a)
     return (n + a - 1) / a * a;
 }
 
+/* Segments of fake brokers not freed yet: a failed CHECK exits, and they
+ * go with it. */
+static char fb_live[32][80];
+
+static void fb_unlink_live(void)
+{
+    for (size_t i = 0; i < sizeof(fb_live) / sizeof(fb_live[0]); i++)
+        if (fb_live[i][0])
+            shm_unlink(fb_live[i]);
+}
+
+static void fb_track(const char *shm, int live)
+{
+    static int registered;
+    if (!registered++)
+        atexit(fb_unlink_live);
+    for (size_t i = 0; i < sizeof(fb_live) / sizeof(fb_live[0]); i++) {
+        if (live ? !fb_live[i][0] : !strcmp(fb_live[i], shm)) {
+            snprintf(fb_live[i], sizeof(fb_live[i]), "%s", live ? shm : "");
+            return;
+        }
+    }
+}
+
 static void fb_init(struct fb *f, const char *dir, const char *name, uint32_t slabs,
                     uint32_t slab_size)
 {
@@ -57,6 +81,7 @@ static void fb_init(struct fb *f, const char *dir, const char *name, uint32_t sl
     f->size = slabs_off + (uint64_t)slabs * slab_size;
     int fd = shm_open(f->shm, O_CREAT | O_EXCL | O_RDWR, 0600);
     CHECK(fd >= 0);
+    fb_track(f->shm, 1);
     CHECK(ftruncate(fd, (off_t)f->size) == 0);
     f->seg = mmap(NULL, f->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     CHECK(f->seg != MAP_FAILED);
@@ -112,6 +137,7 @@ static void fb_free(struct fb *f)
     fb_close_socket(f);
     munmap(f->seg, f->size);
     shm_unlink(f->shm);
+    fb_track(f->shm, 0);
     msgpack_sbuffer_destroy(&f->sb);
     proto_msg_free(&f->m);
 }

@@ -786,11 +786,28 @@ static int open_fds(void)
     return n;
 }
 
+/* The runtime directory and what a failed test left in it. */
+static void remove_dir(void)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    while (d && (e = readdir(d)))
+        if (e->d_name[0] != '.') {
+            char path[sizeof(dir) + 256];
+            snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+            unlink(path);
+        }
+    if (d)
+        closedir(d);
+    rmdir(dir);
+}
+
 int main(int argc, char **argv)
 {
     int fds = open_fds();
     snprintf(dir, sizeof(dir), "/tmp/pktipc-ctest-XXXXXX");
     CHECK(mkdtemp(dir) != NULL);
+    atexit(remove_dir);
     setenv("PKTIPC_RUNTIME_DIR", dir, 1);
     RUN(test_bad_options);
     RUN(test_no_broker);
@@ -810,5 +827,6 @@ int main(int argc, char **argv)
     RUN(test_linktypes_as_libpcap_reads_them);
     CHECK(rmdir(dir) == 0);     /* every test removed what it made */
     CHECK_EQ(open_fds(), fds);
+    dir[0] = 0;
     return 0;
 }

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
@@ -65,47 +65,64 @@ class RemoteProtocolError(ProtocolError):
 
 # --- fields --------------------------------------------------------------
 
-Check = Callable[[Any], bool]
+
+@dataclass(frozen=True)
+class Check:
+    """One field's rule. Plain data, so that the C client's copy of these
+    rules is generated from them (pktipc/_cschema.py) rather than rewritten."""
+
+    kind: str                       # "int", "str", "name", "one_of", "seqs", "slots",
+                                    # "bytes", "map"
+    lo: int = 0                     # int: bounds; seqs: list length
+    hi: int = 0                     # int: bounds; str: length; seqs, slots: list length
+    values: tuple[str, ...] = ()    # one_of
+    optional: bool = False          # None is allowed too
+
+    def __call__(self, x: Any) -> bool:
+        if x is None:
+            return self.optional
+        if self.kind == "int":
+            return type(x) is int and self.lo <= x <= self.hi
+        if self.kind == "str":
+            return type(x) is str and len(x) <= self.hi
+        if self.kind == "name":
+            from ._paths import NAME_RE
+
+            return type(x) is str and NAME_RE.fullmatch(x) is not None
+        if self.kind == "one_of":
+            return type(x) is str and x in self.values
+        if self.kind == "seqs":
+            return (type(x) is list and self.lo <= len(x) <= self.hi
+                    and all(type(s) is int and 0 <= s <= U64 for s in x))
+        if self.kind == "slots":    # distinct u32s
+            return (type(x) is list and len(x) <= self.hi and len(set(x)) == len(x)
+                    and all(type(s) is int and 0 <= s <= U32 for s in x))
+        if self.kind == "bytes":
+            return type(x) is bytes
+        return type(x) is dict      # map
 
 
 def _int(lo: int, hi: int) -> Check:
-    return lambda x: type(x) is int and lo <= x <= hi
+    return Check("int", lo=lo, hi=hi)
 
 
 def _str(maxlen: int) -> Check:
-    return lambda x: type(x) is str and len(x) <= maxlen
+    return Check("str", hi=maxlen)
 
 
 def _opt(check: Check) -> Check:
-    return lambda x: x is None or check(x)
+    return replace(check, optional=True)
 
 
 def _one_of(*values: str) -> Check:
-    return lambda x: type(x) is str and x in values
+    return Check("one_of", values=values)
 
 
-def _name(x: Any) -> bool:
-    from ._paths import NAME_RE
-
-    return type(x) is str and NAME_RE.fullmatch(x) is not None
-
-
-def _seqs(x: Any) -> bool:
-    return (type(x) is list and 1 <= len(x) <= MAX_RELEASE
-            and all(type(s) is int and 0 <= s <= U64 for s in x))
-
-
-def _map(x: Any) -> bool:
-    return type(x) is dict
-
-
-def _slots(x: Any) -> bool:
-    return (type(x) is list and len(x) <= MAX_MEMBERS
-            and all(type(s) is int and 0 <= s <= U32 for s in x) and len(set(x)) == len(x))
-
-
-def _bytes(x: Any) -> bool:
-    return type(x) is bytes
+_name = Check("name")
+_seqs = Check("seqs", lo=1, hi=MAX_RELEASE)
+_map = Check("map")
+_slots = Check("slots", hi=MAX_MEMBERS)
+_bytes = Check("bytes")
 
 
 POLICIES = ("block", "drop")

@@ -1,6 +1,6 @@
 """The C client's copy of the protocol's rules, generated from their sources:
-SCHEMAS, the constants and CLIENT_TRANSITIONS of _protocol.py, and the name
-rule of _paths.py.
+SCHEMAS, CROSS_CHECKS, the constants and CLIENT_TRANSITIONS of _protocol.py,
+and the name rule of _paths.py.
 
     .venv/bin/python -m pktipc._cschema > clients/c/src/schema.h
 
@@ -49,6 +49,7 @@ def render() -> str:
         f"#define PROTO_MAX_BROKER_FRAME   {proto.MAX_BROKER_FRAME}",
         f"#define PROTO_MAX_RELEASE        {proto.MAX_RELEASE}",
         f"#define PROTO_MAX_CREDIT         {proto.MAX_CREDIT}",
+        f"#define PROTO_MAX_MEMBERS        {proto.MAX_MEMBERS}",
         f"#define PROTO_MISSED_HEARTBEATS  {proto.BROKER_MISSED_HEARTBEATS}",
     ]
     first, rest, longest = _name_rule()
@@ -59,6 +60,7 @@ def render() -> str:
         "",
     ]
     out += [f"#define {'PROTO_POLICY_' + _c_ident(p):<24} {_c_str(p)}" for p in proto.POLICIES]
+    out += [f"#define {'PROTO_BALANCE_' + _c_ident(b):<24} {_c_str(b)}" for b in proto.BALANCES]
     out += ["", "enum proto_msg_type {"]
     types = list(proto.SCHEMAS)
     out += [f"    PMSG_{_c_ident(t)}," for t in types]
@@ -91,6 +93,12 @@ def render() -> str:
     for t, schema in proto.SCHEMAS.items():
         rules = f"rules_{t}" if schema else "NULL"
         out.append(f"    [PMSG_{_c_ident(t)}] = {{{_c_str(t)}, {len(schema)}, {rules}}},")
+    out += ["};", "", "static const struct proto_bitmap BITMAPS[] = {"]
+    for t, cross in proto.CROSS_CHECKS.items():
+        for rule in cross:
+            assert type(rule) is proto.Bitmap, (t, rule)     # the one kind C knows
+            out.append(f"    {{PMSG_{_c_ident(t)}, F_{_c_ident(t)}_{_c_ident(rule.bits)}, "
+                       f"F_{_c_ident(t)}_{_c_ident(rule.count)}}},")
     names = ", ".join(_c_str(s.value) for s in proto.State)
     out += ["};", "", f"static const char *const STATE_NAMES[] = {{{names}}};", "",
             "static const struct proto_transition CLIENT_TRANSITIONS[] = {"]

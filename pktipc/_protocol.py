@@ -1,4 +1,4 @@
-"""pktipc control protocol, version 1, as a sans-IO state machine.
+"""pktipc control protocol, version 2, as a sans-IO state machine.
 
 The rules it keeps:
 
@@ -28,7 +28,6 @@ monotonic origin), and take out frames to send and events.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -153,19 +152,28 @@ SCHEMAS: dict[str, dict[str, Check]] = {
 }
 
 
-def _mask_fits(f: dict[str, Any]) -> bool:
-    """A BATCH mask has one bit per packet of the slab, and no bit beyond."""
-    mask, n = f["mask"], f["n"]
-    return mask is None or (len(mask) == (n + 7) // 8 and not (n % 8 and mask[-1] >> n % 8))
+@dataclass(frozen=True)
+class Bitmap:
+    """A rule across two fields of one message: field `bits` is nil or has
+    one bit (bit i & 7 of byte i >> 3) for each of the `count` items that
+    field `count` gives, and no bit set beyond. Plain data, as Check."""
+
+    bits: str
+    count: str
+
+    def __call__(self, f: dict[str, Any]) -> bool:
+        bits, n = f[self.bits], f[self.count]
+        return bits is None or (len(bits) == (n + 7) // 8 and not (n % 8 and bits[-1] >> n % 8))
 
 
 # Rules across the fields of one message, after each field passed SCHEMAS.
-CROSS_CHECKS: dict[str, Callable[[dict[str, Any]], bool]] = {"batch": _mask_fits}
+CROSS_CHECKS: dict[str, tuple[Bitmap, ...]] = {
+    "batch": (Bitmap("mask", "n"),),      # one bit per packet of the slab
+}
 
 
 def _cross_check(mtype: str, fields: dict[str, Any]) -> bool:
-    check = CROSS_CHECKS.get(mtype)
-    return check is None or check(fields)
+    return all(rule(fields) for rule in CROSS_CHECKS.get(mtype, ()))
 
 
 def encode(mtype: str, **fields: Any) -> bytes:

@@ -6,6 +6,7 @@
 #define PROTO_MAX_BROKER_FRAME   67108864
 #define PROTO_MAX_RELEASE        4096
 #define PROTO_MAX_CREDIT         4096
+#define PROTO_MAX_MEMBERS        1024
 #define PROTO_MISSED_HEARTBEATS  5
 #define PROTO_NAME_MAX           48
 #define PROTO_NAME_FIRST         "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -13,6 +14,8 @@
 
 #define PROTO_POLICY_BLOCK       "block"
 #define PROTO_POLICY_DROP        "drop"
+#define PROTO_BALANCE_FLOW       "flow"
+#define PROTO_BALANCE_ROUND_ROBIN "round-robin"
 
 enum proto_msg_type {
     PMSG_HELLO,
@@ -144,6 +147,10 @@ static const struct proto_schema SCHEMAS[PMSG_COUNT] = {
     [PMSG_EVICT] = {"evict", 2, rules_evict},
     [PMSG_STATS_REPLY] = {"stats_reply", 1, rules_stats_reply},
     [PMSG_HEARTBEAT] = {"heartbeat", 0, NULL},
+};
+
+static const struct proto_bitmap BITMAPS[] = {
+    {PMSG_BATCH, F_BATCH_MASK, F_BATCH_N},
 };
 
 static const char *const STATE_NAMES[] = {"new", "hello-sent", "attached", "ended", "closed"};

@@ -1,6 +1,7 @@
 /* The client's side of the control protocol; see proto.h. */
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define PROTO_TABLES
@@ -194,6 +195,30 @@ static int str_is(const msgpack_object *o, const char *s)
            memcmp(o->via.str.ptr, s, n) == 0;
 }
 
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Distinct u32s, at most `most` of them. */
+static int slots_ok(const msgpack_object_array *a, uint64_t most)
+{
+    uint32_t v[PROTO_MAX_MEMBERS];
+    if (a->size > most || a->size > PROTO_MAX_MEMBERS)
+        return 0;
+    for (uint32_t i = 0; i < a->size; i++) {
+        if (a->ptr[i].type != MSGPACK_OBJECT_POSITIVE_INTEGER || a->ptr[i].via.u64 > UINT32_MAX)
+            return 0;
+        v[i] = (uint32_t)a->ptr[i].via.u64;
+    }
+    qsort(v, a->size, sizeof(v[0]), cmp_u32);
+    for (uint32_t i = 1; i < a->size; i++)
+        if (v[i] == v[i - 1])
+            return 0;
+    return 1;
+}
+
 static int check(const struct proto_rule *r, const msgpack_object *o)
 {
     if (o->type == MSGPACK_OBJECT_NIL)
@@ -220,10 +245,22 @@ static int check(const struct proto_rule *r, const msgpack_object *o)
             if (o->via.array.ptr[i].type != MSGPACK_OBJECT_POSITIVE_INTEGER)
                 return 0;
         return 1;
+    case CK_SLOTS:
+        return o->type == MSGPACK_OBJECT_ARRAY && slots_ok(&o->via.array, r->hi);
+    case CK_BYTES:
+        return o->type == MSGPACK_OBJECT_BIN;
     case CK_MAP:
         return o->type == MSGPACK_OBJECT_MAP;
     }
     return 0;
+}
+
+static int bitmap_ok(const struct proto_msg *m, const struct proto_bitmap *b)
+{
+    uint32_t len;
+    const uint8_t *bits = proto_bin(m, b->bits, &len);
+    uint64_t n = proto_u64(m, b->count);
+    return !bits || (len == (n + 7) / 8 && !(n % 8 && bits[len - 1] >> n % 8));
 }
 
 void proto_msg_init(struct proto_msg *m)
@@ -293,6 +330,9 @@ int proto_decode(struct proto_msg *m, const void *frame, size_t len, char *why, 
     }
     if (seen != s->nfields)
         return fail(why, whylen, "bad-field: %s: missing fields", s->type);
+    for (size_t i = 0; i < sizeof(BITMAPS) / sizeof(BITMAPS[0]); i++)
+        if (BITMAPS[i].type == m->type && !bitmap_ok(m, &BITMAPS[i]))
+            return fail(why, whylen, "bad-field: %s: fields disagree", s->type);
     return 0;
 }
 
@@ -339,7 +379,8 @@ static int sent(struct proto_conn *p, int64_t now, int err)
 }
 
 int proto_hello(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now, const char *name,
-                const char *group, const char *policy, unsigned credit, uint32_t pid)
+                const char *group, const char *policy, unsigned credit, uint32_t pid,
+                const char *balance)
 {
     msgpack_packer pk;
     if (p->state != ST_NEW)
@@ -351,6 +392,7 @@ int proto_hello(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now, const c
     err |= key(&pk, PMSG_HELLO, F_HELLO_CREDIT) |
            (credit ? msgpack_pack_uint64(&pk, credit) : msgpack_pack_nil(&pk));
     err |= key(&pk, PMSG_HELLO, F_HELLO_PID) | msgpack_pack_uint64(&pk, pid);
+    err |= key(&pk, PMSG_HELLO, F_HELLO_BALANCE) | str_or_nil(&pk, balance);
     if (sent(p, now, err))
         return -1;
     p->state = ST_HELLO_SENT;
@@ -380,6 +422,16 @@ int proto_bye(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now)
     return sent(p, now, begin(buf, &pk, PMSG_BYE));
 }
 
+/* A BATCH names no members, or ours among them. */
+static int among(const msgpack_object *members, uint32_t slot)
+{
+    const msgpack_object_array *a = &members->via.array;
+    for (uint32_t i = 0; i < a->size; i++)
+        if (a->ptr[i].via.u64 == slot)
+            return 1;
+    return a->size == 0;
+}
+
 int proto_receive(struct proto_conn *p, const struct proto_msg *m, int64_t now, char *why,
                   size_t whylen)
 {
@@ -390,6 +442,8 @@ int proto_receive(struct proto_conn *p, const struct proto_msg *m, int64_t now, 
     if (i == n)
         return fail(why, whylen, "unexpected: %s while %s", SCHEMAS[m->type].type,
                     STATE_NAMES[p->state]);
+    if (m->type == PMSG_BATCH && !among(m->f[F_BATCH_MEMBERS], p->slot))
+        return fail(why, whylen, "bad-field: batch: slot %u not among members", p->slot);
     p->state = CLIENT_TRANSITIONS[i].to;
     p->last_recv = now;
     if (m->type == PMSG_WELCOME) {
@@ -402,6 +456,7 @@ int proto_receive(struct proto_conn *p, const struct proto_msg *m, int64_t now, 
         p->heartbeat = (int64_t)(ours ? ours : 1) * 1000000;
         p->liveness = PROTO_MISSED_HEARTBEATS * (int64_t)hb * 1000000;
         p->last_sent = now;
+        p->slot = (uint32_t)proto_u64(m, F_WELCOME_SLOT);
     }
     return 0;
 }

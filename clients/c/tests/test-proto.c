@@ -47,7 +47,33 @@ static void head(const char *type, size_t nfields)
 {
     begin(2 + nfields);
     kv_str("t", type);
-    kv_u64("v", 1);
+    kv_u64("v", PROTO_VERSION);
+}
+
+/* BATCH's fields after seq, slab, gen and n: members[0..nmembers), mask
+ * (NULL: nil) of masklen bytes. */
+static void share(const uint32_t *members, uint32_t nmembers, const char *mask, size_t masklen)
+{
+    str("members");
+    msgpack_pack_array(&pk, nmembers);
+    for (uint32_t i = 0; i < nmembers; i++)
+        msgpack_pack_uint32(&pk, members[i]);
+    str("mask");
+    if (mask) {
+        msgpack_pack_bin(&pk, masklen);
+        msgpack_pack_bin_body(&pk, mask, masklen);
+    } else {
+        msgpack_pack_nil(&pk);
+    }
+}
+
+static void batch(uint64_t seq, uint64_t n)
+{
+    head("batch", 6);
+    kv_u64("seq", seq);
+    kv_u64("slab", 1);
+    kv_u64("gen", 1);
+    kv_u64("n", n);
 }
 
 static int decode(struct proto_msg *m, char *why)
@@ -65,17 +91,24 @@ static int refused_raw(const void *p, size_t n)
     return r == -1 && why[0];
 }
 
-static void welcome(uint64_t hb, uint64_t live)
+static void welcome_slot(uint64_t hb, uint64_t live, uint64_t slot)
 {
-    head("welcome", 8);
+    head("welcome", 10);
     kv_str("shm", "/pktipc.x.0000000000000001");
     kv_u64("epoch", 1);
     kv_u64("layout", 1);
-    kv_u64("slot", 0);
+    kv_u64("slot", slot);
     kv_u64("credit", 8);
     kv_str("policy", "block");
     kv_u64("heartbeat_ms", hb);
     kv_u64("liveness_ms", live);
+    kv_str("group", "ids");
+    kv_str("balance", "round-robin");
+}
+
+static void welcome(uint64_t hb, uint64_t live)
+{
+    welcome_slot(hb, live, 0);
 }
 
 static void test_every_broker_message_decodes(void)
@@ -89,16 +122,38 @@ static void test_every_broker_message_decodes(void)
     CHECK_EQ(m.type, PMSG_WELCOME);
     CHECK(memcmp(proto_str(&m, F_WELCOME_SHM, &n), "/pktipc.x.", 10) == 0);
     CHECK_EQ(proto_u64(&m, F_WELCOME_CREDIT), 8);
+    CHECK(memcmp(proto_str(&m, F_WELCOME_GROUP, &n), "ids", 3) == 0 && n == 3);
+    CHECK(memcmp(proto_str(&m, F_WELCOME_BALANCE, &n), "round-robin", 11) == 0 && n == 11);
 
-    head("batch", 4);
+    head("batch", 6);
     kv_u64("seq", UINT64_MAX);
     kv_u64("slab", 3);
     kv_u64("gen", 7);
     kv_u64("n", 100);
+    share(NULL, 0, NULL, 0);
     CHECK_EQ(decode(&m, why), 0);
     CHECK_EQ(m.type, PMSG_BATCH);
     CHECK(proto_u64(&m, F_BATCH_SEQ) == UINT64_MAX);
     CHECK_EQ(proto_u64(&m, F_BATCH_N), 100);
+    uint32_t slots[PROTO_MAX_MEMBERS];
+    CHECK_EQ(proto_slots(&m, F_BATCH_MEMBERS, slots), 0);
+    CHECK(proto_bin(&m, F_BATCH_MASK, &n) == NULL && n == 0);
+
+    /* A share: members, and a mask of one bit per packet. */
+    batch(0, 10);
+    share((const uint32_t[]){UINT32_MAX, 0, 5}, 3, "\xff\x03", 2);
+    CHECK_EQ(decode(&m, why), 0);
+    CHECK_EQ(proto_slots(&m, F_BATCH_MEMBERS, slots), 3);
+    CHECK(slots[0] == UINT32_MAX && slots[1] == 0 && slots[2] == 5);
+    const uint8_t *mask = proto_bin(&m, F_BATCH_MASK, &n);
+    CHECK(n == 2 && mask[0] == 0xff && mask[1] == 3);
+    static uint32_t most[PROTO_MAX_MEMBERS];
+    for (uint32_t i = 0; i < PROTO_MAX_MEMBERS; i++)
+        most[i] = PROTO_MAX_MEMBERS - i;
+    batch(0, 16);
+    share(most, PROTO_MAX_MEMBERS, "\x00\x80", 2);
+    CHECK_EQ(decode(&m, why), 0);
+    CHECK_EQ(proto_slots(&m, F_BATCH_MEMBERS, slots), PROTO_MAX_MEMBERS);
 
     head("gap", 2);
     kv_u64("from", 5);
@@ -166,11 +221,13 @@ static void test_bad_frames_are_refused(void)
     CHECK_EQ(decode(&m, why), -1);
     CHECK(strncmp(why, "version", 7) == 0);
 
-    begin(2);                                   /* another version */
-    kv_str("t", "heartbeat");
-    kv_u64("v", 2);
-    CHECK_EQ(decode(&m, why), -1);
-    CHECK(strncmp(why, "version", 7) == 0);
+    for (int v = 1; v <= 3; v += 2) {            /* the previous version, the next one */
+        begin(2);
+        kv_str("t", "heartbeat");
+        kv_u64("v", (uint64_t)v);
+        CHECK_EQ(decode(&m, why), -1);
+        CHECK(strncmp(why, "version", 7) == 0);
+    }
 
     begin(2);                                   /* true is not 1 */
     kv_str("t", "heartbeat");
@@ -198,22 +255,20 @@ static void test_bad_frames_are_refused(void)
     kv_u64("from", 2);
     CHECK_EQ(decode(&m, why), -1);
 
-    head("batch", 4);                           /* slab beyond u32 */
+    head("batch", 6);                           /* slab beyond u32 */
     kv_u64("seq", 1);
     kv_u64("slab", UINT64_C(1) << 32);
     kv_u64("gen", 1);
     kv_u64("n", 1);
+    share(NULL, 0, NULL, 0);
     CHECK_EQ(decode(&m, why), -1);
     CHECK(strstr(why, "batch.slab") != NULL);
 
-    head("batch", 4);                           /* n of 0 */
-    kv_u64("seq", 1);
-    kv_u64("slab", 1);
-    kv_u64("gen", 1);
-    kv_u64("n", 0);
+    batch(1, 0);                                /* n of 0 */
+    share(NULL, 0, NULL, 0);
     CHECK_EQ(decode(&m, why), -1);
 
-    head("batch", 4);                           /* negative, float, string, nil */
+    head("batch", 6);                           /* negative, float, string, nil */
     str("seq");
     msgpack_pack_int64(&pk, -1);
     str("slab");
@@ -221,7 +276,74 @@ static void test_bad_frames_are_refused(void)
     kv_str("gen", "1");
     str("n");
     msgpack_pack_nil(&pk);
+    share(NULL, 0, NULL, 0);
     CHECK_EQ(decode(&m, why), -1);
+
+    head("batch", 4);                           /* no members, no mask: version 1's */
+    kv_u64("seq", 1);
+    kv_u64("slab", 1);
+    kv_u64("gen", 1);
+    kv_u64("n", 1);
+    CHECK_EQ(decode(&m, why), -1);
+    CHECK(strstr(why, "missing fields") != NULL);
+
+    /* Members: distinct u32s, at most PROTO_MAX_MEMBERS, in a list, never nil. */
+    static uint32_t many[PROTO_MAX_MEMBERS + 1];
+    for (uint32_t i = 0; i <= PROTO_MAX_MEMBERS; i++)
+        many[i] = i;
+    batch(1, 1);
+    share(many, PROTO_MAX_MEMBERS + 1, NULL, 0);
+    CHECK_EQ(decode(&m, why), -1);
+    CHECK(strstr(why, "batch.members") != NULL);
+    many[PROTO_MAX_MEMBERS - 1] = 7;
+    batch(1, 1);
+    share(many, PROTO_MAX_MEMBERS, NULL, 0);
+    CHECK_EQ(decode(&m, why), -1);
+    batch(1, 1);
+    share((const uint32_t[]){3, 9, 3}, 3, NULL, 0);
+    CHECK_EQ(decode(&m, why), -1);
+    for (int k = 0; k < 5; k++) {
+        batch(1, 1);
+        str("members");
+        if (k == 0) {
+            msgpack_pack_nil(&pk);
+        } else if (k == 1) {
+            msgpack_pack_uint32(&pk, 1);
+        } else {
+            msgpack_pack_array(&pk, 2);
+            msgpack_pack_uint32(&pk, 1);
+            if (k == 2)
+                msgpack_pack_uint64(&pk, UINT64_C(1) << 32);
+            else if (k == 3)
+                msgpack_pack_int32(&pk, -1);
+            else
+                msgpack_pack_true(&pk);
+        }
+        str("mask");
+        msgpack_pack_nil(&pk);
+        CHECK_EQ(decode(&m, why), -1);
+        CHECK(strstr(why, "batch.members") != NULL);
+    }
+
+    /* The mask: bytes, one bit per packet, none past the last. */
+    static const struct {
+        uint64_t n;
+        const char *mask;
+        size_t len;
+    } masks[] = {{9, "\xff", 1}, {8, "\xff\x00", 2}, {3, "\x08", 1}, {9, "\x00\x02", 2},
+                 {1, "", 0}, {15, "\xff\xff", 2}};
+    for (size_t i = 0; i < sizeof(masks) / sizeof(masks[0]); i++) {
+        batch(1, masks[i].n);
+        share(NULL, 0, masks[i].mask, masks[i].len);
+        CHECK_EQ(decode(&m, why), -1);
+        CHECK(strcmp(why, "bad-field: batch: fields disagree") == 0);
+    }
+    batch(1, 3);                                /* the mask as a string */
+    str("members");
+    msgpack_pack_array(&pk, 0);
+    kv_str("mask", "\x07");
+    CHECK_EQ(decode(&m, why), -1);
+    CHECK(strstr(why, "batch.mask") != NULL);
 
     welcome(0, 30000);                          /* heartbeat_ms of 0 */
     CHECK_EQ(decode(&m, why), -1);
@@ -279,18 +401,15 @@ static void test_transitions_and_timers(void)
     proto_msg_init(&m);
     proto_conn_init(&p);
 
-    head("batch", 4);
-    kv_u64("seq", 1);
-    kv_u64("slab", 1);
-    kv_u64("gen", 1);
-    kv_u64("n", 1);
+    batch(1, 1);
+    share(NULL, 0, NULL, 0);
     CHECK_EQ(decode(&m, why), 0);
     CHECK_EQ(proto_receive(&p, &m, NOW, why, sizeof(why)), -1);   /* before HELLO */
     CHECK(strstr(why, "batch while new") != NULL);
 
     CHECK_EQ(proto_release(&p, &out, NOW, (uint64_t[]){1}, 1), -1);
-    CHECK_EQ(proto_hello(&p, &out, NOW, "ids", NULL, "drop", 0, 42), 0);
-    CHECK_EQ(proto_hello(&p, &out, NOW, "ids", NULL, "drop", 0, 42), -1);
+    CHECK_EQ(proto_hello(&p, &out, NOW, "ids", NULL, "drop", 0, 42, NULL), 0);
+    CHECK_EQ(proto_hello(&p, &out, NOW, "ids", NULL, "drop", 0, 42, NULL), -1);
     CHECK_EQ(p.state, ST_HELLO_SENT);
     CHECK_EQ(proto_timer(&p), INT64_MAX);
 
@@ -310,11 +429,24 @@ static void test_transitions_and_timers(void)
 
     /* A broker's interval longer than a third of its liveness is shortened. */
     proto_conn_init(&p);
-    proto_hello(&p, &out, NOW, "ids", NULL, NULL, 0, 1);
-    welcome(20000, 30000);
+    proto_hello(&p, &out, NOW, "ids", NULL, NULL, 0, 1, NULL);
+    welcome_slot(20000, 30000, 3);
     decode(&m, why);
     proto_receive(&p, &m, NOW, why, sizeof(why));
     CHECK_EQ(p.heartbeat, 10000 * INT64_C(1000000));
+    CHECK_EQ(p.slot, 3);
+
+    /* A BATCH that names members names ours. */
+    batch(1, 1);
+    share((const uint32_t[]){1, 2}, 2, NULL, 0);
+    CHECK_EQ(decode(&m, why), 0);
+    CHECK_EQ(proto_receive(&p, &m, NOW, why, sizeof(why)), -1);
+    CHECK(strcmp(why, "bad-field: batch: slot 3 not among members") == 0);
+    CHECK_EQ(p.state, ST_ATTACHED);
+    batch(1, 1);
+    share((const uint32_t[]){1, 3}, 2, "\x01", 1);
+    CHECK_EQ(decode(&m, why), 0);
+    CHECK_EQ(proto_receive(&p, &m, NOW, why, sizeof(why)), 0);
 
     welcome(100, 300);                          /* WELCOME again: unexpected */
     decode(&m, why);
@@ -336,10 +468,13 @@ static void test_transitions_and_timers(void)
 
     /* HELLO with every field, read back by the same rules the broker keeps. */
     proto_conn_init(&p);
-    CHECK_EQ(proto_hello(&p, &out, NOW, "ids-1", "ids", "block", 4096, UINT32_MAX), 0);
+    CHECK_EQ(proto_hello(&p, &out, NOW, "ids-1", "ids", "block", 4096, UINT32_MAX,
+                         PROTO_BALANCE_ROUND_ROBIN), 0);
     CHECK_EQ(proto_decode(&m, out.data, out.size, why, sizeof(why)), 0);
     CHECK_EQ(m.type, PMSG_HELLO);
     CHECK_EQ(proto_u64(&m, F_HELLO_CREDIT), 4096);
+    uint32_t n;
+    CHECK(memcmp(proto_str(&m, F_HELLO_BALANCE, &n), "round-robin", 11) == 0 && n == 11);
     proto_msg_free(&m);
     msgpack_sbuffer_destroy(&out);
 }
@@ -369,14 +504,11 @@ static void test_fuzz(void)
     proto_msg_init(&m);
     for (int round = 0; round < 20000; round++) {
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-        if (round % 2)
+        if (round % 2) {
             welcome(1000, 30000);
-        else {
-            head("batch", 4);
-            kv_u64("seq", x);
-            kv_u64("slab", 1);
-            kv_u64("gen", 2);
-            kv_u64("n", 3);
+        } else {
+            batch(x, 11);
+            share((const uint32_t[]){(uint32_t)x, 1, 2}, 3, "\x55\x05", 2);
         }
         size_t n = sb.size < sizeof(buf) ? sb.size : sizeof(buf);
         memcpy(buf, sb.data, n);

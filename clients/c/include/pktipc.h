@@ -22,6 +22,18 @@
  *         warnx("%s", pktipc_geterr(c));
  *     pktipc_close(c);
  *
+ * Groups. Every group of a broker receives every packet; the members of a
+ * group, C or Python clients alike, share its packets (opts.group,
+ * opts.balance). By flow, every packet of a flow, both directions, goes to
+ * one member; round-robin, whole batches go to the members in turn. A
+ * batch then holds only this member's share of its slab, chosen as
+ * pktipc_select (pktipc_shm.h) says: b.count packets in b.pkts[], copies
+ * of their descriptors when they are not the whole slab (the bytes stay in
+ * place; b.index says where each packet stands in the slab), released as
+ * any batch; the slab goes back to the broker once the share is released.
+ * A share that a member leaving passes on comes as a batch of its own,
+ * with a seq this member may have had, and released, already.
+ *
  * Three ways to consume, to be mixed freely:
  *  - batches: pktipc_next_batch, then pktipc_release_batch;
  *  - packets released one by one, in any order, from any thread, at any time
@@ -68,7 +80,7 @@
 extern "C" {
 #endif
 
-#define PKTIPC_EINVAL      1   /* an argument is invalid (NULL, wrong sz, bad name, policy, credit) */
+#define PKTIPC_EINVAL      1   /* an argument is invalid (NULL, wrong sz, name, policy, ...) */
 #define PKTIPC_ENOBROKER   2   /* no broker answers at that name or endpoint */
 #define PKTIPC_EPERM       3   /* the broker's socket or segment is not ours to use */
 #define PKTIPC_ENAMETAKEN  4   /* another live client of the broker has this name */
@@ -84,9 +96,15 @@ extern "C" {
 #define PKTIPC_EINTR      14   /* a signal interrupted the wait; nothing was lost, call again */
 #define PKTIPC_ENOMEM     15   /* out of memory */
 #define PKTIPC_ESYS       16   /* a system call failed; pktipc_geterr says which */
+#define PKTIPC_EBALANCE   17   /* the group balances in the other mode, its first member's */
+#define PKTIPC_EGROUP     18   /* this name is kept in another group (it left within --grace) */
 
 #define PKTIPC_POLICY_DROP   0   /* the broker never waits for this client: it skips ahead */
 #define PKTIPC_POLICY_BLOCK  1   /* lossless: the broker waits for this client */
+
+#define PKTIPC_BALANCE_DEFAULT      0   /* the group's mode; a new group balances by flow */
+#define PKTIPC_BALANCE_FLOW         1   /* every packet of a flow, both ways, to one member */
+#define PKTIPC_BALANCE_ROUND_ROBIN  2   /* whole batches to the members in turn */
 
 #define PKTIPC_ERRBUF_SIZE 256
 
@@ -96,19 +114,23 @@ struct pktipc_opts {
     size_t sz;              /* sizeof(struct pktipc_opts) */
     const char *server;     /* broker name, or a control endpoint "ipc://..." / "tcp://..." */
     const char *name;       /* client name, unique on that broker */
-    const char *group;      /* NULL: the client's own name */
+    const char *group;      /* NULL: a group of its own, named as the client */
     int policy;             /* PKTIPC_POLICY_DROP (default) or PKTIPC_POLICY_BLOCK */
     unsigned credit;        /* batches held at most; 0: the broker's default */
     int timeout_ms;         /* for connecting; <0: default (5000) */
     int reconnect_ms;       /* how long to look for a broker that takes the place of a
                                lost one; <0: default (30000); 0: never (-PKTIPC_EGONE) */
     char *errbuf;           /* NULL, or PKTIPC_ERRBUF_SIZE bytes: why pktipc_open failed */
+    int balance;            /* PKTIPC_BALANCE_*: how the group divides its packets; asking
+                               for another mode than the group's is refused (-PKTIPC_EBALANCE) */
 };
 
 struct pktipc_batch {       /* filled by pktipc_next_batch */
-    uint64_t seq;           /* sequence number of the batch's first packet */
+    uint64_t seq;           /* sequence number of the slab's first packet */
     uint32_t count;         /* descriptors in pkts[] (only this member's packets when balanced) */
     const struct pktipc_pkt *pkts;
+    const uint32_t *index;  /* NULL: pkts[i] is packet i of the slab; else (a share) pkts[i]
+                               is packet index[i], ascending: see pktipc_batch_seq */
     const uint8_t *base;    /* the batch's slab: a packet's bytes are at base + data_off */
     /* private: */
     uint64_t ticket_;
@@ -176,10 +198,16 @@ static inline const uint8_t *pktipc_batch_data(const struct pktipc_batch *b,
     return b->base + p->data_off;
 }
 
+/* The sequence number of pkts[i] of batch b. */
+static inline uint64_t pktipc_batch_seq(const struct pktipc_batch *b, uint32_t i)
+{
+    return b->seq + (b->index ? b->index[i] : i);
+}
+
 /* Gives one packet back: 0, -PKTIPC_EALREADY, -PKTIPC_EFOREIGN. Any order,
- * any thread. A packet is known by its descriptor's address, so a packet
- * released twice is seen as such only until its slab comes back to this
- * client with new packets. */
+ * any thread. A packet is known by the address it was given at (&b.pkts[i],
+ * a copy for a share), so a packet released twice is seen as such only
+ * until its slab comes back to this client with new packets. */
 int pktipc_release(pktipc_client *c, const struct pktipc_pkt *p);
 
 /* Gives back every packet of the batch not released yet: 0,
@@ -199,6 +227,14 @@ int pktipc_dispatch(pktipc_client *c, int max, pktipc_handler cb, void *user, in
 /* This client's counters, and the broker's from its segment. Never waits:
  * it only reads what has arrived. 0, or -PKTIPC_EINVAL, -PKTIPC_EBUSY. */
 int pktipc_stats(pktipc_client *c, struct pktipc_stats *st);
+
+/* The group this client is a member of, as the broker named it (NULL for
+ * NULL), and how the group divides its packets: PKTIPC_BALANCE_FLOW or
+ * PKTIPC_BALANCE_ROUND_ROBIN, as its first member chose (with
+ * PKTIPC_BALANCE_DEFAULT, a broker that takes the place of a lost one may
+ * have the other), or -PKTIPC_EINVAL for NULL. For the consuming thread. */
+const char *pktipc_group(const pktipc_client *c);
+int pktipc_balance(const pktipc_client *c);
 
 /* The current broker's sources (capture files, interfaces), which a
  * packet's iface indexes: their number, and each (NULL past the end). */

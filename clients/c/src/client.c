@@ -10,6 +10,12 @@
  * slot whose last packet is released goes onto the `done` stack; the
  * consuming thread takes the stack whole and sends one RELEASE for it all.
  *
+ * Shares. When a BATCH gives this member part of a slab, the user gets
+ * copies of its descriptors, contiguous, in the record's `share` area (a
+ * slab's slot there holds up to pkts_cap of them, and their indexes in the
+ * slab). A slot's `done` bits then count positions in the copy, not in the
+ * slab, and a packet is known by the copy's address.
+ *
  * Mappings. Each broker's segment is a `struct map` record on a list that
  * only grows (records are reused, never freed before pktipc_close), so a
  * releasing thread may walk it without locks. A record's address range
@@ -57,6 +63,7 @@ struct map;
 struct slot {
     _Atomic uint32_t words_left;  /* (any) words of `done` not full yet; 0 unless held */
     uint32_t count;             /* packets given out */
+    int copied;                 /* they are copies in the record's share area (a share) */
     _Atomic uint64_t ticket;    /* which hand-out this is; 0: never held */
     uint64_t seq;
     int state;                  /* enum slot_state */
@@ -73,8 +80,14 @@ struct map {
     uint32_t slab_count, slab_size, slab_shift;   /* shift: 0 unless a power of two */
     const uint8_t *slabs;
     uint32_t slots_cap, words_cap;                /* what the arrays hold, never less */
+    uint32_t pkts_cap;          /* descriptors a slot's share can hold: words_cap bits */
     struct slot *slots;
     _Atomic uint64_t *bits;
+    /* Shares: slots_cap * pkts_cap descriptors, then as many indexes; mapped
+     * at the first share and kept for the record's life, so that its range
+     * always means this record. */
+    _Atomic(struct pktipc_pkt *) share;
+    uint32_t *index;
     unsigned out;               /* slots the user holds */
     int orphan;                 /* its broker is gone: releases tell nobody */
     struct map *next;           /* set before the record is published, then fixed */
@@ -83,6 +96,8 @@ struct map {
 struct pending {
     uint64_t seq;
     uint32_t slab, n;
+    uint32_t count;             /* this member's packets */
+    int copied;                 /* a share of the slab: indexes in the record's share area */
 };
 
 enum phase {
@@ -97,6 +112,8 @@ struct pktipc_client {
     char name[PROTO_NAME_MAX + 1];
     char group[PROTO_NAME_MAX + 1];
     const char *policy;
+    const char *balance_asked;  /* NULL: the group's */
+    int balance;                /* PKTIPC_BALANCE_*, from WELCOME */
     unsigned credit_asked;
     int64_t reconnect;
     char *server;               /* as the user named it, for messages */
@@ -169,22 +186,46 @@ static int in_range(struct map *m, uintptr_t p)
     return lo <= p && p < hi && atomic_load_explicit(&m->hi, memory_order_acquire) == hi;
 }
 
-static struct map *map_of(const pktipc_client *c, const void *ptr)
-{
-    uintptr_t p = (uintptr_t)ptr;
-    struct map *m = atomic_load_explicit(&((pktipc_client *)c)->cur, memory_order_acquire);
-    if (m && in_range(m, p))
-        return m;
-    m = atomic_load_explicit(&((pktipc_client *)c)->maps, memory_order_acquire);
-    for (; m; m = m->next)
-        if (in_range(m, p))
-            return m;
-    return NULL;
-}
-
 static uint32_t slab_of(const struct map *m, uintptr_t off)
 {
     return (uint32_t)(m->slab_shift ? off >> m->slab_shift : off / m->slab_size);
+}
+
+/* The slot of a descriptor given to the user, in a slab (*copied 0) or in
+ * the share area (*copied 1), and its position there; NULL if it is none. */
+static struct slot *find_slot(struct map *m, uintptr_t p, uint32_t *i, int *copied)
+{
+    if (in_range(m, p)) {
+        uintptr_t off = p - atomic_load_explicit(&m->lo, memory_order_relaxed);
+        uint32_t slab = slab_of(m, off);
+        uintptr_t within = off - (uintptr_t)slab * m->slab_size;
+        if (slab >= m->slots_cap || within % sizeof(struct pktipc_pkt))
+            return NULL;
+        *i = (uint32_t)(within / sizeof(struct pktipc_pkt));
+        *copied = 0;
+        return &m->slots[slab];
+    }
+    uintptr_t share = (uintptr_t)atomic_load_explicit(&m->share, memory_order_acquire);
+    uintptr_t size = (uintptr_t)m->slots_cap * m->pkts_cap * sizeof(struct pktipc_pkt);
+    if (!share || p < share || p - share >= size || (p - share) % sizeof(struct pktipc_pkt) ||
+        !atomic_load_explicit(&m->hi, memory_order_acquire))
+        return NULL;
+    uintptr_t k = (p - share) / sizeof(struct pktipc_pkt);
+    *i = (uint32_t)(k % m->pkts_cap);
+    *copied = 1;
+    return &m->slots[k / m->pkts_cap];
+}
+
+static struct slot *slot_of(const pktipc_client *c, const struct pktipc_pkt *p, uint32_t *i,
+                            int *copied)
+{
+    struct map *cur = atomic_load_explicit(&((pktipc_client *)c)->cur, memory_order_acquire);
+    struct slot *s = cur ? find_slot(cur, (uintptr_t)p, i, copied) : NULL;
+    struct map *m = atomic_load_explicit(&((pktipc_client *)c)->maps, memory_order_acquire);
+    for (; !s && m; m = m->next)
+        if (m != cur)
+            s = find_slot(m, (uintptr_t)p, i, copied);
+    return s;
 }
 
 /* A record able to hold `count` slabs of `size` bytes: an unused one, or a new one. */
@@ -199,6 +240,7 @@ static struct map *map_record(pktipc_client *c, uint32_t count, uint32_t size)
         m = calloc(1, sizeof(*m));
         if (!m)
             return NULL;
+        m->pkts_cap = words * WORD_BITS;
         m->slots = calloc(count, sizeof(*m->slots));
         /* Zeroed pages cost nothing until a batch that large comes. */
         m->bits = calloc((size_t)count * words, sizeof(*m->bits));
@@ -219,6 +261,36 @@ static struct map *map_record(pktipc_client *c, uint32_t count, uint32_t size)
         atomic_store_explicit(&c->maps, m, memory_order_release);
     }
     return m;
+}
+
+/* The record's share area, mapped at its first share: 0, or -1. */
+static int map_share_area(struct map *m)
+{
+    if (atomic_load_explicit(&m->share, memory_order_relaxed))
+        return 0;
+    size_t n = (size_t)m->slots_cap * m->pkts_cap;
+    /* Pages are taken only as shares fill them. */
+    void *p = mmap(NULL, n * (sizeof(struct pktipc_pkt) + sizeof(uint32_t)),
+                   PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED)
+        return -1;
+    m->index = (uint32_t *)((struct pktipc_pkt *)p + n);
+    /* Make sure the record's fields are seen with the area by a releasing thread. */
+    atomic_store_explicit(&m->share, p, memory_order_release);
+    return 0;
+}
+
+static void map_free(struct map *m)
+{
+    struct pktipc_pkt *share = atomic_load_explicit(&m->share, memory_order_relaxed);
+    if (m->base)
+        munmap(m->base, m->size);
+    if (share)
+        munmap(share, (size_t)m->slots_cap * m->pkts_cap *
+                          (sizeof(struct pktipc_pkt) + sizeof(uint32_t)));
+    free(m->slots);
+    free(m->bits);
+    free(m);
 }
 
 static void map_retire(struct map *m)
@@ -308,20 +380,16 @@ API int pktipc_release(pktipc_client *c, const struct pktipc_pkt *p)
 {
     if (!c || !p)
         return -PKTIPC_EINVAL;
-    struct map *m = map_of(c, p);
-    if (!m)
+    uint32_t i;
+    int copied;
+    struct slot *s = slot_of(c, p, &i, &copied);
+    if (!s)
         return -PKTIPC_EFOREIGN;
-    uintptr_t off = (uintptr_t)p - atomic_load_explicit(&m->lo, memory_order_relaxed);
-    uint32_t slab = slab_of(m, off);
-    uintptr_t within = off - (uintptr_t)slab * m->slab_size;
-    if (slab >= m->slots_cap || within % sizeof(*p))
-        return -PKTIPC_EFOREIGN;
-    uint32_t i = (uint32_t)(within / sizeof(*p));
-    struct slot *s = &m->slots[slab];
     if (atomic_load_explicit(&s->words_left, memory_order_acquire) == 0)
         return atomic_load_explicit(&s->ticket, memory_order_relaxed) ? -PKTIPC_EALREADY
                                                                       : -PKTIPC_EFOREIGN;
-    if (i >= s->count)
+    /* A share's packets are known by their copies only. */
+    if (i >= s->count || copied != s->copied)
         return -PKTIPC_EFOREIGN;
     /* One atomic operation per packet: the one that fills a word of the
      * bitmap counts the word, the one that counts the last word frees the slab. */
@@ -375,12 +443,13 @@ API const uint8_t *pktipc_pkt_data(const pktipc_client *c, const struct pktipc_p
 {
     if (!c || !p)
         return NULL;
-    struct map *m = map_of(c, p);
-    if (!m)
+    uint32_t i;
+    int copied;
+    struct slot *s = slot_of(c, p, &i, &copied);
+    if (!s)
         return NULL;
-    uintptr_t lo = atomic_load_explicit(&m->lo, memory_order_relaxed);
-    return (const uint8_t *)lo + (uintptr_t)slab_of(m, (uintptr_t)p - lo) * m->slab_size +
-           p->data_off;
+    struct map *m = s->map;
+    return m->slabs + (size_t)(s - m->slots) * m->slab_size + p->data_off;
 }
 
 /* --- the socket ------------------------------------------------------------------ */
@@ -506,21 +575,35 @@ static int send_hello(pktipc_client *c, int64_t now)
 {
     proto_conn_init(&c->conn);
     if (proto_hello(&c->conn, &c->out, now, c->name, c->group[0] ? c->group : NULL, c->policy,
-                    c->credit_asked, (uint32_t)getpid()))
+                    c->credit_asked, (uint32_t)getpid(), c->balance_asked))
         return fail(c, PKTIPC_ENOMEM, "out of memory");
     if (send_out(c))
         return fail(c, PKTIPC_ENOBROKER, "broker '%s' does not take messages", c->server);
     return 0;
 }
 
+static int str_eq(const char *s, uint32_t len, const char *want)
+{
+    return len == strlen(want) && memcmp(s, want, len) == 0;
+}
+
 static int on_welcome(pktipc_client *c, int64_t now)
 {
     const struct proto_msg *m = &c->msg;
-    uint32_t len;
+    uint32_t len, glen, blen;
     const char *shm = proto_str(m, F_WELCOME_SHM, &len);
+    const char *group = proto_str(m, F_WELCOME_GROUP, &glen);
+    const char *balance = proto_str(m, F_WELCOME_BALANCE, &blen);
     char name[1024];
     int r;
-    if (proto_u64(m, F_WELCOME_LAYOUT) != PKTIPC_LAYOUT_VERSION)
+    /* The broker puts a client in the group it asks for (its own by
+     * default), balanced as it asks if it does, or refuses it. */
+    if (!str_eq(group, glen, c->group[0] ? c->group : c->name) ||
+        (c->balance_asked && !str_eq(balance, blen, c->balance_asked)))
+        r = fail(c, PKTIPC_EPROTO, "broker '%s' broke the protocol: it welcomed '%s' into "
+                 "group '%.*s', balanced by %.*s", c->server, c->name, (int)glen, group,
+                 (int)blen, balance);
+    else if (proto_u64(m, F_WELCOME_LAYOUT) != PKTIPC_LAYOUT_VERSION)
         r = fail(c, PKTIPC_ELAYOUT, "broker '%s' uses layout %llu, this library reads %d",
                  c->server, (unsigned long long)proto_u64(m, F_WELCOME_LAYOUT),
                  PKTIPC_LAYOUT_VERSION);
@@ -560,6 +643,8 @@ static int on_welcome(pktipc_client *c, int64_t now)
     if (c->phase == PH_HELLO)
         c->reconnects++;
     c->phase = PH_ATTACHED;
+    c->balance = str_eq(balance, blen, PROTO_BALANCE_FLOW) ? PKTIPC_BALANCE_FLOW
+                                                           : PKTIPC_BALANCE_ROUND_ROBIN;
     return 0;
 }
 
@@ -592,9 +677,28 @@ static int on_batch(pktipc_client *c, int64_t now)
                  "exceeded", (unsigned long long)seq, (unsigned long long)slab, c->credit);
         return violation(c, now, why);
     }
+    struct pending pb = {.seq = seq, .slab = (uint32_t)slab, .n = (uint32_t)n,
+                         .count = (uint32_t)n};
+    uint32_t members[PROTO_MAX_MEMBERS], nmembers = proto_slots(m, F_BATCH_MEMBERS, members);
+    uint32_t masklen;
+    const uint8_t *mask = proto_bin(m, F_BATCH_MASK, &masklen);
+    if (nmembers || mask) {
+        /* The share is chosen now, while the slot is the consuming thread's
+         * alone; the BATCH's fields go with the message. */
+        if (map_share_area(map))
+            return die(c, PKTIPC_ENOMEM, "out of memory");
+        const struct pktipc_pkt *d = pktipc_slab_pkts(map->slabs + slab * map->slab_size);
+        pb.count = pktipc_select(d, pb.n, mask, members, nmembers, c->conn.slot,
+                                 map->index + slab * map->pkts_cap);
+        pb.copied = pb.count < pb.n;
+        if (!pb.count) {
+            snprintf(why, sizeof(why), "batch %llu holds no packet of this client",
+                     (unsigned long long)seq);
+            return violation(c, now, why);
+        }
+    }
     s->state = SLOT_PENDING;
-    c->pend[(c->pend_head + c->pend_len++) % c->pend_cap] =
-        (struct pending){.seq = seq, .slab = (uint32_t)slab, .n = (uint32_t)n};
+    c->pend[(c->pend_head + c->pend_len++) % c->pend_cap] = pb;
     c->held++;
     return 0;
 }
@@ -604,19 +708,22 @@ static int on_error(pktipc_client *c, int64_t now)
     uint32_t clen, tlen;
     const char *code = proto_str(&c->msg, F_ERROR_CODE, &clen);
     const char *text = proto_str(&c->msg, F_ERROR_TEXT, &tlen);
-    int taken = clen == 10 && memcmp(code, "name-taken", 10) == 0;
     if (c->phase == PH_OPENING || c->phase == PH_HELLO) {
-        fail(c, taken ? PKTIPC_ENAMETAKEN : PKTIPC_EREFUSED, "broker '%s' refused '%s': %.*s",
-             c->server, c->name, (int)tlen, text);
+        int taken = str_eq(code, clen, "name-taken");
+        int e = taken ? PKTIPC_ENAMETAKEN
+                : str_eq(code, clen, "balance-mismatch") ? PKTIPC_EBALANCE
+                : str_eq(code, clen, "group-mismatch") ? PKTIPC_EGROUP
+                : PKTIPC_EREFUSED;
+        fail(c, e, "broker '%s' refused '%s': %.*s", c->server, c->name, (int)tlen, text);
         if (c->phase == PH_OPENING)
-            return taken ? -PKTIPC_ENAMETAKEN : -PKTIPC_EREFUSED;
+            return -e;
         sock_close(c, 0);
         retry_later(c, now);
         /* Its old self may linger under our name a while: only say so when
          * the refusal is another. */
-        return taken ? 0 : -PKTIPC_EREFUSED;
+        return taken ? 0 : -e;
     }
-    if (clen == 12 && memcmp(code, "not-attached", 12) == 0)
+    if (str_eq(code, clen, "not-attached"))
         return lost(c, now, "restarted");
     return fail(c, PKTIPC_EREFUSED, "broker '%s' refused a request: %.*s", c->server, (int)tlen,
                 text);
@@ -859,11 +966,10 @@ static int64_t deadline_of(int timeout_ms)
     return timeout_ms < 0 ? INT64_MAX : now_ns() + timeout_ms * NS_PER_MS;
 }
 
-/* Hands out the oldest pending batch. This is the one place that decides
- * which of a slab's packets are this client's, and checks them: all of them
- * today. A share of them would be chosen here, its packets in pkts[] and
- * count, and the done bits of the others set from the start, so that the
- * slab goes back once this client's share is released. */
+/* Hands out the oldest pending batch: this member's packets of the slab,
+ * checked, the whole slab in place or copies of a share (chosen by
+ * on_batch). The release bitmap counts what was handed out, so that the
+ * slab goes back once that is released. */
 static int hand_out(pktipc_client *c, struct pktipc_batch *b)
 {
     struct pending pb = c->pend[c->pend_head];
@@ -871,26 +977,38 @@ static int hand_out(pktipc_client *c, struct pktipc_batch *b)
     c->pend_len--;
     struct map *m = atomic_load_explicit(&c->cur, memory_order_relaxed);
     struct slot *s = &m->slots[pb.slab];
-    const struct pktipc_pkt *d = (const struct pktipc_pkt *)(m->slabs +
-                                                             (size_t)pb.slab * m->slab_size);
+    const uint8_t *slab = m->slabs + (size_t)pb.slab * m->slab_size;
+    const struct pktipc_pkt *d = pktipc_slab_pkts(slab);
+    const uint32_t *index = NULL;
+    if (pb.copied) {
+        size_t at = (size_t)pb.slab * m->pkts_cap;
+        struct pktipc_pkt *copy = atomic_load_explicit(&m->share, memory_order_relaxed) + at;
+        index = m->index + at;
+        for (uint32_t i = 0; i < pb.count; i++)
+            copy[i] = d[index[i]];
+        d = copy;
+    }
+    /* Checked after the copy: what the user reads is what was checked. */
     uint64_t bytes = 0;
-    for (uint32_t i = 0; i < pb.n; i++) {
+    for (uint32_t i = 0; i < pb.count; i++) {
         if ((uint64_t)d[i].data_off + d[i].caplen > m->slab_size) {
             s->state = SLOT_FREE;
             c->held--;
             return die(c, PKTIPC_EPROTO, "broker '%s' broke the protocol: packet %u of batch "
-                       "%llu lies outside its slab", c->server, i, (unsigned long long)pb.seq);
+                       "%llu lies outside its slab", c->server, index ? index[i] : i,
+                       (unsigned long long)pb.seq);
         }
         bytes += d[i].caplen;
     }
     /* Bits past the last packet are set: every word is full once released. */
-    uint32_t words = (pb.n + WORD_BITS - 1) / WORD_BITS;
+    uint32_t words = (pb.count + WORD_BITS - 1) / WORD_BITS;
     for (uint32_t w = 0; w < words; w++)
         atomic_store_explicit(&s->done[w], 0, memory_order_relaxed);
-    if (pb.n % WORD_BITS)
-        atomic_store_explicit(&s->done[words - 1], ~UINT64_C(0) << (pb.n % WORD_BITS),
+    if (pb.count % WORD_BITS)
+        atomic_store_explicit(&s->done[words - 1], ~UINT64_C(0) << (pb.count % WORD_BITS),
                               memory_order_relaxed);
-    s->count = pb.n;
+    s->count = pb.count;
+    s->copied = pb.copied;
     s->seq = pb.seq;
     s->state = SLOT_HELD;
     atomic_store_explicit(&s->ticket, ++c->tickets, memory_order_relaxed);
@@ -898,15 +1016,16 @@ static int hand_out(pktipc_client *c, struct pktipc_batch *b)
     atomic_store_explicit(&s->words_left, words, memory_order_release);
     m->out++;
     b->seq = pb.seq;
-    b->count = pb.n;
+    b->count = pb.count;
     b->pkts = d;
-    b->base = (const uint8_t *)d;
+    b->index = index;
+    b->base = slab;
     b->ticket_ = c->tickets;
     b->slot_ = s;
-    c->packets += pb.n;
+    c->packets += pb.count;
     c->bytes += bytes;
     c->batches++;
-    return (int)pb.n;
+    return (int)pb.count;
 }
 
 static int next_batch(pktipc_client *c, struct pktipc_batch *b, int timeout_ms)
@@ -1022,6 +1141,16 @@ API const struct pktipc_iface *pktipc_iface(const pktipc_client *c, unsigned i)
     return pktipc_shm_iface(m->base, i);
 }
 
+API const char *pktipc_group(const pktipc_client *c)
+{
+    return !c ? NULL : c->group[0] ? c->group : c->name;
+}
+
+API int pktipc_balance(const pktipc_client *c)
+{
+    return c ? c->balance : -PKTIPC_EINVAL;
+}
+
 API int pktipc_fd(const pktipc_client *c)
 {
     return c ? c->epfd : -PKTIPC_EINVAL;
@@ -1091,6 +1220,13 @@ static int setup(pktipc_client *c, const struct pktipc_opts *o)
         return fail(c, PKTIPC_EINVAL, "policy must be PKTIPC_POLICY_DROP or _BLOCK");
     if (o->credit > PROTO_MAX_CREDIT)
         return fail(c, PKTIPC_EINVAL, "credit must be at most %d", PROTO_MAX_CREDIT);
+    if (o->balance != PKTIPC_BALANCE_DEFAULT && o->balance != PKTIPC_BALANCE_FLOW &&
+        o->balance != PKTIPC_BALANCE_ROUND_ROBIN)
+        return fail(c, PKTIPC_EINVAL, "balance must be PKTIPC_BALANCE_DEFAULT, _FLOW or "
+                    "_ROUND_ROBIN");
+    c->balance_asked = o->balance == PKTIPC_BALANCE_FLOW ? PROTO_BALANCE_FLOW
+                       : o->balance == PKTIPC_BALANCE_ROUND_ROBIN ? PROTO_BALANCE_ROUND_ROBIN
+                       : NULL;
     c->policy = o->policy == PKTIPC_POLICY_BLOCK ? PROTO_POLICY_BLOCK : PROTO_POLICY_DROP;
     c->credit_asked = o->credit;
     c->reconnect = o->reconnect_ms < 0 ? DEFAULT_RECONNECT : o->reconnect_ms * NS_PER_MS;
@@ -1139,11 +1275,7 @@ static void destroy(pktipc_client *c)
     struct map *m = atomic_load(&c->maps);
     while (m) {
         struct map *next = m->next;
-        if (m->base)
-            munmap(m->base, m->size);
-        free(m->slots);
-        free(m->bits);
-        free(m);
+        map_free(m);
         m = next;
     }
     for (int *fd = &c->epfd; fd <= &c->tfd; fd++)
@@ -1218,6 +1350,8 @@ API const char *pktipc_strerror(int err)
         [PKTIPC_EINTR] = "interrupted by a signal",
         [PKTIPC_ENOMEM] = "out of memory",
         [PKTIPC_ESYS] = "a system call failed",
+        [PKTIPC_EBALANCE] = "the group balances in the other mode",
+        [PKTIPC_EGROUP] = "this client's name is kept in another group",
     };
     unsigned e = err < 0 ? (unsigned)-(long)err : (unsigned)err;
     return e < sizeof(text) / sizeof(text[0]) ? text[e] : "unknown error";

@@ -29,6 +29,8 @@ struct fb {
     uint64_t epoch, seq;
     uint8_t peer[256];
     size_t peer_len;
+    uint32_t slot;              /* the client's, in WELCOME */
+    char group[64], balance[16];    /* WELCOME's: what the last HELLO asked for */
     msgpack_sbuffer sb;
     msgpack_packer pk;
     struct proto_msg m;         /* the last message received */
@@ -159,7 +161,19 @@ static int fb_recv(struct fb *f, int timeout_ms)
     zmq_getsockopt(f->sock, ZMQ_RCVMORE, &more, &more_size);
     CHECK(!more);
     char why[200];
-    return proto_decode(&f->m, frame, (size_t)n, why, sizeof(why)) ? -2 : f->m.type;
+    if (proto_decode(&f->m, frame, (size_t)n, why, sizeof(why)))
+        return -2;
+    if (f->m.type == PMSG_HELLO) {
+        /* As a broker: the group asked for, else the client's own. */
+        uint32_t len;
+        const char *g = proto_str(&f->m, F_HELLO_GROUP, &len);
+        if (!g)
+            g = proto_str(&f->m, F_HELLO_NAME, &len);
+        snprintf(f->group, sizeof(f->group), "%.*s", (int)len, g);
+        const char *b = proto_str(&f->m, F_HELLO_BALANCE, &len);
+        snprintf(f->balance, sizeof(f->balance), "%.*s", b ? (int)len : 4, b ? b : "flow");
+    }
+    return f->m.type;
 }
 
 /* Waits for a message of `type`, skipping heartbeats: 1 if it came. */
@@ -207,20 +221,28 @@ static void fb_head(struct fb *f, const char *type, size_t nfields)
     msgpack_sbuffer_clear(&f->sb);
     msgpack_pack_map(&f->pk, 2 + nfields);
     fb_str(f, "t", type);
-    fb_u64(f, "v", 1);
+    fb_u64(f, "v", PROTO_VERSION);
 }
 
-static void fb_welcome(struct fb *f, unsigned credit, unsigned hb_ms, unsigned live_ms)
+/* WELCOME's fields after shm, epoch and layout. */
+static void fb_welcome_rest(struct fb *f, unsigned credit, unsigned hb_ms, unsigned live_ms)
 {
-    fb_head(f, "welcome", 8);
-    fb_str(f, "shm", f->shm);
-    fb_u64(f, "epoch", f->epoch);
-    fb_u64(f, "layout", PKTIPC_LAYOUT_VERSION);
-    fb_u64(f, "slot", 0);
+    fb_u64(f, "slot", f->slot);
     fb_u64(f, "credit", credit);
     fb_str(f, "policy", "drop");
     fb_u64(f, "heartbeat_ms", hb_ms);
     fb_u64(f, "liveness_ms", live_ms);
+    fb_str(f, "group", f->group);
+    fb_str(f, "balance", f->balance);
+}
+
+static void fb_welcome(struct fb *f, unsigned credit, unsigned hb_ms, unsigned live_ms)
+{
+    fb_head(f, "welcome", 10);
+    fb_str(f, "shm", f->shm);
+    fb_u64(f, "epoch", f->epoch);
+    fb_u64(f, "layout", PKTIPC_LAYOUT_VERSION);
+    fb_welcome_rest(f, credit, hb_ms, live_ms);
     fb_send(f);
 }
 
@@ -238,6 +260,13 @@ static uint8_t fb_byte(uint64_t seq, uint32_t i, uint32_t j)
     return (uint8_t)(seq * 7 + i * 3 + j);
 }
 
+/* Packet i's flow hash, in the batch that starts at seq: spread, so that
+ * members share a batch. */
+static uint32_t fb_hash(uint64_t seq, uint32_t i)
+{
+    return (uint32_t)((seq + i) * 2654435761u >> 7);
+}
+
 /* Fills a slab with n packets of caplen bytes, as a broker does (frames
  * from the end down), and publishes its record: the batch's seq. */
 static uint64_t fb_fill(struct fb *f, uint32_t slab, uint32_t n, uint32_t caplen)
@@ -250,7 +279,8 @@ static uint64_t fb_fill(struct fb *f, uint32_t slab, uint32_t n, uint32_t caplen
     for (uint32_t i = 0; i < n; i++) {
         low -= (uint32_t)fb_align(caplen, 8);
         d[i] = (struct pktipc_pkt){.ts_ns = (int64_t)(seq + i), .data_off = low,
-                                   .caplen = caplen, .wirelen = caplen + 1, .linktype = 1};
+                                   .caplen = caplen, .wirelen = caplen + 1,
+                                   .hash = fb_hash(seq, i), .linktype = 1};
         for (uint32_t j = 0; j < caplen; j++)
             base[low + j] = fb_byte(seq, i, j);
     }
@@ -265,14 +295,43 @@ static uint64_t fb_fill(struct fb *f, uint32_t slab, uint32_t n, uint32_t caplen
     return seq;
 }
 
-static void fb_batch_msg(struct fb *f, uint64_t seq, uint32_t slab, uint32_t gen, uint32_t n)
+/* BATCH for a share: members[0..nmembers), mask (NULL: nil) of masklen bytes. */
+static void fb_share_msg(struct fb *f, uint64_t seq, uint32_t slab, uint32_t gen, uint32_t n,
+                         const uint32_t *members, uint32_t nmembers, const void *mask,
+                         size_t masklen)
 {
-    fb_head(f, "batch", 4);
+    fb_head(f, "batch", 6);
     fb_u64(f, "seq", seq);
     fb_u64(f, "slab", slab);
     fb_u64(f, "gen", gen);
     fb_u64(f, "n", n);
+    fb_key(f, "members");
+    msgpack_pack_array(&f->pk, nmembers);
+    for (uint32_t i = 0; i < nmembers; i++)
+        msgpack_pack_uint32(&f->pk, members[i]);
+    fb_key(f, "mask");
+    if (mask) {
+        msgpack_pack_bin(&f->pk, masklen);
+        msgpack_pack_bin_body(&f->pk, mask, masklen);
+    } else {
+        msgpack_pack_nil(&f->pk);
+    }
     fb_send(f);
+}
+
+static void fb_batch_msg(struct fb *f, uint64_t seq, uint32_t slab, uint32_t gen, uint32_t n)
+{
+    fb_share_msg(f, seq, slab, gen, n, NULL, 0, NULL, 0);
+}
+
+static const struct pktipc_pkt *fb_pkts(struct fb *f, uint32_t slab)
+{
+    return (const struct pktipc_pkt *)(f->seg + f->h->slabs_off + (uint64_t)slab * f->slab_size);
+}
+
+static uint32_t fb_gen(struct fb *f, uint32_t slab)
+{
+    return ((struct pktipc_batch_rec *)(f->seg + f->h->batch_table_off))[slab].gen;
 }
 
 static uint64_t fb_batch(struct fb *f, uint32_t slab, uint32_t n, uint32_t caplen)

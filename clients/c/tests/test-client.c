@@ -2,7 +2,9 @@
  * The client against a fake broker (fakebroker.h: a real ROUTER socket and
  * a real segment) that the test drives step by step: batches, releases in
  * any order from other threads and how many RELEASE messages they make,
- * credit, the pollable descriptor, dispatch, end of stream, eviction,
+ * credit, the pollable descriptor, dispatch, a group member's share of a
+ * batch (chosen as pktipc_select says, released, passed on), groups and
+ * balance modes asked and refused, end of stream, eviction,
  * heartbeats, a broker lost and another taking its place, a broker that
  * breaks the protocol in every way the client checks, and bad use.
  */
@@ -152,6 +154,10 @@ static void test_bad_options(void)
     o.credit = 4097;
     CHECK_EQ(pktipc_open(&o, &c), -PKTIPC_EINVAL);
     CHECK(strstr(errbuf, "credit"));
+    o.credit = 0;
+    o.balance = 3;
+    CHECK_EQ(pktipc_open(&o, &c), -PKTIPC_EINVAL);
+    CHECK(strstr(errbuf, "balance must be"));
 
     struct pktipc_batch b;
     struct pktipc_stats st;
@@ -219,18 +225,84 @@ static void test_refusals(void)
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         open_start(&op, f.h->name, "c", 0);
         CHECK(fb_expect(&f, PMSG_HELLO, 5000));
-        fb_head(&f, "welcome", 8);
+        fb_head(&f, "welcome", 10);
         fb_str(&f, "shm", !strcmp(cases[i].what, "shm") ? "/pktipc.gone.0" : f.shm);
         fb_u64(&f, "epoch", f.epoch + !strcmp(cases[i].what, "epoch"));
         fb_u64(&f, "layout", PKTIPC_LAYOUT_VERSION + !strcmp(cases[i].what, "layout"));
-        fb_u64(&f, "slot", 0);
-        fb_u64(&f, "credit", 1);
-        fb_str(&f, "policy", "drop");
-        fb_u64(&f, "heartbeat_ms", 1000);
-        fb_u64(&f, "liveness_ms", 30000);
+        fb_welcome_rest(&f, 1, 1000, 30000);
         fb_send(&f);
         CHECK_EQ(open_join(&op), -cases[i].code);
         CHECK(fb_expect(&f, PMSG_BYE, 5000));     /* it was attached: it says goodbye */
+    }
+    fb_free(&f);
+}
+
+/* HELLO asks for a group and a mode; the broker's refusals of them have
+ * codes of their own; WELCOME must put the client where it asked. */
+static void test_groups_and_modes(void)
+{
+    struct fb f;
+    struct opener op;
+    uint32_t n;
+    fb_init(&f, dir, fresh_name(), 4, 65536);
+    static const struct {
+        int balance;
+        const char *wire;
+    } modes[] = {{PKTIPC_BALANCE_DEFAULT, NULL}, {PKTIPC_BALANCE_FLOW, "flow"},
+                 {PKTIPC_BALANCE_ROUND_ROBIN, "round-robin"}};
+    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
+        memset(&op, 0, sizeof(op));
+        snprintf(op.server, sizeof(op.server), "%s", f.h->name);
+        op.o = (struct pktipc_opts){.sz = sizeof(op.o), .server = op.server, .name = "w1",
+                                    .group = i ? "ids" : NULL, .balance = modes[i].balance,
+                                    .timeout_ms = 5000, .errbuf = op.errbuf};
+        CHECK(pthread_create(&op.t, NULL, open_thread, &op) == 0);
+        CHECK(fb_expect(&f, PMSG_HELLO, 5000));
+        const char *g = proto_str(&f.m, F_HELLO_GROUP, &n);
+        CHECK(i ? g && n == 3 && !memcmp(g, "ids", 3) : g == NULL);
+        const char *b = proto_str(&f.m, F_HELLO_BALANCE, &n);
+        CHECK(modes[i].wire ? b && n == strlen(modes[i].wire) && !memcmp(b, modes[i].wire, n)
+                            : b == NULL);
+        if (!modes[i].wire)
+            snprintf(f.balance, sizeof(f.balance), "round-robin");  /* the group's mode */
+        fb_welcome(&f, 2, 1000, 30000);
+        CHECK_EQ(open_join(&op), 0);
+        CHECK(strcmp(pktipc_group(op.c), i ? "ids" : "w1") == 0);
+        CHECK_EQ(pktipc_balance(op.c), modes[i].wire ? modes[i].balance
+                                                     : PKTIPC_BALANCE_ROUND_ROBIN);
+        pktipc_close(op.c);
+        CHECK(fb_expect(&f, PMSG_BYE, 5000));
+    }
+    CHECK(pktipc_group(NULL) == NULL);
+    CHECK_EQ(pktipc_balance(NULL), -PKTIPC_EINVAL);
+
+    struct { const char *code; int err; } refusals[] = {
+        {"balance-mismatch", PKTIPC_EBALANCE}, {"group-mismatch", PKTIPC_EGROUP},
+    };
+    for (size_t i = 0; i < sizeof(refusals) / sizeof(refusals[0]); i++) {
+        open_start(&op, f.h->name, "w2", 0);
+        CHECK(fb_expect(&f, PMSG_HELLO, 5000));
+        fb_error(&f, "error", refusals[i].code, "group 'ids' balances by flow, not round-robin");
+        CHECK_EQ(open_join(&op), -refusals[i].err);
+        CHECK(op.c == NULL && strstr(op.errbuf, "refused 'w2': group 'ids' balances by flow"));
+        CHECK(strcmp(pktipc_strerror(-refusals[i].err), pktipc_strerror(-PKTIPC_EREFUSED)));
+    }
+
+    /* A WELCOME into another group, or in another mode than asked. */
+    for (int wrong = 0; wrong < 2; wrong++) {
+        memset(&op, 0, sizeof(op));
+        snprintf(op.server, sizeof(op.server), "%s", f.h->name);
+        op.o = (struct pktipc_opts){.sz = sizeof(op.o), .server = op.server, .name = "w3",
+                                    .group = "ids", .balance = PKTIPC_BALANCE_FLOW,
+                                    .timeout_ms = 5000, .errbuf = op.errbuf};
+        CHECK(pthread_create(&op.t, NULL, open_thread, &op) == 0);
+        CHECK(fb_expect(&f, PMSG_HELLO, 5000));
+        snprintf(wrong ? f.balance : f.group, 16, wrong ? "round-robin" : "w3");
+        fb_welcome(&f, 2, 1000, 30000);
+        CHECK_EQ(open_join(&op), -PKTIPC_EPROTO);
+        CHECK(strstr(op.errbuf, wrong ? "group 'ids', balanced by round-robin"
+                                      : "welcomed 'w3' into group 'w3'"));
+        CHECK(fb_expect(&f, PMSG_BYE, 5000));
     }
     fb_free(&f);
 }
@@ -510,6 +582,230 @@ static void test_dispatch(void)
     fb_free(&f);
 }
 
+/* --- a group member's share ------------------------------------------------------------ */
+
+/* The indexes of slot me's packets of slab `slab` (n packets), by the
+ * owner rule itself rather than pktipc_select's loop: their number. */
+static uint32_t owned(struct fb *f, uint32_t slab, uint32_t n, const uint32_t *members,
+                      uint32_t nmembers, const uint8_t *mask, uint32_t me, uint32_t *idx)
+{
+    const struct pktipc_pkt *d = fb_pkts(f, slab);
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if ((!mask || mask[i / 8] & 1 << i % 8) &&
+            (!nmembers || members[pktipc_flow_owner(d[i].hash, members, nmembers)] == me))
+            idx[k++] = i;
+    uint32_t sel[512];
+    CHECK_EQ(pktipc_select(d, n, mask, members, nmembers, me, sel), k);
+    CHECK(memcmp(sel, idx, k * sizeof(*idx)) == 0);
+    return k;
+}
+
+/* b holds exactly packets idx[0..k) of slab `slab`, as the broker wrote them. */
+static void check_share(pktipc_client *c, struct fb *f, const struct pktipc_batch *b,
+                        uint32_t slab, const uint32_t *idx, uint32_t k)
+{
+    const struct pktipc_pkt *d = fb_pkts(f, slab);
+    CHECK_EQ(b->count, k);
+    for (uint32_t i = 0; i < k; i++) {
+        CHECK(memcmp(&b->pkts[i], &d[idx[i]], sizeof(*d)) == 0);
+        CHECK(pktipc_batch_seq(b, i) == b->seq + idx[i]);
+        const uint8_t *data = pktipc_pkt_data(c, &b->pkts[i]);
+        CHECK(data != NULL && data == pktipc_batch_data(b, &b->pkts[i]));
+        for (uint32_t j = 0; j < b->pkts[i].caplen; j++)
+            CHECK_EQ(data[j], fb_byte(b->seq, idx[i], j));
+    }
+}
+
+/* Shares by flow among members, by mask, by both, and a share that is the
+ * whole slab: pkts[] holds exactly what pktipc_select says, in order. */
+static void test_share_is_what_pktipc_select_says(void)
+{
+    struct fb f;
+    fb_init(&f, dir, fresh_name(), 8, 65536);
+    f.slot = 7;
+    pktipc_client *c = attach(&f, f.h->name, 8, 1000, 0);
+    static const struct {
+        uint32_t slab, n, nmembers, members[3];
+        int masked;
+    } cases[] = {
+        {0, 300, 3, {3, 7, 11}, 0},     /* by flow */
+        {1, 130, 0, {0}, 1},            /* a share passed on, several merged: by mask */
+        {2, 200, 2, {7, 3}, 1},         /* a share passed on: both */
+        {3, 64, 1, {7}, 0},             /* the only member: the whole slab */
+    };
+    uint64_t packets = 0, bytes = 0;
+    for (size_t t = 0; t < sizeof(cases) / sizeof(cases[0]); t++) {
+        uint32_t slab = cases[t].slab, n = cases[t].n, idx[512];
+        uint64_t seq = fb_fill(&f, slab, n, 40 + (uint32_t)t);
+        uint8_t mask[64] = {0};
+        for (uint32_t i = 0; i < n; i++)
+            if (i % 3 == 0 || i % 64 == 63)
+                mask[i / 8] |= (uint8_t)(1 << i % 8);
+        const uint8_t *m = cases[t].masked ? mask : NULL;
+        uint32_t k = owned(&f, slab, n, cases[t].members, cases[t].nmembers, m, 7, idx);
+        CHECK(k > 0 && (k < n) == (t < 3));
+        fb_share_msg(&f, seq, slab, fb_gen(&f, slab), n, cases[t].members, cases[t].nmembers,
+                     m, (n + 7) / 8);
+        struct pktipc_batch b;
+        CHECK_EQ(pktipc_next_batch(c, &b, 1000), k);
+        CHECK(b.seq == seq);
+        check_share(c, &f, &b, slab, idx, k);
+        if (k == n)             /* read in place: no copy */
+            CHECK(b.index == NULL && b.pkts == pktipc_slab_pkts(b.base));
+        else
+            CHECK(b.index != NULL && memcmp(b.index, idx, k * sizeof(*idx)) == 0);
+        packets += k;
+        bytes += (uint64_t)k * (40 + t);
+        CHECK_EQ(pktipc_release_batch(c, &b), 0);
+        pump(c);
+        uint64_t seqs[4];
+        CHECK_EQ(expect_release(&f, seqs, 2000), 1);
+        CHECK(seqs[0] == seq);
+    }
+    struct pktipc_stats st;
+    CHECK_EQ(pktipc_stats(c, &st), 0);
+    CHECK(st.packets == packets && st.bytes == bytes);
+    CHECK_EQ(st.batches, 4);
+    CHECK_EQ(st.released, 4);
+    pktipc_close(c);
+    fb_free(&f);
+}
+
+struct seen_share {
+    uint64_t seq;
+    const struct pktipc_pkt *d;     /* the fake broker's descriptors */
+    const uint32_t *idx;
+    uint32_t calls;
+};
+
+static void on_share_packet(void *user, const struct pktipc_pkt *p, const uint8_t *data)
+{
+    struct seen_share *s = user;
+    uint32_t i = s->idx[s->calls++];
+    CHECK(memcmp(p, &s->d[i], sizeof(*p)) == 0);
+    for (uint32_t j = 0; j < p->caplen; j++)
+        CHECK_EQ(data[j], fb_byte(s->seq, i, j));
+}
+
+/* A share goes back packet by packet from other threads, as a whole, or
+ * through dispatch; each time the slab goes back in one RELEASE, once the
+ * share is released. Its packets are known by the copies handed out. */
+static void test_share_release(void)
+{
+    struct fb f;
+    fb_init(&f, dir, fresh_name(), 8, 65536);
+    pktipc_client *c = attach(&f, f.h->name, 8, 1000, 0);
+    const uint32_t members[] = {0, 5};
+    uint32_t idx[512], k[3];
+    uint64_t seq[3], seqs[4];
+    struct pktipc_batch b[3];
+    for (uint32_t t = 0; t < 3; t++) {
+        seq[t] = fb_fill(&f, t, 200, 60);
+        k[t] = owned(&f, t, 200, members, 2, NULL, 0, idx);
+        CHECK(k[t] > 64 && k[t] < 200);
+        fb_share_msg(&f, seq[t], t, fb_gen(&f, t), 200, members, 2, NULL, 0);
+    }
+    for (uint32_t t = 0; t < 2; t++)
+        CHECK_EQ(pktipc_next_batch(c, &b[t], 1000), k[t]);
+
+    /* Not packets of the share: the slab's own descriptors, past the share. */
+    const struct pktipc_pkt *in_slab = pktipc_slab_pkts(b[0].base) + b[0].index[0];
+    CHECK(memcmp(in_slab, &b[0].pkts[0], sizeof(*in_slab)) == 0);
+    CHECK_EQ(pktipc_release(c, in_slab), -PKTIPC_EFOREIGN);
+    CHECK_EQ(pktipc_release(c, &b[0].pkts[k[0]]), -PKTIPC_EFOREIGN);
+    CHECK_EQ(pktipc_release(c, (const struct pktipc_pkt *)((const uint8_t *)b[0].pkts + 8)),
+             -PKTIPC_EFOREIGN);
+
+    /* Batch 0 from two threads, interleaved. */
+    struct releaser r1 = {c, &b[0], 2, 0, 0}, r2 = {c, &b[0], 2, 1, 0};
+    pthread_create(&r1.t, NULL, release_some, &r1);
+    pthread_create(&r2.t, NULL, release_some, &r2);
+    pthread_join(r1.t, NULL);
+    pthread_join(r2.t, NULL);
+    CHECK_EQ(pktipc_release(c, &b[0].pkts[k[0] - 1]), -PKTIPC_EALREADY);
+    CHECK_EQ(pktipc_release_batch(c, &b[0]), -PKTIPC_EALREADY);
+    pump(c);
+    CHECK_EQ(expect_release(&f, seqs, 2000), 1);
+    CHECK(seqs[0] == seq[0]);
+    CHECK_EQ(fb_recv(&f, 100), -1);
+
+    /* Batch 1: a few one by one, then the rest at once. */
+    for (uint32_t i = 0; i < k[1]; i += 5)
+        CHECK_EQ(pktipc_release(c, &b[1].pkts[i]), 0);
+    pump(c);
+    CHECK_EQ(fb_recv(&f, 100), -1);                /* not all of the share yet */
+    CHECK_EQ(pktipc_release_batch(c, &b[1]), 0);
+    pump(c);
+    CHECK_EQ(expect_release(&f, seqs, 2000), 1);
+    CHECK(seqs[0] == seq[1]);
+
+    /* Batch 2 through dispatch. */
+    owned(&f, 2, 200, members, 2, NULL, 0, idx);
+    struct seen_share sh = {.seq = seq[2], .d = fb_pkts(&f, 2), .idx = idx};
+    CHECK_EQ(pktipc_dispatch(c, 10, on_share_packet, &sh, 1000), 10);
+    CHECK_EQ(fb_recv(&f, 50), -1);
+    CHECK_EQ(pktipc_dispatch(c, -1, on_share_packet, &sh, 1000), k[2] - 10);
+    CHECK_EQ(sh.calls, k[2]);
+    pump(c);
+    CHECK_EQ(expect_release(&f, seqs, 2000), 1);
+    CHECK(seqs[0] == seq[2]);
+    struct pktipc_stats st;
+    CHECK_EQ(pktipc_stats(c, &st), 0);
+    CHECK_EQ(st.held, 0);
+    CHECK_EQ(st.packets, k[0] + k[1] + k[2]);
+    CHECK_EQ(st.release_msgs, 3);
+    pktipc_close(c);
+    fb_free(&f);
+}
+
+/* A member left holding its share of a batch this member had and gave
+ * back: the broker sends the batch again, with the leaver's packets that
+ * are now this member's. */
+static void test_passed_on_share_comes_again(void)
+{
+    struct fb f;
+    fb_init(&f, dir, fresh_name(), 4, 65536);
+    pktipc_client *c = attach(&f, f.h->name, 2, 1000, 0);
+    const uint32_t both[] = {0, 1}, now[] = {0};
+    uint32_t mine[256], theirs[256];
+    uint64_t seq = fb_fill(&f, 3, 150, 30), seqs[4];
+    uint32_t k = owned(&f, 3, 150, both, 2, NULL, 0, mine);
+    uint32_t left = owned(&f, 3, 150, both, 2, NULL, 1, theirs);
+    CHECK(k + left == 150 && k && left);
+    fb_share_msg(&f, seq, 3, fb_gen(&f, 3), 150, both, 2, NULL, 0);
+    struct pktipc_batch b, again;
+    CHECK_EQ(pktipc_next_batch(c, &b, 1000), k);
+    check_share(c, &f, &b, 3, mine, k);
+    CHECK_EQ(pktipc_release_batch(c, &b), 0);
+    pump(c);
+    CHECK_EQ(expect_release(&f, seqs, 2000), 1);
+    CHECK(seqs[0] == seq);
+
+    uint8_t mask[19] = {0};
+    for (uint32_t i = 0; i < left; i++)
+        mask[theirs[i] / 8] |= (uint8_t)(1 << theirs[i] % 8);
+    fb_share_msg(&f, seq, 3, fb_gen(&f, 3), 150, now, 1, mask, sizeof(mask));
+    CHECK_EQ(pktipc_next_batch(c, &again, 1000), left);
+    CHECK(again.seq == seq);
+    check_share(c, &f, &again, 3, theirs, left);
+    CHECK_EQ(pktipc_release_batch(c, &b), -PKTIPC_EALREADY);     /* the first hand-out */
+    for (uint32_t i = 0; i < left; i++)
+        CHECK_EQ(pktipc_release(c, &again.pkts[left - 1 - i]), 0);
+    CHECK_EQ(pktipc_release(c, &again.pkts[0]), -PKTIPC_EALREADY);
+    pump(c);
+    CHECK_EQ(expect_release(&f, seqs, 2000), 1);
+    CHECK(seqs[0] == seq);
+    struct pktipc_stats st;
+    CHECK_EQ(pktipc_stats(c, &st), 0);
+    CHECK_EQ(st.packets, 150);
+    CHECK_EQ(st.batches, 2);
+    CHECK_EQ(st.released, 2);
+    CHECK_EQ(st.held, 0);
+    pktipc_close(c);
+    fb_free(&f);
+}
+
 /* --- the end of a client's stream ------------------------------------------------------ */
 
 static void test_gaps_and_end_of_stream(void)
@@ -581,12 +877,33 @@ static void test_evicted(void)
 
 static void test_protocol_violations(void)
 {
-    static const char *const cases[] = {
-        "slab-range", "generation", "count", "descriptor", "held-slab", "credit",
-        "welcome-again", "garbage", "multipart", "gap-backwards", "batch-in-the-future",
+    static const struct {
+        const char *k, *why;
+    } cases[] = {
+        {"slab-range", "names slab 4 of 4"},
+        {"generation", "does not match the segment"},
+        {"count", "does not match the segment"},
+        {"descriptor", "packet 2 of batch 0 lies outside its slab"},
+        {"held-slab", "slab 1 is held already"},
+        {"credit", "credit 2 is exceeded"},
+        {"welcome-again", "unexpected: welcome while attached"},
+        {"garbage", "malformed"},
+        {"multipart", "several frames"},
+        {"gap-backwards", "a gap that ends before it starts"},
+        {"batch-in-the-future", "does not match the segment"},
+        {"not-a-member", "bad-field: batch: slot 0 not among members"},
+        {"members-repeat", "bad-field: batch.members"},
+        {"member-beyond-u32", "bad-field: batch.members"},
+        {"too-many-members", "bad-field: batch.members"},
+        {"members-not-a-list", "bad-field: batch.members"},
+        {"mask-short", "bad-field: batch: fields disagree"},
+        {"mask-long", "bad-field: batch: fields disagree"},
+        {"mask-bit-past-n", "bad-field: batch: fields disagree"},
+        {"mask-a-string", "bad-field: batch.mask"},
+        {"empty-share", "batch 0 holds no packet of this client"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-        const char *k = cases[i];
+        const char *k = cases[i].k;
         struct fb f;
         fb_init(&f, dir, fresh_name(), 4, 65536);
         pktipc_client *c = attach(&f, f.h->name, 2, 1000, 30000);
@@ -622,6 +939,52 @@ static void test_protocol_violations(void)
             CHECK(zmq_send(f.sock, f.peer, f.peer_len, ZMQ_SNDMORE) >= 0);
             CHECK(zmq_send(f.sock, "a", 1, ZMQ_SNDMORE) >= 0);
             CHECK(zmq_send(f.sock, "b", 1, 0) >= 0);
+        } else if (!strcmp(k, "not-a-member")) {
+            fb_fill(&f, 1, 3, 10);
+            fb_share_msg(&f, 0, 1, 1, 3, (const uint32_t[]){1, 2}, 2, NULL, 0);
+        } else if (!strcmp(k, "members-repeat")) {
+            fb_fill(&f, 1, 3, 10);
+            fb_share_msg(&f, 0, 1, 1, 3, (const uint32_t[]){0, 2, 0}, 3, NULL, 0);
+        } else if (!strcmp(k, "too-many-members")) {
+            static uint32_t many[PROTO_MAX_MEMBERS + 1];
+            for (uint32_t m = 0; m <= PROTO_MAX_MEMBERS; m++)
+                many[m] = m;
+            fb_fill(&f, 1, 3, 10);
+            fb_share_msg(&f, 0, 1, 1, 3, many, PROTO_MAX_MEMBERS + 1, NULL, 0);
+        } else if (!strcmp(k, "mask-short")) {
+            fb_fill(&f, 1, 9, 10);
+            fb_share_msg(&f, 0, 1, 1, 9, NULL, 0, "\xff", 1);
+        } else if (!strcmp(k, "mask-long")) {
+            fb_fill(&f, 1, 8, 10);
+            fb_share_msg(&f, 0, 1, 1, 8, NULL, 0, "\xff\x00", 2);
+        } else if (!strcmp(k, "mask-bit-past-n")) {
+            fb_fill(&f, 1, 3, 10);
+            fb_share_msg(&f, 0, 1, 1, 3, NULL, 0, "\x0f", 1);
+        } else if (!strcmp(k, "empty-share")) {
+            fb_fill(&f, 1, 3, 10);          /* the broker sends no BATCH without a packet */
+            fb_share_msg(&f, 0, 1, 1, 3, NULL, 0, "\x00", 1);
+        } else if (!strcmp(k, "member-beyond-u32") || !strcmp(k, "members-not-a-list") ||
+                   !strcmp(k, "mask-a-string")) {
+            fb_fill(&f, 1, 3, 10);
+            fb_head(&f, "batch", 6);
+            fb_u64(&f, "seq", 0);
+            fb_u64(&f, "slab", 1);
+            fb_u64(&f, "gen", 1);
+            fb_u64(&f, "n", 3);
+            fb_key(&f, "members");
+            if (!strcmp(k, "members-not-a-list")) {
+                msgpack_pack_uint32(&f.pk, 0);
+            } else {
+                msgpack_pack_array(&f.pk, 2);
+                msgpack_pack_uint64(&f.pk, 0);
+                msgpack_pack_uint64(&f.pk, !strcmp(k, "mask-a-string") ? 1 : UINT64_C(1) << 32);
+            }
+            fb_key(&f, "mask");
+            if (!strcmp(k, "mask-a-string"))
+                fb_key(&f, "\x07");
+            else
+                msgpack_pack_nil(&f.pk);
+            fb_send(&f);
         } else if (!strcmp(k, "gap-backwards")) {
             fb_head(&f, "gap", 2);
             fb_u64(&f, "from", 10);
@@ -635,7 +998,11 @@ static void test_protocol_violations(void)
             fprintf(stderr, "case %s: %d\n", k, r);
             CHECK_EQ(r, -PKTIPC_EPROTO);
         }
-        CHECK(strstr(pktipc_geterr(c), "broke the protocol"));
+        if (!strstr(pktipc_geterr(c), "broke the protocol: ") ||
+            !strstr(pktipc_geterr(c), cases[i].why)) {
+            fprintf(stderr, "case %s: %s\n", k, pktipc_geterr(c));
+            CHECK(!"the reason given");
+        }
         CHECK_EQ(pktipc_next_batch(c, &b, 0), -PKTIPC_EPROTO);
         pktipc_close(c);
         fb_free(&f);
@@ -741,11 +1108,11 @@ static void test_gives_up_when_no_broker_comes(void)
 
 static void test_strerror(void)
 {
-    for (int e = 1; e <= PKTIPC_ESYS; e++) {
+    for (int e = 1; e <= PKTIPC_EGROUP; e++) {
         CHECK(strcmp(pktipc_strerror(-e), "unknown error") != 0);
         CHECK(pktipc_strerror(-e) == pktipc_strerror(e));
     }
-    CHECK(strcmp(pktipc_strerror(-PKTIPC_ESYS - 1), "unknown error") == 0);
+    CHECK(strcmp(pktipc_strerror(-PKTIPC_EGROUP - 1), "unknown error") == 0);
     CHECK(strcmp(pktipc_strerror(-1000000), "unknown error") == 0);
     CHECK(strcmp(pktipc_strerror(0), "success") == 0);
 }
@@ -812,11 +1179,15 @@ int main(int argc, char **argv)
     RUN(test_bad_options);
     RUN(test_no_broker);
     RUN(test_refusals);
+    RUN(test_groups_and_modes);
     RUN(test_batches_released_in_any_order);
     RUN(test_one_release_message_for_many_slabs);
     RUN(test_release_wakes_a_consumer_without_credit);
     RUN(test_pollable_descriptor);
     RUN(test_dispatch);
+    RUN(test_share_is_what_pktipc_select_says);
+    RUN(test_share_release);
+    RUN(test_passed_on_share_comes_again);
     RUN(test_gaps_and_end_of_stream);
     RUN(test_evicted);
     RUN(test_protocol_violations);

@@ -648,6 +648,33 @@ static int on_welcome(pktipc_client *c, int64_t now)
     return 0;
 }
 
+static int on_frame(pktipc_client *c, const void *data, size_t len, int more, int64_t now);
+
+/* A batch that does not match its slab: the broker broke the protocol,
+ * unless it evicted this client meanwhile (it was silent too long) and
+ * reused the slabs of the batches still on their way here; the EVICT
+ * behind them is then the news. */
+static int mismatch(pktipc_client *c, int64_t now, const char *why)
+{
+    struct proto_msg m;
+    char ignored[PKTIPC_ERRBUF_SIZE];
+    int r = 1;
+    proto_msg_init(&m);
+    while (r == 1) {
+        zmq_msg_t zm;
+        zmq_msg_init(&zm);
+        if (zmq_msg_recv(&zm, c->sock, ZMQ_DONTWAIT) < 0) {
+            r = errno == EINTR ? 1 : violation(c, now, why);
+        } else if (proto_decode(&m, zmq_msg_data(&zm), zmq_msg_size(&zm), ignored,
+                                sizeof(ignored)) == 0 && m.type == PMSG_EVICT) {
+            r = on_frame(c, zmq_msg_data(&zm), zmq_msg_size(&zm), zmq_msg_more(&zm), now);
+        }
+        zmq_msg_close(&zm);
+    }
+    proto_msg_free(&m);
+    return r;
+}
+
 static int on_batch(pktipc_client *c, int64_t now)
 {
     const struct proto_msg *m = &c->msg;
@@ -669,7 +696,7 @@ static int on_batch(pktipc_client *c, int64_t now)
         n > map->slab_size / PKTIPC_DESC_SIZE) {
         snprintf(why, sizeof(why), "batch %llu does not match the segment",
                  (unsigned long long)seq);
-        return violation(c, now, why);
+        return mismatch(c, now, why);
     }
     struct slot *s = &map->slots[slab];
     if (s->state != SLOT_FREE || c->held >= c->credit) {

@@ -870,6 +870,18 @@ static void test_evicted(void)
     CHECK_EQ(fb_recv(&f, 100), -1);
     pktipc_close(c);
     CHECK_EQ(fb_recv(&f, 100), -1);                /* no BYE either */
+
+    /* Evicted while silent: the broker reused the slab of a batch still on
+     * its way; that batch no longer matches, and the eviction is the news. */
+    c = attach(&f, f.h->name, 4, 1000, 30000);
+    fb_batch(&f, 2, 5, 10);
+    fb_batch(&f, 3, 5, 10);
+    fb_fill(&f, 3, 7, 10);
+    fb_error(&f, "evict", "timeout", "nothing heard for 30 s");
+    usleep(300000);
+    CHECK_EQ(pktipc_next_batch(c, &b, 1000), -PKTIPC_EEVICTED);
+    CHECK(strstr(pktipc_geterr(c), "evicted 'c': nothing heard for 30 s"));
+    pktipc_close(c);
     fb_free(&f);
 }
 

@@ -3,11 +3,13 @@
  * second and in all, reading the first byte of every packet as a consumer
  * would.
  *
- *     pktipc-count [-n NAME] [-g GROUP] [-p drop|block] [-C CREDIT] [-c COUNT] [-i SECONDS] SERVER
+ *     pktipc-count [-n NAME] [-g GROUP] [-b flow|round-robin] [-p drop|block] [-C CREDIT]
+ *                  [-c COUNT] [-i SECONDS] SERVER
  *
  * It stops after COUNT packets, at the end of the stream, or on Ctrl-C, and
  * prints its totals. The default policy is drop: a meter should never hold
- * the tap back.
+ * the tap back. Several of them in one group (-g) count its packets
+ * between them, divided by flow or batch by batch (-b).
  */
 #include <errno.h>
 #include <signal.h>
@@ -37,8 +39,8 @@ static double now(void)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: pktipc-count [-n NAME] [-g GROUP] [-p drop|block] [-C CREDIT] [-c COUNT] "
-                    "[-i SECONDS] SERVER\n");
+    fprintf(stderr, "usage: pktipc-count [-n NAME] [-g GROUP] [-b flow|round-robin] "
+                    "[-p drop|block] [-C CREDIT] [-c COUNT] [-i SECONDS] SERVER\n");
     exit(2);
 }
 
@@ -54,6 +56,16 @@ static long number(const char *s, long lo, long hi)
     return v;
 }
 
+static int balance_of(const char *s)
+{
+    if (!strcmp(s, "flow"))
+        return PKTIPC_BALANCE_FLOW;
+    if (!strcmp(s, "round-robin"))
+        return PKTIPC_BALANCE_ROUND_ROBIN;
+    fprintf(stderr, "pktipc-count: -b takes flow or round-robin, not %s\n", s);
+    exit(2);
+}
+
 int main(int argc, char **argv)
 {
     char name[64], errbuf[PKTIPC_ERRBUF_SIZE];
@@ -63,10 +75,11 @@ int main(int argc, char **argv)
     unsigned long long limit = 0;
     double interval = 1.0;
     int opt;
-    while ((opt = getopt(argc, argv, "n:g:p:C:c:i:")) != -1) {
+    while ((opt = getopt(argc, argv, "n:g:b:p:C:c:i:")) != -1) {
         switch (opt) {
         case 'n': o.name = optarg; break;
         case 'g': o.group = optarg; break;
+        case 'b': o.balance = balance_of(optarg); break;
         case 'p':
             if (strcmp(optarg, "drop") && strcmp(optarg, "block"))
                 usage();
@@ -128,8 +141,10 @@ int main(int argc, char **argv)
     struct pktipc_stats st;
     pktipc_stats(c, &st);
     double secs = now() - start;
-    printf("total packets %llu bytes %llu seconds %.3f drops %llu reconnects %llu\n", packets,
-           bytes, secs, (unsigned long long)st.drops, (unsigned long long)st.reconnects);
+    printf("total packets %llu bytes %llu seconds %.3f drops %llu reconnects %llu group %s "
+           "balance %s\n", packets, bytes, secs, (unsigned long long)st.drops,
+           (unsigned long long)st.reconnects, pktipc_group(c),
+           pktipc_balance(c) == PKTIPC_BALANCE_FLOW ? "flow" : "round-robin");
     first_bytes = sum;
     int status = 0;
     if (r < 0 && r != -PKTIPC_EINTR && (r != -PKTIPC_EEOS || *pktipc_geterr(c))) {

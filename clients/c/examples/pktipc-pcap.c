@@ -2,12 +2,14 @@
  * pktipc-pcap: writes what a client of a pktipc broker receives to stdout
  * as a nanosecond pcap stream, through the pcap_dispatch-style callback API.
  *
- *     pktipc-pcap [-n NAME] [-p block|drop] [-C CREDIT] [-c COUNT] SERVER | tcpdump -r -
+ *     pktipc-pcap [-n NAME] [-g GROUP] [-b flow|round-robin] [-p block|drop] [-C CREDIT]
+ *                 [-c COUNT] SERVER | tcpdump -r -
  *
  * The file takes the link type of the first packet (a pcap file holds one)
  * and the largest snaplen of the broker's sources of that link type, as
  * `pktipc dump` does. It stops after COUNT packets or at the end of the
- * stream. The default policy is block: a recorder wants every packet.
+ * stream. The default policy is block: a recorder wants every packet. In a
+ * group (-g) it writes this member's share of the group's packets.
  */
 #include <errno.h>
 #include <signal.h>
@@ -96,8 +98,8 @@ static void write_packet(void *user, const struct pktipc_pkt *p, const uint8_t *
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: pktipc-pcap [-n NAME] [-p block|drop] [-C CREDIT] [-c COUNT] "
-                    "SERVER\n");
+    fprintf(stderr, "usage: pktipc-pcap [-n NAME] [-g GROUP] [-b flow|round-robin] "
+                    "[-p block|drop] [-C CREDIT] [-c COUNT] SERVER\n");
     exit(2);
 }
 
@@ -113,6 +115,16 @@ static long number(const char *s, long lo, long hi)
     return v;
 }
 
+static int balance_of(const char *s)
+{
+    if (!strcmp(s, "flow"))
+        return PKTIPC_BALANCE_FLOW;
+    if (!strcmp(s, "round-robin"))
+        return PKTIPC_BALANCE_ROUND_ROBIN;
+    fprintf(stderr, "pktipc-pcap: -b takes flow or round-robin, not %s\n", s);
+    exit(2);
+}
+
 int main(int argc, char **argv)
 {
     char name[64], errbuf[PKTIPC_ERRBUF_SIZE];
@@ -121,9 +133,11 @@ int main(int argc, char **argv)
                                .timeout_ms = -1, .reconnect_ms = -1, .errbuf = errbuf};
     unsigned long long limit = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "n:p:C:c:")) != -1) {
+    while ((opt = getopt(argc, argv, "n:g:b:p:C:c:")) != -1) {
         switch (opt) {
         case 'n': opts.name = optarg; break;
+        case 'g': opts.group = optarg; break;
+        case 'b': opts.balance = balance_of(optarg); break;
         case 'p':
             if (strcmp(optarg, "drop") && strcmp(optarg, "block"))
                 usage();

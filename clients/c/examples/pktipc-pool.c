@@ -8,7 +8,8 @@
  * the worker, out of order; the capture thread alone talks to the broker,
  * which gets one message per slab given back.
  *
- *     pktipc-pool [-n NAME] [-g GROUP] [-p drop|block] [-C CREDIT] [-s POOL] [-l SECONDS] SERVER
+ *     pktipc-pool [-n NAME] [-g GROUP] [-b flow|round-robin] [-p drop|block] [-C CREDIT]
+ *                 [-s POOL] [-l SECONDS] SERVER
  *
  * At the end of the stream it prints what it saw and what it gave back;
  * -l keeps it attached that much longer (see it with `pktipc status`).
@@ -146,8 +147,8 @@ static void *work(void *arg)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: pktipc-pool [-n NAME] [-g GROUP] [-p drop|block] [-C CREDIT] [-s POOL] "
-                    "[-l SECONDS] SERVER\n");
+    fprintf(stderr, "usage: pktipc-pool [-n NAME] [-g GROUP] [-b flow|round-robin] "
+                    "[-p drop|block] [-C CREDIT] [-s POOL] [-l SECONDS] SERVER\n");
     exit(2);
 }
 
@@ -163,6 +164,16 @@ static long number(const char *s, long lo, long hi)
     return v;
 }
 
+static int balance_of(const char *s)
+{
+    if (!strcmp(s, "flow"))
+        return PKTIPC_BALANCE_FLOW;
+    if (!strcmp(s, "round-robin"))
+        return PKTIPC_BALANCE_ROUND_ROBIN;
+    fprintf(stderr, "pktipc-pool: -b takes flow or round-robin, not %s\n", s);
+    exit(2);
+}
+
 int main(int argc, char **argv)
 {
     char name[64], errbuf[PKTIPC_ERRBUF_SIZE];
@@ -172,10 +183,11 @@ int main(int argc, char **argv)
     unsigned pool_size = 1024;
     long linger = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "n:g:p:C:s:l:")) != -1) {
+    while ((opt = getopt(argc, argv, "n:g:b:p:C:s:l:")) != -1) {
         switch (opt) {
         case 'n': o.name = optarg; break;
         case 'g': o.group = optarg; break;
+        case 'b': o.balance = balance_of(optarg); break;
         case 'p':
             if (strcmp(optarg, "drop") && strcmp(optarg, "block"))
                 usage();

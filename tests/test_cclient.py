@@ -1,7 +1,8 @@
 """libpktipc, the C client, against real brokers: the same packets as the
 Python client, out-of-order releases from another thread with every slab
-back at the broker, a broker restart, a stream that tcpdump reads, bad use;
-its protocol rules against the Python ones; its installation."""
+back at the broker, a broker restart, a stream that tcpdump reads, groups
+shared with Python members (by flow and round-robin), bad use; its protocol
+rules against the Python ones; its installation."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import struct
 import subprocess
 import time
+from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ import pytest
 from conftest import PCAPS, ROOT, BrokerProc, all_captures, pktipc_cmd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pcapref import read_pcap
+from pcapref import Packet, read_pcap
+from pktipc._shm import ffi, lib
+from test_groups import Member, flow_of, start
 from test_protocol import frames
 
 import pktipc
@@ -45,9 +49,26 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return f
 
 
+@pytest.fixture(scope="module")
+def flows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20,000 packets spread evenly over 300 flows, both directions."""
+    f = tmp_path_factory.mktemp("cflows") / "flows.pcap"
+    with open(f, "wb") as out:
+        write_pcap(out, 20_000, flows=300, seed=11, sizes=(64, 128, 256), skew=None)
+    return f
+
+
 def c_prog(name: str, *args: str, **kw: Any) -> subprocess.Popen[bytes]:
     return subprocess.Popen([str(BIN / name), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, **kw)
+
+
+def c_pcap(out: Path, *args: str) -> subprocess.Popen[bytes]:
+    """pktipc-pcap writing to a file, which nobody need read while it runs
+    (a full pipe would stall the client, and the group with it)."""
+    with open(out, "wb") as f:
+        return subprocess.Popen([str(BIN / "pktipc-pcap"), *args], stdout=f,
+                                stderr=subprocess.PIPE)
 
 
 def finish(p: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, bytes, str]:
@@ -217,6 +238,137 @@ def test_group_is_told_to_the_broker(broker) -> None:
     assert rc == 0, err
 
 
+# --- groups shared with Python members ------------------------------------------------------
+
+
+def attached(server: str, count: int) -> dict[str, int]:
+    """Waits until `count` clients are attached: their slots, by name."""
+    deadline = time.monotonic() + 15
+    while len(clients := pktipc.broker_stats(server)["clients"]) < count:
+        assert time.monotonic() < deadline, "the clients did not attach"
+        time.sleep(0.02)
+    return {c["name"]: c["slot"] for c in clients}
+
+
+@pytest.mark.parametrize("traffic", ["captures", "generated"])
+def test_c_and_python_members_share_a_flow_group(broker, flows: Path, tmp_path: Path,
+                                                  traffic: str) -> None:
+    """pktipc-pcap (C) and `pktipc dump` (Python) in one flow group, and a
+    client of its own group: each member writes, in order, exactly the
+    packets whose flow hash its slot owns (pktipc_flow_owner over the two
+    slots); together they hold what the client of its own group got."""
+    files = ethernet_captures() if traffic == "captures" else [flows]
+    b = broker(*[a for f in files for a in ("-r", str(f))], "--wait-clients", "3",
+               "--slab-size", "256k", "--credit", "3")
+    c_out, py_out, rec_out = tmp_path / "c.pcap", tmp_path / "py.pcap", tmp_path / "rec.pcap"
+    c = c_pcap(c_out, "-n", "c-member", "-g", "ids", "-b", "flow", b.name)
+    py = subprocess.Popen(pktipc_cmd("dump", "--server", b.name, "--client", "py-member",
+                                     "--group", "ids", "-w", str(py_out)),
+                          stderr=subprocess.PIPE, text=True)
+    slots = attached(b.name, 2)
+    rec = subprocess.run(pktipc_cmd("dump", "--server", b.name, "--client", "rec",
+                                    "-w", str(rec_out)),
+                         capture_output=True, text=True, timeout=120)
+    rc, _, err = finish(c)
+    _, py_err = py.communicate(timeout=60)
+    assert (rc, py.returncode, rec.returncode) == (0, 0, 0), (err, py_err, rec.stderr)
+
+    everything = read_pcap(str(rec_out)).packets
+    assert everything == [p for f in files for p in read_pcap(str(f)).packets]
+    members = ffi.new("uint32_t[]", [slots["c-member"], slots["py-member"]])
+
+    def owner(p: Packet) -> int:
+        h = lib.pktipc_flow_hash(p.data, len(p.data), 1, 0)
+        return int(members[lib.pktipc_flow_owner(h, members, 2)])
+
+    got_c, got_py = read_pcap(str(c_out)).packets, read_pcap(str(py_out)).packets
+    assert got_c == [p for p in everything if owner(p) == slots["c-member"]]
+    assert got_py == [p for p in everything if owner(p) == slots["py-member"]]
+    assert Counter(got_c) + Counter(got_py) == Counter(everything)
+    assert min(len(got_c), len(got_py)) > len(everything) // 5
+    if traffic == "generated":
+        # Read from the bytes, independently of the C: each flow, both
+        # ways, reached one member.
+        seen: dict[tuple[Any, ...], set[tuple[int, bytes]]] = {}
+        for who, got in enumerate((got_c, got_py)):
+            for p in got:
+                seen.setdefault(flow_of(p.data), set()).add((who, p.data[6:12]))
+        assert len(seen) == 300
+        assert all(len({who for who, _ in ways}) == 1 for ways in seen.values())
+        both_ways = [next(iter(ways))[0] for ways in seen.values() if len(ways) == 2]
+        assert len(both_ways) > 250 and 0 < sum(both_ways) < len(both_ways)
+
+
+def test_c_and_python_members_take_turns(broker, flows: Path, tmp_path: Path) -> None:
+    """A round-robin group of a Python member, which chose the mode, and
+    pktipc-pcap, which joins it without asking: whole batches in turn,
+    every packet to one of them."""
+    want = read_pcap(str(flows)).packets
+    b = broker("-r", str(flows), "--wait-clients", "2", "--slab-size", "16k", "--linger")
+    py = Member(b.name, "py", "rr", balance="round-robin")
+    start(py)
+    c = c_pcap(tmp_path / "c.pcap", "-n", "c", "-g", "rr", b.name)
+    got_py = py.finish()
+    rc, _, err = finish(c)
+    assert rc == 0, err
+    batches = pktipc.broker_stats(b.name)["counters"]["batches"]
+    assert all(n == own for _, n, own in py.batches)        # whole batches
+    got_c = read_pcap(str(tmp_path / "c.pcap")).packets
+    assert got_c == [p for seq, p in enumerate(want) if seq not in got_py]
+    assert [bytes(d) for _, (_, _, d) in sorted(got_py.items())] == \
+        [p.data for seq, p in enumerate(want) if seq in got_py]
+    # In turn: the C member's packets fall in the gaps between the Python
+    # member's batches, one C batch to each gap.
+    runs = [seq for seq in range(len(want))
+            if seq not in got_py and (seq == 0 or seq - 1 in got_py)]
+    assert len(py.batches) > 20 and len(runs) == batches - len(py.batches)
+    assert abs(len(runs) - len(py.batches)) <= 1
+
+
+def test_out_of_order_consumer_in_a_group(broker, synth: Path) -> None:
+    """pktipc-pool shares a flow group with a Python member and releases
+    its share packet by packet from its worker, at random: every packet to
+    one of them, every slab back at the broker, no release refused."""
+    want = read_pcap(str(synth)).packets
+    b = broker("-r", str(synth), "--loop", "2", "--linger", "--wait-clients", "2",
+               "--slab-size", "64k", "--slabs", "8", "--credit", "4")
+    py = Member(b.name, "py", "pool")
+    start(py)
+    p = c_prog("pktipc-pool", "-n", "ooo", "-g", "pool", "-p", "block", "-s", "700", b.name)
+    got_py = py.finish()
+    rc, out, err = finish(p)
+    assert rc == 0, err
+    got = fields(out.decode())
+    assert int(got["packets"]) + len(got_py) == 2 * len(want)
+    assert 0 < len(got_py) < 2 * len(want) * 4 // 5 and int(got["packets"]) > len(want) // 5
+    assert got["released"] == got["packets"] and got["release_errors"] == "0"
+    assert got["held"] == "0" and got["batches_released"] == got["batches"]
+    assert int(got["release_msgs"]) <= int(got["batches"])
+    stats = pktipc.broker_stats(b.name)
+    assert stats["slabs"]["free"] == stats["slabs"]["count"] == 8
+    assert stats["counters"]["protocol_errors"] == 0
+
+
+def test_c_member_joins_and_is_refused_by_mode(broker, flows: Path) -> None:
+    """A C member takes its group's mode when it asks for none, and is
+    refused, in one line, when it asks for the other."""
+    b = broker("-r", str(flows), "--wait-clients", "2")
+    py = Member(b.name, "w1", "ids")
+    start(py)
+    for prog in ("pktipc-count", "pktipc-pcap", "pktipc-pool"):
+        rc, out, err = finish(c_prog(prog, "-n", "w2", "-g", "ids", "-b", "round-robin", b.name))
+        assert rc == 1 and err.count("\n") == 1, err
+        assert err == f"{prog}: broker '{b.name}' refused 'w2': group 'ids' balances by flow, " \
+                      "not round-robin\n"
+        rc, out, err = finish(c_prog(prog, "-b", "hash", b.name))
+        assert rc == 2 and err == f"{prog}: -b takes flow or round-robin, not hash\n"
+    rc, out, err = finish(c_prog("pktipc-count", "-n", "w2", "-g", "ids", "-p", "block", b.name))
+    assert rc == 0, err
+    total = fields(out.decode().splitlines()[-1].removeprefix("total "))
+    assert (total["group"], total["balance"]) == ("ids", "flow")
+    assert int(total["packets"]) + len(py.finish()) == 20_000
+
+
 # --- bad use ---------------------------------------------------------------------------
 
 
@@ -250,6 +402,25 @@ def test_pcap_stream_ends_early_with_an_error(broker, tmp_path: Path) -> None:
 
 # --- installation ----------------------------------------------------------------------
 
+# A C++ program using the headers' inline helpers: slot 7's share of four
+# packets, two of them masked out, and the sequence number of its last packet.
+CXX_PROGRAM = b"""#include <pktipc.h>
+#include <cstdio>
+int main()
+{
+    struct pktipc_pkt p[4] = {};
+    const uint8_t mask = 0x0b;
+    uint32_t members[1] = {7}, out[4];
+    uint32_t k = pktipc_select(p, 4, &mask, members, 1, 7, out);
+    struct pktipc_batch b = {};
+    b.seq = 38;
+    b.index = out;
+    std::printf("%u %llu\\n", k, (unsigned long long)pktipc_batch_seq(&b, k - 1));
+    return pktipc_fd(nullptr) != -PKTIPC_EINVAL;
+}
+"""
+
+
 
 def test_install_and_pkg_config(broker, tmp_path: Path) -> None:
     """make install PREFIX=...; then a program built with pkg-config's flags
@@ -274,9 +445,11 @@ def test_install_and_pkg_config(broker, tmp_path: Path) -> None:
     subprocess.run(["cc", "-Wall", "-Werror", *pkg("--cflags"), "-o", str(static), str(src),
                     *[("-l:libpktipc.a" if a == "-lpktipc" else a) for a in libs]], check=True)
     # C++ programs (Zeek, for one) include the header too.
-    subprocess.run(["c++", "-Wall", "-Werror", "-fsyntax-only", *pkg("--cflags"), "-x", "c++",
-                    "-"], input=b"#include <pktipc.h>\nint main() { return pktipc_fd(nullptr); }\n",
-                   check=True)
+    cxx = tmp_path / "count-cxx"
+    subprocess.run(["c++", "-Wall", "-Wextra", "-Werror", *pkg("--cflags"), "-o", str(cxx),
+                    "-x", "c++", "-", *pkg("--libs")], input=CXX_PROGRAM, check=True)
+    assert subprocess.run([str(cxx)], env=dict(os.environ, LD_LIBRARY_PATH=str(prefix / "lib")),
+                          capture_output=True, text=True).stdout == "3 41\n"
     b = broker("-r", str(PCAPS / "DECnet_Phone.pcap"), "--wait-clients", "3")
     # The static build runs with no library path, the installed example finds
     # its library beside it; the shared build is shown where the library is.

@@ -1,4 +1,5 @@
-# make demo: the main job on a built-in default.  make test: install and test.
+# make demo: the main job on a built-in default.  make test: install and test
+# (the C client's tests under the sanitizers and valgrind, then pytest, ruff, mypy).
 # Both install what is missing (Debian packages, a virtual environment with
 # pktipc built and installed editable) and are safe to run again.
 
@@ -7,8 +8,8 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.pktipc-installed
 BENCH_STAMP := $(VENV)/.pktipc-bench-installed
-DEBS    := gcc make pkg-config python3-venv python3-dev iproute2 libpcap-dev libzmq3-dev \
-           libmsgpack-dev tcpdump tshark
+DEBS    := gcc g++ make pkg-config python3-venv python3-dev iproute2 libpcap-dev libzmq3-dev \
+           libmsgpack-dev tcpdump tshark valgrind
 
 .PHONY: all deps install demo test lint bench bench-quick clean
 
@@ -35,6 +36,7 @@ demo: install
 	$(PY) -m pktipc demo
 
 test: install
+	$(MAKE) -C clients/c test
 	$(PY) -m pytest -q
 	$(VENV)/bin/ruff check pktipc tests bench
 	$(VENV)/bin/mypy
@@ -55,3 +57,4 @@ bench-quick: install $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info pktipc/*.so
+	$(MAKE) -C clients/c clean

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,10 @@ def _memory(samples: list[tuple[float, dict[str, float]]], t_go: float,
 # --- runs --------------------------------------------------------------------------
 
 
+def python_client(server: str, name: str, mode: str) -> list[str]:
+    return [PY, str(CLIENT), server, name, mode]
+
+
 @dataclass
 class Ctx:
     procs: Procs
@@ -214,6 +219,7 @@ class Ctx:
     expected: dict[str, dict[str, int]] = field(default_factory=dict)   # file -> counts
     loops: int = 1
     seq: int = 0
+    client_cmd: Callable[[str, str, str], list[str]] = python_client   # (server, name, mode)
 
 
 def _wait_for(path: Path, broker: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
@@ -249,10 +255,11 @@ def run_broker(ctx: Ctx, sc: Scenario, pcap: Path, *, profile: Path | None = Non
         segs = list(Path("/dev/shm").glob(f"pktipc.{name}.*"))
         shm_size = segs[0].stat().st_size if segs else None
         cenv = dict(ctx.env)
+        modes = sc.mode.split("+")       # "a+b": client 0 runs a, client 1 b, ...
         for i in range(sc.clients):
             if profile:
                 cenv["PKTIPC_BENCH_PROFILE"] = str(profile / f"client-{sc.key}-{i}.prof")
-            clients.append(ctx.procs.start([PY, str(CLIENT), name, f"c{i}", sc.mode],
+            clients.append(ctx.procs.start(ctx.client_cmd(name, f"c{i}", modes[i % len(modes)]),
                                            env=cenv, stdout=subprocess.PIPE,
                                            stderr=subprocess.PIPE, cwd=ROOT))
         dog.cancel()

@@ -694,7 +694,9 @@ class Broker:
         path = ipc_path(self.endpoint)
         if path is not None:
             path.unlink(missing_ok=True)   # left by a dead broker; we hold the lock
-        old = os.umask(0o077)
+        # The socket is born 0600: from its first instant it has its final mode
+        # (or, with a group, a narrower one until chmod below).
+        old = os.umask(0o177)
         try:
             self.sock.bind(self.endpoint)
         except zmq.ZMQError as e:

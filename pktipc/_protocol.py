@@ -1,4 +1,4 @@
-"""pktipc control protocol, version 1, as a sans-IO state machine.
+"""pktipc control protocol, version 2, as a sans-IO state machine.
 
 The rules it keeps:
 
@@ -28,8 +28,7 @@ monotonic origin), and take out frames to send and events.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
@@ -65,47 +64,64 @@ class RemoteProtocolError(ProtocolError):
 
 # --- fields --------------------------------------------------------------
 
-Check = Callable[[Any], bool]
+
+@dataclass(frozen=True)
+class Check:
+    """One field's rule. Plain data, so that the C client's copy of these
+    rules is generated from them (pktipc/_cschema.py) rather than rewritten."""
+
+    kind: str                       # "int", "str", "name", "one_of", "seqs", "slots",
+                                    # "bytes", "map"
+    lo: int = 0                     # int: bounds; seqs: list length
+    hi: int = 0                     # int: bounds; str: length; seqs, slots: list length
+    values: tuple[str, ...] = ()    # one_of
+    optional: bool = False          # None is allowed too
+
+    def __call__(self, x: Any) -> bool:
+        if x is None:
+            return self.optional
+        if self.kind == "int":
+            return type(x) is int and self.lo <= x <= self.hi
+        if self.kind == "str":
+            return type(x) is str and len(x) <= self.hi
+        if self.kind == "name":
+            from ._paths import NAME_RE
+
+            return type(x) is str and NAME_RE.fullmatch(x) is not None
+        if self.kind == "one_of":
+            return type(x) is str and x in self.values
+        if self.kind == "seqs":
+            return (type(x) is list and self.lo <= len(x) <= self.hi
+                    and all(type(s) is int and 0 <= s <= U64 for s in x))
+        if self.kind == "slots":    # distinct u32s
+            return (type(x) is list and len(x) <= self.hi and len(set(x)) == len(x)
+                    and all(type(s) is int and 0 <= s <= U32 for s in x))
+        if self.kind == "bytes":
+            return type(x) is bytes
+        return type(x) is dict      # map
 
 
 def _int(lo: int, hi: int) -> Check:
-    return lambda x: type(x) is int and lo <= x <= hi
+    return Check("int", lo=lo, hi=hi)
 
 
 def _str(maxlen: int) -> Check:
-    return lambda x: type(x) is str and len(x) <= maxlen
+    return Check("str", hi=maxlen)
 
 
 def _opt(check: Check) -> Check:
-    return lambda x: x is None or check(x)
+    return replace(check, optional=True)
 
 
 def _one_of(*values: str) -> Check:
-    return lambda x: type(x) is str and x in values
+    return Check("one_of", values=values)
 
 
-def _name(x: Any) -> bool:
-    from ._paths import NAME_RE
-
-    return type(x) is str and NAME_RE.fullmatch(x) is not None
-
-
-def _seqs(x: Any) -> bool:
-    return (type(x) is list and 1 <= len(x) <= MAX_RELEASE
-            and all(type(s) is int and 0 <= s <= U64 for s in x))
-
-
-def _map(x: Any) -> bool:
-    return type(x) is dict
-
-
-def _slots(x: Any) -> bool:
-    return (type(x) is list and len(x) <= MAX_MEMBERS
-            and all(type(s) is int and 0 <= s <= U32 for s in x) and len(set(x)) == len(x))
-
-
-def _bytes(x: Any) -> bool:
-    return type(x) is bytes
+_name = Check("name")
+_seqs = Check("seqs", lo=1, hi=MAX_RELEASE)
+_map = Check("map")
+_slots = Check("slots", hi=MAX_MEMBERS)
+_bytes = Check("bytes")
 
 
 POLICIES = ("block", "drop")
@@ -136,19 +152,28 @@ SCHEMAS: dict[str, dict[str, Check]] = {
 }
 
 
-def _mask_fits(f: dict[str, Any]) -> bool:
-    """A BATCH mask has one bit per packet of the slab, and no bit beyond."""
-    mask, n = f["mask"], f["n"]
-    return mask is None or (len(mask) == (n + 7) // 8 and not (n % 8 and mask[-1] >> n % 8))
+@dataclass(frozen=True)
+class Bitmap:
+    """A rule across two fields of one message: field `bits` is nil or has
+    one bit (bit i & 7 of byte i >> 3) for each of the `count` items that
+    field `count` gives, and no bit set beyond. Plain data, as Check."""
+
+    bits: str
+    count: str
+
+    def __call__(self, f: dict[str, Any]) -> bool:
+        bits, n = f[self.bits], f[self.count]
+        return bits is None or (len(bits) == (n + 7) // 8 and not (n % 8 and bits[-1] >> n % 8))
 
 
 # Rules across the fields of one message, after each field passed SCHEMAS.
-CROSS_CHECKS: dict[str, Callable[[dict[str, Any]], bool]] = {"batch": _mask_fits}
+CROSS_CHECKS: dict[str, tuple[Bitmap, ...]] = {
+    "batch": (Bitmap("mask", "n"),),      # one bit per packet of the slab
+}
 
 
 def _cross_check(mtype: str, fields: dict[str, Any]) -> bool:
-    check = CROSS_CHECKS.get(mtype)
-    return check is None or check(fields)
+    return all(rule(fields) for rule in CROSS_CHECKS.get(mtype, ()))
 
 
 def encode(mtype: str, **fields: Any) -> bytes:

@@ -21,13 +21,20 @@
 #define PKTIPC_INLINE static inline
 #endif
 
+/* C++ programs (Zeek is one) include this file too. */
+#ifdef __cplusplus
+#define PKTIPC_STATIC_ASSERT static_assert
+#else
+#define PKTIPC_STATIC_ASSERT _Static_assert
+#endif
+
 /* Pins a field's offset and width, so neither moving a field nor narrowing
  * it into implicit padding goes unnoticed. */
 #define PKTIPC_ASSERT_AT(type, field, off, size)                                       \
-    _Static_assert(offsetof(struct type, field) == (off), #type "." #field " moved"); \
-    _Static_assert(sizeof(((struct type *)0)->field) == (size), #type "." #field " resized")
+    PKTIPC_STATIC_ASSERT(offsetof(struct type, field) == (off), #type "." #field " moved"); \
+    PKTIPC_STATIC_ASSERT(sizeof(((struct type *)0)->field) == (size), #type "." #field " resized")
 
-_Static_assert(sizeof(struct pktipc_pkt) == PKTIPC_DESC_SIZE, "descriptor size");
+PKTIPC_STATIC_ASSERT(sizeof(struct pktipc_pkt) == PKTIPC_DESC_SIZE, "descriptor size");
 PKTIPC_ASSERT_AT(pktipc_pkt, ts_ns, 0, 8);
 PKTIPC_ASSERT_AT(pktipc_pkt, data_off, 8, 4);
 PKTIPC_ASSERT_AT(pktipc_pkt, caplen, 12, 4);
@@ -38,7 +45,7 @@ PKTIPC_ASSERT_AT(pktipc_pkt, linktype, 26, 2);
 PKTIPC_ASSERT_AT(pktipc_pkt, vlan_tci, 28, 2);
 PKTIPC_ASSERT_AT(pktipc_pkt, flags, 30, 2);
 
-_Static_assert(sizeof(struct pktipc_counters) == 64, "counters: one cache line");
+PKTIPC_STATIC_ASSERT(sizeof(struct pktipc_counters) == 64, "counters: one cache line");
 PKTIPC_ASSERT_AT(pktipc_counters, packets, 0, 8);
 PKTIPC_ASSERT_AT(pktipc_counters, bytes, 8, 8);
 PKTIPC_ASSERT_AT(pktipc_counters, batches, 16, 8);
@@ -48,7 +55,7 @@ PKTIPC_ASSERT_AT(pktipc_counters, protocol_errors, 40, 8);
 PKTIPC_ASSERT_AT(pktipc_counters, clients, 48, 8);
 PKTIPC_ASSERT_AT(pktipc_counters, clients_total, 56, 8);
 
-_Static_assert(sizeof(struct pktipc_iface) == PKTIPC_IFACE_SIZE, "iface size");
+PKTIPC_STATIC_ASSERT(sizeof(struct pktipc_iface) == PKTIPC_IFACE_SIZE, "iface size");
 PKTIPC_ASSERT_AT(pktipc_iface, name, 0, 48);
 PKTIPC_ASSERT_AT(pktipc_iface, ifindex, 48, 4);
 PKTIPC_ASSERT_AT(pktipc_iface, linktype, 52, 4);
@@ -62,7 +69,7 @@ PKTIPC_ASSERT_AT(pktipc_iface, kernel_freezes, 96, 8);
 PKTIPC_ASSERT_AT(pktipc_iface, kind, 104, 4);
 PKTIPC_ASSERT_AT(pktipc_iface, reserved1, 112, 16);
 
-_Static_assert(sizeof(struct pktipc_header) == PKTIPC_HEADER_SIZE, "header: one page");
+PKTIPC_STATIC_ASSERT(sizeof(struct pktipc_header) == PKTIPC_HEADER_SIZE, "header: one page");
 PKTIPC_ASSERT_AT(pktipc_header, magic, 0, 8);
 PKTIPC_ASSERT_AT(pktipc_header, layout_version, 8, 4);
 PKTIPC_ASSERT_AT(pktipc_header, header_size, 12, 4);
@@ -85,7 +92,7 @@ PKTIPC_ASSERT_AT(pktipc_header, name, 128, 64);
 PKTIPC_ASSERT_AT(pktipc_header, counters, 192, 64);
 PKTIPC_ASSERT_AT(pktipc_header, reserved1, 256, 3840);
 
-_Static_assert(sizeof(struct pktipc_batch_rec) == PKTIPC_BATCH_REC_SIZE, "batch record");
+PKTIPC_STATIC_ASSERT(sizeof(struct pktipc_batch_rec) == PKTIPC_BATCH_REC_SIZE, "batch record");
 PKTIPC_ASSERT_AT(pktipc_batch_rec, seq, 0, 8);
 PKTIPC_ASSERT_AT(pktipc_batch_rec, slab, 8, 4);
 PKTIPC_ASSERT_AT(pktipc_batch_rec, gen, 12, 4);
@@ -98,6 +105,7 @@ PKTIPC_ASSERT_AT(pktipc_batch_rec, broker_drops, 48, 8);
 PKTIPC_ASSERT_AT(pktipc_batch_rec, flags, 56, 4);
 
 #undef PKTIPC_ASSERT_AT
+#undef PKTIPC_STATIC_ASSERT
 
 /* The segment starts with the header; `base` is where it is mapped. */
 static inline const struct pktipc_header *pktipc_shm_header(const void *base)

@@ -1220,12 +1220,12 @@ static int check_socket(pktipc_client *c)
                         c->ipc_path);
         if (errno == EACCES)
             return fail(c, PKTIPC_EPERM, "%s: permission denied (a broker admits its own "
-                        "user, and a group given with serve --group)", c->ipc_path);
+                        "user, and a Unix group given with serve --allow-group)", c->ipc_path);
         return fail(c, PKTIPC_ESYS, "%s: %s", c->ipc_path, strerror(errno));
     }
     if (access(c->ipc_path, R_OK | W_OK))
         return fail(c, PKTIPC_EPERM, "%s: permission denied (a broker admits its own user, "
-                    "and a group given with serve --group)", c->ipc_path);
+                    "and a Unix group given with serve --allow-group)", c->ipc_path);
     return 0;
 }
 

@@ -148,8 +148,8 @@ class Offline:
 
 
 def messages(off: Offline, quick: bool, reps: int) -> dict[str, Any]:
-    files = {64: (500_000, 4), 1400: (150_000, 4)} if not quick else {64: (200_000, 2),
-                                                                        1400: (60_000, 2)}
+    files = ({64: (300_000, 3), 1400: (60_000, 3)} if quick else
+             {64: (1_000_000, 8), 1400: (200_000, 5)})     # (packets in the file, passes)
     variants: dict[str, Callable[[Path, int, int], dict[str, Any]]] = {
         "pktipc, C consumers": lambda f, lo, k: off.pktipc(f, lo, k, "c"),
         "pktipc, Python (NumPy) consumers": lambda f, lo, k: off.pktipc(f, lo, k, "numpy"),
@@ -187,39 +187,49 @@ def messages(off: Offline, quick: bool, reps: int) -> dict[str, Any]:
 # --- live fan-out -------------------------------------------------------------------
 
 
+# Rates at which K = 4 consumers of every kind are offered alike, below what
+# the slowest (four sockets, four kernel copies) lets the generator send here.
+FIXED_RATES = {64: 300_000, 1400: 200_000}
+
+
 def live(bench: Bench, quick: bool, reps: int) -> dict[str, Any]:
     ks = (1, 4) if quick else (1, 2, 4, 8)
     counts = {64: 300_000, 1400: 100_000} if quick else {64: 1_000_000, 1400: 300_000}
-    variants: dict[str, Callable[[int, int, int], dict[str, Any]]] = {
-        "pktipc, C consumers": lambda k, n, s: bench.pktipc(k, n, s, consumer="c"),
-        "pktipc, Python consumers": lambda k, n, s: bench.pktipc(k, n, s),
-        "K independent TPACKET_V3 sockets": lambda k, n, s: bench.raw(k, n, s, 0),
+    variants: dict[str, Callable[[int, int, int, float], dict[str, Any]]] = {
+        "pktipc, C consumers": lambda k, n, s, r: bench.pktipc(k, n, s, consumer="c", rate=r),
+        "pktipc, Python consumers": lambda k, n, s, r: bench.pktipc(k, n, s, rate=r),
+        "K independent TPACKET_V3 sockets": lambda k, n, s, r: bench.raw(k, n, s, r),
     }
     runs = []
     for rep in range(reps):
         for size, count in counts.items():
-            plan = [("raw TPACKET_V3 reader (ceiling)", 1), ("generator alone", 0)]
-            plan += [(v, k) for k in ks for v in variants]
-            for v, k in (plan if rep % 2 == 0 else plan[::-1]):
+            # As fast as the generator goes, for every K; then K = 4 at one rate.
+            plan = [("raw TPACKET_V3 reader (ceiling)", 1, 0.0), ("generator alone", 0, 0.0)]
+            plan += [(v, k, 0.0) for k in ks for v in variants]
+            fixed = float(FIXED_RATES[size])
+            plan += [("generator alone", 0, fixed), *((v, 4, fixed) for v in variants)]
+            for v, k, rate in (plan if rep % 2 == 0 else plan[::-1]):
                 if v == "generator alone":
-                    r = bench.generate(count, size)
+                    r = bench.generate(count, size, rate)
                 elif v.startswith("raw"):
-                    r = bench.raw(1, count, size, 0)
+                    r = bench.raw(1, count, size, rate)
                 else:
-                    r = variants[v](k, count, size)
-                runs.append({"size": size, "k": k, "variant": v, "rep": rep, **r})
-                print(f"  live {size} B K={k} {v}: sent {r['sent']} in {r['gen_s']:.2f} s, "
-                      f"delivered min {min(r.get('delivered', [0]))}", flush=True)
+                    r = variants[v](k, count, size, rate)
+                runs.append({"size": size, "k": k, "variant": v, "rate": rate, "rep": rep, **r})
+                print(f"  live {size} B {rate or 'max'} K={k} {v}: sent {r['sent']} in "
+                      f"{r['gen_s']:.2f} s, delivered min {min(r.get('delivered', [0]))}",
+                      flush=True)
     summary = []
-    for size in counts:
-        gen = [r for r in runs if r["size"] == size and r["variant"] == "generator alone"]
+    for size, rate in sorted({(r["size"], r["rate"]) for r in runs}):
+        rs = [r for r in runs if (r["size"], r["rate"]) == (size, rate)]
+        gen = [r for r in rs if r["variant"] == "generator alone"]
         gen_cpu = _med([(r["gen_cpu_s"] + r["kernel_cpu_s"]) / r["sent"] for r in gen])
         for v in ["raw TPACKET_V3 reader (ceiling)", *variants]:
-            for k in (1,) if v.startswith("raw") else ks:
-                xs = [r for r in runs if (r["size"], r["k"], r["variant"]) == (size, k, v)]
+            for k in sorted({r["k"] for r in rs if r["variant"] == v}):
+                xs = [r for r in rs if (r["k"], r["variant"]) == (k, v)]
                 pps = [min(r["delivered"]) / r["gen_s"] for r in xs]
                 summary.append({
-                    "size": size, "k": k, "variant": v,
+                    "size": size, "rate": rate, "k": k, "variant": v,
                     "offered_pps": _med([r["sent"] / r["gen_s"] for r in xs]),
                     "delivered_pps": _med(pps), "spread": _spread(pps),
                     "delivered_fraction": _med([min(r["delivered"]) / r["sent"] for r in xs]),
@@ -282,9 +292,11 @@ def tables(res: dict[str, Any]) -> dict[str, str]:
     out = {}
     lv = res["live"]
     lines = []
-    for size in sorted({s["size"] for s in lv["summary"]}):
-        rows = [s for s in lv["summary"] if s["size"] == size]
-        lines += [f"**{size}-byte frames**, as fast as the generator goes\n",
+    for size, rate in sorted({(s["size"], s["rate"]) for s in lv["summary"]}):
+        rows = [s for s in lv["summary"] if (s["size"], s["rate"]) == (size, rate)]
+        offered = (f"offered alike at {rate / 1e3:g} k frames/s" if rate else
+                   "as fast as the generator goes")
+        lines += [f"**{size}-byte frames**, {offered}\n",
                   "| consumers | K | offered Mpps | delivered per consumer, Mpps (spread) | "
                   "delivered | kernel drops | broker drops | client drops | "
                   "CPU s / M delivered |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -295,7 +307,7 @@ def tables(res: dict[str, Any]) -> dict[str, str]:
                          f"{s['broker_drops']:.0f} | {s['client_drops']:.0f} | "
                          f"{s['cpu_s_per_M']:.3f} |")
         lines.append("")
-        lines += [f"- {k}: **{v:.2f}**" for k, v in live_ratios(lv, size).items()]
+        lines += [f"- {k}: **{v:.2f}**" for k, v in live_ratios(lv, size, rate).items()]
         lines.append("")
     out["live"] = "\n".join(lines)
 
@@ -334,10 +346,10 @@ def tables(res: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def live_ratios(lv: dict[str, Any], size: int) -> dict[str, float]:
+def live_ratios(lv: dict[str, Any], size: int, rate: float) -> dict[str, float]:
     def get(v: str, k: int) -> dict[str, Any] | None:
-        return next((s for s in lv["summary"] if (s["size"], s["variant"], s["k"]) ==
-                     (size, v, k)), None)
+        return next((s for s in lv["summary"] if (s["size"], s["rate"], s["variant"], s["k"])
+                     == (size, rate, v, k)), None)
     ceiling = get("raw TPACKET_V3 reader (ceiling)", 1)
     r: dict[str, float] = {}
     c1, c4 = get("pktipc, C consumers", 1), get("pktipc, C consumers", 4)
@@ -366,11 +378,11 @@ def plots(res: dict[str, Any]) -> list[str]:
     made = []
     lv = res["live"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    for col, size in enumerate(sorted({s["size"] for s in lv["summary"]})):
-        ceiling = next(s for s in lv["summary"] if s["size"] == size
-                       and s["variant"].startswith("raw"))
+    top = [s for s in lv["summary"] if not s["rate"]]
+    for col, size in enumerate(sorted({s["size"] for s in top})):
+        ceiling = next(s for s in top if s["size"] == size and s["variant"].startswith("raw"))
         for v in lv["variants"]:
-            rows = [s for s in lv["summary"] if (s["size"], s["variant"]) == (size, v)]
+            rows = [s for s in top if (s["size"], s["variant"]) == (size, v)]
             ks = [s["k"] for s in rows]
             axes[0][col].plot(ks, [s["delivered_pps"] / 1e6 for s in rows], marker="o", label=v)
             axes[1][col].plot(ks, [s["cpu_s_per_M"] for s in rows], marker="o", label=v)

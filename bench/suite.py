@@ -125,12 +125,14 @@ class Offline:
             broker.stderr.close()
         mem.stop()
         cmem.stop()
-        peak = max((s["VmHWM"] for _, s in mem.samples), default=0)
-        private = max((s["RssAnon"] + s["RssFile"] for _, s in mem.samples), default=0)
-        cpeak = max((s["VmHWM"] for _, s in cmem.samples), default=0)
+        def peak(m: MemSampler, *keys: str) -> float:
+            return max((sum(s[k] for k in keys) for _, s in m.samples), default=0)
         return {"packets": packets,
                 "pps": [n / (t - t0) for n, t in zip(packets, ends, strict=True)],
-                "broker_hwm_kb": peak, "broker_private_kb": private, "client_hwm_kb": cpeak,
+                "broker_private_kb": peak(mem, "RssAnon", "RssFile"),
+                "broker_shared_kb": peak(mem, "RssShmem"),
+                "client_private_kb": peak(cmem, "RssAnon", "RssFile"),
+                "client_shared_kb": peak(cmem, "RssShmem"),
                 "shm_bytes": 4096 + slabs * (1 << 20)}
 
     def msgcopy(self, pcap: Path, loops: int, k: int) -> dict[str, Any]:
@@ -274,8 +276,7 @@ def memory(off: Offline, quick: bool) -> dict[str, Any]:
             for consumer in ("c", "numpy"):
                 r = off.pktipc(pcap, 2, 1, consumer, slabs=slabs)
                 rows.append({"ring": label, "consumer": consumer, **{
-                    k: r[k] for k in ("broker_hwm_kb", "broker_private_kb", "client_hwm_kb",
-                                      "shm_bytes")}})
+                    k: v for k, v in r.items() if k.endswith("_kb") or k == "shm_bytes"}})
     finally:
         pcap.unlink()
     return {"rows": rows}
@@ -330,13 +331,15 @@ def tables(res: dict[str, Any]) -> dict[str, str]:
                      f"{r['delivered']}/{r['sent']} |")
     out["latency"] = "\n".join(lines)
 
-    lines = ["| ring | client | segment | broker peak RSS | broker private | client peak RSS |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| ring | client | segment | broker: private, shared (peak) | "
+             "client: private, shared (peak) |", "|---|---|---:|---:|---:|"]
     for r in res["memory"]["rows"]:
         lines.append(f"| {r['ring']} | {'C' if r['consumer'] == 'c' else 'Python'} | "
-                     f"{r['shm_bytes'] / 2**20:.0f} MiB | {r['broker_hwm_kb'] / 1024:.0f} MiB | "
-                     f"{r['broker_private_kb'] / 1024:.0f} MiB | "
-                     f"{r['client_hwm_kb'] / 1024:.0f} MiB |")
+                     f"{r['shm_bytes'] / 2**20:.0f} MiB | "
+                     f"{r['broker_private_kb'] / 1024:.0f} MiB, "
+                     f"{r['broker_shared_kb'] / 1024:.0f} MiB | "
+                     f"{r['client_private_kb'] / 1024:.0f} MiB, "
+                     f"{r['client_shared_kb'] / 1024:.0f} MiB |")
     out["memory"] = "\n".join(lines)
     m = res["machine"]
     out["machine"] = (f"{m['cpus']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, Python "

@@ -30,7 +30,6 @@ Nothing passes or fails.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
@@ -45,7 +44,6 @@ from typing import Any
 
 from bench.offline import (
     BASELINES,
-    BENCH,
     CLIENT,
     PY,
     ROOT,
@@ -54,6 +52,7 @@ from bench.offline import (
     Watchdog,
     _cpu,
     _wait_for,
+    save,
 )
 from bench.offline import machine as machine_info
 
@@ -205,24 +204,12 @@ def main(argv: list[str] | None = None) -> int:
               f"({hash_cost['ns_hash_tunnels'] - hash_cost['ns_read']:.1f} with --tunnel-hash) "
               f"beyond reading its headers ({hash_cost['ns_read']:.1f} ns)")
 
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = a.out or BENCH / "results" / f"balance-{stamp}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "bench": "balance", "date": stamp, "argv": sys.argv[1:], "packets": packets,
-            "loops": loops, "reps": reps, "machine": host, "medians_pps": med, "cv": cvs,
-            "spread_real": spread, "hash_cost_ns": hash_cost, "runs": runs,
-            "elapsed_s": round(time.monotonic() - started, 1)}, indent=1))
-        print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} "
-              f"({time.monotonic() - started:.0f} s)")
+        save("balance", a.out, started, packets=packets, loops=loops, reps=reps,
+             machine=host, medians_pps=med, cv=cvs, spread_real=spread,
+             hash_cost_ns=hash_cost, runs=runs)
     finally:
         procs.kill_all()
         synth.unlink(missing_ok=True)
-        from pktipc._paths import segment_prefix
-
-        for name in procs.brokers:
-            for seg in Path("/dev/shm").glob(segment_prefix(name) + "*"):
-                seg.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -23,7 +23,6 @@ of caplen. Writes bench/results/cclient-<date>.json. A benchmark, not a test.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
@@ -47,6 +46,7 @@ from .offline import (
     machine,
     python_client,
     run_broker,
+    save,
 )
 
 CDIR = ROOT / "clients" / "c"
@@ -209,26 +209,13 @@ def main(argv: list[str] | None = None) -> int:
                       + ("" if r["complete"] else "  INCOMPLETE"), flush=True)
         summary = summarize(runs)
         print(table(summary, packets, loops * 4))
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = a.out or BENCH / "results" / f"cclient-{stamp}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "bench": "cclient", "date": stamp, "argv": sys.argv[1:], "quick": a.quick,
-            "reps": reps, "loops": loops, "packets": packets, "machine": host,
-            "broker": "defaults: 64 slabs of 1 MiB, credit 8, policy block",
-            "elapsed_s": round(time.monotonic() - started, 1),
-            "summary": summary, "runs": runs,
-        }, indent=1))
-        print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} "
-              f"({time.monotonic() - started:.0f} s)")
+        save("cclient", a.out, started, quick=a.quick, reps=reps, loops=loops,
+             packets=packets, machine=host,
+             broker="defaults: 64 slabs of 1 MiB, credit 8, policy block",
+             summary=summary, runs=runs)
     finally:
         procs.kill_all()
         pcap.unlink(missing_ok=True)
-        from pktipc._paths import segment_prefix
-
-        for name in procs.brokers:
-            for seg in Path("/dev/shm").glob(segment_prefix(name) + "*"):
-                seg.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -107,11 +107,30 @@ class Procs:
                 os.kill(p.pid, signal.SIGKILL)
 
     def kill_all(self) -> None:
+        """Ends every process still running, and removes the segments a
+        killed broker of ours could not."""
         for p in list(self.live.values()):
             self.kill(p)
             with contextlib.suppress(Exception):
                 p.wait(5)
             self.live.pop(p.pid, None)
+        from pktipc._paths import segment_prefix
+
+        for name in self.brokers:
+            for seg in Path("/dev/shm").glob(segment_prefix(name) + "*"):
+                seg.unlink(missing_ok=True)
+
+
+def save(bench: str, out: Path | None, started: float, **record: Any) -> None:
+    """Writes one benchmark's record to `out`, by default
+    bench/results/<bench>-<date>.json."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = out or BENCH / "results" / f"{bench}-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"bench": bench, "date": stamp, "argv": sys.argv[1:], **record,
+                               "elapsed_s": round(time.monotonic() - started, 1)}, indent=1))
+    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} "
+          f"({time.monotonic() - started:.0f} s)")
 
 
 class Watchdog:
@@ -590,18 +609,9 @@ def main(argv: list[str] | None = None) -> int:
             print("note: pktipc/ or shm/ changed while this ran", file=sys.stderr)
         print(table(summary, files))
 
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = a.out or BENCH / "results" / f"offline-{stamp}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "bench": "offline", "date": stamp, "argv": sys.argv[1:], "quick": a.quick,
-            "reps": reps, "loops": loops, "machine": host, "files": files,
-            "broker": "defaults: 64 slabs of 1 MiB, credit 8, policy block",
-            "elapsed_s": round(time.monotonic() - started, 1),
-            "summary": summary, "runs": runs,
-        }, indent=1))
-        print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} "
-              f"({time.monotonic() - started:.0f} s)")
+        save("offline", a.out, started, quick=a.quick, reps=reps, loops=loops, machine=host,
+             files=files, broker="defaults: 64 slabs of 1 MiB, credit 8, policy block",
+             summary=summary, runs=runs)
 
         if a.profile:
             prof = tmp / "profile"
@@ -614,12 +624,6 @@ def main(argv: list[str] | None = None) -> int:
         procs.kill_all()
         for p in shm_files:
             p.unlink(missing_ok=True)
-        # A broker that was killed leaves its segment behind: ours only.
-        from pktipc._paths import segment_prefix
-
-        for name in procs.brokers:
-            for seg in Path("/dev/shm").glob(segment_prefix(name) + "*"):
-                seg.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -2,6 +2,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "pktipc_shm.h"
 #include "flowhash.h"
 
 #define MAX_DEPTH    4   /* encapsulations followed, so crafted nesting costs little */
@@ -263,17 +264,6 @@ static void loopback(const uint8_t *p, uint32_t len, struct key *k, uint32_t opt
         ip6(p + 4, len - 4, 0, opts, k);
 }
 
-/* murmur3's 64-bit finaliser */
-static inline uint64_t fmix64(uint64_t x)
-{
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdULL;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ULL;
-    x ^= x >> 33;
-    return x;
-}
-
 uint32_t pktipc_flow_hash(const uint8_t *frame, uint32_t caplen, uint32_t linktype,
                           uint32_t opts)
 {
@@ -324,6 +314,6 @@ uint32_t pktipc_flow_hash(const uint8_t *frame, uint32_t caplen, uint32_t linkty
                  (swap ? a0 : b0) * 0x165667b19e3779f9ULL +
                  (swap ? a1 : b1) * 0x85ebca77c2b2ae63ULL +
                  tail * 0x27d4eb2f165667c5ULL;
-    uint32_t h = (uint32_t)(fmix64(x) >> 32);
+    uint32_t h = (uint32_t)(pktipc_fmix64(x) >> 32);
     return h ? h : 1;
 }

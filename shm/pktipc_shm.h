@@ -171,16 +171,22 @@ static inline unsigned pktipc_pkt_direction(const struct pktipc_pkt *p)
  * comes back with its slot wins back the same flows. shm/PROTOCOL.md says
  * how a BATCH names the members a batch is divided among.
  */
-PKTIPC_INLINE uint64_t pktipc_hrw_weight(uint32_t hash, uint32_t slot)
+/* murmur3's 64-bit finaliser: a bijection that mixes every bit into every
+ * other (the flow hash in flowhash.c ends with it too). */
+static inline uint64_t pktipc_fmix64(uint64_t x)
 {
-    /* murmur3's 64-bit finaliser: a bijection, so two slots never tie. */
-    uint64_t x = (uint64_t)slot << 32 | hash;
     x ^= x >> 33;
     x *= 0xff51afd7ed558ccdULL;
     x ^= x >> 33;
     x *= 0xc4ceb9fe1a85ec53ULL;
     x ^= x >> 33;
     return x;
+}
+
+PKTIPC_INLINE uint64_t pktipc_hrw_weight(uint32_t hash, uint32_t slot)
+{
+    /* A bijection of (slot, hash): two slots never tie. */
+    return pktipc_fmix64((uint64_t)slot << 32 | hash);
 }
 
 /* Index in members[0..n) of the member owning flow hash `hash`; n >= 1. */

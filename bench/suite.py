@@ -289,6 +289,12 @@ def _m(x: float) -> str:
     return f"{x / 1e6:.2f}"
 
 
+def _cpu_cell(x: float) -> str:
+    # Less the generator's own cost, a consumer's share can come out below
+    # zero when the run's generator cost less than its median alone: noise.
+    return f"{x:.3f}" if x >= 0 else "< 0 (noise)"
+
+
 def tables(res: dict[str, Any]) -> dict[str, str]:
     out = {}
     lv = res["live"]
@@ -306,7 +312,7 @@ def tables(res: dict[str, Any]) -> dict[str, str]:
                          f"{_m(s['delivered_pps'])} ({'–'.join(map(_m, s['spread']))}) | "
                          f"{s['delivered_fraction']:.4f} | {s['kernel_drops']:.0f} | "
                          f"{s['broker_drops']:.0f} | {s['client_drops']:.0f} | "
-                         f"{s['cpu_s_per_M']:.3f} |")
+                         f"{_cpu_cell(s['cpu_s_per_M'])} |")
         lines.append("")
         lines += [f"- {k}: **{v:.2f}**" for k, v in live_ratios(lv, size, rate).items()]
         lines.append("")
@@ -457,7 +463,14 @@ def main(argv: list[str] | None = None) -> int:
                     "repetitions")
     ap.add_argument("--reps", type=int)
     ap.add_argument("--no-readme", action="store_true", help="leave bench/README.md alone")
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="only remake the tables, plots and README from a saved run")
     a = ap.parse_args(argv)
+    if a.report:
+        res = json.loads(a.report.read_text())
+        refresh_readme(tables(res))
+        plots(res)
+        return 0
     if os.geteuid() != 0:
         print("bench.suite needs root (network namespaces, CAP_NET_RAW)", file=sys.stderr)
         return 1

@@ -390,7 +390,8 @@ class Dispatcher:
         owed: list[tuple[ClientState, Share]] = []
         for name, g in self.groups.items():
             owed += self._divide(g, self.members(name), b, None, n)
-        assert self.pool.publish(slab, holders=len(owed)) == b.gen
+        gen = self.pool.publish(slab, holders=len(owed))
+        assert gen == b.gen
         if owed:
             self.batches[seq] = b
         for c, share in owed:
@@ -559,6 +560,8 @@ class Broker:
             raise ValueError("--grace must be 0 or more seconds")
         if not 0 < opts.heartbeat < opts.liveness:
             raise ValueError("--heartbeat must be positive and below --liveness")
+        if not 1 <= opts.max_clients <= proto.MAX_MEMBERS:
+            raise ValueError(f"--max-clients must be between 1 and {proto.MAX_MEMBERS}")
         if not 1 <= opts.credit <= proto.MAX_CREDIT:
             raise ValueError(f"--credit must be between 1 and {proto.MAX_CREDIT}")
         self.opts = opts

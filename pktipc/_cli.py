@@ -149,9 +149,12 @@ def _fanout_id(text: str | None) -> int | None:
     if text is None or text == "auto":
         return None if text is None else _live.FANOUT_AUTO
     try:
-        return int(text, 0)
+        gid = int(text, 0)
     except ValueError:
-        raise ValueError(f"--fanout {text!r}: not a group id (0-65535)") from None
+        gid = -1
+    if gid < 0:
+        raise ValueError(f"--fanout {text!r}: not a group id (0-65535)")
+    return gid
 
 
 def cmd_serve(a: argparse.Namespace) -> int:

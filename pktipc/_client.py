@@ -390,8 +390,8 @@ class Client:
         self._receive_all()
         if self._pending:
             b = self._pending.popleft()
+            batch = Batch(self, self._map, b, self.welcome.slot)   # may raise BrokerGone
             self._held.add(b.seq)
-            batch = Batch(self, self._map, b, self.welcome.slot)
             self._batches.add(batch)
             if not batch.count:
                 batch.release()     # the broker sends no empty share; never hand one out

@@ -74,13 +74,17 @@ class _Namespace:
     def __init__(self, name: str) -> None:
         self.name = name
         self._run("ip", "netns", "add", name)
-        self.created = True
-        self._run("ip", "-n", name, "link", "add", TAP, "type", "veth", "peer", "name", PEER)
-        for iface in (TAP, PEER):
-            self._run("ip", "-n", name, "link", "set", iface, "up")
-        # No IPv6 and no addresses: only the generator's frames cross the pair.
-        self._run("ip", "netns", "exec", name, "sysctl", "-qw",
-                  "net.ipv6.conf.all.disable_ipv6=1")
+        try:
+            self._run("ip", "-n", name, "link", "add", TAP, "type", "veth", "peer", "name",
+                      PEER)
+            for iface in (TAP, PEER):
+                self._run("ip", "-n", name, "link", "set", iface, "up")
+            # No IPv6 and no addresses: only the generator's frames cross the pair.
+            self._run("ip", "netns", "exec", name, "sysctl", "-qw",
+                      "net.ipv6.conf.all.disable_ipv6=1")
+        except PktipcError:
+            self.delete()
+            raise
 
     @staticmethod
     def _run(*cmd: str) -> None:

@@ -52,8 +52,11 @@ class LiveOptions:
             raise ValueError("--block-timeout must be between 1 and 60000 ms")
         if self.fanout_mode not in FANOUT_MODES:
             raise ValueError(f"--fanout-mode must be one of {', '.join(FANOUT_MODES)}")
+        if self.fanout == FANOUT_AUTO and len(self.interfaces) > 1:
+            raise ValueError("--fanout without an ID takes one interface: with several, "
+                             "give an ID (interface k joins group ID+k)")
         if self.fanout is not None and self.fanout != FANOUT_AUTO:
-            if not 0 <= self.fanout + len(self.interfaces) - 1 <= 0xFFFF:
+            if not 0 <= self.fanout <= self.fanout + len(self.interfaces) - 1 <= 0xFFFF:
                 raise ValueError("--fanout ID must be between 0 and 65535")
 
 

@@ -94,8 +94,9 @@ class Check:
             return (type(x) is list and self.lo <= len(x) <= self.hi
                     and all(type(s) is int and 0 <= s <= U64 for s in x))
         if self.kind == "slots":    # distinct u32s
-            return (type(x) is list and len(x) <= self.hi and len(set(x)) == len(x)
-                    and all(type(s) is int and 0 <= s <= U32 for s in x))
+            return (type(x) is list and len(x) <= self.hi
+                    and all(type(s) is int and 0 <= s <= U32 for s in x)
+                    and len(set(x)) == len(x))      # hashable only once checked
         if self.kind == "bytes":
             return type(x) is bytes
         return type(x) is dict      # map

@@ -64,10 +64,10 @@ static pktipc_ring *fail(pktipc_ring *r, int *err, int code, char *errbuf, const
 }
 
 /* Compiles the filter as tcpdump would on this interface. A live libpcap
- * handle (never activated for capture: no ring, no promiscuous mode) is what
- * makes "vlan" match the tag the kernel stripped, through the BPF
- * extensions libpcap uses on Linux; a dead handle would look for the tag in
- * the bytes, where the kernel no longer leaves it. */
+ * handle (activated with a 64 KiB ring, not promiscuous, closed at once,
+ * never read) is what makes "vlan" match the tag the kernel stripped,
+ * through the BPF extensions libpcap uses on Linux; a dead handle would look
+ * for the tag in the bytes, where the kernel no longer leaves it. */
 static int compile_filter(const struct pktipc_ring_opts *o, struct bpf_program *prog, char *errbuf)
 {
     char pcap_err[PCAP_ERRBUF_SIZE] = "";

@@ -44,8 +44,9 @@ struct pktipc_src {
 static struct mapped *map_file(pcap_t *p)
 {
     int dlt = pcap_datalink(p);
-    if (pcap_is_swapped(p) || pcap_major_version(p) != 2 || dlt == LINKTYPE_USB_LINUX ||
-        dlt == LINKTYPE_USB_LINUX_MMAPPED)
+    /* Older minor versions have records whose lengths libpcap fixes up. */
+    if (pcap_is_swapped(p) || pcap_major_version(p) != 2 || pcap_minor_version(p) != 4 ||
+        dlt == LINKTYPE_USB_LINUX || dlt == LINKTYPE_USB_LINUX_MMAPPED)
         return NULL;
     FILE *fp = pcap_file(p);
     struct stat st;
@@ -77,14 +78,13 @@ static void unmap(pktipc_src *s)
     s->map = NULL;
 }
 
-/* The next record from the mapping: 1 read, 0 at the end of the file, -1
- * when libpcap must read it (libpcap's reader is then where this record
- * starts, and the mapping is gone). */
+/* The next record from the mapping: 1 read, -1 when libpcap must read it
+ * (libpcap's reader is then where this record starts, and the mapping is
+ * gone): at the end of the mapping too, so that what a file grew by since it
+ * was mapped is read as well. */
 static int mapped_next(pktipc_src *s)
 {
     struct mapped *m = s->map;
-    if (m->off == m->len)
-        return 0;
     if (m->len - m->off >= 16) {
         int32_t sec;
         uint32_t frac, caplen, len;
@@ -176,10 +176,6 @@ static int src_advance(pktipc_src *s)
         if (m == 1) {
             s->pending = 1;
             return 1;
-        }
-        if (m == 0) {
-            s->done = 1;
-            return 0;
         }
         if (m == -2) {
             s->done = 2;

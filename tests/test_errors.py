@@ -86,7 +86,8 @@ def test_unknown_option() -> None:
 
 @pytest.mark.parametrize("args", [["--slab-size", "1000"], ["--slabs", "1"],
                                   ["--speed", "0"], ["--credit", "0"], ["--name", "a/b"],
-                                  ["--slab-size", "lots"]])
+                                  ["--slab-size", "lots"], ["--max-clients", "0"],
+                                  ["--max-clients", "1025"]])
 def test_bad_values(args: list[str]) -> None:
     r = run_pktipc("serve", "--name", "x6", "-r", str(DNS), *args)
     one_line_error(r)

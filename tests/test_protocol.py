@@ -539,6 +539,12 @@ BAD_FROM_NEW: list[tuple[str, bytes, str]] = [
     ("welcome", proto.encode("welcome", slot=0, credit=1, policy="drop", heartbeat_ms=1,
                              liveness_ms=2, **WELCOME), "not-attached"),
     ("batch", BATCH0, "not-attached"),
+    # A broker-bound frame of a broker's type is checked before it is refused:
+    # fields that could not even be hashed are a bad field, not a crash.
+    ("batch members unhashable", frame(t="batch", v=2, seq=0, slab=0, gen=1, n=1,
+                                       members=[[1]], mask=None), "bad-field"),
+    ("batch members of maps", frame(t="batch", v=2, seq=0, slab=0, gen=1, n=1,
+                                    members=[{}, {}], mask=None), "bad-field"),
     ("error", proto.encode("error", code="x", text="y"), "not-attached"),
     ("evict", proto.encode("evict", code="x", text="y"), "not-attached"),
 ]

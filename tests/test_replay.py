@@ -157,3 +157,43 @@ def test_records_past_the_snap_length(broker, tmp_path: Path) -> None:
             got, _ = collect(client)
         assert got[0] == want
         assert b.wait() == 0
+
+
+def test_old_minor_version_goes_through_libpcap(broker, tmp_path: Path) -> None:
+    """pcap 2.3 files may hold caplen and len the wrong way round, which
+    libpcap puts right: they are read by libpcap, not from the mapping."""
+    import struct
+
+    # A writer of that time put the wire length first: 40 bytes kept of 60.
+    recs = b"".join(struct.pack("<iIII", 1_700_000_000, i, 60, 40) + bytes([i]) * 40
+                    for i in range(5))
+    path = tmp_path / "v23.pcap"
+    path.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 3, 0, 0, 65535, 1) + recs)
+    want = reference(path)
+    assert [(r[1], r[2]) for r in want] == [(40, 60)] * 5       # libpcap swapped them
+    b = broker("-r", str(path))
+    with pktipc.connect(b.name, "c") as client:
+        got, _ = collect(client)
+    assert got[0] == want
+    assert b.wait() == 0
+
+
+def test_file_grown_after_mapping(broker, tmp_path: Path) -> None:
+    """Records appended once the file was mapped are read too (by libpcap,
+    from where the mapping ends)."""
+    import struct
+
+    def recs(first: int, n: int) -> bytes:
+        return b"".join(struct.pack("<iIII", 1_700_000_000, i, 64, 64) + bytes([i]) * 64
+                        for i in range(first, first + n))
+
+    path = tmp_path / "growing.pcap"
+    path.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1) + recs(0, 3))
+    b = broker("-r", str(path), "--wait-clients", "1")     # mapped when opened, at start
+    with open(path, "ab") as f:
+        f.write(recs(3, 4))
+    want = reference(path)
+    with pktipc.connect(b.name, "c") as client:
+        got, _ = collect(client)
+    assert len(want) == 7 and got[0] == want
+    assert b.wait() == 0

@@ -41,11 +41,13 @@ class Member(threading.Thread):
         self.batches: list[tuple[int, int, int]] = []   # (seq, n, own packets)
         self.error: BaseException | None = None
         self.attached = threading.Event()
+        self.slot = -1                  # the broker's, from WELCOME
 
     def run(self) -> None:
         try:
             with pktipc.connect(self.server, self.client_name, group=self.group,
                                 balance=self.balance, credit=self.credit) as c:
+                self.slot = c.welcome.slot
                 self.attached.set()
                 for batch in c:
                     with batch:
@@ -212,7 +214,7 @@ def test_join_and_leave_during_traffic(broker, synth: Path) -> None:
     """A joins, B leaves mid-stream and C joins late: the group still gets
     every packet exactly once, counting what each member released."""
     b = broker("-r", str(synth), "--loop", "3", "--wait-clients", "2",
-               "--slab-size", "8k", "--credit", "2")
+               "--slab-size", "8k", "--credit", "2", "--speed", "20")   # c comes in time
     total = 3 * 20_000
     a = Member(b.name, "a", "ids")
     leaver = Member(b.name, "b", "ids", stop_after=8_000)
@@ -230,8 +232,10 @@ def test_join_and_leave_during_traffic(broker, synth: Path) -> None:
 def test_member_back_under_its_name_gets_its_flows_back(broker, synth: Path) -> None:
     """Every pass over the capture has the same flows: b, gone for a while
     and back under its name, is given exactly the flows it had."""
+    # Paced (a pass in 0.5 s), so that b, back, sees whole passes again
+    # however fast a alone would have read the rest.
     b = broker("-r", str(synth), "--loop", "4", "--wait-clients", "2", "--slab-size", "8k",
-               "--credit", "2")
+               "--credit", "2", "--speed", "20")
     a = Member(b.name, "a", "ids")
     first = Member(b.name, "b", "ids", stop_after=5_000)
     start(a, first)
@@ -243,7 +247,8 @@ def test_member_back_under_its_name_gets_its_flows_back(broker, synth: Path) -> 
     assert sorted(got) == list(range(4 * 20_000))
     assert b.wait() == 0
     flows_after = {h for _, h, _ in again.got.values()}
-    slots = ffi.new("uint32_t[]", [0, 1])            # a and b, in the order they came
+    assert again.slot == first.slot and {a.slot, first.slot} == {0, 1}
+    slots = ffi.new("uint32_t[]", [a.slot, first.slot])    # slots by who said HELLO first
     owned_by_b = {h for _, h, _ in got.values() if lib.pktipc_flow_owner(h, slots, 2) == 1}
     assert flows_before <= flows_after == owned_by_b   # its place, and its flows, back
     assert {h for _, h, _ in a.got.values()} > owned_by_b.symmetric_difference(

@@ -4,6 +4,7 @@ writes is read back by tshark, tcpdump and libpcap."""
 
 from __future__ import annotations
 
+import struct
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -137,61 +138,61 @@ def test_dump_count_stops_early(broker, tmp_path: Path) -> None:
     assert reference(out) == want[:5]
 
 
+Rec = tuple[int, int, int, bytes]      # ts seconds, caplen field, len field, data
+
+
+def classic_pcap(recs: list[Rec], order: str = "<", minor: int = 4,
+                 snaplen: int = 65535) -> bytes:
+    """A classic microsecond pcap, header and records written as given."""
+    head = struct.pack(order + "IHHiIII", 0xA1B2C3D4, 2, minor, 0, 0, snaplen, 1)
+    return head + b"".join(struct.pack(order + "iIII", sec, 0, cap, wire) + data
+                           for sec, cap, wire, data in recs)
+
+
+def assert_served_as_libpcap_reads(broker, path: Path, *args: str) -> list[Record]:
+    want = reference(path)
+    b = broker("-r", str(path), *args)
+    with pktipc.connect(b.name, "c") as client:
+        got, _ = collect(client)
+    assert got[0] == want
+    assert b.wait() == 0
+    return want
+
+
 def test_records_past_the_snap_length(broker, tmp_path: Path) -> None:
     """A classic pcap is read from a mapping until a record is out of the
     ordinary (here: longer than the file's snap length); libpcap reads from
     that record on, so what is served is what libpcap reads, in either
     byte order."""
-    import struct
-
     for order in "<>":
-        recs = [(i, bytes([i]) * n) for i, n in enumerate((60, 70, 80, 150, 64, 99, 100))]
-        body = b"".join(struct.pack(order + "iIII", 1_700_000_000 + i, 1000 * i, len(d),
-                                    len(d) + 5) + d for i, d in recs)
+        recs = [(i, n, n + 5, bytes([i]) * n)
+                for i, n in enumerate((60, 70, 80, 150, 64, 99, 100))]
         path = tmp_path / f"snap{order == '<'}.pcap"
-        path.write_bytes(struct.pack(order + "IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 100, 1) + body)
-        want = reference(path)
+        path.write_bytes(classic_pcap(recs, order, snaplen=100))
+        want = assert_served_as_libpcap_reads(broker, path)
         assert [r[1] for r in want] == [60, 70, 80, 100, 64, 99, 100]     # libpcap truncates
-        b = broker("-r", str(path))
-        with pktipc.connect(b.name, "c") as client:
-            got, _ = collect(client)
-        assert got[0] == want
-        assert b.wait() == 0
 
 
 def test_old_minor_version_goes_through_libpcap(broker, tmp_path: Path) -> None:
     """pcap 2.3 files may hold caplen and len the wrong way round, which
     libpcap puts right: they are read by libpcap, not from the mapping."""
-    import struct
-
     # A writer of that time put the wire length first: 40 bytes kept of 60.
-    recs = b"".join(struct.pack("<iIII", 1_700_000_000, i, 60, 40) + bytes([i]) * 40
-                    for i in range(5))
     path = tmp_path / "v23.pcap"
-    path.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 3, 0, 0, 65535, 1) + recs)
-    want = reference(path)
+    path.write_bytes(classic_pcap([(i, 60, 40, bytes([i]) * 40) for i in range(5)], minor=3))
+    want = assert_served_as_libpcap_reads(broker, path)
     assert [(r[1], r[2]) for r in want] == [(40, 60)] * 5       # libpcap swapped them
-    b = broker("-r", str(path))
-    with pktipc.connect(b.name, "c") as client:
-        got, _ = collect(client)
-    assert got[0] == want
-    assert b.wait() == 0
 
 
 def test_file_grown_after_mapping(broker, tmp_path: Path) -> None:
     """Records appended once the file was mapped are read too (by libpcap,
     from where the mapping ends)."""
-    import struct
-
-    def recs(first: int, n: int) -> bytes:
-        return b"".join(struct.pack("<iIII", 1_700_000_000, i, 64, 64) + bytes([i]) * 64
-                        for i in range(first, first + n))
-
+    recs = [(i, 64, 64, bytes([i]) * 64) for i in range(7)]
     path = tmp_path / "growing.pcap"
-    path.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1) + recs(0, 3))
+    whole = classic_pcap(recs)
+    path.write_bytes(whole[: 24 + 3 * 80])                    # 3 records of 16 + 64 bytes
     b = broker("-r", str(path), "--wait-clients", "1")     # mapped when opened, at start
     with open(path, "ab") as f:
-        f.write(recs(3, 4))
+        f.write(whole[24 + 3 * 80 :])
     want = reference(path)
     with pktipc.connect(b.name, "c") as client:
         got, _ = collect(client)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from datetime import UTC, datetime, timedelta
 from itertools import chain
 from typing import Any, BinaryIO
 
@@ -13,13 +14,23 @@ from ._layout import Iface
 
 PCAP_NS_MAGIC = 0xA1B23C4D
 _PCAP_REC = np.dtype([("sec", "<u4"), ("nsec", "<u4"), ("incl", "<u4"), ("orig", "<u4")])
+PCAP_TS_END = (1 << 32) * 1_000_000_000   # pcap seconds are an unsigned 32-bit count
 _EPB_HEAD = np.dtype([("type", "<u4"), ("size", "<u4"), ("ifid", "<u4"), ("ts_hi", "<u4"),
                       ("ts_lo", "<u4"), ("caplen", "<u4"), ("wirelen", "<u4")])
 
 
+def _when(ts_ns: int) -> str:
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ts_ns // 1000)
+            ).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 class CaptureWriter:
-    """Writes batches to `out`. pcap holds one link type per file, so a packet
-    of another link type is refused with a hint to use pcapng."""
+    """Writes batches to `out`. What a format cannot hold is refused with
+    PktipcError, never written otherwise: pcap holds one link type per file
+    and times from 1970 to 2106 (its seconds are an unsigned 32-bit count);
+    pcapng times from 1970 on. pcapng names every source of `ifaces` in an
+    interface description block up front, so an empty stream is a valid
+    file too."""
 
     def __init__(self, out: BinaryIO, ifaces: list[Iface], fmt: str = "pcap") -> None:
         if fmt not in ("pcap", "pcapng"):
@@ -29,13 +40,17 @@ class CaptureWriter:
         self.fmt = fmt
         self.packets = 0
         self._linktype: int | None = None
-        self._idb: dict[int, int] = {}     # source index -> pcapng interface id
+        self._idb: dict[tuple[int, int], int] = {}   # (source, link type) -> interface id
         self._started = False
 
     def _start(self, linktype: int | None) -> None:
         self._started = True
         if self.fmt == "pcapng":
-            self.out.write(struct.pack("<IIIHHqI", 0x0A0D0D0A, 28, 0x1A2B3C4D, 1, 0, -1, 28))
+            parts: list[bytes | memoryview] = [
+                struct.pack("<IIIHHqI", 0x0A0D0D0A, 28, 0x1A2B3C4D, 1, 0, -1, 28)]
+            for i, src in enumerate(self.ifaces):
+                self._interface_id(i, src.linktype, parts)
+            self.out.write(b"".join(parts))
             return
         if linktype is None:
             linktype = self.ifaces[0].linktype if self.ifaces else 1
@@ -44,16 +59,27 @@ class CaptureWriter:
         self.out.write(struct.pack("<IHHiIII", PCAP_NS_MAGIC, 2, 4, 0, 0, snaplen, linktype))
 
     def write(self, desc: np.ndarray[Any, Any], views: list[memoryview]) -> None:
-        """Writes packets: their descriptors and their bytes, in order."""
+        """Writes packets: their descriptors and their bytes, in order. A
+        packet the format cannot hold is refused (PktipcError) once those
+        before it are written."""
         if not len(desc):
             return
         if not self._started:
             self._start(int(desc["linktype"][0]))
+        ts = desc["ts_ns"]
+        bad = (ts < 0) | (ts >= PCAP_TS_END) if self.fmt == "pcap" else ts < 0
+        n = int(np.argmax(bad)) if bad.any() else len(desc)
         if self.fmt == "pcap":
-            self._write_pcap(desc, views)
+            self._write_pcap(desc[:n], views[:n])
         else:
-            self._write_pcapng(desc, views)
-        self.packets += len(desc)
+            self._write_pcapng(desc[:n], views[:n])
+        self.packets += n
+        if n < len(desc):
+            t = int(ts[n])
+            when = "before 1970" if t < 0 else "past 2106-02-07 06:28:15 UTC"
+            hint = " (use --format pcapng)" if t >= 0 else ""
+            raise PktipcError(f"packet {self.packets + 1}: its time, {_when(t)}, is {when}: "
+                              f"a {self.fmt} file cannot hold it{hint}")
 
     def _write_pcap(self, desc: np.ndarray[Any, Any], views: list[memoryview]) -> None:
         other = desc["linktype"] != self._linktype
@@ -62,8 +88,6 @@ class CaptureWriter:
             raise PktipcError(f"a packet of link type {lt} cannot go into a pcap file of "
                               f"link type {self._linktype}; use --format pcapng")
         rec = np.empty(len(desc), dtype=_PCAP_REC)
-        # pcap keeps a signed 32-bit second count; floor division keeps the
-        # nanoseconds in 0..999999999 for times before 1970 too.
         rec["sec"] = desc["ts_ns"] // 1_000_000_000
         rec["nsec"] = desc["ts_ns"] % 1_000_000_000
         rec["incl"] = desc["caplen"]
@@ -74,7 +98,7 @@ class CaptureWriter:
         self.out.write(b"".join(chain.from_iterable(zip(heads, views, strict=True))))
 
     def _interface_id(self, iface: int, linktype: int, parts: list[bytes | memoryview]) -> int:
-        idb = self._idb.get(iface)
+        idb = self._idb.get((iface, linktype))
         if idb is None:
             src = self.ifaces[iface] if iface < len(self.ifaces) else None
             name = (src.name if src else f"if{iface}").encode()[:255]
@@ -84,24 +108,23 @@ class CaptureWriter:
             body = struct.pack("<HHI", linktype, 0, snaplen) + opts
             size = 12 + len(body)
             parts.append(struct.pack("<II", 1, size) + body + struct.pack("<I", size))
-            idb = self._idb[iface] = len(self._idb)
+            idb = self._idb[iface, linktype] = len(self._idb)
         return idb
 
     def _write_pcapng(self, desc: np.ndarray[Any, Any], views: list[memoryview]) -> None:
         parts: list[bytes | memoryview] = []
-        # Interface blocks first, for the sources this batch brings up first.
-        for iface, linktype in dict.fromkeys(zip(desc["iface"].tolist(),
-                                                 desc["linktype"].tolist(), strict=True)):
-            self._interface_id(iface, linktype, parts)
+        # An interface block first for a (source, link type) not named yet.
+        keys = list(zip(desc["iface"].tolist(), desc["linktype"].tolist(), strict=True))
+        ids = [self._interface_id(i, lt, parts) for i, lt in keys]
         n = len(desc)
         caplen = desc["caplen"].astype(np.int64)
         pad = -caplen % 4
         size = 32 + caplen + pad
-        ts = desc["ts_ns"].view("<u8")      # before 1970 wraps, as pcapng stores it
+        ts = desc["ts_ns"].view("<u8")      # checked: not before 1970
         head = np.empty(n, dtype=_EPB_HEAD)
         head["type"] = 6
         head["size"] = size
-        head["ifid"] = [self._idb[i] for i in desc["iface"].tolist()]
+        head["ifid"] = ids
         head["ts_hi"] = ts >> 32
         head["ts_lo"] = ts & 0xFFFFFFFF
         head["caplen"] = caplen

@@ -12,12 +12,6 @@ from ._shm import ffi, lib
 
 NO_LIMIT = (1 << 63) - 1   # INT64_MAX: no packet is later
 
-# First four bytes of a file -> ticks per second of its timestamps.
-_RESOLUTION = {
-    b"\xd4\xc3\xb2\xa1": 1_000_000, b"\xa1\xb2\xc3\xd4": 1_000_000,
-    b"\x4d\x3c\xb2\xa1": 1_000_000_000, b"\xa1\xb2\x3c\x4d": 1_000_000_000,
-}
-
 
 def _open(path: str) -> Any:
     errbuf = ffi.new("char[]", lib.PKTIPC_ERRBUF_SIZE)
@@ -55,14 +49,12 @@ class FileSource:
             if os.path.isdir(path):
                 raise SourceError(f"{path}: is a directory")
             handle = _open(path)
-            with open(path, "rb") as f:
-                magic = f.read(4)
             self.ifaces.append(Iface(
                 name=os.path.basename(path),
                 linktype=lib.pktipc_src_linktype(handle),
                 snaplen=lib.pktipc_src_snaplen(handle),
                 kind=lib.PKTIPC_IFACE_FILE,
-                ts_resolution=_RESOLUTION.get(magic, 0),
+                ts_resolution=lib.pktipc_src_ts_resolution(handle),
             ))
             if path is paths[0]:
                 self.current: Any = handle    # the others close as they go out of scope

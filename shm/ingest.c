@@ -1,9 +1,11 @@
 /* Broker-side ingest: capture sources into slabs, one call per chunk. */
+#define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <pcap/pcap.h>
 
@@ -22,7 +24,6 @@ struct mapped {
     const uint8_t *base;
     size_t len;
     size_t off;                /* the next record */
-    uint32_t ns_per_tick;      /* 1000 for microsecond files, 1 for nanosecond ones */
     struct pcap_pkthdr hdr;
 };
 
@@ -30,44 +31,45 @@ struct pktipc_src {
     pcap_t *p;
     struct pcap_pkthdr *hdr;   /* pending packet: valid until the next read */
     const u_char *data;
+    int64_t ts;                /* pending packet's time, ns */
     int pending;
     int done;                  /* 1: end of file, 2: error */
+    uint32_t ns_per_tick;      /* classic pcap: 1000 (microsecond files) or 1; pcapng: 0 */
+    uint64_t read;             /* packets read, the pending one included */
     struct mapped *map;        /* NULL: every record through libpcap */
     char err[PKTIPC_ERRBUF_SIZE];
 };
 
 #define PCAP_MAGIC_US 0xa1b2c3d4
 #define PCAP_MAGIC_NS 0xa1b23c4d
+#define PCAPNG_MAGIC 0x0a0d0d0a
 #define LINKTYPE_USB_LINUX 189            /* libpcap rewrites these records' lengths */
 #define LINKTYPE_USB_LINUX_MMAPPED 220
 
-static struct mapped *map_file(pcap_t *p)
+static struct mapped *map_file(pcap_t *p, uint32_t magic)
 {
     int dlt = pcap_datalink(p);
     /* Older minor versions have records whose lengths libpcap fixes up. */
-    if (pcap_is_swapped(p) || pcap_major_version(p) != 2 || pcap_minor_version(p) != 4 ||
-        dlt == LINKTYPE_USB_LINUX || dlt == LINKTYPE_USB_LINUX_MMAPPED)
+    if ((magic != PCAP_MAGIC_US && magic != PCAP_MAGIC_NS) || pcap_major_version(p) != 2 ||
+        pcap_minor_version(p) != 4 || dlt == LINKTYPE_USB_LINUX ||
+        dlt == LINKTYPE_USB_LINUX_MMAPPED)
         return NULL;
     FILE *fp = pcap_file(p);
     struct stat st;
-    if (!fp || fstat(fileno(fp), &st) < 0 || !S_ISREG(st.st_mode) || st.st_size < 24)
+    if (fstat(fileno(fp), &st) < 0 || !S_ISREG(st.st_mode) || st.st_size < 24)
         return NULL;
     void *base = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fileno(fp), 0);
     if (base == MAP_FAILED)
         return NULL;
     madvise(base, (size_t)st.st_size, MADV_SEQUENTIAL);
-    uint32_t magic;
-    memcpy(&magic, base, 4);
     struct mapped *m = calloc(1, sizeof(*m));
-    if (!m || (magic != PCAP_MAGIC_US && magic != PCAP_MAGIC_NS)) {
+    if (!m) {
         munmap(base, (size_t)st.st_size);
-        free(m);
         return NULL;
     }
     m->base = base;
     m->len = (size_t)st.st_size;
     m->off = 24;
-    m->ns_per_tick = magic == PCAP_MAGIC_NS ? 1 : 1000;
     return m;
 }
 
@@ -86,16 +88,16 @@ static int mapped_next(pktipc_src *s)
 {
     struct mapped *m = s->map;
     if (m->len - m->off >= 16) {
-        int32_t sec;
-        uint32_t frac, caplen, len;
+        uint32_t sec, frac, caplen, len;
         const uint8_t *r = m->base + m->off;
         memcpy(&sec, r, 4);
         memcpy(&frac, r + 4, 4);
         memcpy(&caplen, r + 8, 4);
         memcpy(&len, r + 12, 4);
         if (caplen <= (uint32_t)pcap_snapshot(s->p) && m->len - m->off - 16 >= caplen) {
+            /* As libpcap would hand them over (see ts_of). */
             m->hdr.ts.tv_sec = sec;
-            m->hdr.ts.tv_usec = (suseconds_t)((uint64_t)frac * m->ns_per_tick);
+            m->hdr.ts.tv_usec = (suseconds_t)((uint64_t)frac * s->ns_per_tick);
             m->hdr.caplen = caplen;
             m->hdr.len = len;
             s->hdr = &m->hdr;
@@ -124,7 +126,18 @@ pktipc_src *pktipc_src_open_file(const char *path, char *errbuf)
         return NULL;
     }
     s->p = p;
-    s->map = map_file(p);
+    /* The first four bytes tell the format, and a classic file's clock. */
+    uint32_t magic = 0;
+    FILE *fp = pcap_file(p);
+    if (!fp || pread(fileno(fp), &magic, 4, 0) != 4) {
+        snprintf(errbuf, PKTIPC_ERRBUF_SIZE, "not a regular file (pipes cannot be served)");
+        pktipc_src_close(s);
+        return NULL;
+    }
+    if (magic != PCAPNG_MAGIC)
+        s->ns_per_tick = magic == PCAP_MAGIC_NS || magic == __builtin_bswap32(PCAP_MAGIC_NS)
+                             ? 1 : 1000;
+    s->map = map_file(p, magic);
     return s;
 }
 
@@ -144,6 +157,10 @@ static int linktype_of(int dlt)
 
 int pktipc_src_linktype(const pktipc_src *s) { return linktype_of(pcap_datalink(s->p)); }
 uint32_t pktipc_src_snaplen(const pktipc_src *s) { return (uint32_t)pcap_snapshot(s->p); }
+uint32_t pktipc_src_ts_resolution(const pktipc_src *s)
+{
+    return s->ns_per_tick ? 1000000000 / s->ns_per_tick : 0;
+}
 const char *pktipc_src_error(const pktipc_src *s) { return s->err; }
 uint32_t pktipc_src_pending_caplen(const pktipc_src *s) { return s->pending ? s->hdr->caplen : 0; }
 
@@ -157,26 +174,39 @@ void pktipc_src_close(pktipc_src *s)
     free(s);
 }
 
-static inline int64_t ts_of(const struct pcap_pkthdr *h)
+/* A packet's time in ns since 1970, as the format defines it; 0, or -1
+ * when an int64 of nanoseconds cannot hold it (past the year 2262).
+ *
+ * A classic pcap record's seconds and sub-second ticks are unsigned 32-bit
+ * counts (the IETF pcap draft; libpcap from 2024 on). libpcap 1.10 reads
+ * both as signed and, asked for nanoseconds, multiplies microseconds by 1000
+ * before we see them: the low 32 bits of each give the file's counts back
+ * whichever way libpcap read them. Their sum, at most 2^32 s + 2^32 us, fits.
+ * pcapng times are 64-bit tick counts that libpcap turns into seconds and
+ * nanoseconds itself. */
+static int ts_of(const pktipc_src *s, const struct pcap_pkthdr *h, int64_t *ts)
 {
-    /* With nanosecond precision libpcap puts nanoseconds in tv_usec. pcap
-     * files hold a signed 32-bit second count, so this cannot overflow. */
-    return (int64_t)h->ts.tv_sec * 1000000000 + (int64_t)h->ts.tv_usec;
+    if (s->ns_per_tick) {
+        uint64_t sec = (uint32_t)h->ts.tv_sec;
+        uint64_t frac = (uint32_t)(h->ts.tv_usec / s->ns_per_tick);
+        *ts = (int64_t)(sec * 1000000000 + frac * s->ns_per_tick);
+        return 0;
+    }
+    int64_t ns;
+    if (h->ts.tv_sec < 0 || h->ts.tv_usec < 0 ||
+        __builtin_mul_overflow((int64_t)h->ts.tv_sec, INT64_C(1000000000), &ns) ||
+        __builtin_add_overflow(ns, (int64_t)h->ts.tv_usec, ts))
+        return -1;
+    return 0;
 }
 
-/* Makes the next packet pending; 0 when there is none. */
-static int src_advance(pktipc_src *s)
+/* Reads the next record into s->hdr and s->data: 1, or 0 with s->done set. */
+static int src_read(pktipc_src *s)
 {
-    if (s->pending)
-        return 1;
-    if (s->done)
-        return 0;
     if (s->map) {
         int m = mapped_next(s);
-        if (m == 1) {
-            s->pending = 1;
+        if (m == 1)
             return 1;
-        }
         if (m == -2) {
             s->done = 2;
             snprintf(s->err, sizeof(s->err), "cannot seek in the file");
@@ -184,10 +214,8 @@ static int src_advance(pktipc_src *s)
         }
     }
     int r = pcap_next_ex(s->p, &s->hdr, &s->data);
-    if (r == 1) {
-        s->pending = 1;
+    if (r == 1)
         return 1;
-    }
     if (r == PCAP_ERROR_BREAK) {
         s->done = 1;
     } else {
@@ -197,9 +225,28 @@ static int src_advance(pktipc_src *s)
     return 0;
 }
 
+/* Makes the next packet pending; 0 when there is none. */
+static int src_advance(pktipc_src *s)
+{
+    if (s->pending)
+        return 1;
+    if (s->done || !src_read(s))
+        return 0;
+    s->read++;
+    if (ts_of(s, s->hdr, &s->ts) < 0) {
+        s->done = 2;
+        snprintf(s->err, sizeof(s->err), "packet %llu: its time, %lld s after 1970, is past "
+                 "the year 2262, beyond nanosecond timestamps", (unsigned long long)s->read,
+                 (long long)s->hdr->ts.tv_sec);
+        return 0;
+    }
+    s->pending = 1;
+    return 1;
+}
+
 int64_t pktipc_src_peek_ts(pktipc_src *s)
 {
-    return src_advance(s) ? ts_of(s->hdr) : INT64_MAX;
+    return src_advance(s) ? s->ts : INT64_MAX;
 }
 
 void pktipc_fill_begin(struct pktipc_fill *f, uint8_t *slab, uint32_t slab_size, uint32_t iface)
@@ -220,7 +267,7 @@ int pktipc_src_fill(pktipc_src *s, struct pktipc_fill *f, int64_t ts_limit, uint
         if (!src_advance(s))
             return s->done == 1 ? PKTIPC_FILL_EOF : PKTIPC_FILL_ERROR;
         const struct pcap_pkthdr *h = s->hdr;
-        int64_t ts = ts_of(h);
+        int64_t ts = s->ts;
         if (ts > ts_limit)
             return PKTIPC_FILL_LIMIT;
         uint32_t caplen = h->caplen;

@@ -33,6 +33,9 @@ typedef struct pktipc_src pktipc_src;
 pktipc_src *pktipc_src_open_file(const char *path, char *errbuf);
 int pktipc_src_linktype(const pktipc_src *s);
 uint32_t pktipc_src_snaplen(const pktipc_src *s);
+/* Ticks per second of a classic pcap file's timestamps (10^6 or 10^9); 0
+ * for pcapng, whose interfaces each have their own. */
+uint32_t pktipc_src_ts_resolution(const pktipc_src *s);
 /* Capture time of the pending packet, or of the next one to be read (which
  * it reads); INT64_MAX at the end of the source or on error. */
 int64_t pktipc_src_peek_ts(pktipc_src *s);

@@ -3,6 +3,14 @@
 Tests compare what pktipc delivers with what this returns. It shares no code
 with pktipc (not its C ingest, not its cffi module), so a mistake in one is
 not repeated in the other.
+
+Timestamps are taken as the formats define them, and this is the one place
+the tests say so: a classic pcap record's seconds and sub-second fields are
+unsigned 32-bit counts (the IETF pcap draft; libpcap reads them unsigned
+since 2024, Debian 12's libpcap 1.10 still signed), so libpcap's values are
+reinterpreted as unsigned; a pcapng timestamp is an unsigned 64-bit tick
+count, which libpcap converts correctly. Either becomes nanoseconds since
+1970 in a Python int, without bound.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import ctypes.util
 from typing import NamedTuple
 
 PCAP_TSTAMP_PRECISION_NANO = 1
+PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
+NS_MAGICS = (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")     # classic, nanoseconds
 PCAP_ERRBUF_SIZE = 256
 PCAP_ERROR_BREAK = -2   # pcap_next_ex on a savefile: no more packets
 
@@ -72,6 +82,18 @@ def _load() -> ctypes.CDLL:
 _lib = _load()
 
 
+def _ts_ns(magic: bytes, ts: _Timeval) -> int:
+    """Nanoseconds since 1970 of a record, as its format defines them. With
+    nanosecond precision libpcap keeps nanoseconds in tv_usec, having
+    multiplied a microsecond file's field by 1000."""
+    if magic == PCAPNG_MAGIC:
+        return ts.tv_sec * 1_000_000_000 + ts.tv_usec
+    sec = ts.tv_sec & 0xFFFFFFFF
+    if magic in NS_MAGICS:
+        return sec * 1_000_000_000 + (ts.tv_usec & 0xFFFFFFFF)
+    return sec * 1_000_000_000 + ((ts.tv_usec // 1000) & 0xFFFFFFFF) * 1000
+
+
 def read_pcap(path: str) -> PcapRef:
     """Every packet libpcap reads from `path`, with nanosecond timestamps.
 
@@ -83,6 +105,8 @@ def read_pcap(path: str) -> PcapRef:
         str(path).encode(), PCAP_TSTAMP_PRECISION_NANO, errbuf)
     if not p:
         raise PcapError(errbuf.value.decode(errors="replace"))
+    with open(path, "rb") as f:
+        magic = f.read(4)
     try:
         dlt = _lib.pcap_datalink(p)
         packets: list[Packet] = []
@@ -93,9 +117,7 @@ def read_pcap(path: str) -> PcapRef:
             r = _lib.pcap_next_ex(p, ctypes.byref(hdr), ctypes.byref(data))
             if r == 1:
                 h = hdr.contents
-                # With nanosecond precision libpcap keeps nanoseconds in tv_usec.
-                ts_ns = h.ts.tv_sec * 1_000_000_000 + h.ts.tv_usec
-                packets.append(Packet(ts_ns, h.caplen, h.len,
+                packets.append(Packet(_ts_ns(magic, h.ts), h.caplen, h.len,
                                       ctypes.string_at(data, h.caplen)))
             elif r == PCAP_ERROR_BREAK:
                 break

@@ -400,6 +400,17 @@ def test_pcap_stream_ends_early_with_an_error(broker, tmp_path: Path) -> None:
     assert len(read_pcap_bytes(out, tmp_path)) == 138
 
 
+def test_pcap_refuses_a_time_past_2106(broker, tmp_path: Path) -> None:
+    """pcap's seconds are an unsigned 32-bit count: a later time is refused
+    in one line, never wrapped into 32 bits."""
+    b = broker("-r", str(PCAPS / "time_2107.pcapng"))
+    rc, out, err = finish(c_prog("pktipc-pcap", b.name))
+    assert rc == 1 and err == ("pktipc-pcap: packet 1: its time, 4323283200000000000 ns after "
+                               "1970, is outside what a pcap file can hold (1970 to 2106-02-07 "
+                               "06:28:15 UTC)\n")
+    assert read_pcap_bytes(out, tmp_path) == []
+
+
 # --- installation ----------------------------------------------------------------------
 
 # A C++ program using the headers' inline helpers: slot 7's share of four

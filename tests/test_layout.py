@@ -598,12 +598,12 @@ def test_unreadable_file_is_refused_like_libpcap(tmp_path: Path) -> None:
 
 
 def write_pcap(path: Path, linktype: int, packets: list[tuple[int, int, bytes, int]],
-               nano: bool = True) -> None:
+               nano: bool = True, order: str = "<") -> None:
     """A classic pcap file; packets are (seconds, fraction, bytes, wirelen)."""
     magic = 0xA1B23C4D if nano else 0xA1B2C3D4
-    out = [struct.pack("<IHHiIII", magic, 2, 4, 0, 0, 65535, linktype)]
+    out = [struct.pack(order + "IHHiIII", magic, 2, 4, 0, 0, 65535, linktype)]
     for sec, frac, data, wire in packets:
-        out.append(struct.pack("<IIII", sec, frac, len(data), wire) + data)
+        out.append(struct.pack(order + "IIII", sec, frac, len(data), wire) + data)
     path.write_bytes(b"".join(out))
 
 
@@ -626,20 +626,62 @@ def test_timestamps_and_truncation(tmp_path: Path) -> None:
             (1_700_000_001, 0, b"b" * 64, 1514),           # truncated
             (0, 1, b"c", 1),                                # the epoch itself
             ((1 << 31) - 1, 999_999_999, b"d" * 8, 8),      # the last second of int32
-            ((1 << 32) - 1, 999_999_999, b"e" * 8, 8)]      # libpcap: second -1, pre-1970
+            ((1 << 32) - 1, 999_999_999, b"e" * 8, 8),      # the last one of uint32: 2106
+            (1_700_000_000, (1 << 32) - 1, b"f" * 8, 8)]    # an unsigned sub-second field
     write_pcap(ns, 1, pkts, nano=True)
     write_pcap(us, 1, [(s, f // 1000, d, w) for s, f, d, w in pkts], nano=False)
     got_ns, _, _, _ = fill_file(ns, 4096)
     got_us, _, _, _ = fill_file(us, 4096)
+    # libpcap 1.10 reads both fields signed; the format says unsigned.
     assert [p[0] for p in got_ns] == [1_700_000_000_123_456_789, 1_700_000_001_000_000_000,
-                                      1, ((1 << 31) - 1) * 10**9 + 999_999_999, -1]
+                                      1, ((1 << 31) - 1) * 10**9 + 999_999_999,
+                                      ((1 << 32) - 1) * 10**9 + 999_999_999,
+                                      1_700_000_000 * 10**9 + (1 << 32) - 1]
     assert [p[0] for p in got_us] == [1_700_000_000_123_456_000, 1_700_000_001_000_000_000,
-                                      0, ((1 << 31) - 1) * 10**9 + 999_999_000, -1_000]
+                                      0, ((1 << 31) - 1) * 10**9 + 999_999_000,
+                                      ((1 << 32) - 1) * 10**9 + 999_999_000,
+                                      1_700_000_000 * 10**9 + ((1 << 32) - 1) // 1000 * 1000]
     assert [(p[1], p[2], p[6]) for p in got_ns] == [
-        (60, 60, 0), (64, 1514, lib.PKTIPC_F_TRUNCATED), (1, 1, 0), (8, 8, 0), (8, 8, 0)]
+        (60, 60, 0), (64, 1514, lib.PKTIPC_F_TRUNCATED), (1, 1, 0), (8, 8, 0), (8, 8, 0),
+        (8, 8, 0)]
     assert got_ns == expected(ns)[0] and got_us == expected(us)[0]
     assert FileSource([str(ns)]).ifaces[0].ts_resolution == 10**9
     assert FileSource([str(us)]).ifaces[0].ts_resolution == 10**6
+
+
+@pytest.mark.parametrize("order", ["<", ">"], ids=["mapped", "libpcap"])
+@pytest.mark.parametrize("nano", [True, False], ids=["ns", "us"])
+def test_time_fields_are_unsigned_32_bit_counts(tmp_path: Path, order: str, nano: bool) -> None:
+    """Both reading paths (a file in the host's byte order is read from a
+    mapping, the other one by libpcap) take a record's seconds and
+    sub-second ticks as the format defines them: unsigned 32-bit counts."""
+    fields = [(s, f) for s in (0, 1 << 31, (1 << 32) - 1) for f in (0, 1 << 31, (1 << 32) - 1)]
+    f = tmp_path / "t.pcap"
+    write_pcap(f, 1, [(s, fr, bytes(14), 14) for s, fr in fields], nano=nano, order=order)
+    got, status, error, _ = fill_file(f, 4096)
+    assert (status, error) == (lib.PKTIPC_FILL_EOF, None)
+    tick = 1 if nano else 1000
+    assert [p[0] for p in got] == [s * 10**9 + fr * tick for s, fr in fields]
+    assert got == expected(f)[0]
+
+
+def test_pcapng_time_past_2262_ends_the_stream(tmp_path: Path) -> None:
+    """A pcapng time that nanoseconds since 1970 in 64 bits cannot hold
+    ends the stream with a clear error at that packet, after the others."""
+    shb = struct.pack("<IIIHHqI", 0x0A0D0D0A, 28, 0x1A2B3C4D, 1, 0, -1, 28)
+    idb = struct.pack("<IIHHII", 1, 20, 1, 0, 0, 20)         # microseconds by default
+
+    def epb(us: int) -> bytes:
+        return struct.pack("<IIIIIII", 6, 32 + 16, 0, us >> 32, us & 0xFFFFFFFF, 14, 14) \
+            + bytes(16) + struct.pack("<I", 48)
+    f = tmp_path / "late.pcapng"
+    last_ok = ((1 << 63) - 1) // 1000                           # 2262-04-11, in microseconds
+    f.write_bytes(shb + idb + epb(1_700_000_000_000_000) + epb(last_ok) + epb(last_ok + 1))
+    got, status, error, _ = fill_file(f, 4096)
+    assert [p[0] for p in got] == [1_700_000_000 * 10**9, last_ok * 1000]
+    assert status == lib.PKTIPC_FILL_ERROR
+    assert error == ("packet 3: its time, 9223372036 s after 1970, is past the year 2262, "
+                     "beyond nanosecond timestamps")
 
 
 def test_empty_capture(tmp_path: Path) -> None:

@@ -76,16 +76,24 @@ def test_every_capture_to_two_clients(broker, tmp_path: Path) -> None:
     for name, cap, wire, ts in rows:
         by_name[name].append((int(cap), int(wire), ts))
     for i, f in enumerate(files):
-        # pcapng timestamps are unsigned: a time before 1970 wraps around.
         want = [(cap, wire, f"{t // 10**9}.{t % 10**9:09d}")
-                for t, cap, wire in ((ts % 2**64, c, w) for ts, c, w, _, _ in expected[i])]
+                for t, cap, wire, _, _ in expected[i]]
         assert by_name.get(f.name, []) == want, f"{f.name}: tshark reads other packets"
 
 
+PCAP_TS_END = 2**32 * 10**9      # pcap's seconds are an unsigned 32-bit count
+
+
+def _pcap_holds(f: Path) -> bool:
+    return all(rec[0] < PCAP_TS_END for rec in reference(f))
+
+
 def _by_linktype() -> dict[int, list[Path]]:
+    """The captures whose times a pcap file can hold, by link type."""
     groups: dict[int, list[Path]] = defaultdict(list)
     for f in all_captures():
-        groups[read_pcap(str(f)).linktype].append(f)
+        if _pcap_holds(f):
+            groups[read_pcap(str(f)).linktype].append(f)
     return groups
 
 
@@ -112,6 +120,58 @@ def test_dump_pcap_read_back(broker, tmp_path: Path, linktype: int) -> None:
         # tshark cannot decode this link type at all; it must say the same of ours.
         mine = subprocess.run(["tshark", "-r", str(out)], capture_output=True, text=True)
         assert mine.returncode != 0 and "network type" in mine.stderr
+
+
+@pytest.mark.parametrize("f", [f for f in all_captures() if not _pcap_holds(f)],
+                         ids=lambda f: f.name)
+def test_dump_refuses_times_pcap_cannot_hold(broker, tmp_path: Path, f: Path) -> None:
+    """A time past 2106 (pcapng holds it, pcap cannot): `dump -w x.pcap`
+    writes the packets before it, then stops with one line saying why and
+    what to use; `--format pcapng` writes every packet as it was."""
+    want = reference(f)
+    first = next(i for i, rec in enumerate(want) if rec[0] >= PCAP_TS_END)
+    b = broker("-r", str(f))
+    out = tmp_path / "out.pcap"
+    r = run_pktipc("dump", "--server", b.name, "-w", str(out))
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"pktipc: error: packet {first + 1}: its time, ")
+    assert r.stderr.endswith(": a pcap file cannot hold it (use --format pcapng)\n")
+    assert r.stderr.count("\n") == 1
+    assert reference(out) == want[:first]
+    ng = tmp_path / "out.pcapng"
+    b = broker("-r", str(f))
+    r = run_pktipc("dump", "--server", b.name, "--format", "pcapng", "-w", str(ng))
+    assert r.returncode == 0, r.stderr
+    assert reference(ng) == want
+    rows = tshark_fields(ng, "frame.time_epoch")
+    assert rows == [[f"{t // 10**9}.{t % 10**9:09d}"] for t, *_ in want]
+
+
+@pytest.mark.parametrize("linktypes", [(1, 1), (1, 101)])
+def test_empty_pcapng_names_every_source(broker, tmp_path: Path,
+                                         linktypes: tuple[int, int]) -> None:
+    """A stream with no packet, written as pcapng, is a file tshark reads,
+    and libpcap too where its sources share a link type (libpcap 1.10 reads
+    one link type per file): a section header and an interface block per
+    source."""
+    files = []
+    for i, linktype in enumerate(linktypes):
+        f = tmp_path / f"empty{i}.pcap"
+        f.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, linktype))
+        files += ["-r", str(f)]
+    b = broker(*files)
+    out = tmp_path / "out.pcapng"
+    r = run_pktipc("dump", "--server", b.name, "--format", "pcapng", "-w", str(out))
+    assert r.returncode == 0, r.stderr
+    assert b.wait() == 0
+    if linktypes[0] == linktypes[1]:
+        assert reference(out) == []
+    info = subprocess.run(["capinfos", "-I", str(out)], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    assert "Number of interfaces in file: 2" in info.stdout
+    names = {1: "Ethernet (1 - ether)", 101: "Raw IP (7 - rawip)"}
+    assert [line.split("= ", 1)[1] for line in info.stdout.splitlines()
+            if "Encapsulation = " in line] == [names[lt] for lt in linktypes]
 
 
 def test_dump_to_stdout_into_tcpdump(broker) -> None:

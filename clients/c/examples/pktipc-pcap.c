@@ -39,7 +39,7 @@ struct out {
     uint16_t linktype;
     unsigned long long packets;
     int werr;               /* errno of a failed write to stdout */
-    char err[160];
+    char err[256];
 };
 
 static volatile sig_atomic_t stop;
@@ -83,13 +83,14 @@ static void write_packet(void *user, const struct pktipc_pkt *p, const uint8_t *
                  "file of link type %u", p->linktype, o->linktype);
         return;
     }
-    /* Floor division keeps nanoseconds in 0..999999999 before 1970 too;
-     * pcap's second count is 32 bits. */
-    int64_t sec = p->ts_ns / 1000000000, nsec = p->ts_ns % 1000000000;
-    if (nsec < 0) {
-        nsec += 1000000000;
-        sec--;
+    /* pcap's seconds are an unsigned 32-bit count: 1970 to 2106. */
+    if (p->ts_ns < 0 || p->ts_ns / 1000000000 > UINT32_MAX) {
+        snprintf(o->err, sizeof(o->err), "packet %llu: its time, %lld ns after 1970, is "
+                 "outside what a pcap file can hold (1970 to 2106-02-07 06:28:15 UTC)",
+                 (unsigned long long)o->packets + 1, (long long)p->ts_ns);
+        return;
     }
+    uint64_t sec = (uint64_t)p->ts_ns / 1000000000, nsec = (uint64_t)p->ts_ns % 1000000000;
     struct pcap_record r = {(uint32_t)sec, (uint32_t)nsec, p->caplen, p->wirelen};
     put(o, &r, sizeof(r));
     put(o, data, p->caplen);

@@ -24,7 +24,8 @@ deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(STAMP): pyproject.toml setup.py $(wildcard shm/*.h shm/*.c) pktipc/_build_ffi.py
+$(STAMP): pyproject.toml setup.py $(wildcard shm/*.h shm/*.c pktipc/_broker/engine/*.[ch]) \
+          pktipc/_build_ffi.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     host = machine_info()
     try:
         env = dict(os.environ, PKTIPC_RUNTIME_DIR=str(tmp / "run"))
-        from pktipc._synth import write_pcap
+        from pktipc._tools.synth import write_pcap
 
         with open(synth, "wb") as f:
             write_pcap(f, packets, sizes=(64,), flows=4096, rate_pps=1e6, skew=None)
@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"flow hashes {s['flows_per_member']}")
 
         exe = tmp / "flowhash_cost"
-        subprocess.run(["gcc", "-O2", "-I", str(ROOT / "shm"), "-o", str(exe),
-                        str(BASELINES / "flowhash_cost.c"), str(ROOT / "shm" / "flowhash.c"),
+        engine = ROOT / "pktipc" / "_broker" / "engine"
+        subprocess.run(["gcc", "-O2", "-I", str(ROOT / "shm"), "-I", str(engine), "-o", str(exe),
+                        str(BASELINES / "flowhash_cost.c"), str(engine / "flowhash.c"),
                         "-lpcap"], check=True)
         costs = [json.loads(subprocess.run([str(exe), str(synth)], capture_output=True,
                                            check=True).stdout) for _ in range(reps)]

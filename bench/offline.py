@@ -377,7 +377,7 @@ def run(ctx: Ctx, sc: Scenario, pcap: Path) -> dict[str, Any]:
 
 
 def generate(path: Path, packets: int, size: int) -> float:
-    from pktipc._synth import write_pcap
+    from pktipc._tools.synth import write_pcap
 
     t0 = time.monotonic()
     with open(path, "wb", buffering=1 << 20) as f:
@@ -408,7 +408,8 @@ def machine() -> dict[str, Any]:
 
     # The package is being worked on: name the exact sources measured.
     tree = hashlib.sha256()
-    for f in sorted([*ROOT.glob("pktipc/*.py"), *ROOT.glob("shm/*.[ch]")]):
+    for f in sorted([*ROOT.glob("pktipc/**/*.py"), *ROOT.glob("pktipc/**/*.[ch]"),
+                     *ROOT.glob("shm/*.[ch]")]):
         tree.update(f.name.encode() + b"\0" + f.read_bytes())
     return {
         "cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),

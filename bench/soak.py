@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pktipc
-from pktipc._synth import write_pcap
+from pktipc._tools.synth import write_pcap
 
 CHURNER = """
 import random, sys, time, pktipc

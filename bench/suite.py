@@ -45,7 +45,7 @@ from typing import Any
 import pktipc
 from bench.live import Bench
 from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine
-from pktipc._synth import write_pcap
+from pktipc._tools.synth import write_pcap
 
 PY = sys.executable
 CBIN = ROOT / "clients" / "c" / "build" / "bin"

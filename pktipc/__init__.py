@@ -1,6 +1,6 @@
 """pktipc: capture packets once into shared memory, hand batches to named clients."""
 
-from ._client import Batch, Client, Packet, broker_stats, brokers, connect
+from ._client.client import Batch, Client, Packet, broker_stats, brokers, connect
 from ._errors import (
     BrokerGone,
     BrokerNotRunning,

@@ -1,27 +1,32 @@
 """Builds pktipc._shm, the cffi extension, in out-of-line API mode.
 
-The declarations come from shm/ as they are: the layout header (the single
-source of truth for the shared-memory layout), the real symbols of
-pktipc_shm.h's inline helpers, the flow hash and the broker's ingest helpers.
-Nothing about the layout is written again here.
+The declarations come as they are from shm/ (the layout header, the single
+source of truth for the shared-memory layout, and the real symbols of
+pktipc_shm.h's inline helpers) and from the broker's engines in
+pktipc/_broker/engine/ (the flow hash, file ingest, live capture). Nothing
+about the layout is written again here.
 """
 
 from pathlib import Path
 
 import cffi
 
-SHM = Path(__file__).resolve().parent.parent / "shm"
+ROOT = Path(__file__).resolve().parent.parent
+SHM = "shm"                           # what every reader of the segment needs
+ENGINE = "pktipc/_broker/engine"      # the broker's capture engines
 
-HEADERS = ["pktipc_layout.h", "pktipc_shm_ffi.h", "flowhash.h", "ingest.h", "afpacket.h"]
+HEADERS = [f"{SHM}/pktipc_layout.h", f"{SHM}/pktipc_shm_ffi.h", f"{ENGINE}/flowhash.h",
+           f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h"]
 
 ffibuilder = cffi.FFI()
-ffibuilder.cdef("".join((SHM / h).read_text() for h in HEADERS))
+ffibuilder.cdef("".join((ROOT / h).read_text() for h in HEADERS))
 ffibuilder.set_source(
     "pktipc._shm",
-    "#include <stdint.h>\n" + "".join(f'#include "{h}"\n' for h in HEADERS),
+    "#include <stdint.h>\n" + "".join(f'#include "{Path(h).name}"\n' for h in HEADERS),
     # setuptools wants paths relative to setup.py
-    sources=["shm/ingest.c", "shm/afpacket.c", "shm/flowhash.c", "shm/pktipc_shm.c"],
-    include_dirs=["shm"],
+    sources=[f"{ENGINE}/ingest.c", f"{ENGINE}/afpacket.c", f"{ENGINE}/flowhash.c",
+             f"{SHM}/pktipc_shm.c"],
+    include_dirs=[SHM, ENGINE],
     libraries=["pcap"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],
 )

@@ -13,7 +13,7 @@ The rules it keeps:
 - Batches go to attached clients only; a client gives each one back with
   RELEASE. END-OF-STREAM follows the last batch. A BATCH names the packets
   of the slab that are the client's (its share of its group's packets,
-  shm/PROTOCOL.md): `mask` has a bit for each of the slab's `n` packets and
+  pktipc/PROTOCOL.md): `mask` has a bit for each of the slab's `n` packets and
   no other, and a client's own slot is among `members` if any are named.
 - Both sides send HEARTBEAT when they have been quiet for an interval; a peer
   heard from for no longer than its liveness is lost.
@@ -68,7 +68,7 @@ class RemoteProtocolError(ProtocolError):
 @dataclass(frozen=True)
 class Check:
     """One field's rule. Plain data, so that the C client's copy of these
-    rules is generated from them (pktipc/_cschema.py) rather than rewritten."""
+    rules is generated from them (pktipc/_tools/cschema.py) rather than rewritten."""
 
     kind: str                       # "int", "str", "name", "one_of", "seqs", "slots",
                                     # "bytes", "map"

@@ -168,7 +168,7 @@ static inline unsigned pktipc_pkt_direction(const struct pktipc_pkt *p)
  * A packet whose descriptor hash is h belongs to the member whose slot s
  * gives the highest pktipc_hrw_weight(h, s). A member joining takes about
  * 1/N of the flows and a member leaving gives up only its own; a member that
- * comes back with its slot wins back the same flows. shm/PROTOCOL.md says
+ * comes back with its slot wins back the same flows. pktipc/PROTOCOL.md says
  * how a BATCH names the members a batch is divided among.
  */
 /* murmur3's 64-bit finaliser: a bijection that mixes every bit into every

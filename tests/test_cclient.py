@@ -26,9 +26,9 @@ from test_groups import Member, flow_of, start
 from test_protocol import frames
 
 import pktipc
-from pktipc import _cschema
 from pktipc import _protocol as proto
-from pktipc._synth import write_pcap
+from pktipc._tools import cschema as _cschema
+from pktipc._tools.synth import write_pcap
 
 CDIR = ROOT / "clients" / "c"
 BUILD = CDIR / "build"
@@ -86,8 +86,8 @@ def fields(line: str) -> dict[str, str]:
 
 
 def test_schema_header_is_generated_from_the_protocol() -> None:
-    """clients/c/src/schema.h is what pktipc._cschema makes of _protocol.py;
-    after changing the protocol: python -m pktipc._cschema > clients/c/src/schema.h"""
+    """clients/c/src/schema.h is what pktipc._tools.cschema makes of _protocol.py;
+    after changing the protocol: python -m pktipc._tools.cschema > clients/c/src/schema.h"""
     assert (CDIR / "src" / "schema.h").read_text() == _cschema.render()
 
 
@@ -278,7 +278,7 @@ def test_c_and_python_members_share_a_flow_group(broker, flows: Path, tmp_path: 
     members = ffi.new("uint32_t[]", [slots["c-member"], slots["py-member"]])
 
     def owner(p: Packet) -> int:
-        h = lib.pktipc_flow_hash(p.data, len(p.data), 1, 0)
+        h = lib.pkb_flow_hash(p.data, len(p.data), 1, 0)
         return int(members[lib.pktipc_flow_owner(h, members, 2)])
 
     got_c, got_py = read_pcap(str(c_out)).packets, read_pcap(str(py_out)).packets

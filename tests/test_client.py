@@ -17,7 +17,7 @@ from conftest import PCAPS, BrokerProc, run_pktipc
 from pcapref import read_pcap
 
 import pktipc
-from pktipc._synth import write_pcap
+from pktipc._tools.synth import write_pcap
 
 DNS = PCAPS / "dns_udp.pcap"
 

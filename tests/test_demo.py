@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import pktipc_cmd, run_pktipc
 
-from pktipc import _demo
+from pktipc._tools import demo as _demo
 
 
 def test_live_demo() -> None:

@@ -1,4 +1,4 @@
-"""The flow hash (shm/flowhash.c) and the owner rule (pktipc_shm.h): both
+"""The flow hash (pktipc/_broker/engine/flowhash.c) and the owner rule (pktipc_shm.h): both
 directions of a flow hash alike, for every protocol the hash reads;
 fragments of a datagram hash alike; VLAN tags do not change a flow; tunnels
 hash on their inner flow only when asked; rendezvous ownership moves about
@@ -22,12 +22,12 @@ from pktipc._shm import ffi, lib
 
 from pktipc._layout import PKT_DTYPE
 
-TUNNELS = lib.PKTIPC_HASH_TUNNELS
+TUNNELS = lib.PKB_HASH_TUNNELS
 ETH, RAW, IPV4, IPV6, SLL, SLL2, NULL, LOOP, HDLC = 1, 101, 228, 229, 113, 276, 0, 108, 104
 
 
 def flow_hash(frame: bytes, linktype: int = ETH, opts: int = 0) -> int:
-    return int(lib.pktipc_flow_hash(frame, len(frame), linktype, opts))
+    return int(lib.pkb_flow_hash(frame, len(frame), linktype, opts))
 
 
 # --- frames, written from the RFCs, independently of the C ---------------------------
@@ -467,8 +467,8 @@ static void every_prefix(const uint8_t *data, uint32_t caplen, uint32_t linktype
     for (uint32_t n = 0; n <= caplen; n++) {
         uint8_t *copy = malloc(n ? n : 1);
         memcpy(copy, data, n);
-        for (uint32_t opts = 0; opts <= PKTIPC_HASH_TUNNELS; opts++) {
-            pktipc_flow_hash(copy, n, linktype, opts);
+        for (uint32_t opts = 0; opts <= PKB_HASH_TUNNELS; opts++) {
+            pkb_flow_hash(copy, n, linktype, opts);
             calls++;
         }
         free(copy);
@@ -534,10 +534,11 @@ def test_hash_reads_nothing_past_caplen_under_sanitizers(tmp_path: Path) -> None
     src = tmp_path / "harness.c"
     src.write_text(HARNESS)
     exe = tmp_path / "harness"
-    shm = ROOT / "shm"
+    shm, engine = ROOT / "shm", ROOT / "pktipc" / "_broker" / "engine"
     cc = subprocess.run(["gcc", "-O1", "-g", "-Wall", "-Wextra", "-Werror",
                          "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                         "-I", str(shm), str(src), str(shm / "flowhash.c"), "-lpcap",
+                         "-I", str(shm), "-I", str(engine), str(src),
+                         str(engine / "flowhash.c"), "-lpcap",
                          "-o", str(exe)], capture_output=True, text=True)
     assert cc.returncode == 0, cc.stderr
     files = [str(p) for p in all_captures()]

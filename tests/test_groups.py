@@ -22,7 +22,7 @@ from pcapref import read_pcap
 from pktipc._shm import ffi, lib
 
 import pktipc
-from pktipc._synth import write_pcap
+from pktipc._tools.synth import write_pcap
 
 Got = dict[int, tuple[int, int, bytes]]     # seq -> (iface, hash, bytes)
 
@@ -122,7 +122,7 @@ def test_every_capture_to_two_groups(broker) -> None:
     assert min(len(got1), len(got2)) > len(want) // 5
     # The descriptor's hash is the flow hash of the packet's bytes.
     linktypes = [read_pcap(str(f)).linktype for f in files]
-    assert all(h == lib.pktipc_flow_hash(d, len(d), linktypes[i], 0)
+    assert all(h == lib.pkb_flow_hash(d, len(d), linktypes[i], 0)
                for i, h, d in got_rec.values())
 
 
@@ -134,7 +134,7 @@ def test_tunnel_hash_balances_on_the_inner_flow(broker, name: str) -> None:
     start(m1, m2)
     got = union_exactly_once(m1.finish(), m2.finish())
     assert len(got) == len(read_pcap(str(f)).packets)
-    assert all(h == lib.pktipc_flow_hash(d, len(d), 1, lib.PKTIPC_HASH_TUNNELS)
+    assert all(h == lib.pkb_flow_hash(d, len(d), 1, lib.PKB_HASH_TUNNELS)
                for _, h, d in got.values())
     one_member_per_hash([m1.got, m2.got])
 

@@ -17,6 +17,7 @@ from conftest import PCAPS, ROOT, all_captures
 from pcapref import PcapError, read_pcap
 from pktipc._shm import ffi, lib
 
+from pktipc._broker.files import NO_LIMIT, FileSource
 from pktipc._errors import LayoutError, SourceError
 from pktipc._layout import (
     BATCH_REC_DTYPE,
@@ -26,7 +27,6 @@ from pktipc._layout import (
     Segment,
     SlabPool,
 )
-from pktipc._source import NO_LIMIT, FileSource
 
 SHM = ROOT / "shm"
 STRUCTS = ["pktipc_pkt", "pktipc_counters", "pktipc_iface", "pktipc_header",
@@ -414,23 +414,23 @@ def slab_packets(buf: bytearray, seg: Segment, slab: int, count: int
 
 def fill_file(path: Path, slab_size: int, iface: int = 0
               ) -> tuple[list[tuple[Any, ...]], int, str | None, int]:
-    """Every packet of `path` through pktipc_src_fill, a slab at a time over two
+    """Every packet of `path` through pkb_src_fill, a slab at a time over two
     alternating slabs; returns (packets, last status, error, slabs filled)."""
     src = FileSource([str(path)])
     buf, seg = new_segment(slab_size, 2, src.ifaces)
-    fill = ffi.new("struct pktipc_fill *")
+    fill = ffi.new("struct pkb_fill *")
     packets: list[tuple[Any, ...]] = []
     slab, slabs = 0, 0
     while True:
-        lib.pktipc_fill_begin(fill, seg.slab_ptr(slab), slab_size, iface)
-        status = lib.pktipc_src_fill(src.current, fill, NO_LIMIT, ALL)
+        lib.pkb_fill_begin(fill, seg.slab_ptr(slab), slab_size, iface)
+        status = lib.pkb_src_fill(src.current, fill, NO_LIMIT, ALL)
         slabs += 1
         packets += slab_packets(buf, seg, slab, fill.count)
-        if status != lib.PKTIPC_FILL_FULL:
+        if status != lib.PKB_FILL_FULL:
             break
         assert fill.count > 0
         slab ^= 1
-    error = ffi.string(lib.pktipc_src_error(src.current)).decode() or None
+    error = ffi.string(lib.pkb_src_error(src.current)).decode() or None
     return packets, status, error, slabs
 
 
@@ -438,7 +438,7 @@ def expected(path: Path, iface: int = 0) -> tuple[list[tuple[Any, ...]], str | N
     ref = read_pcap(str(path))
     return [(p.ts_ns, p.caplen, p.wirelen, p.data, ref.linktype, iface,
              lib.PKTIPC_F_TRUNCATED if p.caplen < p.wirelen else 0,
-             lib.pktipc_flow_hash(p.data, p.caplen, ref.linktype, 0), 0)
+             lib.pkb_flow_hash(p.data, p.caplen, ref.linktype, 0), 0)
             for p in ref.packets], ref.error
 
 
@@ -451,7 +451,7 @@ def test_fill_matches_libpcap(path: Path) -> None:
     # must open the next slab.
     slab_size = max(4096, align(biggest + lib.PKTIPC_DESC_SIZE + 8, 4096))
     got, status, error, slabs = fill_file(path, slab_size, iface=0)
-    assert (status, error) == (lib.PKTIPC_FILL_EOF, None)
+    assert (status, error) == (lib.PKB_FILL_EOF, None)
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"packet {i} of {path.name}"
@@ -461,7 +461,7 @@ def test_fill_matches_libpcap(path: Path) -> None:
 
 def test_fill_stamps_the_iface_index() -> None:
     got, status, _, _ = fill_file(DECNET, 65536, iface=5)
-    assert status == lib.PKTIPC_FILL_EOF
+    assert status == lib.PKB_FILL_EOF
     assert {p[5] for p in got} == {5}
 
 
@@ -469,9 +469,9 @@ def test_full_slab_leaves_the_packet_pending() -> None:
     want, _ = expected(DECNET)
     src = FileSource([str(DECNET)])
     buf, seg = new_segment(4096, 2, src.ifaces)
-    fill = ffi.new("struct pktipc_fill *")
-    lib.pktipc_fill_begin(fill, seg.slab_ptr(0), 4096, 0)
-    assert lib.pktipc_src_fill(src.current, fill, NO_LIMIT, ALL) == lib.PKTIPC_FILL_FULL
+    fill = ffi.new("struct pkb_fill *")
+    lib.pkb_fill_begin(fill, seg.slab_ptr(0), 4096, 0)
+    assert lib.pkb_src_fill(src.current, fill, NO_LIMIT, ALL) == lib.PKB_FILL_FULL
     k = fill.count
     # As many as fit, and not one more.
     used = sum(align(p[1], 8) + 32 for p in want[:k])
@@ -479,14 +479,14 @@ def test_full_slab_leaves_the_packet_pending() -> None:
     assert fill.data_low == 4096 - sum(align(p[1], 8) for p in want[:k])
     assert fill.bytes == sum(p[1] for p in want[:k])
     assert (fill.first_ts_ns, fill.last_ts_ns) == (want[0][0], want[k - 1][0])
-    assert lib.pktipc_src_pending_caplen(src.current) == want[k][1]
-    assert lib.pktipc_src_peek_ts(src.current) == want[k][0]
+    assert lib.pkb_src_pending_caplen(src.current) == want[k][1]
+    assert lib.pkb_src_peek_ts(src.current) == want[k][0]
     # Filling the same full slab again adds nothing.
-    assert lib.pktipc_src_fill(src.current, fill, NO_LIMIT, ALL) == lib.PKTIPC_FILL_FULL
+    assert lib.pkb_src_fill(src.current, fill, NO_LIMIT, ALL) == lib.PKB_FILL_FULL
     assert fill.count == k
     # The next slab starts with the pending packet.
-    lib.pktipc_fill_begin(fill, seg.slab_ptr(1), 4096, 0)
-    assert lib.pktipc_src_fill(src.current, fill, NO_LIMIT, ALL) == lib.PKTIPC_FILL_FULL
+    lib.pkb_fill_begin(fill, seg.slab_ptr(1), 4096, 0)
+    assert lib.pkb_src_fill(src.current, fill, NO_LIMIT, ALL) == lib.PKB_FILL_FULL
     assert slab_packets(buf, seg, 1, fill.count) == want[k:k + fill.count]
     assert slab_packets(buf, seg, 0, k) == want[:k]     # untouched
 
@@ -495,11 +495,11 @@ def test_max_pkts_stops_a_fill() -> None:
     want, _ = expected(DECNET)
     src = FileSource([str(DECNET)])
     buf, seg = new_segment(65536, 2, src.ifaces)
-    fill = ffi.new("struct pktipc_fill *")
-    lib.pktipc_fill_begin(fill, seg.slab_ptr(0), 65536, 0)
-    assert lib.pktipc_src_fill(src.current, fill, NO_LIMIT, 3) == lib.PKTIPC_FILL_FULL
+    fill = ffi.new("struct pkb_fill *")
+    lib.pkb_fill_begin(fill, seg.slab_ptr(0), 65536, 0)
+    assert lib.pkb_src_fill(src.current, fill, NO_LIMIT, 3) == lib.PKB_FILL_FULL
     assert fill.count == 3
-    assert lib.pktipc_src_fill(src.current, fill, NO_LIMIT, 5) == lib.PKTIPC_FILL_FULL
+    assert lib.pkb_src_fill(src.current, fill, NO_LIMIT, 5) == lib.PKB_FILL_FULL
     assert slab_packets(buf, seg, 0, 5) == want[:5]
 
 
@@ -508,14 +508,14 @@ def test_packet_too_big_for_any_slab() -> None:
     big = next(i for i, p in enumerate(want) if p[1] > 4096 - 32)
     src = FileSource([str(HUGE)])
     buf, seg = new_segment(4096, 2, src.ifaces)
-    fill = ffi.new("struct pktipc_fill *")
-    lib.pktipc_fill_begin(fill, seg.slab_ptr(0), 4096, 0)
+    fill = ffi.new("struct pkb_fill *")
+    lib.pkb_fill_begin(fill, seg.slab_ptr(0), 4096, 0)
     res = src.fill(fill)
     # The small packets before it fill one slab; then it fits nowhere.
-    assert (res.status, res.packets) == (lib.PKTIPC_FILL_FULL, big)
-    lib.pktipc_fill_begin(fill, seg.slab_ptr(1), 4096, 0)
+    assert (res.status, res.packets) == (lib.PKB_FILL_FULL, big)
+    lib.pkb_fill_begin(fill, seg.slab_ptr(1), 4096, 0)
     res = src.fill(fill)
-    assert (res.status, res.packets, fill.count) == (lib.PKTIPC_FILL_TOOBIG, 0, 0)
+    assert (res.status, res.packets, fill.count) == (lib.PKB_FILL_TOOBIG, 0, 0)
     assert res.error is not None
     assert str(want[big][1]) in res.error and "4096" in res.error
     assert src.pending_caplen() == want[big][1]
@@ -524,8 +524,8 @@ def test_packet_too_big_for_any_slab() -> None:
     buf2 = bytearray(g.total_size)
     seg2 = Segment(buf2, writable=True)
     seg2.init(g, name="big", epoch=1, ifaces=src.ifaces)
-    lib.pktipc_fill_begin(fill, seg2.slab_ptr(0), g.slab_size, 0)
-    assert lib.pktipc_src_fill(src.current, fill, NO_LIMIT, 1) == lib.PKTIPC_FILL_FULL
+    lib.pkb_fill_begin(fill, seg2.slab_ptr(0), g.slab_size, 0)
+    assert lib.pkb_src_fill(src.current, fill, NO_LIMIT, 1) == lib.PKB_FILL_FULL
     assert slab_packets(buf2, seg2, 0, 1) == [want[big]]
 
 
@@ -533,32 +533,32 @@ def test_ts_limit() -> None:
     want, _ = expected(DECNET)
     src = FileSource([str(DECNET)])
     buf, seg = new_segment(65536, 2, src.ifaces)
-    fill = ffi.new("struct pktipc_fill *")
-    lib.pktipc_fill_begin(fill, seg.slab_ptr(0), 65536, 0)
+    fill = ffi.new("struct pkb_fill *")
+    lib.pkb_fill_begin(fill, seg.slab_ptr(0), 65536, 0)
     res = src.fill(fill, want[5][0] - 1)
-    assert (res.status, res.packets) == (lib.PKTIPC_FILL_LIMIT, 5)
+    assert (res.status, res.packets) == (lib.PKB_FILL_LIMIT, 5)
     assert src.next_ts() == want[5][0]
-    assert lib.pktipc_src_pending_caplen(src.current) == want[5][1]
+    assert lib.pkb_src_pending_caplen(src.current) == want[5][1]
     # A packet exactly at the limit is due.
     res = src.fill(fill, want[5][0])
-    assert (res.status, res.packets) == (lib.PKTIPC_FILL_LIMIT, 1)
+    assert (res.status, res.packets) == (lib.PKB_FILL_LIMIT, 1)
     # A limit in the past places nothing.
     res = src.fill(fill, 0)
-    assert (res.status, res.packets) == (lib.PKTIPC_FILL_LIMIT, 0)
+    assert (res.status, res.packets) == (lib.PKB_FILL_LIMIT, 0)
     res = src.fill(fill, NO_LIMIT)
-    assert res.status == lib.PKTIPC_FILL_EOF
+    assert res.status == lib.PKB_FILL_EOF
     assert slab_packets(buf, seg, 0, fill.count) == want
 
 
 def test_end_of_file_is_sticky() -> None:
     src = FileSource([str(DECNET)])
     buf, seg = new_segment(65536, 2, src.ifaces)
-    fill = ffi.new("struct pktipc_fill *")
-    lib.pktipc_fill_begin(fill, seg.slab_ptr(0), 65536, 0)
-    assert src.fill(fill).status == lib.PKTIPC_FILL_EOF
+    fill = ffi.new("struct pkb_fill *")
+    lib.pkb_fill_begin(fill, seg.slab_ptr(0), 65536, 0)
+    assert src.fill(fill).status == lib.PKB_FILL_EOF
     n = fill.count
     res = src.fill(fill)
-    assert (res.status, res.packets, fill.count) == (lib.PKTIPC_FILL_EOF, 0, n)
+    assert (res.status, res.packets, fill.count) == (lib.PKB_FILL_EOF, 0, n)
     assert src.next_ts() == NO_LIMIT
     assert src.pending_caplen() == 0
 
@@ -574,16 +574,16 @@ def test_error_mid_file(tmp_path: Path) -> None:
     want, ref_error = expected(cut)
     assert ref_error and len(want) == 10
     got, status, error, _ = fill_file(cut, 4096)
-    assert status == lib.PKTIPC_FILL_ERROR
+    assert status == lib.PKB_FILL_ERROR
     assert error == ref_error
     assert got == want
     # FileSource names the file in the error it reports.
     src = FileSource([str(cut)])
     buf, seg = new_segment(65536, 2, src.ifaces)
-    fill = ffi.new("struct pktipc_fill *")
-    lib.pktipc_fill_begin(fill, seg.slab_ptr(0), 65536, 0)
+    fill = ffi.new("struct pkb_fill *")
+    lib.pkb_fill_begin(fill, seg.slab_ptr(0), 65536, 0)
     res = src.fill(fill)
-    assert (res.status, res.packets) == (lib.PKTIPC_FILL_ERROR, 10)
+    assert (res.status, res.packets) == (lib.PKB_FILL_ERROR, 10)
     assert res.error == f"{cut}: {ref_error}"
 
 
@@ -659,7 +659,7 @@ def test_time_fields_are_unsigned_32_bit_counts(tmp_path: Path, order: str, nano
     f = tmp_path / "t.pcap"
     write_pcap(f, 1, [(s, fr, bytes(14), 14) for s, fr in fields], nano=nano, order=order)
     got, status, error, _ = fill_file(f, 4096)
-    assert (status, error) == (lib.PKTIPC_FILL_EOF, None)
+    assert (status, error) == (lib.PKB_FILL_EOF, None)
     tick = 1 if nano else 1000
     assert [p[0] for p in got] == [s * 10**9 + fr * tick for s, fr in fields]
     assert got == expected(f)[0]
@@ -679,7 +679,7 @@ def test_pcapng_time_past_2262_ends_the_stream(tmp_path: Path) -> None:
     f.write_bytes(shb + idb + epb(1_700_000_000_000_000) + epb(last_ok) + epb(last_ok + 1))
     got, status, error, _ = fill_file(f, 4096)
     assert [p[0] for p in got] == [1_700_000_000 * 10**9, last_ok * 1000]
-    assert status == lib.PKTIPC_FILL_ERROR
+    assert status == lib.PKB_FILL_ERROR
     assert error == ("packet 3: its time, 9223372036 s after 1970, is past the year 2262, "
                      "beyond nanosecond timestamps")
 
@@ -688,7 +688,7 @@ def test_empty_capture(tmp_path: Path) -> None:
     f = tmp_path / "empty.pcap"
     write_pcap(f, 1, [])
     got, status, error, slabs = fill_file(f, 4096)
-    assert (got, status, error, slabs) == ([], lib.PKTIPC_FILL_EOF, None, 1)
+    assert (got, status, error, slabs) == ([], lib.PKB_FILL_EOF, None, 1)
 
 
 # --- publishing --------------------------------------------------------------------
@@ -698,11 +698,11 @@ def test_batch_publish_writes_the_record(c_reader: Path, tmp_path: Path) -> None
     want, _ = expected(DECNET)
     src = FileSource([str(DECNET)])
     buf, seg = new_segment(4096, 4, src.ifaces)
-    fill = ffi.new("struct pktipc_fill *")
-    lib.pktipc_fill_begin(fill, seg.slab_ptr(2), 4096, 0)
-    assert lib.pktipc_src_fill(src.current, fill, NO_LIMIT, ALL) == lib.PKTIPC_FILL_FULL
+    fill = ffi.new("struct pkb_fill *")
+    lib.pkb_fill_begin(fill, seg.slab_ptr(2), 4096, 0)
+    assert lib.pkb_src_fill(src.current, fill, NO_LIMIT, ALL) == lib.PKB_FILL_FULL
     n = fill.count
-    lib.pktipc_batch_publish(seg.batch_rec(2), 2, 7, 1000, fill, 11, 22)
+    lib.pkb_batch_publish(seg.batch_rec(2), 2, 7, 1000, fill, 11, 22)
     table = np.frombuffer(buf, dtype=BATCH_REC_DTYPE, count=4,
                           offset=int(seg.header.batch_table_off))
     rec = table[2]

@@ -1,9 +1,10 @@
 /*
  * What the flow hash costs per packet: every packet of a capture held in
- * memory, hashed (pktipc_flow_hash, without and with tunnel hashing) beside
+ * memory, hashed (pkb_flow_hash, without and with tunnel hashing) beside
  * a loop that only reads the same bytes.
  *
- *   gcc -O2 -I../../shm -o flowhash_cost flowhash_cost.c ../../shm/flowhash.c -lpcap
+ *   gcc -O2 -I../../shm -I../../pktipc/_broker/engine -o flowhash_cost flowhash_cost.c \
+ *       ../../pktipc/_broker/engine/flowhash.c -lpcap
  *   flowhash_cost FILE [PASSES]  ->  one JSON line, nanoseconds per packet
  */
 #include <stdint.h>
@@ -61,8 +62,8 @@ int main(int argc, char **argv)
             for (size_t i = 0; i < n; i++) {
                 const uint8_t *f = frames + i * ROOM;
                 sink ^= mode == 0 ? (uint32_t)f[lens[i] ? lens[i] - 1 : 0] + lens[i]
-                                  : pktipc_flow_hash(f, lens[i], linktype,
-                                                     mode == 2 ? PKTIPC_HASH_TUNNELS : 0);
+                                  : pkb_flow_hash(f, lens[i], linktype,
+                                                     mode == 2 ? PKB_HASH_TUNNELS : 0);
             }
         ns[mode] = (now() - t0) * 1e9 / ((double)n * passes);
     }

@@ -1384,7 +1384,7 @@ API const char *pktipc_strerror(int err)
     return e < sizeof(text) / sizeof(text[0]) ? text[e] : "unknown error";
 }
 
-/* The inverse of linktype_of() in shm/ingest.c (libpcap's pcap-common.c):
+/* The inverse of linktype_of() in pktipc/_broker/engine/ingest.c (libpcap's pcap-common.c):
  * LINKTYPE_* and DLT_* differ only for these historical values. */
 API int pktipc_linktype_to_dlt(int linktype)
 {

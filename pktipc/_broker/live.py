@@ -8,13 +8,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import PermissionDenied, SourceError
-from ._layout import Iface
-from ._shm import ffi, lib
+from .._errors import PermissionDenied, SourceError
+from .._layout import Iface
+from .._shm import ffi, lib
 
 FANOUT_MODES = {"hash": 0, "lb": 1, "cpu": 2, "rnd": 4, "qm": 5}   # PACKET_FANOUT_*
-FANOUT_AUTO = lib.PKTIPC_FANOUT_AUTO
-FANOUT_NONE = lib.PKTIPC_FANOUT_NONE
+FANOUT_AUTO = lib.PKB_FANOUT_AUTO
+FANOUT_NONE = lib.PKB_FANOUT_NONE
 DEFAULT_BLOCK_SIZE = 1 << 20
 DEFAULT_BLOCK_COUNT = 32
 DEFAULT_BLOCK_TIMEOUT_MS = 10
@@ -72,60 +72,60 @@ class LiveSource:
         self.rings: list[Any] = []
         self.ifaces: list[Iface] = []
         self.fanout_ids: list[int] = []
-        errbuf = ffi.new("char[]", lib.PKTIPC_ERRBUF_SIZE)
+        errbuf = ffi.new("char[]", lib.PKB_ERRBUF_SIZE)
         err = ffi.new("int *")
         for i, name in enumerate(opts.interfaces):
             fanout = opts.fanout if opts.fanout in (None, FANOUT_AUTO) else opts.fanout + i
             # The strings must outlive the call: the struct only points at them.
             c_name, c_filter = ffi.new("char[]", name.encode()), ffi.new("char[]",
                                                                          opts.filter.encode())
-            o = ffi.new("struct pktipc_ring_opts *", {
+            o = ffi.new("struct pkb_ring_opts *", {
                 "ifname": c_name, "filter": c_filter,
                 "snaplen": opts.snaplen, "block_size": opts.block_size,
                 "block_count": opts.block_count, "block_timeout_ms": opts.block_timeout_ms,
                 "fanout_id": FANOUT_NONE if fanout is None else fanout,
                 "fanout_mode": FANOUT_MODES[opts.fanout_mode], "promisc": opts.promisc,
                 "hw_timestamps": opts.hw_timestamps, "vlan_reinsert": opts.vlan_reinsert})
-            ring = lib.pktipc_ring_open(o, err, errbuf)
+            ring = lib.pkb_ring_open(o, err, errbuf)
             if ring == ffi.NULL:
                 self.close()
                 msg = ffi.string(errbuf).decode(errors="replace")
-                if err[0] == lib.PKTIPC_RING_EPERM:
+                if err[0] == lib.PKB_RING_EPERM:
                     raise PermissionDenied(msg)
                 raise SourceError(msg)
-            self.rings.append(ffi.gc(ring, lib.pktipc_ring_close))
-            self.fanout_ids.append(int(lib.pktipc_ring_fanout_id(ring)))
+            self.rings.append(ffi.gc(ring, lib.pkb_ring_close))
+            self.fanout_ids.append(int(lib.pkb_ring_fanout_id(ring)))
             self.ifaces.append(Iface(
-                name=name, linktype=int(lib.pktipc_ring_linktype(ring)), snaplen=opts.snaplen,
-                kind=lib.PKTIPC_IFACE_LIVE, ifindex=int(lib.pktipc_ring_ifindex(ring))))
-        self.fds = [int(lib.pktipc_ring_fd(r)) for r in self.rings]
+                name=name, linktype=int(lib.pkb_ring_linktype(ring)), snaplen=opts.snaplen,
+                kind=lib.PKTIPC_IFACE_LIVE, ifindex=int(lib.pkb_ring_ifindex(ring))))
+        self.fds = [int(lib.pkb_ring_fd(r)) for r in self.rings]
         self._first = 0             # the ring drained first, in turn, so none starves
 
     def fill(self, fill: Any,
              max_pkts: int = 0xFFFFFFFF) -> tuple[int, list[tuple[int, int, int]]]:
         """Drains the rings into `fill`'s slab, one C call per ring: the last
-        status (PKTIPC_FILL_FULL as soon as the slab is full, else EMPTY) and
+        status (PKB_FILL_FULL as soon as the slab is full, else EMPTY) and
         (interface, packets, bytes) added per ring."""
         added = []
-        status = lib.PKTIPC_FILL_EMPTY
+        status = lib.PKB_FILL_EMPTY
         n = len(self.rings)
         self._first = (self._first + 1) % n
         for i in (*range(self._first, n), *range(self._first)):
             count, nbytes = fill.count, fill.bytes
             fill.iface = i
-            status = lib.pktipc_ring_fill(self.rings[i], fill, max_pkts)
+            status = lib.pkb_ring_fill(self.rings[i], fill, max_pkts)
             added.append((i, fill.count - count, fill.bytes - nbytes))
-            if status != lib.PKTIPC_FILL_EMPTY:
+            if status != lib.PKB_FILL_EMPTY:
                 break
         return status, added
 
     def read_stats(self, entry: Any, i: int) -> None:
         """Adds ring i's kernel counters since the last read to its entry."""
-        lib.pktipc_ring_stats(self.rings[i], entry)
+        lib.pkb_ring_stats(self.rings[i], entry)
 
     def error(self, i: int) -> str:
         """Why ring i's socket reports an error (the interface went down...)."""
-        e = int(lib.pktipc_ring_sock_error(self.rings[i]))
+        e = int(lib.pkb_ring_sock_error(self.rings[i]))
         name = self.opts.interfaces[i]
         if e == 0:
             return f"{name}: capture failed"
@@ -136,5 +136,5 @@ class LiveSource:
     def close(self) -> None:
         for ring in self.rings:
             ffi.gc(ring, None)          # closed here, not again when collected
-            lib.pktipc_ring_close(ring)
+            lib.pkb_ring_close(ring)
         self.rings.clear()

@@ -1,5 +1,5 @@
 """Synthetic traffic sent on an interface, for `pktipc demo`:
-`python -m pktipc._traffic -i IFACE -c COUNT --rate PPS`. Prints the number
+`python -m pktipc._tools.traffic -i IFACE -c COUNT --rate PPS`. Prints the number
 of frames sent. Only ever run on an interface of a namespace of one's own."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import socket
 import time
 from itertools import islice
 
-from ._synth import frames
+from .synth import frames
 
 
 def send(iface: str, count: int, rate: float, seed: int = 1) -> int:

@@ -124,7 +124,7 @@ static void gtpu(const uint8_t *p, uint32_t len, int depth, uint32_t opts, struc
 static void l4(uint8_t proto, const uint8_t *p, uint32_t len, int depth, uint32_t opts,
                struct key *k)
 {
-    int tunnels = (opts & PKTIPC_HASH_TUNNELS) && depth < MAX_DEPTH;
+    int tunnels = (opts & PKB_HASH_TUNNELS) && depth < MAX_DEPTH;
     switch (proto) {
     case 6:         /* TCP */
     case 17:        /* UDP */
@@ -264,7 +264,7 @@ static void loopback(const uint8_t *p, uint32_t len, struct key *k, uint32_t opt
         ip6(p + 4, len - 4, 0, opts, k);
 }
 
-uint32_t pktipc_flow_hash(const uint8_t *frame, uint32_t caplen, uint32_t linktype,
+uint32_t pkb_flow_hash(const uint8_t *frame, uint32_t caplen, uint32_t linktype,
                           uint32_t opts)
 {
     struct key k = { .kind = KEY_NONE };

@@ -11,10 +11,12 @@ from typing import Any
 
 import zmq
 
-from . import _broker, _demo, _live
-from ._client import broker_stats, brokers, connect
-from ._errors import EndOfStream, PktipcError
-from ._pcapfile import CaptureWriter
+from .._broker import broker as _broker
+from .._broker import live as _live
+from .._client.client import broker_stats, brokers, connect
+from .._client.writer import CaptureWriter
+from .._errors import EndOfStream, PktipcError
+from . import demo as _demo
 
 
 class _Parser(argparse.ArgumentParser):

@@ -6,25 +6,25 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import SourceError
-from ._layout import Iface
-from ._shm import ffi, lib
+from .._errors import SourceError
+from .._layout import Iface
+from .._shm import ffi, lib
 
 NO_LIMIT = (1 << 63) - 1   # INT64_MAX: no packet is later
 
 
 def _open(path: str) -> Any:
-    errbuf = ffi.new("char[]", lib.PKTIPC_ERRBUF_SIZE)
-    src = lib.pktipc_src_open_file(os.fsencode(path), errbuf)
+    errbuf = ffi.new("char[]", lib.PKB_ERRBUF_SIZE)
+    src = lib.pkb_src_open_file(os.fsencode(path), errbuf)
     if src == ffi.NULL:
         msg = ffi.string(errbuf).decode(errors="replace")
         raise SourceError(f"{path}: {msg}")
-    return ffi.gc(src, lib.pktipc_src_close)
+    return ffi.gc(src, lib.pkb_src_close)
 
 
 @dataclass
 class FillResult:
-    status: int          # PKTIPC_FILL_*
+    status: int          # PKB_FILL_*
     packets: int = 0     # packets added by this call
     bytes: int = 0       # captured bytes added by this call
     error: str | None = None
@@ -51,10 +51,10 @@ class FileSource:
             handle = _open(path)
             self.ifaces.append(Iface(
                 name=os.path.basename(path),
-                linktype=lib.pktipc_src_linktype(handle),
-                snaplen=lib.pktipc_src_snaplen(handle),
+                linktype=lib.pkb_src_linktype(handle),
+                snaplen=lib.pkb_src_snaplen(handle),
                 kind=lib.PKTIPC_IFACE_FILE,
-                ts_resolution=lib.pktipc_src_ts_resolution(handle),
+                ts_resolution=lib.pkb_src_ts_resolution(handle),
             ))
             if path is paths[0]:
                 self.current: Any = handle    # the others close as they go out of scope
@@ -64,22 +64,22 @@ class FileSource:
 
     def next_ts(self) -> int:
         """Capture time of the next packet of the current file (NO_LIMIT at its end)."""
-        return int(lib.pktipc_src_peek_ts(self.current))
+        return int(lib.pkb_src_peek_ts(self.current))
 
     def pending_caplen(self) -> int:
-        return int(lib.pktipc_src_pending_caplen(self.current))
+        return int(lib.pkb_src_pending_caplen(self.current))
 
     def fill(self, fill: Any, ts_limit: int = NO_LIMIT) -> FillResult:
         """Adds packets of the current file to `fill`'s slab (one C call)."""
         count, nbytes = fill.count, fill.bytes
         fill.iface = self.index
-        status = lib.pktipc_src_fill(self.current, fill, ts_limit, 0xFFFFFFFF)
+        status = lib.pkb_src_fill(self.current, fill, ts_limit, 0xFFFFFFFF)
         res = FillResult(status, fill.count - count, fill.bytes - nbytes)
         self._pass_packets += res.packets
-        if status == lib.PKTIPC_FILL_ERROR:
-            msg = ffi.string(lib.pktipc_src_error(self.current)).decode(errors="replace")
+        if status == lib.PKB_FILL_ERROR:
+            msg = ffi.string(lib.pkb_src_error(self.current)).decode(errors="replace")
             res.error = f"{self.paths[self.index]}: {msg}"
-        elif status == lib.PKTIPC_FILL_TOOBIG:
+        elif status == lib.PKB_FILL_TOOBIG:
             res.error = (f"{self.paths[self.index]}: a packet of {self.pending_caplen()} bytes "
                          f"does not fit a slab of {fill.slab_size} bytes (raise --slab-size)")
         return res

@@ -19,8 +19,8 @@ import numpy as np
 import posix_ipc
 import zmq
 
-from . import _protocol as proto
-from ._errors import (
+from .. import _protocol as proto
+from .._errors import (
     BrokerGone,
     BrokerNotRunning,
     ClosedError,
@@ -30,8 +30,8 @@ from ._errors import (
     PermissionDenied,
     refusal,
 )
-from ._layout import LAYOUT_VERSION, Iface, Segment, select
-from ._paths import check_name, control_endpoint, ipc_path
+from .._layout import LAYOUT_VERSION, Iface, Segment, select
+from .._paths import check_name, control_endpoint, ipc_path
 
 
 class Packet(NamedTuple):
@@ -622,7 +622,7 @@ def broker_stats(server: str, timeout: float = 2.0) -> dict[str, Any]:
 
 def brokers() -> list[str]:
     """Names of the brokers with a control socket in the runtime directory."""
-    from ._paths import runtime_dir
+    from .._paths import runtime_dir
 
     rdir = runtime_dir()
     if not rdir.is_dir():

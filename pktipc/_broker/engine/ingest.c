@@ -27,7 +27,7 @@ struct mapped {
     struct pcap_pkthdr hdr;
 };
 
-struct pktipc_src {
+struct pkb_src {
     pcap_t *p;
     struct pcap_pkthdr *hdr;   /* pending packet: valid until the next read */
     const u_char *data;
@@ -37,7 +37,7 @@ struct pktipc_src {
     uint32_t ns_per_tick;      /* classic pcap: 1000 (microsecond files) or 1; pcapng: 0 */
     uint64_t read;             /* packets read, the pending one included */
     struct mapped *map;        /* NULL: every record through libpcap */
-    char err[PKTIPC_ERRBUF_SIZE];
+    char err[PKB_ERRBUF_SIZE];
 };
 
 #define PCAP_MAGIC_US 0xa1b2c3d4
@@ -73,7 +73,7 @@ static struct mapped *map_file(pcap_t *p, uint32_t magic)
     return m;
 }
 
-static void unmap(pktipc_src *s)
+static void unmap(pkb_src *s)
 {
     munmap((void *)s->map->base, s->map->len);
     free(s->map);
@@ -84,7 +84,7 @@ static void unmap(pktipc_src *s)
  * (libpcap's reader is then where this record starts, and the mapping is
  * gone): at the end of the mapping too, so that what a file grew by since it
  * was mapped is read as well. */
-static int mapped_next(pktipc_src *s)
+static int mapped_next(pkb_src *s)
 {
     struct mapped *m = s->map;
     if (m->len - m->off >= 16) {
@@ -111,18 +111,18 @@ static int mapped_next(pktipc_src *s)
     return fseek(pcap_file(s->p), off, SEEK_SET) == 0 ? -1 : -2;
 }
 
-pktipc_src *pktipc_src_open_file(const char *path, char *errbuf)
+pkb_src *pkb_src_open_file(const char *path, char *errbuf)
 {
     char pcap_err[PCAP_ERRBUF_SIZE] = "";
     pcap_t *p = pcap_open_offline_with_tstamp_precision(path, PCAP_TSTAMP_PRECISION_NANO, pcap_err);
     if (!p) {
-        snprintf(errbuf, PKTIPC_ERRBUF_SIZE, "%s", pcap_err);
+        snprintf(errbuf, PKB_ERRBUF_SIZE, "%s", pcap_err);
         return NULL;
     }
-    pktipc_src *s = calloc(1, sizeof(*s));
+    pkb_src *s = calloc(1, sizeof(*s));
     if (!s) {
         pcap_close(p);
-        snprintf(errbuf, PKTIPC_ERRBUF_SIZE, "out of memory");
+        snprintf(errbuf, PKB_ERRBUF_SIZE, "out of memory");
         return NULL;
     }
     s->p = p;
@@ -130,8 +130,8 @@ pktipc_src *pktipc_src_open_file(const char *path, char *errbuf)
     uint32_t magic = 0;
     FILE *fp = pcap_file(p);
     if (!fp || pread(fileno(fp), &magic, 4, 0) != 4) {
-        snprintf(errbuf, PKTIPC_ERRBUF_SIZE, "not a regular file (pipes cannot be served)");
-        pktipc_src_close(s);
+        snprintf(errbuf, PKB_ERRBUF_SIZE, "not a regular file (pipes cannot be served)");
+        pkb_src_close(s);
         return NULL;
     }
     if (magic != PCAPNG_MAGIC)
@@ -155,16 +155,16 @@ static int linktype_of(int dlt)
     }
 }
 
-int pktipc_src_linktype(const pktipc_src *s) { return linktype_of(pcap_datalink(s->p)); }
-uint32_t pktipc_src_snaplen(const pktipc_src *s) { return (uint32_t)pcap_snapshot(s->p); }
-uint32_t pktipc_src_ts_resolution(const pktipc_src *s)
+int pkb_src_linktype(const pkb_src *s) { return linktype_of(pcap_datalink(s->p)); }
+uint32_t pkb_src_snaplen(const pkb_src *s) { return (uint32_t)pcap_snapshot(s->p); }
+uint32_t pkb_src_ts_resolution(const pkb_src *s)
 {
     return s->ns_per_tick ? 1000000000 / s->ns_per_tick : 0;
 }
-const char *pktipc_src_error(const pktipc_src *s) { return s->err; }
-uint32_t pktipc_src_pending_caplen(const pktipc_src *s) { return s->pending ? s->hdr->caplen : 0; }
+const char *pkb_src_error(const pkb_src *s) { return s->err; }
+uint32_t pkb_src_pending_caplen(const pkb_src *s) { return s->pending ? s->hdr->caplen : 0; }
 
-void pktipc_src_close(pktipc_src *s)
+void pkb_src_close(pkb_src *s)
 {
     if (!s)
         return;
@@ -184,7 +184,7 @@ void pktipc_src_close(pktipc_src *s)
  * whichever way libpcap read them. Their sum, at most 2^32 s + 2^32 us, fits.
  * pcapng times are 64-bit tick counts that libpcap turns into seconds and
  * nanoseconds itself. */
-static int ts_of(const pktipc_src *s, const struct pcap_pkthdr *h, int64_t *ts)
+static int ts_of(const pkb_src *s, const struct pcap_pkthdr *h, int64_t *ts)
 {
     if (s->ns_per_tick) {
         uint64_t sec = (uint32_t)h->ts.tv_sec;
@@ -201,7 +201,7 @@ static int ts_of(const pktipc_src *s, const struct pcap_pkthdr *h, int64_t *ts)
 }
 
 /* Reads the next record into s->hdr and s->data: 1, or 0 with s->done set. */
-static int src_read(pktipc_src *s)
+static int src_read(pkb_src *s)
 {
     if (s->map) {
         int m = mapped_next(s);
@@ -226,7 +226,7 @@ static int src_read(pktipc_src *s)
 }
 
 /* Makes the next packet pending; 0 when there is none. */
-static int src_advance(pktipc_src *s)
+static int src_advance(pkb_src *s)
 {
     if (s->pending)
         return 1;
@@ -244,12 +244,12 @@ static int src_advance(pktipc_src *s)
     return 1;
 }
 
-int64_t pktipc_src_peek_ts(pktipc_src *s)
+int64_t pkb_src_peek_ts(pkb_src *s)
 {
     return src_advance(s) ? s->ts : INT64_MAX;
 }
 
-void pktipc_fill_begin(struct pktipc_fill *f, uint8_t *slab, uint32_t slab_size, uint32_t iface)
+void pkb_fill_begin(struct pkb_fill *f, uint8_t *slab, uint32_t slab_size, uint32_t iface)
 {
     memset(f, 0, sizeof(*f));
     f->slab = slab;
@@ -258,24 +258,24 @@ void pktipc_fill_begin(struct pktipc_fill *f, uint8_t *slab, uint32_t slab_size,
     f->iface = iface;
 }
 
-int pktipc_src_fill(pktipc_src *s, struct pktipc_fill *f, int64_t ts_limit, uint32_t max_pkts)
+int pkb_src_fill(pkb_src *s, struct pkb_fill *f, int64_t ts_limit, uint32_t max_pkts)
 {
-    const uint16_t linktype = (uint16_t)pktipc_src_linktype(s);
+    const uint16_t linktype = (uint16_t)pkb_src_linktype(s);
     struct pktipc_pkt *descs = (struct pktipc_pkt *)f->slab;
 
     while (f->count < max_pkts) {
         if (!src_advance(s))
-            return s->done == 1 ? PKTIPC_FILL_EOF : PKTIPC_FILL_ERROR;
+            return s->done == 1 ? PKB_FILL_EOF : PKB_FILL_ERROR;
         const struct pcap_pkthdr *h = s->hdr;
         int64_t ts = s->ts;
         if (ts > ts_limit)
-            return PKTIPC_FILL_LIMIT;
+            return PKB_FILL_LIMIT;
         uint32_t caplen = h->caplen;
         uint64_t room = (uint64_t)caplen + (PKTIPC_FRAME_ALIGN - 1);
         room &= ~(uint64_t)(PKTIPC_FRAME_ALIGN - 1);
         uint64_t desc_end = (uint64_t)(f->count + 1) * sizeof(struct pktipc_pkt);
         if (room + desc_end > f->data_low)
-            return f->count ? PKTIPC_FILL_FULL : PKTIPC_FILL_TOOBIG;
+            return f->count ? PKB_FILL_FULL : PKB_FILL_TOOBIG;
 
         f->data_low -= (uint32_t)room;
         memcpy(f->slab + f->data_low, s->data, caplen);
@@ -284,7 +284,7 @@ int pktipc_src_fill(pktipc_src *s, struct pktipc_fill *f, int64_t ts_limit, uint
         d->data_off = f->data_low;
         d->caplen = caplen;
         d->wirelen = h->len;
-        d->hash = pktipc_flow_hash(s->data, caplen, linktype, f->hash_opts);
+        d->hash = pkb_flow_hash(s->data, caplen, linktype, f->hash_opts);
         d->iface = (uint16_t)f->iface;
         d->linktype = linktype;
         d->vlan_tci = 0;
@@ -296,11 +296,11 @@ int pktipc_src_fill(pktipc_src *s, struct pktipc_fill *f, int64_t ts_limit, uint
         f->count++;
         s->pending = 0;
     }
-    return PKTIPC_FILL_FULL;
+    return PKB_FILL_FULL;
 }
 
-void pktipc_batch_publish(struct pktipc_batch_rec *rec, uint32_t slab, uint32_t gen,
-                          uint64_t seq, const struct pktipc_fill *f,
+void pkb_batch_publish(struct pktipc_batch_rec *rec, uint32_t slab, uint32_t gen,
+                          uint64_t seq, const struct pkb_fill *f,
                           uint64_t kernel_drops, uint64_t broker_drops)
 {
     rec->slab = slab;

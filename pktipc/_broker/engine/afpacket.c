@@ -30,7 +30,7 @@
 #define VLAN_TAG_LEN 4
 #define VLAN_OFFSET 12          /* the tag goes after both MAC addresses */
 
-struct pktipc_ring {
+struct pkb_ring {
     int fd;
     uint32_t ifindex;
     uint32_t linktype;
@@ -46,20 +46,20 @@ struct pktipc_ring {
     uint32_t pkt_off;           /* offset of the next one in the block */
 };
 
-static pktipc_ring *fail(pktipc_ring *r, int *err, int code, char *errbuf, const char *fmt, ...)
+static pkb_ring *fail(pkb_ring *r, int *err, int code, char *errbuf, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 
 /* Closes what was opened; errbuf gets the reason (or keeps it, fmt NULL). */
-static pktipc_ring *fail(pktipc_ring *r, int *err, int code, char *errbuf, const char *fmt, ...)
+static pkb_ring *fail(pkb_ring *r, int *err, int code, char *errbuf, const char *fmt, ...)
 {
     if (fmt) {
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(errbuf, PKTIPC_ERRBUF_SIZE, fmt, ap);
+        vsnprintf(errbuf, PKB_ERRBUF_SIZE, fmt, ap);
         va_end(ap);
     }
     *err = code;
-    pktipc_ring_close(r);
+    pkb_ring_close(r);
     return NULL;
 }
 
@@ -68,12 +68,12 @@ static pktipc_ring *fail(pktipc_ring *r, int *err, int code, char *errbuf, const
  * never read) is what makes "vlan" match the tag the kernel stripped,
  * through the BPF extensions libpcap uses on Linux; a dead handle would look
  * for the tag in the bytes, where the kernel no longer leaves it. */
-static int compile_filter(const struct pktipc_ring_opts *o, struct bpf_program *prog, char *errbuf)
+static int compile_filter(const struct pkb_ring_opts *o, struct bpf_program *prog, char *errbuf)
 {
     char pcap_err[PCAP_ERRBUF_SIZE] = "";
     pcap_t *p = pcap_create(o->ifname, pcap_err);
     if (!p) {
-        snprintf(errbuf, PKTIPC_ERRBUF_SIZE, "%s", pcap_err);
+        snprintf(errbuf, PKB_ERRBUF_SIZE, "%s", pcap_err);
         return -1;
     }
     pcap_set_snaplen(p, (int)o->snaplen);
@@ -81,13 +81,13 @@ static int compile_filter(const struct pktipc_ring_opts *o, struct bpf_program *
     pcap_set_buffer_size(p, 1 << 16);
     int rc = pcap_activate(p);
     if (rc < 0) {
-        snprintf(errbuf, PKTIPC_ERRBUF_SIZE, "%s: %s", o->ifname,
+        snprintf(errbuf, PKB_ERRBUF_SIZE, "%s: %s", o->ifname,
                  rc == PCAP_ERROR ? pcap_geterr(p) : pcap_statustostr(rc));
         pcap_close(p);
         return -1;
     }
     if (pcap_compile(p, prog, o->filter, 1, PCAP_NETMASK_UNKNOWN) < 0) {
-        snprintf(errbuf, PKTIPC_ERRBUF_SIZE, "bad filter '%s': %s", o->filter, pcap_geterr(p));
+        snprintf(errbuf, PKB_ERRBUF_SIZE, "bad filter '%s': %s", o->filter, pcap_geterr(p));
         pcap_close(p);
         return -1;
     }
@@ -102,52 +102,52 @@ static int hw_timestamps(int fd, const char *ifname, char *errbuf)
     snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
     ifr.ifr_data = (void *)&cfg;
     if (ioctl(fd, SIOCSHWTSTAMP, &ifr) < 0) {
-        snprintf(errbuf, PKTIPC_ERRBUF_SIZE,
+        snprintf(errbuf, PKB_ERRBUF_SIZE,
                  "%s does not support hardware timestamps (SIOCSHWTSTAMP: %s)", ifname,
                  strerror(errno));
         return -1;
     }
     int req = SOF_TIMESTAMPING_RAW_HARDWARE;
     if (setsockopt(fd, SOL_PACKET, PACKET_TIMESTAMP, &req, sizeof(req)) < 0) {
-        snprintf(errbuf, PKTIPC_ERRBUF_SIZE, "%s: PACKET_TIMESTAMP: %s", ifname, strerror(errno));
+        snprintf(errbuf, PKB_ERRBUF_SIZE, "%s: PACKET_TIMESTAMP: %s", ifname, strerror(errno));
         return -1;
     }
     return 0;
 }
 
-pktipc_ring *pktipc_ring_open(const struct pktipc_ring_opts *o, int *err, char *errbuf)
+pkb_ring *pkb_ring_open(const struct pkb_ring_opts *o, int *err, char *errbuf)
 {
-    pktipc_ring *r = calloc(1, sizeof(*r));
+    pkb_ring *r = calloc(1, sizeof(*r));
     if (!r)
-        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "out of memory");
+        return fail(r, err, PKB_RING_ESYS, errbuf, "out of memory");
     r->fd = -1;
     r->map = MAP_FAILED;
     r->snaplen = o->snaplen;
     r->vlan_reinsert = o->vlan_reinsert;
-    r->fanout_id = PKTIPC_FANOUT_NONE;
+    r->fanout_id = PKB_FANOUT_NONE;
     r->block_size = o->block_size;
     r->block_count = o->block_count;
 
     if (strlen(o->ifname) >= IFNAMSIZ || !(r->ifindex = if_nametoindex(o->ifname)))
-        return fail(r, err, PKTIPC_RING_ENODEV, errbuf, "%s: no such interface", o->ifname);
+        return fail(r, err, PKB_RING_ENODEV, errbuf, "%s: no such interface", o->ifname);
     /* Protocol 0: nothing is queued before the filter is on and the socket bound. */
     r->fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
     if (r->fd < 0) {
         if (errno == EPERM || errno == EACCES)
-            return fail(r, err, PKTIPC_RING_EPERM, errbuf,
+            return fail(r, err, PKB_RING_EPERM, errbuf,
                         "capturing on %s needs CAP_NET_RAW: run as root, or give the "
                         "capability to the broker", o->ifname);
-        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "socket(AF_PACKET): %s", strerror(errno));
+        return fail(r, err, PKB_RING_ESYS, errbuf, "socket(AF_PACKET): %s", strerror(errno));
     }
     struct ifreq ifr = {0};
     snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", o->ifname);
     if (ioctl(r->fd, SIOCGIFFLAGS, &ifr) < 0)
-        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "%s: SIOCGIFFLAGS: %s", o->ifname,
+        return fail(r, err, PKB_RING_ESYS, errbuf, "%s: SIOCGIFFLAGS: %s", o->ifname,
                     strerror(errno));
     if (!(ifr.ifr_flags & IFF_UP))
-        return fail(r, err, PKTIPC_RING_EDOWN, errbuf, "%s: the interface is down", o->ifname);
+        return fail(r, err, PKB_RING_EDOWN, errbuf, "%s: the interface is down", o->ifname);
     if (ioctl(r->fd, SIOCGIFHWADDR, &ifr) < 0)
-        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "%s: SIOCGIFHWADDR: %s", o->ifname,
+        return fail(r, err, PKB_RING_ESYS, errbuf, "%s: SIOCGIFHWADDR: %s", o->ifname,
                     strerror(errno));
     switch (ifr.ifr_hwaddr.sa_family) {
     case ARPHRD_ETHER:
@@ -158,14 +158,14 @@ pktipc_ring *pktipc_ring_open(const struct pktipc_ring_opts *o, int *err, char *
         r->linktype = LINKTYPE_RAW;
         break;
     default:
-        return fail(r, err, PKTIPC_RING_EUNSUPP, errbuf,
+        return fail(r, err, PKB_RING_EUNSUPP, errbuf,
                     "%s: link type ARPHRD %u is not supported (Ethernet and raw IP are)",
                     o->ifname, ifr.ifr_hwaddr.sa_family);
     }
 
     struct bpf_program prog;
     if (compile_filter(o, &prog, errbuf) < 0)
-        return fail(r, err, PKTIPC_RING_EFILTER, errbuf, NULL);
+        return fail(r, err, PKB_RING_EFILTER, errbuf, NULL);
     /* libpcap's struct bpf_insn is the kernel's struct sock_filter. */
     struct sock_fprog fprog = {.len = (unsigned short)prog.bf_len,
                                .filter = (struct sock_filter *)prog.bf_insns};
@@ -173,14 +173,14 @@ pktipc_ring *pktipc_ring_open(const struct pktipc_ring_opts *o, int *err, char *
     pcap_freecode(&prog);
     int one = 1;
     if (rc < 0 || setsockopt(r->fd, SOL_SOCKET, SO_LOCK_FILTER, &one, sizeof(one)) < 0)
-        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "%s: attaching the filter: %s",
+        return fail(r, err, PKB_RING_ESYS, errbuf, "%s: attaching the filter: %s",
                     o->ifname, strerror(errno));
 
     int version = TPACKET_V3;
     if (setsockopt(r->fd, SOL_PACKET, PACKET_VERSION, &version, sizeof(version)) < 0)
-        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "PACKET_VERSION: %s", strerror(errno));
+        return fail(r, err, PKB_RING_ESYS, errbuf, "PACKET_VERSION: %s", strerror(errno));
     if (o->hw_timestamps && hw_timestamps(r->fd, o->ifname, errbuf) < 0)
-        return fail(r, err, PKTIPC_RING_EUNSUPP, errbuf, NULL);
+        return fail(r, err, PKB_RING_EUNSUPP, errbuf, NULL);
     struct tpacket_req3 req = {
         .tp_block_size = o->block_size,
         .tp_block_nr = o->block_count,
@@ -189,7 +189,7 @@ pktipc_ring *pktipc_ring_open(const struct pktipc_ring_opts *o, int *err, char *
         .tp_retire_blk_tov = o->block_timeout_ms,
     };
     if (setsockopt(r->fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof(req)) < 0)
-        return fail(r, err, PKTIPC_RING_ESYS, errbuf,
+        return fail(r, err, PKB_RING_ESYS, errbuf,
                     "%s: a ring of %u blocks of %u bytes: %s", o->ifname, o->block_count,
                     o->block_size, strerror(errno));
     r->map_size = (size_t)o->block_size * o->block_count;
@@ -197,54 +197,54 @@ pktipc_ring *pktipc_ring_open(const struct pktipc_ring_opts *o, int *err, char *
     if (r->map == MAP_FAILED)   /* MAP_LOCKED may exceed RLIMIT_MEMLOCK: try without */
         r->map = mmap(NULL, r->map_size, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, 0);
     if (r->map == MAP_FAILED)
-        return fail(r, err, PKTIPC_RING_ESYS, errbuf, "%s: mapping the ring: %s", o->ifname,
+        return fail(r, err, PKB_RING_ESYS, errbuf, "%s: mapping the ring: %s", o->ifname,
                     strerror(errno));
 
     struct sockaddr_ll sll = {.sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_ALL),
                               .sll_ifindex = (int)r->ifindex};
     if (bind(r->fd, (struct sockaddr *)&sll, sizeof(sll)) < 0)
-        return fail(r, err, errno == ENETDOWN ? PKTIPC_RING_EDOWN : PKTIPC_RING_ESYS, errbuf,
+        return fail(r, err, errno == ENETDOWN ? PKB_RING_EDOWN : PKB_RING_ESYS, errbuf,
                     "%s: bind: %s", o->ifname, strerror(errno));
     if (o->promisc) {
         /* A membership, not IFF_PROMISC: the kernel drops it with the socket. */
         struct packet_mreq mr = {.mr_ifindex = (int)r->ifindex, .mr_type = PACKET_MR_PROMISC};
         if (setsockopt(r->fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mr, sizeof(mr)) < 0)
-            return fail(r, err, PKTIPC_RING_ESYS, errbuf, "%s: promiscuous mode: %s",
+            return fail(r, err, PKB_RING_ESYS, errbuf, "%s: promiscuous mode: %s",
                         o->ifname, strerror(errno));
     }
-    if (o->fanout_id != PKTIPC_FANOUT_NONE) {
+    if (o->fanout_id != PKB_FANOUT_NONE) {
         uint32_t flags = o->fanout_mode == PACKET_FANOUT_HASH ? PACKET_FANOUT_FLAG_DEFRAG : 0;
         uint32_t arg;
-        if (o->fanout_id == PKTIPC_FANOUT_AUTO)
+        if (o->fanout_id == PKB_FANOUT_AUTO)
             arg = (o->fanout_mode | flags | PACKET_FANOUT_FLAG_UNIQUEID) << 16;
         else
             arg = (uint32_t)o->fanout_id | (o->fanout_mode | flags) << 16;
         if (setsockopt(r->fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg)) < 0)
-            return fail(r, err, PKTIPC_RING_ESYS, errbuf,
+            return fail(r, err, PKB_RING_ESYS, errbuf,
                         "%s: joining fanout group %d: %s%s", o->ifname, o->fanout_id,
                         strerror(errno), errno == EINVAL ?
                         " (a group of that id exists with another mode or interface)" : "");
         uint32_t got = 0;
         socklen_t len = sizeof(got);
         if (getsockopt(r->fd, SOL_PACKET, PACKET_FANOUT, &got, &len) < 0)
-            return fail(r, err, PKTIPC_RING_ESYS, errbuf, "PACKET_FANOUT: %s", strerror(errno));
+            return fail(r, err, PKB_RING_ESYS, errbuf, "PACKET_FANOUT: %s", strerror(errno));
         r->fanout_id = (int32_t)(got & 0xffff);
     }
     return r;
 }
 
-int pktipc_ring_fd(const pktipc_ring *r) { return r->fd; }
-uint32_t pktipc_ring_ifindex(const pktipc_ring *r) { return r->ifindex; }
-uint32_t pktipc_ring_linktype(const pktipc_ring *r) { return r->linktype; }
-int32_t pktipc_ring_fanout_id(const pktipc_ring *r) { return r->fanout_id; }
+int pkb_ring_fd(const pkb_ring *r) { return r->fd; }
+uint32_t pkb_ring_ifindex(const pkb_ring *r) { return r->ifindex; }
+uint32_t pkb_ring_linktype(const pkb_ring *r) { return r->linktype; }
+int32_t pkb_ring_fanout_id(const pkb_ring *r) { return r->fanout_id; }
 
-static inline struct tpacket_block_desc *block_at(const pktipc_ring *r, uint32_t i)
+static inline struct tpacket_block_desc *block_at(const pkb_ring *r, uint32_t i)
 {
     return (struct tpacket_block_desc *)(r->map + (size_t)i * r->block_size);
 }
 
 /* One packet of a block into the slab; 0 when the slab has no room for it. */
-static int copy_packet(const pktipc_ring *r, struct pktipc_fill *f, const struct tpacket3_hdr *h)
+static int copy_packet(const pkb_ring *r, struct pkb_fill *f, const struct tpacket3_hdr *h)
 {
     const uint8_t *frame = (const uint8_t *)h + h->tp_mac;
     const struct sockaddr_ll *sll =
@@ -303,7 +303,7 @@ static int copy_packet(const pktipc_ring *r, struct pktipc_fill *f, const struct
     d->data_off = f->data_low;
     d->caplen = caplen;
     d->wirelen = wire;
-    d->hash = pktipc_flow_hash(dst, caplen, r->linktype, f->hash_opts);
+    d->hash = pkb_flow_hash(dst, caplen, r->linktype, f->hash_opts);
     d->iface = (uint16_t)f->iface;
     d->linktype = (uint16_t)r->linktype;
     d->vlan_tci = tci;
@@ -316,23 +316,23 @@ static int copy_packet(const pktipc_ring *r, struct pktipc_fill *f, const struct
     return 1;
 }
 
-int pktipc_ring_fill(pktipc_ring *r, struct pktipc_fill *f, uint32_t max_pkts)
+int pkb_ring_fill(pkb_ring *r, struct pkb_fill *f, uint32_t max_pkts)
 {
     for (;;) {
         struct tpacket_block_desc *b = block_at(r, r->block);
         /* Make sure the kernel's writes to the block are seen before we read
          * it: the status is the kernel's release store. */
         if (!(__atomic_load_n(&b->hdr.bh1.block_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
-            return PKTIPC_FILL_EMPTY;
+            return PKB_FILL_EMPTY;
         uint32_t n = b->hdr.bh1.num_pkts;
         if (r->pkt_index == 0)
             r->pkt_off = b->hdr.bh1.offset_to_first_pkt;
         while (r->pkt_index < n) {
             if (f->count >= max_pkts)
-                return PKTIPC_FILL_FULL;
+                return PKB_FILL_FULL;
             const struct tpacket3_hdr *h = (const struct tpacket3_hdr *)((uint8_t *)b + r->pkt_off);
             if (!copy_packet(r, f, h))
-                return f->count ? PKTIPC_FILL_FULL : PKTIPC_FILL_TOOBIG;
+                return f->count ? PKB_FILL_FULL : PKB_FILL_TOOBIG;
             r->pkt_off += h->tp_next_offset;
             r->pkt_index++;
         }
@@ -344,7 +344,7 @@ int pktipc_ring_fill(pktipc_ring *r, struct pktipc_fill *f, uint32_t max_pkts)
     }
 }
 
-int pktipc_ring_stats(pktipc_ring *r, struct pktipc_iface *e)
+int pkb_ring_stats(pkb_ring *r, struct pktipc_iface *e)
 {
     struct tpacket_stats_v3 st = {0};
     socklen_t len = sizeof(st);
@@ -357,7 +357,7 @@ int pktipc_ring_stats(pktipc_ring *r, struct pktipc_iface *e)
     return 0;
 }
 
-int pktipc_ring_sock_error(pktipc_ring *r)
+int pkb_ring_sock_error(pkb_ring *r)
 {
     int e = 0;
     socklen_t len = sizeof(e);
@@ -366,7 +366,7 @@ int pktipc_ring_sock_error(pktipc_ring *r)
     return e;
 }
 
-void pktipc_ring_close(pktipc_ring *r)
+void pkb_ring_close(pkb_ring *r)
 {
     if (!r)
         return;

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ._client import broker_stats, connect
-from ._errors import PktipcError
-from ._paths import control_endpoint, ipc_path
+from .._client.client import broker_stats, connect
+from .._errors import PktipcError
+from .._paths import control_endpoint, ipc_path
 
 CLIENT_NAMES = ("ids", "recorder", "flows", "metrics")
 TAP, PEER = "pktipc0", "pktipc1"
@@ -152,7 +152,7 @@ def _run_live(clients: int, packets: int, rate: float) -> int:
             if time.monotonic() > deadline:
                 raise PktipcError("the clients did not attach")
             time.sleep(0.02)
-        gen = subprocess.Popen(ns.cmd(sys.executable, "-m", "pktipc._traffic", "-i", PEER,
+        gen = subprocess.Popen(ns.cmd(sys.executable, "-m", "pktipc._tools.traffic", "-i", PEER,
                                       "-c", str(packets), "--rate", str(rate)),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import BinaryIO
 
-from ._pcapfile import PCAP_NS_MAGIC
+from .._client.writer import PCAP_NS_MAGIC
 
 
 def _csum(data: bytes) -> int:

@@ -28,11 +28,10 @@ import numpy as np
 import posix_ipc
 import zmq
 
-from . import _protocol as proto
-from ._errors import PermissionDenied, PktipcError, SourceError
-from ._layout import Geometry, Iface, Segment, SlabPool, mask_of, select, share_counts
-from ._live import LiveOptions, LiveSource
-from ._paths import (
+from .. import _protocol as proto
+from .._errors import PermissionDenied, PktipcError, SourceError
+from .._layout import Geometry, Iface, Segment, SlabPool, mask_of, select, share_counts
+from .._paths import (
     check_name,
     control_endpoint,
     ipc_path,
@@ -40,8 +39,9 @@ from ._paths import (
     segment_name,
     segment_prefix,
 )
-from ._shm import ffi, lib
-from ._source import NO_LIMIT, FileSource
+from .._shm import ffi, lib
+from .files import NO_LIMIT, FileSource
+from .live import LiveOptions, LiveSource
 
 DEFAULT_SLAB_SIZE = 1 << 20
 DEFAULT_SLAB_COUNT = 64
@@ -594,7 +594,7 @@ class Broker:
         self._cleanup: list[Any] = []
         self._wake = 0.0            # paced source: when the next packet is due
         self._started = self.wait_clients == 0
-        self._fill = ffi.new("struct pktipc_fill *")
+        self._fill = ffi.new("struct pkb_fill *")
         self._open_slab: int | None = None
         self._starved = False       # live: no slab for what the rings hold
         self._rings_polled = False
@@ -965,9 +965,9 @@ class Broker:
         if slab is None:
             slab = self.disp.reclaim()
         if slab is not None:
-            lib.pktipc_fill_begin(self._fill, self.seg.slab_ptr(slab),
+            lib.pkb_fill_begin(self._fill, self.seg.slab_ptr(slab),
                                   self.geometry.slab_size, 0)
-            self._fill.hash_opts = lib.PKTIPC_HASH_TUNNELS if self.opts.tunnel_hash else 0
+            self._fill.hash_opts = lib.PKB_HASH_TUNNELS if self.opts.tunnel_hash else 0
             self._open_slab = slab
         return slab
 
@@ -987,16 +987,16 @@ class Broker:
             entry = self.seg.iface(src.index)
             entry.packets += res.packets
             entry.bytes += res.bytes
-            if res.status == lib.PKTIPC_FILL_FULL:
+            if res.status == lib.PKB_FILL_FULL:
                 self._publish(now)
                 return True
-            if res.status == lib.PKTIPC_FILL_LIMIT:
+            if res.status == lib.PKB_FILL_LIMIT:
                 assert self.pacer is not None
                 self._wake = self.pacer.due(src.next_ts())
                 if fill.count:
                     self._publish(now)
                 return False
-            if res.status == lib.PKTIPC_FILL_EOF:
+            if res.status == lib.PKB_FILL_EOF:
                 if self.pacer is not None:
                     self.pacer.reset()
                 try:
@@ -1027,12 +1027,12 @@ class Broker:
             entry = self.seg.iface(i)
             entry.packets += n
             entry.bytes += nbytes
-        if status == lib.PKTIPC_FILL_TOOBIG:    # a block always fits a slab: a bug
+        if status == lib.PKB_FILL_TOOBIG:    # a block always fits a slab: a bug
             self._end(now, "a frame does not fit an empty slab")
             return False
         if self._fill.count:
             self._publish(now)
-        return bool(status == lib.PKTIPC_FILL_FULL)
+        return bool(status == lib.PKB_FILL_FULL)
 
     def _publish(self, now: float) -> None:
         slab, fill = self._open_slab, self._fill
@@ -1044,7 +1044,7 @@ class Broker:
             self._read_kernel_stats()
             total = sum(int(self.seg.iface(i).kernel_drops) for i in range(len(self.ifaces)))
             kernel_drops, self._kernel_drops = total - self._kernel_drops, total
-        lib.pktipc_batch_publish(self.seg.batch_rec(slab), slab, b.gen, seq, fill,
+        lib.pkb_batch_publish(self.seg.batch_rec(slab), slab, b.gen, seq, fill,
                                  kernel_drops, 0)
         c = self.seg.header.counters
         c.packets += fill.count

@@ -9,8 +9,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ._errors import PktipcError
-from ._layout import Iface
+from .._errors import PktipcError
+from .._layout import Iface
 
 PCAP_NS_MAGIC = 0xA1B23C4D
 _PCAP_REC = np.dtype([("sec", "<u4"), ("nsec", "<u4"), ("incl", "<u4"), ("orig", "<u4")])

@@ -1,0 +1,1 @@
+"""What a client process runs: the client and the capture-file writer."""

@@ -1,0 +1,2 @@
+"""Tooling over the public API: the command line, the demo, traffic for tests and
+benchmarks, and the C schema generator."""

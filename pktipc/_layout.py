@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -221,11 +220,11 @@ class Segment:
         return {name: int(getattr(c, name)) for name, _ in ffi.typeof(c).fields}
 
 
-def _u32s(values: Sequence[int]) -> Any:
+def u32s(values: Sequence[int]) -> Any:
     return ffi.from_buffer("uint32_t[]", np.asarray(values, dtype=np.uint32))
 
 
-def _mask_ptr(mask: bytes | None) -> Any:
+def mask_ptr(mask: bytes | None) -> Any:
     return ffi.NULL if mask is None else ffi.from_buffer(mask)
 
 
@@ -236,72 +235,6 @@ def select(desc: np.ndarray[Any, Any], mask: bytes | None, members: Sequence[int
     `me` among them. One C call (pktipc_select)."""
     out = np.empty(len(desc), dtype=np.uint32)
     k = lib.pktipc_select(ffi.from_buffer("struct pktipc_pkt[]", desc), len(desc),
-                          _mask_ptr(mask), _u32s(members), len(members), me,
+                          mask_ptr(mask), u32s(members), len(members), me,
                           ffi.from_buffer("uint32_t[]", out))
     return out[:k]
-
-
-def share_counts(desc: np.ndarray[Any, Any], mask: bytes | None,
-                 members: Sequence[int]) -> list[int]:
-    """How many packets of `desc` (of those set in `mask`) each member owns."""
-    counts = np.zeros(len(members), dtype=np.uint32)
-    lib.pktipc_share_counts(ffi.from_buffer("struct pktipc_pkt[]", desc), len(desc),
-                            _mask_ptr(mask), _u32s(members), len(members),
-                            ffi.from_buffer("uint32_t[]", counts))
-    return [int(x) for x in counts]
-
-
-def mask_of(indexes: np.ndarray[Any, Any], n: int) -> bytes:
-    """The BATCH mask of a set of packet indexes, in a batch of n."""
-    bits = np.zeros(n, dtype=bool)
-    bits[indexes] = True
-    return np.packbits(bits, bitorder="little").tobytes()
-
-
-class SlabPool:
-    """Which slabs are free, and how many holders each published slab has.
-
-    A slab returns to the free list only when its last holder lets it go;
-    its generation counts how many times it was published.
-    """
-
-    def __init__(self, count: int) -> None:
-        self.free: deque[int] = deque(range(count))
-        self.refs = [0] * count
-        self.gen = [0] * count
-
-    def take(self) -> int | None:
-        return self.free.popleft() if self.free else None
-
-    def publish(self, slab: int, holders: int) -> int:
-        """Marks a filled slab handed to `holders`; returns its generation."""
-        self.gen[slab] += 1
-        if holders:
-            self.refs[slab] = holders
-        else:
-            self.free.append(slab)
-        return self.gen[slab]
-
-    def unref(self, slab: int) -> bool:
-        """Drops one holder; True when the slab became free."""
-        if self.refs[slab] <= 0:
-            raise ValueError(f"slab {slab} has no holder")
-        self.refs[slab] -= 1
-        if self.refs[slab] == 0:
-            self.free.append(slab)
-            return True
-        return False
-
-    def ref(self, slab: int, more: int) -> None:
-        """Adds holders to a published slab that has some."""
-        if self.refs[slab] <= 0:
-            raise ValueError(f"slab {slab} has no holder")
-        self.refs[slab] += more
-
-    def give_back(self, slab: int) -> None:
-        """Returns a slab taken but never published."""
-        self.free.appendleft(slab)
-
-    @property
-    def in_use(self) -> int:
-        return len(self.refs) - len(self.free)

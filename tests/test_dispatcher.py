@@ -13,8 +13,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pktipc._broker.broker import Dispatcher
-from pktipc._layout import PKT_DTYPE, SlabPool, select
+from pktipc._broker.dispatch import Dispatcher, SlabPool
+from pktipc._layout import PKT_DTYPE, select
 from pktipc._protocol import (
     Batch,
     BrokerConnection,

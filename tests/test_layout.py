@@ -17,6 +17,7 @@ from conftest import PCAPS, ROOT, all_captures
 from pcapref import PcapError, read_pcap
 from pktipc._shm import ffi, lib
 
+from pktipc._broker.dispatch import SlabPool
 from pktipc._broker.files import NO_LIMIT, FileSource
 from pktipc._errors import LayoutError, SourceError
 from pktipc._layout import (
@@ -25,7 +26,6 @@ from pktipc._layout import (
     Geometry,
     Iface,
     Segment,
-    SlabPool,
 )
 
 SHM = ROOT / "shm"
@@ -510,11 +510,11 @@ def test_packet_too_big_for_any_slab() -> None:
     buf, seg = new_segment(4096, 2, src.ifaces)
     fill = ffi.new("struct pkb_fill *")
     lib.pkb_fill_begin(fill, seg.slab_ptr(0), 4096, 0)
-    res = src.fill(fill)
+    res = src.read_into(fill)
     # The small packets before it fill one slab; then it fits nowhere.
     assert (res.status, res.packets) == (lib.PKB_FILL_FULL, big)
     lib.pkb_fill_begin(fill, seg.slab_ptr(1), 4096, 0)
-    res = src.fill(fill)
+    res = src.read_into(fill)
     assert (res.status, res.packets, fill.count) == (lib.PKB_FILL_TOOBIG, 0, 0)
     assert res.error is not None
     assert str(want[big][1]) in res.error and "4096" in res.error
@@ -535,17 +535,17 @@ def test_ts_limit() -> None:
     buf, seg = new_segment(65536, 2, src.ifaces)
     fill = ffi.new("struct pkb_fill *")
     lib.pkb_fill_begin(fill, seg.slab_ptr(0), 65536, 0)
-    res = src.fill(fill, want[5][0] - 1)
+    res = src.read_into(fill, want[5][0] - 1)
     assert (res.status, res.packets) == (lib.PKB_FILL_LIMIT, 5)
     assert src.next_ts() == want[5][0]
     assert lib.pkb_src_pending_caplen(src.current) == want[5][1]
     # A packet exactly at the limit is due.
-    res = src.fill(fill, want[5][0])
+    res = src.read_into(fill, want[5][0])
     assert (res.status, res.packets) == (lib.PKB_FILL_LIMIT, 1)
     # A limit in the past places nothing.
-    res = src.fill(fill, 0)
+    res = src.read_into(fill, 0)
     assert (res.status, res.packets) == (lib.PKB_FILL_LIMIT, 0)
-    res = src.fill(fill, NO_LIMIT)
+    res = src.read_into(fill, NO_LIMIT)
     assert res.status == lib.PKB_FILL_EOF
     assert slab_packets(buf, seg, 0, fill.count) == want
 
@@ -555,9 +555,9 @@ def test_end_of_file_is_sticky() -> None:
     buf, seg = new_segment(65536, 2, src.ifaces)
     fill = ffi.new("struct pkb_fill *")
     lib.pkb_fill_begin(fill, seg.slab_ptr(0), 65536, 0)
-    assert src.fill(fill).status == lib.PKB_FILL_EOF
+    assert src.read_into(fill).status == lib.PKB_FILL_EOF
     n = fill.count
-    res = src.fill(fill)
+    res = src.read_into(fill)
     assert (res.status, res.packets, fill.count) == (lib.PKB_FILL_EOF, 0, n)
     assert src.next_ts() == NO_LIMIT
     assert src.pending_caplen() == 0
@@ -582,7 +582,7 @@ def test_error_mid_file(tmp_path: Path) -> None:
     buf, seg = new_segment(65536, 2, src.ifaces)
     fill = ffi.new("struct pkb_fill *")
     lib.pkb_fill_begin(fill, seg.slab_ptr(0), 65536, 0)
-    res = src.fill(fill)
+    res = src.read_into(fill)
     assert (res.status, res.packets) == (lib.PKB_FILL_ERROR, 10)
     assert res.error == f"{cut}: {ref_error}"
 

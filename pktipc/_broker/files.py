@@ -1,4 +1,5 @@
-"""Packet sources: capture files read through libpcap, in C, a slab at a time."""
+"""Capture files as a packet source: read through libpcap (or from a
+mapping), in C, a slab at a time; paced by their timestamps on request."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from .._errors import SourceError
 from .._layout import Iface
 from .._shm import ffi, lib
+from .sources import Produced, Status
 
 NO_LIMIT = (1 << 63) - 1   # INT64_MAX: no packet is later
 
@@ -20,6 +22,27 @@ def _open(path: str) -> Any:
         msg = ffi.string(errbuf).decode(errors="replace")
         raise SourceError(f"{path}: {msg}")
     return ffi.gc(src, lib.pkb_src_close)
+
+
+class Pacer:
+    """Maps a file's timestamps onto the wall clock at `speed` times real time."""
+
+    def __init__(self, speed: float) -> None:
+        self.speed = speed
+        self.base_ts: int | None = None
+        self.base_wall = 0.0
+
+    def reset(self) -> None:
+        self.base_ts = None
+
+    def limit(self, now: float, next_ts: int) -> int:
+        if self.base_ts is None:
+            self.base_ts, self.base_wall = next_ts, now
+        return self.base_ts + int((now - self.base_wall) * self.speed * 1e9)
+
+    def due(self, ts: int) -> float:
+        assert self.base_ts is not None
+        return self.base_wall + (ts - self.base_ts) / (self.speed * 1e9)
 
 
 @dataclass
@@ -39,11 +62,17 @@ class FileSource:
     packets carry that entry's index.
     """
 
-    def __init__(self, paths: list[str], loops: int = 1) -> None:
+    fds: list[int] = []
+    default_policy = "block"
+    default_wait_clients = 1
+    pauses_without_clients = True       # nothing is replayed to nobody
+
+    def __init__(self, paths: list[str], loops: int = 1, speed: float | None = None) -> None:
         if not paths:
             raise SourceError("no capture file given")
         self.paths = paths
         self.loops = loops
+        self.pacer = Pacer(speed) if speed else None
         self.ifaces: list[Iface] = []
         for path in paths:
             if os.path.isdir(path):
@@ -69,7 +98,52 @@ class FileSource:
     def pending_caplen(self) -> int:
         return int(lib.pkb_src_pending_caplen(self.current))
 
-    def fill(self, fill: Any, ts_limit: int = NO_LIMIT) -> FillResult:
+    def produce(self, fill: Any, now: float) -> Produced:
+        added = []
+        while True:
+            limit = NO_LIMIT
+            if self.pacer is not None:
+                nts = self.next_ts()
+                limit = self.pacer.limit(now, nts) if nts != NO_LIMIT else NO_LIMIT
+            index = self.index
+            res = self.read_into(fill, limit)
+            added.append((index, res.packets, res.bytes))
+            if res.status == lib.PKB_FILL_FULL:
+                return Produced(Status.FULL, added)
+            if res.status == lib.PKB_FILL_LIMIT:
+                assert self.pacer is not None
+                return Produced(Status.IDLE, added, wake=self.pacer.due(self.next_ts()))
+            if res.status != lib.PKB_FILL_EOF:
+                return Produced(Status.END, added, error=res.error)
+            if self.pacer is not None:
+                self.pacer.reset()
+            try:
+                more = self.next_file()
+            except SourceError as e:
+                return Produced(Status.END, added, error=str(e))
+            if not more:
+                return Produced(Status.END, added)
+            # Back to the loop at every file boundary, so that signals and
+            # control messages are seen however short the files are.
+            return Produced(Status.MORE, added)
+
+    def read_counters(self, entries: list[Any]) -> None:
+        pass
+
+    def error(self, i: int) -> str:
+        return f"{self.paths[i]}: error"
+
+    def stats(self, i: int, entry: Any) -> dict[str, Any]:
+        return {"kind": "file"}
+
+    def describe(self) -> str:
+        n = len(self.paths)
+        return "serving " + (self.paths[0] if n == 1 else f"{n} files")
+
+    def close(self) -> None:
+        pass
+
+    def read_into(self, fill: Any, ts_limit: int = NO_LIMIT) -> FillResult:
         """Adds packets of the current file to `fill`'s slab (one C call)."""
         count, nbytes = fill.count, fill.bytes
         fill.iface = self.index

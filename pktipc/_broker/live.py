@@ -11,6 +11,7 @@ from typing import Any
 from .._errors import PermissionDenied, SourceError
 from .._layout import Iface
 from .._shm import ffi, lib
+from .sources import Produced, Status
 
 FANOUT_MODES = {"hash": 0, "lb": 1, "cpu": 2, "rnd": 4, "qm": 5}   # PACKET_FANOUT_*
 FANOUT_AUTO = lib.PKB_FANOUT_AUTO
@@ -66,6 +67,10 @@ class LiveSource:
     Interface i is entry i of the interface table; with --fanout ID, it joins
     group ID + i (the kernel keeps one group to one interface)."""
 
+    default_policy = "drop"             # a stalled client costs only itself
+    default_wait_clients = 0
+    pauses_without_clients = False      # packets not read are kernel drops
+
     def __init__(self, opts: LiveOptions) -> None:
         opts.check()
         self.opts = opts
@@ -101,6 +106,37 @@ class LiveSource:
         self.fds = [int(lib.pkb_ring_fd(r)) for r in self.rings]
         self._first = 0             # the ring drained first, in turn, so none starves
 
+    def produce(self, fill: Any, now: float) -> Produced:
+        """Drains the rings into one slab, to be published once full or once
+        the rings are empty."""
+        status, added = self.fill(fill)
+        if status == lib.PKB_FILL_TOOBIG:    # a block always fits a slab: a bug
+            return Produced(Status.END, added, error="a frame does not fit an empty slab")
+        return Produced(Status.FULL if status == lib.PKB_FILL_FULL else Status.IDLE, added)
+
+    def read_counters(self, entries: list[Any]) -> None:
+        """Adds each ring's kernel counters since the last read to its entry
+        (the kernel resets its own when read)."""
+        for ring, entry in zip(self.rings, entries, strict=True):
+            lib.pkb_ring_stats(ring, entry)
+
+    def stats(self, i: int, entry: Any) -> dict[str, Any]:
+        out = {"kind": "interface", "ifindex": self.ifaces[i].ifindex,
+               "kernel_packets": int(entry.kernel_packets),
+               "kernel_drops": int(entry.kernel_drops),
+               "kernel_freezes": int(entry.kernel_freezes)}
+        if self.opts.fanout is not None:
+            out.update(fanout_id=self.fanout_ids[i], fanout_mode=self.opts.fanout_mode)
+        return out
+
+    def describe(self) -> str:
+        what = "capturing on " + ", ".join(self.opts.interfaces)
+        if self.opts.filter:
+            what += f" (filter {self.opts.filter!r})"
+        if self.opts.fanout is not None:
+            what += f", fanout group {', '.join(map(str, self.fanout_ids))}"
+        return what
+
     def fill(self, fill: Any,
              max_pkts: int = 0xFFFFFFFF) -> tuple[int, list[tuple[int, int, int]]]:
         """Drains the rings into `fill`'s slab, one C call per ring: the last
@@ -118,10 +154,6 @@ class LiveSource:
             if status != lib.PKB_FILL_EMPTY:
                 break
         return status, added
-
-    def read_stats(self, entry: Any, i: int) -> None:
-        """Adds ring i's kernel counters since the last read to its entry."""
-        lib.pkb_ring_stats(self.rings[i], entry)
 
     def error(self, i: int) -> str:
         """Why ring i's socket reports an error (the interface went down...)."""

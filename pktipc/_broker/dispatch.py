@@ -1,0 +1,505 @@
+"""The broker's bookkeeping, with no I/O: which slab is free, who holds which
+batch, what each client is owed, groups and their shares, credit, gaps.
+
+Nothing here touches a socket, a file or the clock: the loop (broker.py)
+hands in events and `now`, and the protocol machine it is given collects
+the frames to send.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import _protocol as proto
+from .._layout import mask_ptr, select, u32s
+from .._shm import ffi, lib
+
+
+def share_counts(desc: np.ndarray[Any, Any], mask: bytes | None,
+                 members: Sequence[int]) -> list[int]:
+    """How many packets of `desc` (of those set in `mask`) each member owns."""
+    counts = np.zeros(len(members), dtype=np.uint32)
+    lib.pktipc_share_counts(ffi.from_buffer("struct pktipc_pkt[]", desc), len(desc),
+                            mask_ptr(mask), u32s(members), len(members),
+                            ffi.from_buffer("uint32_t[]", counts))
+    return [int(x) for x in counts]
+
+
+def mask_of(indexes: np.ndarray[Any, Any], n: int) -> bytes:
+    """The BATCH mask of a set of packet indexes, in a batch of n."""
+    bits = np.zeros(n, dtype=bool)
+    bits[indexes] = True
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+class SlabPool:
+    """Which slabs are free, and how many holders each published slab has.
+
+    A slab returns to the free list only when its last holder lets it go;
+    its generation counts how many times it was published.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.free: deque[int] = deque(range(count))
+        self.refs = [0] * count
+        self.gen = [0] * count
+
+    def take(self) -> int | None:
+        return self.free.popleft() if self.free else None
+
+    def publish(self, slab: int, holders: int) -> int:
+        """Marks a filled slab handed to `holders`; returns its generation."""
+        self.gen[slab] += 1
+        if holders:
+            self.refs[slab] = holders
+        else:
+            self.free.append(slab)
+        return self.gen[slab]
+
+    def unref(self, slab: int) -> bool:
+        """Drops one holder; True when the slab became free."""
+        if self.refs[slab] <= 0:
+            raise ValueError(f"slab {slab} has no holder")
+        self.refs[slab] -= 1
+        if self.refs[slab] == 0:
+            self.free.append(slab)
+            return True
+        return False
+
+    def ref(self, slab: int, more: int) -> None:
+        """Adds holders to a published slab that has some."""
+        if self.refs[slab] <= 0:
+            raise ValueError(f"slab {slab} has no holder")
+        self.refs[slab] += more
+
+    def give_back(self, slab: int) -> None:
+        """Returns a slab taken but never published."""
+        self.free.appendleft(slab)
+
+    @property
+    def in_use(self) -> int:
+        return len(self.refs) - len(self.free)
+
+
+@dataclass(frozen=True)
+class Share:
+    """The packets of one batch owed to one client: those set in `mask` (None:
+    all) that `members`, if any, give to the client's slot. What a BATCH
+    carries, plus how many packets that is."""
+
+    packets: int
+    members: tuple[int, ...] = ()
+    mask: bytes | None = None
+
+
+@dataclass
+class ClientState:
+    name: str
+    peer: bytes | None                                  # None: detached, may resume
+    group: str
+    policy: str
+    credit: int
+    pid: int
+    slot: int
+    queue: deque[int] = field(default_factory=deque)   # published to it, not yet sent
+    held: set[int] = field(default_factory=set)         # sent, not released
+    shares: dict[int, Share] = field(default_factory=dict)  # of each seq queued or held
+    later: dict[int, Share] = field(default_factory=dict)   # owed for a seq it holds
+    sent_at: dict[int, float] = field(default_factory=dict)  # held seq -> when sent
+    pidfd: int | None = None                            # local clients: death is readable
+    detached_at: float = 0.0
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # skipped, not yet told
+    eos_sent: bool = False
+    batches: int = 0
+    packets: int = 0
+    drops: int = 0
+
+
+@dataclass
+class Group:
+    balance: str            # set by its first member
+    last: int = -1          # round-robin: slot of the member given the last batch
+
+
+def _add_gap(gaps: list[tuple[int, int]], start: int, end: int) -> None:
+    """Inserts [start, end) into a sorted list of disjoint ranges, merging
+    it with the ranges it touches."""
+    gaps.append((start, end))
+    gaps.sort()
+    merged = [gaps[0]]
+    for s, e in gaps[1:]:
+        if s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
+        else:
+            merged.append((s, e))
+    gaps[:] = merged
+
+
+@dataclass
+class Published:
+    slab: int
+    gen: int
+    n: int
+
+
+Descriptors = Callable[[int, int], "np.ndarray[Any, Any]"]
+
+
+class Dispatcher:
+    """Fan-out and balance bookkeeping: every group gets every batch, divided
+    among its members (by flow or by batch); each client gets its shares in
+    order, holding at most `credit` at once; a slab is free again when its
+    last holder let go. `descriptors(slab, n)` reads a published slab's
+    descriptors, for the flow hashes."""
+
+    def __init__(self, conn: proto.BrokerConnection, pool: SlabPool, *,
+                 default_policy: str, default_credit: int, max_clients: int,
+                 lease: float | None = None, descriptors: Descriptors | None = None) -> None:
+        self.conn = conn
+        self.lease = lease
+        self.pool = pool
+        self.default_policy = default_policy
+        self.default_credit = default_credit
+        self.max_clients = max_clients
+        self.descriptors = descriptors
+        self.clients: dict[str, ClientState] = {}
+        self.by_peer: dict[bytes, ClientState] = {}
+        self.groups: dict[str, Group] = {}
+        self.batches: dict[int, Published] = {}
+        self.next_seq = 0
+        self.ended = False
+        self.end_error: str | None = None
+        self.client_drops = 0
+        self.clients_total = 0
+        self.slots: dict[str, int] = {}     # a client that comes back gets its slot back
+
+    # -- clients --
+    def hello(self, ev: proto.Hello, now: float, welcome: dict[str, Any]) -> ClientState | None:
+        group = ev.group or ev.name
+        other = self.clients.get(ev.name)
+        if other is not None and other.peer is not None:
+            self.conn.refuse(ev.peer, now, "name-taken",
+                             f"a client named {ev.name!r} is already attached (pid {other.pid})")
+            return None
+        if other is not None and other.group != group:
+            self.conn.refuse(ev.peer, now, "group-mismatch",
+                             f"{ev.name!r} is kept in group {other.group!r}, not {group!r}")
+            return None
+        g = self.groups.get(group)
+        if g is not None and ev.balance not in (None, g.balance):
+            self.conn.refuse(ev.peer, now, "balance-mismatch",
+                             f"group {group!r} balances by {g.balance}, not {ev.balance}")
+            return None
+        if other is not None:
+            return self._resume(other, ev, now, welcome)
+        if len(self.clients) >= self.max_clients:
+            self.conn.refuse(ev.peer, now, "too-many-clients",
+                             f"this broker serves at most {self.max_clients} clients")
+            return None
+        policy = ev.policy or self.default_policy
+        # Never more than the ring; a `drop` client, which the broker must
+        # never wait for, at most half of it, so that what it holds never
+        # leaves the others without a slab.
+        most = len(self.pool.refs) if policy == "block" else max(1, len(self.pool.refs) // 2)
+        c = ClientState(name=ev.name, peer=ev.peer, group=group,
+                        policy=policy, credit=min(ev.credit or self.default_credit, most),
+                        pid=ev.pid, slot=self.slots.setdefault(ev.name, len(self.slots)))
+        g = self.groups.setdefault(group, Group(ev.balance or "flow"))
+        self.clients_total += 1
+        self.clients[c.name] = c
+        self.by_peer[ev.peer] = c
+        self.conn.accept(ev.peer, now, slot=c.slot, credit=c.credit, policy=c.policy,
+                         group=group, balance=g.balance, **welcome)
+        self.pump(c, now)
+        return c
+
+    def _resume(self, c: ClientState, ev: proto.Hello, now: float,
+                welcome: dict[str, Any]) -> ClientState:
+        """A detached client is back under its name: it continues where it
+        stopped, from the batches it never released."""
+        c.peer, c.pid = ev.peer, ev.pid
+        self.by_peer[ev.peer] = c
+        self.clients_total += 1
+        self.conn.accept(c.peer, now, slot=c.slot, credit=c.credit, policy=c.policy,
+                         group=c.group, balance=self.groups[c.group].balance, **welcome)
+        self.pump(c, now)
+        return c
+
+    def members(self, group: str) -> list[ClientState]:
+        """The members of a group, attached or kept for --grace, by slot."""
+        return sorted((c for c in self.clients.values() if c.group == group),
+                      key=lambda c: c.slot)
+
+    def detach(self, c: ClientState, now: float) -> None:
+        """Keeps a lost client's place: what it held and what it is owed wait
+        for it under its name (see resume); `drop` clients may lose them."""
+        assert c.peer is not None
+        del self.by_peer[c.peer]
+        c.peer = None
+        c.detached_at = now
+        held = sorted(c.held)
+        c.held.clear()
+        c.sent_at.clear()
+        for seq in held:
+            share = c.shares.pop(seq)
+            self._enqueue(c, seq, share)
+            later = c.later.pop(seq, None)
+            if later is not None:
+                self._owe(c, seq, later)
+        if c.policy == "drop":
+            self._pump_drop(now)
+
+    def detached_before(self, when: float) -> list[ClientState]:
+        return [c for c in self.clients.values() if c.peer is None and c.detached_at <= when]
+
+    def remove(self, c: ClientState, now: float) -> None:
+        """Forgets a client (bye, lost, evicted). What it held and what it was
+        owed goes to the rest of its group, each packet to the member that
+        owns its flow now; with nobody left, the slabs are let go."""
+        owed = [(seq, c.shares[seq]) for seq in (*sorted(c.held), *c.queue)]
+        owed += sorted(c.later.items())
+        c.held.clear()
+        c.sent_at.clear()
+        c.queue.clear()
+        c.shares.clear()
+        c.later.clear()
+        del self.clients[c.name]
+        if c.peer is not None:
+            del self.by_peer[c.peer]
+        heirs = [m for m in self.members(c.group) if not m.eos_sent]
+        for seq, share in owed:
+            self._pass_on(c, seq, share, heirs)
+        if not self.members(c.group):
+            del self.groups[c.group]
+        for m in heirs:
+            self.pump(m, now)
+        self._end_group(c.group, now)
+        if c.policy == "drop":
+            self._pump_drop(now)
+
+    def _pass_on(self, gone: ClientState, seq: int, share: Share,
+                 heirs: list[ClientState]) -> None:
+        """Divides the share of a member that left among `heirs`."""
+        if not heirs:
+            self._unref(seq)
+            return
+        b = self.batches[seq]
+        mask = share.mask
+        if share.members:
+            mask = mask_of(self._indexes(b, share, gone.slot), b.n)
+        parts = self._divide(self.groups[gone.group], heirs, b, mask, share.packets)
+        if not parts:
+            self._unref(seq)
+            return
+        self.pool.ref(b.slab, len(parts) - 1)
+        for m, part in parts:
+            self._owe(m, seq, part)
+
+    def release(self, c: ClientState, seqs: list[int], now: float) -> None:
+        unknown = []
+        for seq in seqs:
+            if seq in c.held:
+                c.held.remove(seq)
+                del c.sent_at[seq]
+                del c.shares[seq]
+                self._unref(seq)
+                later = c.later.pop(seq, None)
+                if later is not None:
+                    self._enqueue(c, seq, later)
+            else:
+                unknown.append(seq)     # never held, or released twice
+        if unknown and c.peer is not None:
+            self.conn.refuse(c.peer, now, "bad-release",
+                             f"batches {unknown[:8]} are not held by {c.name!r}")
+        self.pump(c, now)
+        if c.policy == "drop":
+            self._pump_drop(now)
+
+    def _pump_drop(self, now: float) -> None:
+        """What one `drop` client let go of may let another one on."""
+        for c in self.clients.values():
+            if c.policy == "drop":
+                self.pump(c, now)
+
+    def _unref(self, seq: int) -> None:
+        if self.pool.unref(self.batches[seq].slab):
+            del self.batches[seq]
+
+    # -- shares --
+    def _indexes(self, b: Published, share: Share, slot: int) -> np.ndarray[Any, Any]:
+        if not share.members and share.mask is None:
+            return np.arange(b.n, dtype=np.uint32)
+        return select(self._descriptors(b), share.mask, share.members, slot)
+
+    def _descriptors(self, b: Published) -> np.ndarray[Any, Any]:
+        assert self.descriptors is not None, "flow balancing reads the descriptors"
+        return self.descriptors(b.slab, b.n)
+
+    def _divide(self, g: Group, members: list[ClientState], b: Published, mask: bytes | None,
+                packets: int) -> list[tuple[ClientState, Share]]:
+        """Shares of the packets set in `mask` (None: all of the batch) for
+        `members` (by slot), none of them empty."""
+        if len(members) == 1 or g.balance == "round-robin":
+            # Round-robin: the next member after the last one served,
+            # preferring those attached now, that do not need to catch up.
+            ready = [m for m in members if m.peer is not None] or members
+            m = next((m for m in ready if m.slot > g.last), ready[0])
+            g.last = m.slot
+            return [(m, Share(packets, (), mask))]
+        slots = tuple(m.slot for m in members)
+        counts = share_counts(self._descriptors(b), mask, slots)
+        return [(m, Share(k, slots, mask)) for m, k in zip(members, counts, strict=True) if k]
+
+    def _enqueue(self, c: ClientState, seq: int, share: Share) -> None:
+        """Queues a share (holding one slab reference) in seq order."""
+        c.shares[seq] = share
+        if not c.queue or seq > c.queue[-1]:
+            c.queue.append(seq)
+        else:
+            bisect.insort(c.queue, seq)
+
+    def _owe(self, c: ClientState, seq: int, share: Share) -> None:
+        """Adds a share (holding one slab reference) to what `c` is owed. A
+        second share of a seq it holds waits until it gives that back; one
+        of a seq queued for it is merged into the queued one."""
+        if seq in c.held:
+            if seq in c.later:
+                c.later[seq] = self._merge(c, seq, c.later[seq], share)
+            else:
+                c.later[seq] = share
+        elif seq in c.shares:
+            c.shares[seq] = self._merge(c, seq, c.shares[seq], share)
+        else:
+            self._enqueue(c, seq, share)
+
+    def _merge(self, c: ClientState, seq: int, a: Share, b: Share) -> Share:
+        """One share for both (their reference counts as one)."""
+        self._unref(seq)
+        batch = self.batches[seq]
+        both = np.union1d(self._indexes(batch, a, c.slot), self._indexes(batch, b, c.slot))
+        return Share(len(both), (), mask_of(both, batch.n))
+
+    # -- batches --
+    def publish(self, slab: int, n: int, now: float) -> tuple[int, Published]:
+        """Hands a filled slab to every group: (seq of its first packet, batch).
+        BATCH messages are only queued: the caller writes the batch record
+        before it flushes them."""
+        seq = self.next_seq
+        self.next_seq += n
+        b = Published(slab, self.pool.gen[slab] + 1, n)
+        owed: list[tuple[ClientState, Share]] = []
+        for name, g in self.groups.items():
+            owed += self._divide(g, self.members(name), b, None, n)
+        gen = self.pool.publish(slab, holders=len(owed))
+        assert gen == b.gen
+        if owed:
+            self.batches[seq] = b
+        for c, share in owed:
+            self._enqueue(c, seq, share)
+            self.pump(c, now)
+        return seq, b
+
+    def pump(self, c: ClientState, now: float) -> None:
+        """Sends what `c` is owed, as far as its credit allows."""
+        if c.peer is None:
+            return
+        while c.queue and len(c.held) < c.credit and self._may_hold(c):
+            seq = c.queue.popleft()
+            b, share = self.batches[seq], c.shares[seq]
+            self._tell_gaps(c, now, before=seq)
+            self.conn.send_batch(c.peer, now, seq, b.slab, b.gen, b.n, share.members,
+                                 share.mask)
+            c.held.add(seq)
+            c.sent_at[seq] = now
+            c.batches += 1
+            c.packets += share.packets
+        if self.ended and not c.queue and not c.eos_sent:
+            self._end_group(c.group, now)
+
+    def _end_group(self, group: str, now: float) -> None:
+        """End-of-stream goes to a group's members once none of them is owed
+        anything: until then, one that leaves passes its shares on to them."""
+        members = self.members(group)
+        if not self.ended or any(m.queue or m.later for m in members):
+            return
+        for m in members:
+            if m.peer is not None and not m.eos_sent:
+                self._tell_gaps(m, now, before=self.next_seq)
+                m.eos_sent = True
+                self.conn.send_eos(m.peer, now, self.end_error)
+
+    def _may_hold(self, c: ClientState) -> bool:
+        """`drop` clients together hold at most half the ring, so that however
+        many of them stall, the others always find a slab."""
+        if c.policy != "drop":
+            return True
+        held = sum(len(x.held) for x in self.clients.values() if x.policy == "drop")
+        return held < max(1, len(self.pool.refs) // 2)
+
+    def _tell_gaps(self, c: ClientState, now: float, before: int) -> None:
+        """Sends, in order, the gaps that come before seq `before`."""
+        while c.gaps and c.gaps[0][0] < before and c.peer is not None:
+            self.conn.send_gap(c.peer, now, *c.gaps.pop(0))
+
+    def end(self, now: float, error: str | None = None, *, abandon: bool = False) -> None:
+        """No batch follows; each client is told end-of-stream after what it is
+        owed, or at once with `abandon` (the broker is stopping)."""
+        self.ended = True
+        self.end_error = error
+        for c in self.clients.values():
+            if abandon:
+                for seq in c.queue:
+                    self._unref(seq)
+                    del c.shares[seq]
+                for seq in c.later:
+                    self._unref(seq)
+                c.queue.clear()
+                c.later.clear()
+        for c in list(self.clients.values()):
+            self.pump(c, now)
+
+    def reclaim(self) -> int | None:
+        """Frees a slab by skipping the oldest batch that is owed, and not yet
+        sent, only to `drop` clients; the skipped packets are counted against
+        them alone, and each is told GAP where the batch would have been."""
+        for seq in list(self.batches):     # oldest first
+            holders = [c for c in self.clients.values() if seq in c.shares]
+            if not holders or any(c.policy != "drop" or seq in c.held for c in holders):
+                continue
+            n = self.batches[seq].n
+            for c in holders:
+                c.queue.remove(seq)
+                share = c.shares.pop(seq)
+                c.drops += share.packets
+                self.client_drops += share.packets
+                _add_gap(c.gaps, seq, seq + n)
+                self._unref(seq)
+            return self.pool.take()
+        return None
+
+    def _lease_end(self, c: ClientState) -> float | None:
+        """When the oldest batch `c` holds outlives its lease."""
+        if self.lease is None or not c.sent_at:
+            return None
+        return min(c.sent_at.values()) + self.lease
+
+    def lease_timer(self) -> float | None:
+        ends = [e for e in map(self._lease_end, self.clients.values()) if e is not None]
+        return min(ends, default=None)
+
+    def expired(self, now: float) -> list[ClientState]:
+        """Clients holding a batch past its lease: they are to be evicted."""
+        return [c for c in self.clients.values()
+                if (end := self._lease_end(c)) is not None and end <= now]
+
+    @property
+    def finished(self) -> bool:
+        """Every client was sent everything and gave it all back (a client
+        maps the segment after WELCOME: unlinking it earlier could beat it)."""
+        return self.ended and all(c.eos_sent and not c.held for c in self.clients.values())

@@ -12,6 +12,7 @@ from ._errors import (
     PktipcError,
     Refused,
     SourceError,
+    UntrustedBroker,
 )
 from ._layout import PKT_DTYPE
 
@@ -30,6 +31,7 @@ __all__ = [
     "PktipcError",
     "Refused",
     "SourceError",
+    "UntrustedBroker",
     "broker_stats",
     "brokers",
     "connect",

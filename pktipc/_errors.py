@@ -26,6 +26,12 @@ class PermissionDenied(PktipcError):
     """The broker does not admit this user (see `pktipc serve --allow-group`)."""
 
 
+class UntrustedBroker(PktipcError):
+    """What answers as the broker is not owned as a broker's socket or
+    segment must be (by the runtime directory's owner, or root): another
+    user may be posing as the broker."""
+
+
 class BrokerGone(PktipcError):
     """The broker stopped answering or evicted this client; the cause, if
     any, is in __cause__."""

@@ -4,6 +4,8 @@ import os
 import re
 from pathlib import Path
 
+from ._errors import PktipcError
+
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")   # use with fullmatch
 
 
@@ -17,12 +19,17 @@ def check_name(kind: str, name: str) -> str:
 
 
 def runtime_dir() -> Path:
+    """$PKTIPC_RUNTIME_DIR, else /run/pktipc as root, else
+    $XDG_RUNTIME_DIR/pktipc; never a place anyone could have made first."""
     env = os.environ.get("PKTIPC_RUNTIME_DIR")
     if env:
-        return Path(env)
+        return Path(os.path.abspath(env))
     if os.geteuid() == 0:
         return Path("/run/pktipc")
-    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/pktipc-{os.geteuid()}"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if not xdg:
+        raise PktipcError("no runtime directory: XDG_RUNTIME_DIR is not set; set "
+                          "PKTIPC_RUNTIME_DIR to a directory of your own")
     return Path(xdg) / "pktipc"
 
 

@@ -111,6 +111,7 @@ class BrokerProc:
         self.proc = subprocess.Popen(netns.cmd(*cmd) if netns else cmd,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.socket = runtime / f"{name}.ctl"
+        self._err: str | None = None
 
     @property
     def pid(self) -> int:
@@ -129,9 +130,12 @@ class BrokerProc:
         return self.proc.wait(timeout=timeout)
 
     def stderr(self) -> str:
+        """What the broker wrote on stderr, once it has exited."""
         if self.proc.poll() is None:
             return ""
-        return self.proc.stderr.read() if self.proc.stderr else ""
+        if self._err is None:
+            self._err = self.proc.stderr.read() if self.proc.stderr else ""
+        return self._err
 
     def remove_leftovers(self) -> None:
         self.socket.unlink(missing_ok=True)
@@ -147,6 +151,7 @@ class BrokerProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.stderr()
         for f in (self.proc.stdout, self.proc.stderr):
             if f:
                 f.close()

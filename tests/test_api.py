@@ -11,7 +11,7 @@ def test_all_is_pinned() -> None:
         "PKT_DTYPE", "Batch", "BrokerGone", "BrokerNotRunning", "Client", "ClosedError",
         "EndOfStream", "LayoutError", "NameTaken", "Packet", "PermissionDenied", "PktipcError",
         "Refused",
-        "SourceError", "broker_stats", "brokers", "connect",
+        "SourceError", "UntrustedBroker", "broker_stats", "brokers", "connect",
     ])
     for name in pktipc.__all__:
         assert getattr(pktipc, name) is not None
@@ -20,7 +20,8 @@ def test_all_is_pinned() -> None:
 def test_errors_share_one_base() -> None:
     for cls in (pktipc.BrokerGone, pktipc.BrokerNotRunning, pktipc.ClosedError,
                 pktipc.PermissionDenied,
-                pktipc.LayoutError, pktipc.NameTaken, pktipc.Refused, pktipc.SourceError):
+                pktipc.LayoutError, pktipc.NameTaken, pktipc.Refused, pktipc.SourceError,
+                pktipc.UntrustedBroker):
         assert issubclass(cls, pktipc.PktipcError)
     # The end of a capture is not a failure: catching errors must not swallow it.
     assert not issubclass(pktipc.EndOfStream, pktipc.PktipcError)

@@ -37,6 +37,11 @@ def _who(uid: int) -> str:
         return f"uid {uid}"
 
 
+def _us() -> str:
+    me = os.geteuid()
+    return "root" if me == 0 else f"{_who(me)} or root"
+
+
 def group_id(group: str) -> int:
     try:
         return grp.getgrnam(group).gr_gid
@@ -102,8 +107,8 @@ def open_runtime_dir(path: Path, gid: int | None) -> int:
         me = os.geteuid()
         if st.st_uid not in (me, 0):
             raise PktipcError(f"runtime directory {path} belongs to {_who(st.st_uid)}, not to "
-                              f"{_who(me)} or root: remove it, or set PKTIPC_RUNTIME_DIR to a "
-                              "directory of your own")
+                              f"{_us()}: remove it, or set PKTIPC_RUNTIME_DIR to a directory "
+                              "of your own")
         if st.st_mode & 0o022:
             raise PktipcError(f"runtime directory {path} can be written by other users "
                               f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod go-w it, or set "

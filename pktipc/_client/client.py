@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import mmap
 import os
+import pwd
+import stat
 import time
 import weakref
 from collections import deque
@@ -28,6 +30,7 @@ from .._errors import (
     LayoutError,
     NameTaken,
     PermissionDenied,
+    UntrustedBroker,
     refusal,
 )
 from .._layout import LAYOUT_VERSION, Iface, Segment, select
@@ -70,7 +73,7 @@ class _Mapping:
     """One broker's segment, mapped read-only. Batches keep theirs: after a
     broker restart, batches of the old one still read the old segment."""
 
-    def __init__(self, w: proto.Welcome, server: str) -> None:
+    def __init__(self, w: proto.Welcome, server: str, owner: int | None) -> None:
         if w.layout != LAYOUT_VERSION:
             raise LayoutError(f"broker uses layout {w.layout}, this client reads "
                               f"{LAYOUT_VERSION}")
@@ -79,6 +82,11 @@ class _Mapping:
         except posix_ipc.ExistentialError:
             raise BrokerGone(f"segment {w.shm} of broker {server!r} is gone") from None
         try:
+            uid = os.fstat(shm.fd).st_uid
+            if owner is not None and uid not in (owner, 0):
+                raise UntrustedBroker(f"segment {w.shm} belongs to {_who(uid)}, broker "
+                                      f"{server!r} to {_who(owner)}: another user may be "
+                                      "posing as the broker")
             self.mm = mmap.mmap(shm.fd, shm.size, prot=mmap.PROT_READ)
         finally:
             shm.close_fd()
@@ -251,7 +259,7 @@ class Client:
         self._batches: weakref.WeakSet[Batch] = weakref.WeakSet()
         self._sock: zmq.Socket[bytes] | None = None
         self._map: _Mapping | None = None
-        _check_socket(server, ipc_path(self.endpoint))
+        self._owner = _check_socket(server, ipc_path(self.endpoint))
         self._ctx = zmq.Context()
         self._closed = False
         try:
@@ -262,7 +270,7 @@ class Client:
 
     def _attach(self, timeout: float) -> None:
         """HELLO, WELCOME, and the broker's segment mapped."""
-        _check_socket(self.server, ipc_path(self.endpoint))
+        self._owner = _check_socket(self.server, ipc_path(self.endpoint))
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.connect(self.endpoint)
@@ -272,7 +280,7 @@ class Client:
                          balance=self._balance)
         try:
             self.welcome = self._await_welcome(timeout)
-            mapping = _Mapping(self.welcome, self.server)
+            mapping = _Mapping(self.welcome, self.server, self._owner)
         except BaseException:
             self._conn.bye(time.monotonic())    # BYE only if it was attached
             self._flush()
@@ -554,21 +562,44 @@ class Client:
             self._sock.send(frame)
 
 
-def _check_socket(server: str, path: Path | None) -> None:
-    """Fails fast, and says why, when a local broker's socket is not there or
-    not ours to use (ZeroMQ would retry in silence)."""
-    if path is None:
-        return
+def _who(uid: int) -> str:
     try:
-        path.stat()
+        return f"user {pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return f"uid {uid}"
+
+
+_DENIED = "permission denied (a broker admits its own user, and a group given with " \
+    "serve --allow-group)"
+
+
+def _check_socket(server: str, path: Path | None) -> int | None:
+    """Fails fast, and says why, when a local broker's socket is not there or
+    not ours to use (ZeroMQ would retry in silence), or is not what a broker
+    makes: a socket of the runtime directory's owner (or root), in a
+    directory nobody else can write. Returns the broker's uid (None for a
+    remote broker)."""
+    if path is None:
+        return None
+    try:
+        d = os.lstat(path.parent)
+        st = os.lstat(path)
     except FileNotFoundError:
         raise BrokerNotRunning(f"broker {server!r} is not running (no {path})") from None
     except PermissionError:
-        raise PermissionDenied(f"{path.parent}: permission denied (a broker admits its own "
-                               "user, and a group given with serve --allow-group)") from None
+        raise PermissionDenied(f"{path.parent}: {_DENIED}") from None
+    if not stat.S_ISDIR(d.st_mode) or d.st_mode & 0o022:
+        raise UntrustedBroker(f"{path.parent} is not a runtime directory a broker makes (a "
+                              "directory no other user can write): another user may be "
+                              f"posing as broker {server!r}")
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid not in (d.st_uid, 0):
+        what = "is not a socket" if not stat.S_ISSOCK(st.st_mode) else \
+            f"belongs to {_who(st.st_uid)}, its directory to {_who(d.st_uid)}"
+        raise UntrustedBroker(f"{path} {what}: another user may be posing as broker "
+                              f"{server!r}")
     if not os.access(path, os.R_OK | os.W_OK):
-        raise PermissionDenied(f"{path}: permission denied (a broker admits its own user, "
-                               "and a group given with serve --allow-group)")
+        raise PermissionDenied(f"{path}: {_DENIED}")
+    return st.st_uid
 
 
 def connect(server: str, client: str, *, group: str | None = None, balance: str | None = None,

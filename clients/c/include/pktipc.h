@@ -98,6 +98,8 @@ extern "C" {
 #define PKTIPC_ESYS       16   /* a system call failed; pktipc_geterr says which */
 #define PKTIPC_EBALANCE   17   /* the group balances in the other mode, its first member's */
 #define PKTIPC_EGROUP     18   /* this name is kept in another group (it left within --grace) */
+#define PKTIPC_EUNTRUSTED 19   /* the broker's socket or segment is not owned as a broker's is:
+                                  another user may be posing as the broker */
 
 #define PKTIPC_POLICY_DROP   0   /* the broker never waits for this client: it skips ahead */
 #define PKTIPC_POLICY_BLOCK  1   /* lossless: the broker waits for this client */

@@ -26,6 +26,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -119,6 +120,7 @@ struct pktipc_client {
     char *server;               /* as the user named it, for messages */
     char *endpoint;
     char *ipc_path;             /* NULL for tcp:// */
+    int64_t owner;              /* the broker's uid (its socket's owner), -1 for tcp:// */
 
     void *zctx, *sock;
     int epfd, evfd, tfd;
@@ -301,6 +303,18 @@ static void map_retire(struct map *m)
     m->base = NULL;
 }
 
+/* "user NAME", or "uid N" for a uid with no name, in buf[64]. */
+static const char *who(uid_t uid, char *buf)
+{
+    struct passwd pw, *r = NULL;
+    char tmp[1024];
+    if (getpwuid_r(uid, &pw, tmp, sizeof(tmp), &r) == 0 && r)
+        snprintf(buf, 64, "user %.50s", r->pw_name);
+    else
+        snprintf(buf, 64, "uid %u", (unsigned)uid);
+    return buf;
+}
+
 /* Maps the segment a WELCOME names; 0 or -PKTIPC_E*. */
 static int map_segment(pktipc_client *c, const char *shm, uint64_t epoch)
 {
@@ -314,7 +328,14 @@ static int map_segment(pktipc_client *c, const char *shm, uint64_t epoch)
     }
     struct stat st;
     void *base = MAP_FAILED;
-    if (fstat(fd, &st) == 0 && st.st_size > 0)
+    if (fstat(fd, &st) == 0 && c->owner >= 0 && st.st_uid != (uid_t)c->owner && st.st_uid) {
+        char theirs[64], broker[64];
+        close(fd);
+        return fail(c, PKTIPC_EUNTRUSTED, "segment %s belongs to %s, broker '%s' to %s: another "
+                    "user may be posing as the broker", shm, who(st.st_uid, theirs),
+                    c->server, who((uid_t)c->owner, broker));
+    }
+    if (st.st_size > 0)
         base = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
     int e = errno;
     close(fd);
@@ -862,6 +883,8 @@ static int send_releases(pktipc_client *c, int64_t now)
     return 0;
 }
 
+static int check_socket(pktipc_client *c);
+
 static int reattach(pktipc_client *c, int64_t now)
 {
     if (c->phase == PH_HELLO && now >= c->attempt_end) {
@@ -873,8 +896,13 @@ static int reattach(pktipc_client *c, int64_t now)
     if (now >= c->lost_at + c->reconnect)
         return die(c, PKTIPC_EGONE, "broker '%s' stopped answering and none took its place "
                    "within %lld ms", c->server, (long long)(c->reconnect / NS_PER_MS));
-    struct stat st;
-    if ((c->ipc_path && stat(c->ipc_path, &st)) || sock_open(c) || send_hello(c, now)) {
+    int r = check_socket(c);
+    if (r == -PKTIPC_EUNTRUSTED) {
+        char why[sizeof(c->err)];
+        memcpy(why, c->err, sizeof(why));
+        return die(c, PKTIPC_EUNTRUSTED, "%s", why);
+    }
+    if (r || sock_open(c) || send_hello(c, now)) {
         sock_close(c, 0);
         retry_later(c, now);
         return 0;
@@ -1185,48 +1213,77 @@ API int pktipc_fd(const pktipc_client *c)
 
 /* --- opening and closing ---------------------------------------------------------- */
 
-/* As pktipc/_paths.py: runtime_dir() and control_endpoint(). */
+/* As pktipc/_paths.py: runtime_dir() and control_endpoint(); NULL with
+ * errno EINVAL when a user has no runtime directory. */
 static char *endpoint_of(const char *server)
 {
     char *out = NULL;
     if (strstr(server, "://"))
         return strdup(server);
     const char *dir = getenv("PKTIPC_RUNTIME_DIR");
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
     int n;
-    if (dir && *dir) {
+    if (dir && *dir)
         n = asprintf(&out, "ipc://%s/%s.ctl", dir, server);
-    } else if (geteuid() == 0) {
+    else if (geteuid() == 0)
         n = asprintf(&out, "ipc:///run/pktipc/%s.ctl", server);
-    } else {
-        const char *xdg = getenv("XDG_RUNTIME_DIR");
-        if (xdg && *xdg)
-            n = asprintf(&out, "ipc://%s/pktipc/%s.ctl", xdg, server);
-        else
-            n = asprintf(&out, "ipc:///tmp/pktipc-%u/pktipc/%s.ctl", (unsigned)geteuid(), server);
+    else if (xdg && *xdg)
+        n = asprintf(&out, "ipc://%s/pktipc/%s.ctl", xdg, server);
+    else {
+        errno = EINVAL;
+        return NULL;
     }
     return n < 0 ? NULL : out;
 }
 
-/* As _check_socket in pktipc/_client.py: says why at once when a local
- * broker's socket is missing or not ours (ZeroMQ would retry in silence). */
+#define DENIED "permission denied (a broker admits its own user, and a Unix group given " \
+               "with serve --allow-group)"
+
+/* As _check_socket in pktipc/_client/client.py: says why at once when a
+ * local broker's socket is missing or not ours (ZeroMQ would retry in
+ * silence), or is not what a broker makes: a socket of the runtime
+ * directory's owner (or root), in a directory nobody else can write. */
 static int check_socket(pktipc_client *c)
 {
-    struct stat st;
+    struct stat st, d;
+    c->owner = -1;
     if (!c->ipc_path)
         return 0;
-    if (stat(c->ipc_path, &st)) {
+    char *dir = strdup(c->ipc_path);
+    if (!dir)
+        return fail(c, PKTIPC_ENOMEM, "out of memory");
+    char *slash = strrchr(dir, '/');
+    if (slash)
+        *(slash == dir ? slash + 1 : slash) = 0;
+    int r = 0;
+    if (lstat(slash ? dir : ".", &d) || lstat(c->ipc_path, &st)) {
         if (errno == ENOENT || errno == ENOTDIR)
-            return fail(c, PKTIPC_ENOBROKER, "broker '%s' is not running (no %s)", c->server,
-                        c->ipc_path);
-        if (errno == EACCES)
-            return fail(c, PKTIPC_EPERM, "%s: permission denied (a broker admits its own "
-                        "user, and a Unix group given with serve --allow-group)", c->ipc_path);
-        return fail(c, PKTIPC_ESYS, "%s: %s", c->ipc_path, strerror(errno));
+            r = fail(c, PKTIPC_ENOBROKER, "broker '%s' is not running (no %s)", c->server,
+                     c->ipc_path);
+        else if (errno == EACCES)
+            r = fail(c, PKTIPC_EPERM, "%s: " DENIED, dir);
+        else
+            r = fail(c, PKTIPC_ESYS, "%s: %s", c->ipc_path, strerror(errno));
+    } else if (!S_ISDIR(d.st_mode) || (d.st_mode & 022)) {
+        r = fail(c, PKTIPC_EUNTRUSTED, "%s is not a runtime directory a broker makes (a "
+                 "directory no other user can write): another user may be posing as broker "
+                 "'%s'", dir, c->server);
+    } else if (!S_ISSOCK(st.st_mode) || (st.st_uid != d.st_uid && st.st_uid)) {
+        char theirs[64], its[64];
+        if (!S_ISSOCK(st.st_mode))
+            r = fail(c, PKTIPC_EUNTRUSTED, "%s is not a socket: another user may be posing as "
+                     "broker '%s'", c->ipc_path, c->server);
+        else
+            r = fail(c, PKTIPC_EUNTRUSTED, "%s belongs to %s, its directory to %s: another "
+                     "user may be posing as broker '%s'", c->ipc_path, who(st.st_uid, theirs),
+                     who(d.st_uid, its), c->server);
+    } else if (access(c->ipc_path, R_OK | W_OK)) {
+        r = fail(c, PKTIPC_EPERM, "%s: " DENIED, c->ipc_path);
+    } else {
+        c->owner = st.st_uid;
     }
-    if (access(c->ipc_path, R_OK | W_OK))
-        return fail(c, PKTIPC_EPERM, "%s: permission denied (a broker admits its own user, "
-                    "and a Unix group given with serve --allow-group)", c->ipc_path);
-    return 0;
+    free(dir);
+    return r;
 }
 
 static int setup(pktipc_client *c, const struct pktipc_opts *o)
@@ -1259,6 +1316,9 @@ static int setup(pktipc_client *c, const struct pktipc_opts *o)
     c->reconnect = o->reconnect_ms < 0 ? DEFAULT_RECONNECT : o->reconnect_ms * NS_PER_MS;
     c->server = strdup(o->server);
     c->endpoint = endpoint_of(o->server);
+    if (!c->endpoint && errno == EINVAL)
+        return fail(c, PKTIPC_EINVAL, "no runtime directory: XDG_RUNTIME_DIR is not set; set "
+                    "PKTIPC_RUNTIME_DIR to a directory of your own");
     if (!c->server || !c->endpoint)
         return fail(c, PKTIPC_ENOMEM, "out of memory");
     if (!strncmp(c->endpoint, "ipc://", 6) && !(c->ipc_path = strdup(c->endpoint + 6)))
@@ -1379,6 +1439,7 @@ API const char *pktipc_strerror(int err)
         [PKTIPC_ESYS] = "a system call failed",
         [PKTIPC_EBALANCE] = "the group balances in the other mode",
         [PKTIPC_EGROUP] = "this client's name is kept in another group",
+        [PKTIPC_EUNTRUSTED] = "the broker's socket or segment is not a broker's",
     };
     unsigned e = err < 0 ? (unsigned)-(long)err : (unsigned)err;
     return e < sizeof(text) / sizeof(text[0]) ? text[e] : "unknown error";

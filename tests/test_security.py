@@ -1,0 +1,310 @@
+"""A broker trusts nothing it did not make: its runtime directory, /dev/shm,
+its clients' word and their pace. The hostile side runs as `nobody`
+(setpriv), in the test's own directories and segments."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import PCAPS, ROOT, BrokerProc, pktipc_cmd, run_pktipc
+
+import pktipc
+from pktipc import _protocol as proto
+from pktipc._layout import Geometry, Iface, Segment
+
+DNS = PCAPS / "dns_udp.pcap"
+NOBODY = 65534
+
+
+def as_nobody(*cmd: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                           "--clear-groups", *cmd], capture_output=True, text=True,
+                          timeout=30, **kw)  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def top() -> Iterator[Path]:
+    """A directory of the test's own, reachable by other users (as /tmp is),
+    removed with everything in it afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="pktipc-sec-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+@pytest.fixture
+def victim(top: Path) -> Path:
+    """A file of root's that no broker may touch."""
+    f = top / "victim"
+    f.write_text("root's own\n")
+    os.chmod(f, 0o600)
+    return f
+
+
+def serve(run: Path, *args: str, name: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PKTIPC_RUNTIME_DIR=str(run))
+    return run_pktipc("serve", "--name", name or f"sec{os.getpid()}", "-r", str(DNS),
+                      "--wait-clients", "0", *args, env=env, timeout=30)
+
+
+# --- 1. the runtime directory ---------------------------------------------------------
+
+
+def test_a_runtime_directory_of_another_user_is_refused(top: Path, victim: Path) -> None:
+    """`nobody` made the directory first (as it could /tmp/pktipc-0) and
+    planted the lock file as a link to root's file: the root broker refuses
+    the directory and touches nothing in it."""
+    run = top / "run"
+    run.mkdir()
+    os.chown(run, NOBODY, NOBODY)
+    name = f"sec{os.getpid()}"
+    r = as_nobody("ln", "-s", str(victim), str(run / f"{name}.lock"))
+    assert r.returncode == 0, r.stderr
+    r = serve(run, name=name)
+    assert r.returncode == 1
+    assert r.stderr == (f"pktipc: error: runtime directory {run} belongs to user nobody, not "
+                        "to root: remove it, or set PKTIPC_RUNTIME_DIR to a directory of your "
+                        "own\n")
+    assert victim.read_text() == "root's own\n"
+    assert sorted(p.name for p in run.iterdir()) == [f"{name}.lock"]
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o1777])
+def test_a_runtime_directory_others_can_write_is_refused(top: Path, mode: int) -> None:
+    run = top / "run"
+    run.mkdir()
+    os.chmod(run, mode)
+    r = serve(run)
+    assert r.returncode == 1
+    assert r.stderr == (f"pktipc: error: runtime directory {run} can be written by other "
+                        f"users (mode {mode:04o}): chmod go-w it, or set PKTIPC_RUNTIME_DIR "
+                        "to a directory of your own\n")
+    assert list(run.iterdir()) == []
+
+
+def test_a_path_another_user_controls_is_refused(top: Path) -> None:
+    """Above the runtime directory, a directory `nobody` owns could swap it
+    for another one at any time."""
+    theirs = top / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    r = serve(theirs / "run")
+    assert r.returncode == 1
+    assert r.stderr == (f"pktipc: error: {theirs}, above the runtime directory, can be changed "
+                        "by user nobody: use a runtime directory whose path only root or you "
+                        "can change (PKTIPC_RUNTIME_DIR)\n")
+    assert not (theirs / "run").exists()
+
+
+def test_a_runtime_directory_that_is_a_link_is_refused(top: Path) -> None:
+    real = top / "real"
+    real.mkdir(mode=0o700)
+    (top / "run").symlink_to(real)
+    r = serve(top / "run")
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"pktipc: error: runtime directory {top / 'run'}: a symbolic "
+                               "link; remove it")
+    assert list(real.iterdir()) == []
+
+
+def test_a_lock_file_that_is_a_link_is_not_followed(top: Path, victim: Path) -> None:
+    run = top / "run"
+    run.mkdir(mode=0o700)
+    name = f"sec{os.getpid()}"
+    (run / f"{name}.lock").symlink_to(victim)
+    r = serve(run, name=name)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"pktipc: error: lock file {name}.lock: ")
+    assert "symbolic link" in r.stderr and r.stderr.count("\n") == 1
+    assert victim.read_text() == "root's own\n"
+
+
+def test_no_world_writable_fallback() -> None:
+    """Without XDG_RUNTIME_DIR a user has no runtime directory: never
+    /tmp/pktipc-<uid>, which anyone could have made first."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PKTIPC_RUNTIME_DIR", "XDG_RUNTIME_DIR")}
+    env["PYTHONPATH"] = str(ROOT)
+    r = as_nobody(*pktipc_cmd("status"), env=env, cwd="/")
+    assert r.returncode == 1
+    assert r.stderr == ("pktipc: error: no runtime directory: XDG_RUNTIME_DIR is not set; "
+                        "set PKTIPC_RUNTIME_DIR to a directory of your own\n")
+
+
+def _bind_as_nobody(path: Path) -> subprocess.Popen[str]:
+    """A ZeroMQ ROUTER of `nobody`'s at `path`, posing as a broker."""
+    script = ("import sys, time, zmq\n"
+              "s = zmq.Context().socket(zmq.ROUTER)\n"
+              f"s.bind('ipc://{path}')\n"
+              "print('up', flush=True)\n"
+              "time.sleep(60)\n")
+    p = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                          "--clear-groups", sys.executable, "-c", script],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline() == "up\n"
+    return p
+
+
+def test_a_client_refuses_a_socket_of_another_user(top: Path, runtime_dir: Path) -> None:
+    """A socket in the runtime directory that is not its owner's (or
+    root's): the client refuses it before saying anything to it."""
+    theirs = top / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    impostor = _bind_as_nobody(theirs / "s.ctl")
+    try:
+        (theirs / "s.ctl").rename(runtime_dir / "tap.ctl")    # still nobody's
+        with pytest.raises(pktipc.UntrustedBroker) as e:
+            pktipc.connect("tap", "c", timeout=2)
+        assert str(e.value) == (f"{runtime_dir / 'tap.ctl'} belongs to user nobody, its "
+                                "directory to user root: another user may be posing as "
+                                "broker 'tap'")
+        r = subprocess.run([str(ROOT / "clients/c/build/bin/pktipc-pcap"), "tap"],
+                           capture_output=True, text=True, timeout=30,
+                           env=dict(os.environ, PKTIPC_RUNTIME_DIR=str(runtime_dir)))
+        assert r.returncode == 1 and r.stderr == f"pktipc-pcap: {e.value}\n"
+    finally:
+        impostor.kill()
+        impostor.wait()
+        (runtime_dir / "tap.ctl").unlink()
+
+
+def _fake_segment(name: str) -> Path:
+    """A valid segment of one empty source, made by `nobody` in /dev/shm."""
+    g = Geometry(4096, 2, 1)
+    buf = bytearray(g.total_size)
+    Segment(buf, writable=True).init(g, name="tap", epoch=7,
+                                     ifaces=[Iface("eth0", 1, 65535)])
+    path = Path("/dev/shm") / name
+    r = as_nobody("sh", "-c", f"cat > {path}", input=buf.decode("latin-1"),
+                  encoding="latin-1")
+    assert r.returncode == 0, r.stderr
+    assert path.stat().st_uid == NOBODY
+    return path
+
+
+def test_a_client_refuses_a_segment_of_another_user(runtime_dir: Path) -> None:
+    """The broker's socket is root's, but the segment its WELCOME names is
+    `nobody`'s: the client refuses to read it."""
+    import zmq
+
+    seg = _fake_segment(f"pktipc.tap.{os.getpid():016x}")
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"ipc://{runtime_dir}/tap.ctl")
+    welcome = proto.encode("welcome", shm="/" + seg.name, epoch=7, layout=1, slot=0,
+                           credit=1, policy="block", heartbeat_ms=1000, liveness_ms=30000,
+                           group="c", balance="flow")
+
+    done = threading.Event()
+
+    def answer() -> None:               # every HELLO, until the test is done
+        while not done.is_set():
+            if router.poll(100):
+                peer, frame = router.recv_multipart()
+                if proto.decode(frame)[0] == "hello":
+                    router.send_multipart([peer, welcome])
+    t = threading.Thread(target=answer)
+    t.start()
+    try:
+        with pytest.raises(pktipc.UntrustedBroker) as e:
+            pktipc.connect("tap", "c", timeout=5)
+        assert str(e.value) == (f"segment /{seg.name} belongs to user nobody, broker 'tap' "
+                                "to user root: another user may be posing as the broker")
+        r = subprocess.run([str(ROOT / "clients/c/build/bin/pktipc-pcap"), "-n", "c", "tap"],
+                           capture_output=True, text=True, timeout=30,
+                           env=dict(os.environ, PKTIPC_RUNTIME_DIR=str(runtime_dir)))
+        assert r.returncode == 1 and r.stderr == f"pktipc-pcap: {e.value}\n"
+    finally:
+        done.set()
+        t.join()
+        router.close(linger=0)
+        ctx.term()
+        seg.unlink()
+
+
+# --- 2. the stale-segment sweep -------------------------------------------------------
+
+
+def test_the_sweep_skips_what_it_did_not_make(runtime_dir: Path) -> None:
+    """A FIFO and a file of `nobody`'s named as a broker's segments: the
+    root broker neither blocks on them nor removes them, and says so; its
+    own segment left by a dead broker goes."""
+    name = f"t{os.getpid()}-sweep"
+    fifo = Path("/dev/shm") / f"pktipc.{name}.{1:016x}"
+    theirs = Path("/dev/shm") / f"pktipc.{name}.{2:016x}"
+    ours = Path("/dev/shm") / f"pktipc.{name}.{3:016x}"
+    assert as_nobody("mkfifo", str(fifo)).returncode == 0
+    assert as_nobody("sh", "-c", f"head -c 4096 /dev/zero > {theirs}").returncode == 0
+    ours.write_bytes(bytes(4096))               # pid 0 in its header: no broker
+    try:
+        b = BrokerProc(name, ["-r", str(DNS), "--wait-clients", "0", "--linger"], runtime_dir)
+        b.wait_ready(timeout=10)
+        b.stop()
+        err = b.stderr()
+        assert f"pktipc: skipped {fifo}: not a segment of user root (it belongs to user " \
+            "nobody); remove it by hand if it is stale" in err
+        assert f"pktipc: skipped {theirs}: not a segment of user root" in err
+        assert f"pktipc: removed {ours}, left by a broker that is gone (pid 0)" in err
+        assert fifo.exists() and theirs.exists() and not ours.exists()
+    finally:
+        for p in (fifo, theirs, ours):
+            p.unlink(missing_ok=True)
+
+
+def test_a_user_broker_skips_root_s_segments(top: Path) -> None:
+    """A broker of `nobody`'s does not die on a root segment of its name."""
+    run = top / "run"
+    run.mkdir()
+    os.chown(run, NOBODY, NOBODY)
+    name = f"t{os.getpid()}-user"
+    root_seg = Path("/dev/shm") / f"pktipc.{name}.{1:016x}"
+    root_seg.write_bytes(bytes(4096))
+    os.chmod(root_seg, 0o600)
+    env = dict(os.environ, PKTIPC_RUNTIME_DIR=str(run), PYTHONPATH=str(ROOT))
+    p = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                          "--clear-groups", *pktipc_cmd("serve", "--name", name, "-r", str(DNS),
+                                                        "--wait-clients", "0", "--linger")],
+                         env=env, cwd="/", stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not (run / f"{name}.ctl").exists():
+            assert p.poll() is None, p.stderr.read() if p.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        p.terminate()
+        assert p.wait(timeout=10) == 0
+        err = p.stderr.read() if p.stderr else ""
+        root_seg.unlink()
+    assert f"pktipc: skipped {root_seg}: " in err
+    assert not any(Path("/dev/shm").glob(f"pktipc.{name}.*"))
+
+
+def test_an_aborted_broker_s_segment_is_removed_by_the_next(broker, runtime_dir: Path) -> None:
+    """A broker killed by SIGABRT (as a libzmq assertion would) leaves its
+    segment; the next broker of the name removes it and says so."""
+    b = broker("-r", str(DNS), "--wait-clients", "1")
+    left = list(Path("/dev/shm").glob(f"pktipc.{b.name}.*"))
+    assert len(left) == 1
+    b.proc.send_signal(6)
+    b.wait()
+    assert left[0].exists()
+    (runtime_dir / f"{b.name}.ctl").unlink()
+    b2 = BrokerProc(b.name, ["-r", str(DNS), "--wait-clients", "0", "--linger"], runtime_dir)
+    b2.wait_ready()
+    b2.stop()
+    assert b2.proc.returncode == 0
+    err = b2.stderr()
+    assert f"pktipc: removed {left[0]}, left by a broker that is gone (pid {b.pid})" in err
+    assert not left[0].exists()
+    assert not (runtime_dir / f"{b.name}.lock").exists()

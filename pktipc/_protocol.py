@@ -41,6 +41,16 @@ MAX_CREDIT = 4096
 MAX_TEXT = 1024
 MAX_MEMBERS = 1024                # slots a BATCH may name
 BROKER_MISSED_HEARTBEATS = 5
+# What a peer may send the broker: `rate` messages a second (the broker's
+# choice), in bursts of BURST_SECONDS of them, and an attached client one
+# more for each BATCH it was sent (its RELEASE). Peers not attached share a
+# budget per `key` the broker gives (a process). Beyond its budget a message
+# is dropped unread, and counted; a peer that goes on is flooding: FLOOD_RUN
+# messages dropped in a row.
+CONTROL_RATE = 50.0
+BURST_SECONDS = 4.0
+FLOOD_RUN = 100
+MAX_STRANGERS = 1024              # budgets kept for peers not attached
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
 
@@ -234,8 +244,9 @@ class Hello:
     group: str | None
     policy: str | None
     credit: int | None
-    pid: int
+    pid: int                        # as claimed; the edge puts the kernel's in its place
     balance: str | None = None
+    uid: int | None = None          # the kernel's, for local peers (set by the edge)
 
 
 @dataclass(frozen=True)
@@ -256,6 +267,13 @@ class Bye:
 
 @dataclass(frozen=True)
 class PeerLost:
+    peer: bytes
+
+
+@dataclass(frozen=True)
+class PeerFlooding:
+    """The peer sent FLOOD_RUN messages in a row beyond its budget."""
+
     peer: bytes
 
 
@@ -319,7 +337,7 @@ class BrokerLost:
     pass
 
 
-BrokerEvent = Hello | Release | StatsRequest | Bye | PeerLost
+BrokerEvent = Hello | Release | StatsRequest | Bye | PeerLost | PeerFlooding
 ClientEvent = (Welcome | Batch | Gap | EndOfStream | ErrorReply | Evicted | StatsReply
                | BrokerLost)
 
@@ -367,30 +385,80 @@ CLIENT_TRANSITIONS: dict[tuple[State, str], State] = {
 
 
 @dataclass
+class _Budget:
+    """A token bucket: messages a peer may still send."""
+
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+    run: int = 0            # messages dropped since the last one taken
+
+    def take(self, now: float) -> bool:
+        if self.tokens < self.burst:    # (tokens given for batches may exceed it)
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.run = 0
+            return True
+        self.run += 1
+        return False
+
+
+@dataclass
 class _Peer:
     last_recv: float
     last_sent: float
+    budget: _Budget
 
 
 class BrokerConnection:
     """The broker's side: any number of peers, keyed by routing id."""
 
-    def __init__(self, *, heartbeat: float = 1.0, liveness: float = 30.0) -> None:
+    def __init__(self, *, heartbeat: float = 1.0, liveness: float = 30.0,
+                 rate: float = CONTROL_RATE) -> None:
         if not 0 < heartbeat < liveness:
             raise ValueError("heartbeat interval must be positive and below the liveness")
         self.heartbeat = heartbeat
         self.liveness = liveness
+        self.rate = rate
         self.peers: dict[bytes, _Peer] = {}
+        self.strangers: dict[object, _Budget] = {}  # by key, oldest first
         self.errors = 0
+        self.dropped = 0            # messages beyond a peer's budget
         self._out: list[tuple[bytes, bytes]] = []
 
     def state(self, peer: bytes) -> State:
         return State.ATTACHED if peer in self.peers else State.NEW
 
     # -- receiving --
-    def receive(self, peer: bytes, frame: bytes, now: float) -> list[BrokerEvent]:
+    def _new_budget(self, now: float) -> _Budget:
+        burst = self.rate * BURST_SECONDS
+        return _Budget(self.rate, burst, burst, now)
+
+    def _budget(self, peer: bytes, key: object, now: float) -> _Budget:
+        p = self.peers.get(peer)
+        if p is not None:
+            return p.budget
+        b = self.strangers.pop(key, None)
+        if b is None:
+            b = self._new_budget(now)
+            while len(self.strangers) >= MAX_STRANGERS:
+                del self.strangers[next(iter(self.strangers))]
+        self.strangers[key] = b         # the most recent last
+        return b
+
+    def receive(self, peer: bytes, frame: bytes, now: float,
+                key: object = None) -> list[BrokerEvent]:
         """Events for one frame from `peer`. A bad frame queues an ERROR reply,
-        counts it, and raises RemoteProtocolError."""
+        counts it, and raises RemoteProtocolError. A frame beyond the peer's
+        budget (while not attached, the budget of `key`, by default the peer)
+        is dropped unread (PeerFlooding once it keeps on)."""
+        b = self._budget(peer, peer if key is None else key, now)
+        if not b.take(now):
+            self.dropped += 1
+            return [PeerFlooding(peer)] if b.run == FLOOD_RUN else []
         try:
             mtype, f = decode(frame)
             state = self.state(peer)
@@ -425,7 +493,7 @@ class BrokerConnection:
         frame = encode("welcome", shm=shm, epoch=epoch, layout=layout, slot=slot,
                        credit=credit, policy=policy, heartbeat_ms=round(self.heartbeat * 1000),
                        liveness_ms=round(self.liveness * 1000), group=group, balance=balance)
-        self.peers[peer] = _Peer(last_recv=now, last_sent=now)
+        self.peers[peer] = _Peer(last_recv=now, last_sent=now, budget=self._new_budget(now))
         self._out.append((peer, frame))
 
     def refuse(self, peer: bytes, now: float, code: str, text: str) -> None:
@@ -436,6 +504,8 @@ class BrokerConnection:
     def send_batch(self, peer: bytes, now: float, seq: int, slab: int, gen: int, n: int,
                    members: tuple[int, ...] = (), mask: bytes | None = None) -> None:
         self._attached(peer)
+        budget = self.peers[peer].budget
+        budget.tokens = min(budget.tokens + 1, budget.burst + MAX_CREDIT)  # for its RELEASE
         self._send(peer, "batch", now, seq=seq, slab=slab, gen=gen, n=n, members=list(members),
                    mask=mask)
 
@@ -457,7 +527,7 @@ class BrokerConnection:
         del self.peers[peer]
 
     def forget(self, peer: bytes) -> None:
-        """Detaches a peer that cannot be told (unreachable)."""
+        """Detaches a peer that cannot be told (unreachable), or is cut off."""
         self.peers.pop(peer, None)
 
     def _attached(self, peer: bytes) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import defaultdict, deque
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pktipc._broker.dispatch import Dispatcher, SlabPool
+from pktipc._broker.dispatch import Dispatcher, SlabPool, slot_of
 from pktipc._layout import PKT_DTYPE, select
 from pktipc._protocol import (
     Batch,
@@ -41,13 +42,14 @@ class World:
     client refused is logged as the RemoteProtocolError itself."""
 
     def __init__(self, *, slabs: int = 4, credit: int = 2, policy: str = "block",
-                 max_clients: int = 8) -> None:
+                 max_clients: int = 8, **admission: Any) -> None:
         self.conn = BrokerConnection(heartbeat=1.0, liveness=30.0)
         self.pool = SlabPool(slabs)
         self.desc: dict[int, np.ndarray[Any, Any]] = {}     # slab -> its descriptors
         self.disp = Dispatcher(self.conn, self.pool, default_policy=policy,
                                default_credit=credit, max_clients=max_clients,
-                               descriptors=lambda slab, n: self.desc[slab][:n])
+                               descriptors=lambda slab, n: self.desc[slab][:n], **admission)
+        self.uids: dict[bytes, int] = {}    # peer -> the uid the kernel would give
         self.clients: dict[bytes, ClientConnection] = {}
         self.log: dict[bytes, list[Any]] = defaultdict(list)
         # Packet seqs of each BATCH a client received, as the client selects them.
@@ -56,8 +58,10 @@ class World:
         self.now = 0.0
         self._ids = itertools.count()
 
-    def connect(self, name: str, **hello: Any) -> bytes:
+    def connect(self, name: str, uid: int | None = None, **hello: Any) -> bytes:
         peer = f"peer{next(self._ids)}".encode()
+        if uid is not None:
+            self.uids[peer] = uid
         c = self.clients[peer] = ClientConnection()
         c.hello(self.now, name=name, **hello)
         self.flush()
@@ -67,7 +71,7 @@ class World:
         """What Broker._handle does with each event, minus the I/O."""
         d = self.disp
         if isinstance(ev, Hello):
-            d.hello(ev, self.now, dict(WELCOME))
+            d.hello(replace(ev, uid=self.uids.get(ev.peer)), self.now, dict(WELCOME))
         elif isinstance(ev, Release):
             c = d.by_peer.get(ev.peer)
             if c is not None:
@@ -173,8 +177,9 @@ def test_welcome_carries_the_client_settings() -> None:
     b = w.connect("rec", policy="drop", credit=3, group="g", pid=42)
     big = w.connect("big", credit=100)
     [wa], [wb], [wbig] = w.log[a], w.log[b], w.log[big]
-    assert (wa.slot, wa.credit, wa.policy) == (0, 2, "block")
-    assert (wb.slot, wb.credit, wb.policy) == (1, 3, "drop")
+    assert (wa.slot, wa.credit, wa.policy) == (slot_of("ids", set()), 2, "block")
+    # A drop client holds at most (slabs - 1) / max_clients batches.
+    assert (wb.slot, wb.credit, wb.policy) == (slot_of("rec", set()), 1, "drop")
     assert wbig.credit == 6             # never more than there are slabs
     assert (wa.shm, wa.epoch, wa.layout) == (WELCOME["shm"], 1, 1)
     assert w.state(a).group == "ids"    # a group of its own by default
@@ -479,11 +484,12 @@ def test_reclaim_never_takes_a_batch_already_sent() -> None:
     assert w.pool.in_use == 2
 
 
-def test_drop_client_credit_is_at_most_half_the_ring() -> None:
-    w = World(slabs=8)
+def test_a_drop_client_holds_at_most_its_part_of_the_ring() -> None:
+    w = World(slabs=17, max_clients=4)
     d = w.connect("dropper", policy="drop", credit=8)
-    b = w.connect("blocker", policy="block", credit=8)
-    assert (w.state(d).credit, w.state(b).credit) == (4, 8)
+    b = w.connect("blocker", policy="block", credit=100)
+    assert (w.state(d).credit, w.state(b).credit) == (4, 17)
+    assert w.log[d][0].credit == 4      # WELCOME says what it was given
 
 
 def test_reclaim_skips_every_drop_client_owed_the_batch() -> None:
@@ -680,20 +686,21 @@ def test_detached_client_resumes_from_what_it_never_released() -> None:
     assert [e.seq for e in w.after_welcome(back) if isinstance(e, Batch)] == [1, 2, 3]
 
 
-def test_drop_clients_together_hold_at_most_half_the_ring() -> None:
-    """However many `drop` clients stall, the ring keeps room for the rest."""
-    w = World(slabs=8)
-    d1 = w.connect("d1", policy="drop", credit=4)
-    d2 = w.connect("d2", policy="drop", credit=4)
-    b = w.connect("b", policy="block", credit=8)
-    for _ in range(8):
+def test_stalled_drop_clients_leave_the_others_their_part() -> None:
+    """However many `drop` clients (up to max_clients) stall, each holding
+    what it may, another one gets every batch and the source a slab."""
+    w = World(slabs=9, max_clients=4, credit=8)
+    stalled = [w.connect(f"s{i}", policy="drop") for i in range(3)]
+    good = w.connect("good", policy="drop")
+    for _ in range(40):
         w.publish()
-        w.release(b, w.state(b).held and min(w.state(b).held))
-    held = len(w.state(d1).held) + len(w.state(d2).held)
-    assert held == 4
-    # The block client never waits for a slab: reclaim frees what only the
-    # drop clients are owed.
-    assert w.disp.reclaim() is not None
+        for seq in sorted(w.state(good).held):
+            w.release(good, seq)
+    assert [len(w.state(s).held) for s in stalled] == [2, 2, 2]
+    assert consumed(w, good) == list(range(40)) and w.state(good).drops == 0
+    # What the stalled ones were owed meanwhile was skipped, or waits for them.
+    assert all(w.state(s).drops + 2 + len(w.state(s).queue) == 40 for s in stalled)
+    assert all(w.state(s).drops > 30 for s in stalled)
 
 
 # --- groups -------------------------------------------------------------------------------
@@ -734,7 +741,7 @@ def test_groups_fan_out_and_members_share_by_flow() -> None:
     assert 150 < len(got1) < 250
     # What a BATCH says: the group's slots, no mask; the lone member: nothing.
     b = w.batches(w1)[0]
-    assert (b.members, b.mask) == ((s1, s2), None)
+    assert (b.members, b.mask) == (tuple(sorted((s1, s2))), None)
     assert (w.batches(rec)[0].members, w.batches(rec)[0].mask) == ((), None)
     assert (w.state(w1).packets, w.state(w2).packets) == (len(got1), len(got2))
     assert w.pool.refs[w.batches(rec)[0].slab] == 3
@@ -776,9 +783,10 @@ def test_round_robin_gives_whole_batches_in_turn() -> None:
     c = w.connect("c", group="rr", balance="round-robin")
     assert [w.log[p][0].balance for p in (a, b, c)] == ["round-robin"] * 3
     seqs = [w.publish(3) for _ in range(6)]
-    assert w.seqs(a) == [seqs[0], seqs[3]]
-    assert w.seqs(b) == [seqs[1], seqs[4]]
-    assert w.seqs(c) == [seqs[2], seqs[5]]
+    first, second, third = sorted((a, b, c), key=lambda p: w.state(p).slot)   # in slot order
+    assert w.seqs(first) == [seqs[0], seqs[3]]
+    assert w.seqs(second) == [seqs[1], seqs[4]]
+    assert w.seqs(third) == [seqs[2], seqs[5]]
     assert all((x.members, x.mask) == ((), None) for p in (a, b, c) for x in w.batches(p))
 
 
@@ -1037,3 +1045,105 @@ def test_a_kept_member_comes_back_only_to_its_group() -> None:
     back = w.connect("a", group="g")
     assert isinstance(w.log[back][0], Welcome) and w.log[back][0].group == "g"
     assert w.disp.clients["a"].peer == back
+
+
+# --- admission: who may join what, hold what, and come back when ----------------------
+
+
+def test_a_client_s_own_group_is_not_joinable() -> None:
+    """A group a client has by default, named after it, is its own: another
+    client asking for it is refused; it is shared once asked for by name."""
+    w = World(slabs=4)
+    w.connect("rec")
+    evil = w.connect("evil", group="rec")
+    [err] = w.log[evil]
+    assert isinstance(err, ErrorReply) and err.code == "group-private"
+    assert err.text == ("group 'rec' is client 'rec''s own (a client shares its group only "
+                        "if it asks for it by name)")
+    assert set(w.disp.clients) == {"rec"} and w.disp.refused["group-private"] == 1
+    w.connect("ids", group="ids")                    # asked for by name: shared
+    other = w.connect("ids2", group="ids")
+    assert isinstance(w.log[other][0], Welcome)
+    # A client with a group of its own may not slip into a shared one by name.
+    sneak = w.connect("ids2x", group=None)
+    assert isinstance(w.log[sneak][0], Welcome) and w.state(sneak).group == "ids2x"
+    taken = World(slabs=4)
+    taken.connect("a", group="g")
+    g = taken.connect("g")
+    [err] = taken.log[g]
+    assert isinstance(err, ErrorReply) and err.code == "group-taken"
+
+
+def test_membership_changes_are_counted() -> None:
+    w = World(slabs=4)
+    a = w.connect("a", group="g")
+    w.connect("b", group="g")
+    assert w.disp.groups["g"].changes == 2
+    w.bye(a)
+    assert w.disp.groups["g"].changes == 3
+
+
+def test_a_kept_place_resumes_only_for_its_user() -> None:
+    w = World(slabs=4)
+    a = w.connect("rec", uid=1000)
+    w.disp.detach(w.state(a), 0.0)
+    thief = w.connect("rec", uid=65534)
+    [err] = w.log[thief]
+    assert isinstance(err, ErrorReply) and err.code == "name-taken"
+    assert err.text == "'rec' is kept for the user it belongs to (uid 1000)"
+    back = w.connect("rec", uid=1000)
+    assert isinstance(w.log[back][0], Welcome)
+
+
+def test_block_only_for_whom_the_operator_allows() -> None:
+    w = World(slabs=4, policy="drop", may_block=lambda name, uid: name == "ids" or uid == 7)
+    refused = w.connect("rec", policy="block")
+    [err] = w.log[refused]
+    assert isinstance(err, ErrorReply) and err.code == "block-refused"
+    assert "serve --allow-block" in err.text
+    for peer in (w.connect("ids", policy="block"), w.connect("x", uid=7, policy="block"),
+                 w.connect("rec", policy="drop"), w.connect("y")):
+        assert isinstance(w.log[peer][0], Welcome)
+    assert w.disp.refused == {"block-refused": 1}
+
+
+def test_an_evicted_client_waits_out_its_backoff() -> None:
+    w = World(slabs=4, backoff=10.0)
+    a = w.connect("greedy")
+    c = w.state(a)
+    w.disp.remove(c, 0.0)
+    w.disp.evicted(c, 0.0)
+    w.now = 9.0
+    again = w.connect("greedy")
+    [err] = w.log[again]
+    assert isinstance(err, ErrorReply) and err.code == "backoff"
+    assert err.text == "'greedy' was evicted; it may come back in 1.0 s"
+    w.now = 10.0
+    assert isinstance(w.log[w.connect("greedy")][0], Welcome)
+    assert w.disp.refused == {"backoff": 1}
+
+
+def test_nothing_is_kept_of_names_that_are_gone() -> None:
+    """HELLO and BYE under ever new names leave nothing behind: a member's
+    slot is a hash of its name, not an entry in a table."""
+    w = World(slabs=4, backoff=1.0)
+    for i in range(2000):
+        p = w.connect(f"n{i}", group="g" if i % 2 else None)
+        c = w.state(p)
+        if i % 3:
+            w.bye(p)
+        else:                       # as the loop evicts one
+            w.conn.evict(p, w.now, "lease", "held too long")
+            w.disp.remove(c, w.now)
+            w.disp.evicted(c, w.now)
+        w.now += 0.01
+    assert not w.disp.clients and not w.disp.by_peer and not w.disp.groups
+    assert len(w.disp.banned) <= 100 and not w.conn.peers
+    assert w.disp.clients_total == 2000
+
+
+def test_a_slot_is_the_same_for_a_name_and_distinct_in_a_group() -> None:
+    assert slot_of("ids-1", set()) == slot_of("ids-1", set())
+    s = slot_of("ids-1", set())
+    assert slot_of("ids-1", {s}) != s
+    assert len({slot_of(f"w{i}", set()) for i in range(1000)}) == 1000

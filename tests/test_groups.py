@@ -247,8 +247,8 @@ def test_member_back_under_its_name_gets_its_flows_back(broker, synth: Path) -> 
     assert sorted(got) == list(range(4 * 20_000))
     assert b.wait() == 0
     flows_after = {h for _, h, _ in again.got.values()}
-    assert again.slot == first.slot and {a.slot, first.slot} == {0, 1}
-    slots = ffi.new("uint32_t[]", [a.slot, first.slot])    # slots by who said HELLO first
+    assert again.slot == first.slot != a.slot     # a slot is a hash of the member's name
+    slots = ffi.new("uint32_t[]", [a.slot, first.slot])
     owned_by_b = {h for _, h, _ in got.values() if lib.pktipc_flow_owner(h, slots, 2) == 1}
     assert flows_before <= flows_after == owned_by_b   # its place, and its flows, back
     assert {h for _, h, _ in a.got.values()} > owned_by_b.symmetric_difference(
@@ -270,15 +270,18 @@ def test_status_shows_groups_and_members(broker, synth: Path) -> None:
         assert r.returncode == 0, r.stderr
         [st] = json.loads(r.stdout)
         groups = {g["name"]: g for g in st["groups"]}
-        assert groups["ids"]["members"] == ["w1", "w2"] and groups["ids"]["balance"] == "flow"
+        assert sorted(groups["ids"]["members"]) == ["w1", "w2"]
+        assert groups["ids"]["balance"] == "flow"
         assert groups["ids"]["packets"] == 20_000
         assert groups["rec"] == {"name": "rec", "balance": "round-robin", "members": ["rec"],
-                                 "packets": 20_000}
+                                 "shared": False, "changes": 1, "packets": 20_000}
+        assert (groups["ids"]["shared"], groups["ids"]["changes"]) == (True, 2)
         per = {c["name"]: c["packets"] for c in st["clients"]}
         assert per == counts
         text = run_pktipc("status", b.name).stdout
-        assert "group ids  flow  2 member(s)  packets 20000" in text
-        assert f"client w1  slot 0  block  pid {os.getpid()}  packets {counts['w1']}" in text
+        assert "group ids  flow  2 member(s)  shared  joined or left 2  packets 20000" in text
+        assert (f"client w1  slot {w1.welcome.slot}  block  pid {os.getpid()}  "
+                f"packets {counts['w1']}") in text
 
 
 def test_another_mode_is_refused(broker, synth: Path) -> None:

@@ -240,7 +240,7 @@ def test_kernel_statistics_add_up(ns: Netns, broker: Any, tmp_path: Path) -> Non
     small ring overflows. Kernel packets = sent, and what reached the slabs
     plus the kernel's drops = sent: every loss is counted at its stage."""
     b = serve_live(broker, ns, "-i", "va", "--block-size", "4096", "--blocks", "2",
-                   "--slab-size", "4096", "--slabs", "2")
+                   "--slab-size", "4096", "--slabs", "2", "--allow-block", "c")
     frames = [frame(OTHER, udp4(1, 2, 100, a=i % 250)) for i in range(3000)]
     with pktipc.connect(b.name, "c", policy="block", credit=2) as c:
         assert ns.send("vb", frames, tmp_path) == len(frames)

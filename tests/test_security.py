@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import PCAPS, ROOT, BrokerProc, pktipc_cmd, run_pktipc
@@ -308,3 +309,190 @@ def test_an_aborted_broker_s_segment_is_removed_by_the_next(broker, runtime_dir:
     assert f"pktipc: removed {left[0]}, left by a broker that is gone (pid {b.pid})" in err
     assert not left[0].exists()
     assert not (runtime_dir / f"{b.name}.lock").exists()
+
+
+# --- 3. a stalled drop client costs only itself ------------------------------------------
+
+
+@pytest.fixture
+def ns(netns: Any) -> Any:
+    netns.veth("va", "vb")
+    return netns
+
+
+@pytest.mark.parametrize("stalled", [1, 4, 32])
+def test_stalled_drop_clients_cost_only_themselves(ns: Any, broker: Any, tmp_path: Path,
+                                                   stalled: int) -> None:
+    """Clients that ask for all the credit they can and never read: another
+    `drop` client, which keeps up with the traffic, still gets every frame
+    sent, with no gap; each stalled one holds at most its part of the ring
+    (WELCOME says how much) and is skipped once the ring is short."""
+    from test_live import OTHER, frame, serve_live, udp4
+
+    b = serve_live(broker, ns, "-i", "va", "--max-clients", "40", "--slabs", "161",
+                   "--slab-size", "16k", "--block-size", "16k", "--blocks", "256")
+    idle = [pktipc.connect(b.name, f"stalled{i}", credit=4096) for i in range(stalled)]
+    try:
+        assert {c.welcome.credit for c in idle} == {4}          # (161 - 1) / 40
+        with pktipc.connect(b.name, "good") as good:
+            got = [0]
+            done = threading.Event()
+
+            def read() -> None:
+                while not done.is_set():
+                    batch = good.next_batch(timeout=0.1)
+                    if batch is not None:
+                        got[0] += len(batch)
+                        batch.release()
+            reader = threading.Thread(target=read)
+            reader.start()
+            sent = 0
+            for k in range(10):             # 20,000 frames in ten bursts, 400 batches or so
+                sent += ns.send("vb", [frame(OTHER, udp4(1, 2, 100, a=k * 20 + i % 20))
+                                       for i in range(2000)], tmp_path)
+                time.sleep(0.05)
+            deadline = time.monotonic() + 20
+            while got[0] < sent and time.monotonic() < deadline:
+                time.sleep(0.05)
+            done.set()
+            reader.join()
+            assert (got[0], good.gaps) == (sent, [])
+            st = pktipc.broker_stats(b.name)
+        per = {c["name"]: c for c in st["clients"]}
+        assert per["good"]["drops"] == 0 and st["sources"][0]["kernel_drops"] == 0
+        assert all(per[c.name]["held"] == 4 for c in idle)
+        assert all(per[c.name]["drops"] > 0 for c in idle)
+    finally:
+        for c in idle:
+            c.close()
+
+
+# --- 4. block is the operator's to give; an evicted client waits -----------------------------
+
+
+def test_block_on_a_live_broker_is_the_operators_choice(ns: Any, broker: Any) -> None:
+    from test_live import serve_live
+
+    b = serve_live(broker, ns, "-i", "va", "--allow-block", "rec,ids-*")
+    with pytest.raises(pktipc.Refused) as e:
+        pktipc.connect(b.name, "evil", policy="block")
+    assert e.value.code == "block-refused"
+    assert str(e.value).endswith("block would let one client stall the capture for every "
+                                 "client; the broker's operator allows it per client (serve "
+                                 "--allow-block)")
+    with pktipc.connect(b.name, "rec", policy="block") as rec, \
+            pktipc.connect(b.name, "ids-1", policy="block") as ids, \
+            pktipc.connect(b.name, "evil") as evil:
+        assert (rec.welcome.policy, ids.welcome.policy, evil.welcome.policy) == \
+            ("block", "block", "drop")
+        assert rec.stats()["refused"] == {"block-refused": 1}
+    r = run_pktipc("serve", "--name", "x", "-i", "lo", "--allow-block", "user:no-such-user-x")
+    assert (r.returncode, r.stderr) == (1, "pktipc: error: --allow-block user:no-such-user-x: "
+                                           "no such user\n")
+
+
+def test_an_evicted_client_is_refused_for_a_while(broker: Any) -> None:
+    """A client evicted for holding a batch past its lease, back at once,
+    is refused until its back-off is over, and that is counted."""
+    b = broker("-r", str(PCAPS / "DECnet_Phone.pcap"), "--loop", "0", "--slab-size", "4k",
+               "--lease", "0.3", "--evict-backoff", "2")
+    with pktipc.connect(b.name, "greedy", credit=1, reconnect=0) as c:
+        held = c.next_batch(timeout=5)
+        assert held is not None
+        with pytest.raises(pktipc.BrokerGone, match="evicted 'greedy'"):
+            while True:
+                c.next_batch(timeout=0.1)
+    with pytest.raises(pktipc.Refused) as e:
+        pktipc.connect(b.name, "greedy")
+    assert e.value.code == "backoff"
+    time.sleep(2)
+    with pktipc.connect(b.name, "greedy") as again:
+        assert again.stats()["refused"] == {"backoff": 1}
+
+
+# --- 5. groups and kept places are their owners' -------------------------------------------
+
+
+CLIENT_AS_NOBODY = """
+import sys, pktipc
+name, group = sys.argv[1], sys.argv[2] or None
+try:
+    with pktipc.connect(sys.argv[3], name, group=group, timeout=5) as c:
+        print("welcome", c.group)
+except pktipc.Refused as e:
+    print(e.code)
+"""
+
+
+def test_groups_and_kept_places_are_their_owners(top: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nobody`, admitted by --allow-group, may join neither the group a
+    client has of its own nor the place the broker keeps for a client of
+    root's that died; root's client comes back to it."""
+    run = top / "run"
+    name = f"sec{os.getpid()}g"
+    monkeypatch.setenv("PKTIPC_RUNTIME_DIR", str(run))
+    env = dict(os.environ)
+    b = BrokerProc(name, ["-r", str(DNS), "--wait-clients", "2", "--grace", "30",
+                          "--allow-group", "nogroup"], run)
+    b.wait_ready()
+    nobody_env = dict(env, PYTHONPATH=str(ROOT))
+
+    def nobody(client: str, group: str = "") -> str:
+        r = as_nobody(sys.executable, "-c", CLIENT_AS_NOBODY, client, group, name,
+                      env=nobody_env, cwd="/")
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import pktipc, time
+c = pktipc.connect({name!r}, "rec")
+print("up", flush=True)
+time.sleep(60)
+"""], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "up\n"
+        assert nobody("evil", "rec") == "group-private"
+        holder.kill()
+        holder.wait()
+        deadline = time.monotonic() + 10
+        while [c["attached"] for c in pktipc.broker_stats(name)["clients"]] != [False]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert nobody("rec") == "name-taken"
+        with pktipc.connect(name, "rec", timeout=5) as back:    # its owner resumes
+            assert back.group == "rec"
+            assert back.stats()["refused"] == {"group-private": 1, "name-taken": 1}
+    finally:
+        holder.kill()
+        holder.wait()
+        b.stop()
+
+
+# --- 8. who a client is, the kernel says ----------------------------------------------------
+
+
+def test_a_claimed_pid_is_not_believed(broker: Any) -> None:
+    """A client that says it is another process: the broker watches the
+    process that is really at the other end of the socket."""
+    import zmq
+
+    b = broker("-r", str(DNS), "--wait-clients", "2", "--linger")
+    other = subprocess.Popen(["sleep", "60"])
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    try:
+        s.connect(f"ipc://{b.socket}")
+        s.send(proto.encode("hello", name="liar", group=None, policy=None, credit=None,
+                            pid=other.pid, balance=None))
+        assert s.poll(5000)
+        assert proto.decode(s.recv(), proto.MAX_BROKER_FRAME)[0] == "welcome"
+        other.kill()
+        other.wait()
+        time.sleep(0.5)
+        [c] = pktipc.broker_stats(b.name)["clients"]
+        assert (c["name"], c["attached"], c["pid"]) == ("liar", True, os.getpid())
+    finally:
+        other.kill()
+        other.wait()
+        s.close(linger=0)
+        ctx.term()

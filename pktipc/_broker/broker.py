@@ -13,7 +13,9 @@ import pwd
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
 from typing import Any, TextIO
 
 import posix_ipc
@@ -25,7 +27,7 @@ from .._layout import Geometry, Segment
 from .._paths import check_name, control_endpoint, runtime_dir, segment_name
 from .._shm import ffi, lib
 from . import runtime
-from .control import ControlSocket
+from .control import ControlSocket, Sent
 from .dispatch import ClientState, Dispatcher, SlabPool
 from .files import FileSource
 from .live import LiveOptions, LiveSource
@@ -34,8 +36,10 @@ from .sources import Source, Status
 DEFAULT_SLAB_SIZE = 1 << 20
 DEFAULT_SLAB_COUNT = 64
 DEFAULT_CREDIT = 8
-MAX_CLIENTS = 64
-MAX_CONTROL_PER_TURN = 10000    # control messages read before the loop goes on
+MAX_CLIENTS = 16
+EVICT_BACKOFF = 10.0            # seconds an evicted client's name is refused
+MAX_CONTROL_PER_TURN = 512      # control messages read before the loop goes on
+STATS_FOR = 0.1                 # seconds a STATS reply is reused for the next requests
 
 
 @dataclass
@@ -58,6 +62,31 @@ class ServeOptions:
     grace: float = 0.0                  # seconds a lost client's place is kept for it
     user: str | None = None             # drop privileges to this user once capturing
     tunnel_hash: bool = False           # hash tunnelled packets on their inner flow
+    allow_block: list[str] = field(default_factory=list)  # live: who may ask for block
+    evict_backoff: float = EVICT_BACKOFF
+    max_connections: int | None = None  # None: 4 per client, and 64 more
+    control_rate: float = proto.CONTROL_RATE    # messages a second a peer may send
+
+
+def block_rule(entries: list[str]) -> Callable[[str, int | None], bool]:
+    """Who may ask for `block` on a live broker: client names (shell-style
+    patterns, e.g. suricata-*) and users ("user:NAME" or "user:UID", the
+    client's uid as the kernel gives it)."""
+    names, uids = [], set()
+    for e in entries:
+        if not e.startswith("user:"):
+            check_name("client", e.replace("*", "x").replace("?", "x"))
+            names.append(e)
+            continue
+        who = e[len("user:"):]
+        try:
+            uids.add(int(who) if who.isdigit() else pwd.getpwnam(who).pw_uid)
+        except KeyError:
+            raise ValueError(f"--allow-block {e}: no such user") from None
+
+    def may_block(name: str, uid: int | None) -> bool:
+        return uid in uids or any(fnmatchcase(name, n) for n in names)
+    return may_block
 
 
 def _check(opts: ServeOptions) -> None:
@@ -78,6 +107,12 @@ def _check(opts: ServeOptions) -> None:
         raise ValueError(f"--max-clients must be between 1 and {proto.MAX_MEMBERS}")
     if not 1 <= opts.credit <= proto.MAX_CREDIT:
         raise ValueError(f"--credit must be between 1 and {proto.MAX_CREDIT}")
+    if not (math.isfinite(opts.control_rate) and opts.control_rate >= 1):
+        raise ValueError("--control-rate must be 1 or more messages a second")
+    if opts.max_connections is not None and opts.max_connections < 1:
+        raise ValueError("--max-connections must be 1 or more")
+    if not (math.isfinite(opts.evict_backoff) and opts.evict_backoff >= 0):
+        raise ValueError("--evict-backoff must be 0 or more seconds")
     if opts.live is not None and opts.slab_size < opts.live.block_size:
         raise ValueError("--slab-size must be at least --block-size, so that a block always "
                          "fits in a slab")
@@ -93,6 +128,7 @@ class Broker:
         except KeyError:
             raise ValueError(f"--user {opts.user}: no such user") from None
         self.gid = runtime.group_id(opts.unix_group) if opts.unix_group is not None else None
+        self.may_block = block_rule(opts.allow_block)
         self.geometry = Geometry(opts.slab_size, opts.slab_count,
                                  len(opts.live.interfaces) if opts.live else len(opts.files))
         self.source: Source = (LiveSource(opts.live) if opts.live is not None
@@ -114,6 +150,9 @@ class Broker:
         self._fds_polled = False
         self._next_stats = 0.0
         self._kernel_drops = 0      # as of the previous batch, for its record
+        self._stats: tuple[float, dict[str, Any]] | None = None
+        self.max_clients = opts.max_clients
+        self.evictions = 0
 
     # -- set-up and teardown --
     def _drop_privileges(self, pw: pwd.struct_passwd) -> None:
@@ -143,6 +182,7 @@ class Broker:
         lock = runtime.Lock(dirfd, self.opts.name)
         self._cleanup.append(lock.release)
         runtime.sweep_stale_segments(self.opts.name, self.log)
+        self._limit_files()
         mm = runtime.create_segment(self.shm_name, self.geometry.total_size, self.gid)
         self._cleanup.append(lambda: posix_ipc.unlink_shared_memory(self.shm_name))
         self.seg = Segment(mm, writable=True)
@@ -152,8 +192,25 @@ class Broker:
             mm.close()
         self._cleanup.append(unmap)
         self.seg.init(self.geometry, name=self.opts.name, epoch=self.epoch, ifaces=self.ifaces)
-        self.control = ControlSocket(self.endpoint, group_access=self.gid is not None)
+        self.control = ControlSocket(
+            self.endpoint, group_access=self.gid is not None,
+            max_connections=self.max_connections,
+            # Room for every batch a client may hold, twice, and the rest.
+            send_hwm=max(1024, 2 * self.geometry.slab_count + 64))
         self._cleanup.append(self.control.close)
+
+    def _limit_files(self) -> None:
+        """Running out of descriptors would abort libzmq: the limit is raised
+        as far as it goes, and clients and connections are capped below it
+        (the rest refused, and counted)."""
+        limit = runtime.raise_fd_limit()
+        spare = limit - 64 - len(self.ifaces)     # the broker's own, and slack
+        self.max_clients = max(1, min(self.opts.max_clients, spare // 3))
+        if self.max_clients < self.opts.max_clients:
+            print(f"pktipc: at most {self.max_clients} clients: the limit on open files is "
+                  f"{limit}", file=self.log, flush=True)
+        want = self.opts.max_connections or 4 * self.max_clients + 64
+        self.max_connections = max(1, min(want, spare - self.max_clients))
 
     def close(self) -> None:
         while self._cleanup:
@@ -170,14 +227,18 @@ class Broker:
         try:
             self._set_up()
             self.conn = proto.BrokerConnection(heartbeat=self.opts.heartbeat,
-                                               liveness=self.opts.liveness)
+                                               liveness=self.opts.liveness,
+                                               rate=self.opts.control_rate)
             self.pool = SlabPool(self.geometry.slab_count)
             self.disp = Dispatcher(self.conn, self.pool,
                                    default_policy=self.source.default_policy,
                                    default_credit=self.opts.credit,
-                                   max_clients=self.opts.max_clients, lease=self.opts.lease,
+                                   max_clients=self.max_clients, lease=self.opts.lease,
                                    # late-bound: the segment must be closable
-                                   descriptors=lambda slab, n: self.seg.descriptors(slab, n))
+                                   descriptors=lambda slab, n: self.seg.descriptors(slab, n),
+                                   may_block=(self.may_block
+                                              if self.source.default_policy == "drop" else None),
+                                   backoff=self.opts.evict_backoff)
             self.seg.header.state = lib.PKTIPC_STATE_RUNNING
             wait = (f", waiting for {self.wait_clients} client(s)"
                     if self.wait_clients else "")
@@ -196,7 +257,8 @@ class Broker:
     # -- the loop --
     def _loop(self) -> None:
         self.poller = poller = zmq.Poller()
-        poller.register(self.control.sock, zmq.POLLIN)
+        for sock in self.control.sockets:
+            poller.register(sock, zmq.POLLIN)
         while True:
             now = time.monotonic()
             if self.stopping and not self.disp.ended:
@@ -210,6 +272,11 @@ class Broker:
             timeout = 0.0 if busy else self._timeout(now)
             self._poll_fds(self._reading() and not self._starved)
             ready = dict(poller.poll(int(timeout * 1000 + 0.999)))
+            now = time.monotonic()
+            if self.control.monitor in ready:
+                self.control.handle_monitor()
+            if self.control.zap in ready:
+                self.control.handle_zap(now)
             if self.control.sock in ready:
                 self._receive_all()
             now = time.monotonic()
@@ -223,6 +290,8 @@ class Broker:
             for c in self.disp.expired(now):
                 self._drop(c, now, f"it held a batch for more than {self.opts.lease:g} s",
                            code="lease")
+                self.disp.evicted(c, now)
+                self.evictions += 1
             for c in self.disp.detached_before(now - self.opts.grace):
                 print(f"pktipc: client {c.name!r} did not come back within "
                       f"{self.opts.grace:g} s", file=self.log, flush=True)
@@ -291,11 +360,20 @@ class Broker:
                                  f"expected one frame per message, got {len(frames)}")
                 continue
             try:
-                events = self.conn.receive(peer, frames[0], now)
+                # Peers not attached share a budget per process.
+                events = self.conn.receive(peer, frames[0], now,
+                                           key=creds.pid if creds is not None else None)
             except proto.RemoteProtocolError:
                 continue    # the ERROR reply is queued and counted
             for ev in events:
-                self._handle(ev, now)
+                if isinstance(ev, proto.Hello) and creds is not None:
+                    # Who it is, as the kernel says, not as it says.
+                    ev = replace(ev, pid=creds.pid, uid=creds.uid)
+                if isinstance(ev, proto.PeerFlooding):
+                    self._cut_off(peer, now, "it sent more messages than it may",
+                                  creds.pid if creds else None)
+                else:
+                    self._handle(ev, now)
 
     def _handle(self, ev: proto.BrokerEvent, now: float) -> None:
         d = self.disp
@@ -312,7 +390,9 @@ class Broker:
             if c is not None:
                 d.release(c, ev.seqs, now)
         elif isinstance(ev, proto.StatsRequest):
-            self.conn.send_stats(ev.peer, now, self.stats())
+            if self._stats is None or now > self._stats[0] + STATS_FOR:
+                self._stats = (now, self.stats())
+            self.conn.send_stats(ev.peer, now, self._stats[1])
         elif isinstance(ev, proto.Bye):
             c = d.by_peer.get(ev.peer)
             if c is not None:
@@ -347,6 +427,7 @@ class Broker:
             if c.peer in self.conn.peers:
                 self.conn.evict(c.peer, now, code, why)
         self.conn.forget(c.peer)
+        self.control.forget(c.peer)
         if c.pidfd is not None:
             self.poller.unregister(c.pidfd)
             os.close(c.pidfd)
@@ -356,12 +437,33 @@ class Broker:
         else:
             self.disp.remove(c, now)
 
+    def _cut_off(self, peer: bytes, now: float, why: str, pid: int | None) -> None:
+        """Ends what a peer that floods or does not read costs: its client is
+        evicted, its connection closed, and its process refused for the
+        back-off."""
+        self.control.cut_off(peer)
+        c = self.disp.by_peer.get(peer)
+        if c is not None:
+            self._drop(c, now, why, code="flood")
+            self.disp.evicted(c, now)
+            self.evictions += 1
+            pid = c.pid
+        else:
+            print(f"pktipc: a connection cut off: {why}", file=self.log, flush=True)
+        self.conn.forget(peer)
+        if pid:
+            self.control.ban(pid, now + self.opts.evict_backoff)
+
     def _flush(self) -> None:
         for peer, frame in self.conn.frames_to_send():
-            if not self.control.send(peer, frame):
+            sent = self.control.send(peer, frame)
+            if sent is Sent.FULL:
+                self._cut_off(peer, time.monotonic(), "it does not read its messages", None)
+            elif sent is Sent.GONE:
                 # Unroutable (ROUTER_MANDATORY): the peer is gone.
                 c = self.disp.by_peer.get(peer)
                 self.conn.forget(peer)
+                self.control.forget(peer)
                 if c is not None:
                     self._drop(c, time.monotonic(), "unreachable", resume=True)
 
@@ -468,9 +570,20 @@ class Broker:
                 for c in self.disp.clients.values()
             ],
             "groups": [
-                {"name": name, "balance": g.balance,
+                {"name": name, "balance": g.balance, "shared": g.owner is None,
                  "members": [c.name for c in self.disp.members(name)],
+                 "changes": g.changes,
                  "packets": sum(c.packets for c in self.disp.members(name))}
                 for name, g in self.disp.groups.items()
             ],
+            "refused": dict(self.disp.refused),
+            "control": {
+                "connections": self.control.connections,
+                "max_connections": self.max_connections,
+                "connections_refused": self.control.refused,
+                "handshakes_failed": self.control.failed,
+                "connections_cut": self.control.cut,
+                "messages_over_budget": self.conn.dropped,
+                "evictions": self.evictions,
+            },
         }

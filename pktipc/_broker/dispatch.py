@@ -9,7 +9,9 @@ the frames to send.
 from __future__ import annotations
 
 import bisect
-from collections import deque
+import hashlib
+import itertools
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +109,7 @@ class ClientState:
     credit: int
     pid: int
     slot: int
+    uid: int | None = None                              # local clients: from the kernel
     queue: deque[int] = field(default_factory=deque)   # published to it, not yet sent
     held: set[int] = field(default_factory=set)         # sent, not released
     shares: dict[int, Share] = field(default_factory=dict)  # of each seq queued or held
@@ -124,7 +127,9 @@ class ClientState:
 @dataclass
 class Group:
     balance: str            # set by its first member
+    owner: str | None = None    # the client whose own group it is (nobody else joins it)
     last: int = -1          # round-robin: slot of the member given the last batch
+    changes: int = 0        # members that joined or left
 
 
 def _add_gap(gaps: list[tuple[int, int]], start: int, end: int) -> None:
@@ -151,16 +156,38 @@ class Published:
 Descriptors = Callable[[int, int], "np.ndarray[Any, Any]"]
 
 
+def slot_of(name: str, taken: set[int]) -> int:
+    """A client's slot: a hash of its name, so that a member that comes back
+    under its name, however long after, owns the same flows again, and the
+    broker keeps no table of names; the next hash of it if another member
+    of the group has it."""
+    for i in itertools.count():
+        key = name if i == 0 else f"{name}#{i}"
+        slot = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little")
+        if slot not in taken:
+            return slot
+    raise AssertionError("unreachable")
+
+
 class Dispatcher:
     """Fan-out and balance bookkeeping: every group gets every batch, divided
     among its members (by flow or by batch); each client gets its shares in
     order, holding at most `credit` at once; a slab is free again when its
     last holder let go. `descriptors(slab, n)` reads a published slab's
-    descriptors, for the flow hashes."""
+    descriptors, for the flow hashes.
+
+    Admission: a `drop` client holds at most its own part of the ring,
+    (slabs - 1) / max_clients, so that any number of them stalled leave the
+    others theirs, and the source a slab; `block`, which lets one client
+    stall the source, only if `may_block(name, uid)` says so; a client
+    evicted comes back only after `backoff` seconds; a group named after a
+    client is that client's alone unless it asked for it by name."""
 
     def __init__(self, conn: proto.BrokerConnection, pool: SlabPool, *,
                  default_policy: str, default_credit: int, max_clients: int,
-                 lease: float | None = None, descriptors: Descriptors | None = None) -> None:
+                 lease: float | None = None, descriptors: Descriptors | None = None,
+                 may_block: Callable[[str, int | None], bool] | None = None,
+                 backoff: float = 0.0) -> None:
         self.conn = conn
         self.lease = lease
         self.pool = pool
@@ -168,49 +195,82 @@ class Dispatcher:
         self.default_credit = default_credit
         self.max_clients = max_clients
         self.descriptors = descriptors
+        self.may_block = may_block
+        self.backoff = backoff
+        self.drop_credit = max(1, (len(pool.refs) - 1) // max_clients)
         self.clients: dict[str, ClientState] = {}
         self.by_peer: dict[bytes, ClientState] = {}
         self.groups: dict[str, Group] = {}
         self.batches: dict[int, Published] = {}
+        self.banned: dict[str, float] = {}      # evicted name -> when it may come back
+        self.refused: Counter[str] = Counter()  # HELLOs refused, by code
         self.next_seq = 0
         self.ended = False
         self.end_error: str | None = None
         self.client_drops = 0
         self.clients_total = 0
-        self.slots: dict[str, int] = {}     # a client that comes back gets its slot back
 
     # -- clients --
+    def _refuse(self, ev: proto.Hello, now: float, code: str, text: str) -> None:
+        self.refused[code] += 1
+        self.conn.refuse(ev.peer, now, code, text)
+
     def hello(self, ev: proto.Hello, now: float, welcome: dict[str, Any]) -> ClientState | None:
         group = ev.group or ev.name
         other = self.clients.get(ev.name)
         if other is not None and other.peer is not None:
-            self.conn.refuse(ev.peer, now, "name-taken",
-                             f"a client named {ev.name!r} is already attached (pid {other.pid})")
+            self._refuse(ev, now, "name-taken",
+                         f"a client named {ev.name!r} is already attached (pid {other.pid})")
+            return None
+        if other is not None and other.uid != ev.uid:
+            self._refuse(ev, now, "name-taken",
+                         f"{ev.name!r} is kept for the user it belongs to (uid {other.uid})")
             return None
         if other is not None and other.group != group:
-            self.conn.refuse(ev.peer, now, "group-mismatch",
-                             f"{ev.name!r} is kept in group {other.group!r}, not {group!r}")
+            self._refuse(ev, now, "group-mismatch",
+                         f"{ev.name!r} is kept in group {other.group!r}, not {group!r}")
+            return None
+        until = self.banned.get(ev.name)
+        if until is not None and now < until:
+            self._refuse(ev, now, "backoff", f"{ev.name!r} was evicted; it may come back in "
+                         f"{until - now:.1f} s")
             return None
         g = self.groups.get(group)
+        if g is not None and g.owner is not None and g.owner != ev.name:
+            self._refuse(ev, now, "group-private",
+                         f"group {group!r} is client {g.owner!r}'s own (a client shares its "
+                         "group only if it asks for it by name)")
+            return None
+        if g is not None and ev.group is None and g.owner is None and other is None:
+            self._refuse(ev, now, "group-taken",
+                         f"other clients share a group named {group!r}: ask for it by name "
+                         "to join it, or take another name")
+            return None
         if g is not None and ev.balance not in (None, g.balance):
-            self.conn.refuse(ev.peer, now, "balance-mismatch",
-                             f"group {group!r} balances by {g.balance}, not {ev.balance}")
+            self._refuse(ev, now, "balance-mismatch",
+                         f"group {group!r} balances by {g.balance}, not {ev.balance}")
             return None
         if other is not None:
             return self._resume(other, ev, now, welcome)
         if len(self.clients) >= self.max_clients:
-            self.conn.refuse(ev.peer, now, "too-many-clients",
-                             f"this broker serves at most {self.max_clients} clients")
+            self._refuse(ev, now, "too-many-clients",
+                         f"this broker serves at most {self.max_clients} clients")
             return None
         policy = ev.policy or self.default_policy
-        # Never more than the ring; a `drop` client, which the broker must
-        # never wait for, at most half of it, so that what it holds never
-        # leaves the others without a slab.
-        most = len(self.pool.refs) if policy == "block" else max(1, len(self.pool.refs) // 2)
+        if policy == "block" and self.may_block is not None and not self.may_block(ev.name,
+                                                                                   ev.uid):
+            self._refuse(ev, now, "block-refused",
+                         "block would let one client stall the capture for every client; "
+                         "the broker's operator allows it per client (serve --allow-block)")
+            return None
+        most = len(self.pool.refs) if policy == "block" else self.drop_credit
+        g = self.groups.setdefault(group, Group(ev.balance or "flow",
+                                                owner=None if ev.group else ev.name))
         c = ClientState(name=ev.name, peer=ev.peer, group=group,
                         policy=policy, credit=min(ev.credit or self.default_credit, most),
-                        pid=ev.pid, slot=self.slots.setdefault(ev.name, len(self.slots)))
-        g = self.groups.setdefault(group, Group(ev.balance or "flow"))
+                        pid=ev.pid, uid=ev.uid,
+                        slot=slot_of(ev.name, {m.slot for m in self.members(group)}))
+        g.changes += 1
         self.clients_total += 1
         self.clients[c.name] = c
         self.by_peer[ev.peer] = c
@@ -218,6 +278,13 @@ class Dispatcher:
                          group=group, balance=g.balance, **welcome)
         self.pump(c, now)
         return c
+
+    def evicted(self, c: ClientState, now: float) -> None:
+        """`c` broke its lease or its liveness: its name may not come back
+        for `backoff` seconds."""
+        self.banned = {n: t for n, t in self.banned.items() if t > now}
+        if self.backoff > 0:
+            self.banned[c.name] = now + self.backoff
 
     def _resume(self, c: ClientState, ev: proto.Hello, now: float,
                 welcome: dict[str, Any]) -> ClientState:
@@ -252,8 +319,6 @@ class Dispatcher:
             later = c.later.pop(seq, None)
             if later is not None:
                 self._owe(c, seq, later)
-        if c.policy == "drop":
-            self._pump_drop(now)
 
     def detached_before(self, when: float) -> list[ClientState]:
         return [c for c in self.clients.values() if c.peer is None and c.detached_at <= when]
@@ -275,13 +340,13 @@ class Dispatcher:
         heirs = [m for m in self.members(c.group) if not m.eos_sent]
         for seq, share in owed:
             self._pass_on(c, seq, share, heirs)
-        if not self.members(c.group):
+        if self.members(c.group):
+            self.groups[c.group].changes += 1
+        else:
             del self.groups[c.group]
         for m in heirs:
             self.pump(m, now)
         self._end_group(c.group, now)
-        if c.policy == "drop":
-            self._pump_drop(now)
 
     def _pass_on(self, gone: ClientState, seq: int, share: Share,
                  heirs: list[ClientState]) -> None:
@@ -318,14 +383,6 @@ class Dispatcher:
             self.conn.refuse(c.peer, now, "bad-release",
                              f"batches {unknown[:8]} are not held by {c.name!r}")
         self.pump(c, now)
-        if c.policy == "drop":
-            self._pump_drop(now)
-
-    def _pump_drop(self, now: float) -> None:
-        """What one `drop` client let go of may let another one on."""
-        for c in self.clients.values():
-            if c.policy == "drop":
-                self.pump(c, now)
 
     def _unref(self, seq: int) -> None:
         if self.pool.unref(self.batches[seq].slab):
@@ -409,7 +466,7 @@ class Dispatcher:
         """Sends what `c` is owed, as far as its credit allows."""
         if c.peer is None:
             return
-        while c.queue and len(c.held) < c.credit and self._may_hold(c):
+        while c.queue and len(c.held) < c.credit:
             seq = c.queue.popleft()
             b, share = self.batches[seq], c.shares[seq]
             self._tell_gaps(c, now, before=seq)
@@ -433,14 +490,6 @@ class Dispatcher:
                 self._tell_gaps(m, now, before=self.next_seq)
                 m.eos_sent = True
                 self.conn.send_eos(m.peer, now, self.end_error)
-
-    def _may_hold(self, c: ClientState) -> bool:
-        """`drop` clients together hold at most half the ring, so that however
-        many of them stall, the others always find a slab."""
-        if c.policy != "drop":
-            return True
-        held = sum(len(x.held) for x in self.clients.values() if x.policy == "drop")
-        return held < max(1, len(self.pool.refs) // 2)
 
     def _tell_gaps(self, c: ClientState, now: float, before: int) -> None:
         """Sends, in order, the gaps that come before seq `before`."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import zmq
 
+from .. import _protocol as proto
 from .._broker import broker as _broker
 from .._broker import live as _live
 from .._client.client import broker_stats, brokers, connect
@@ -95,7 +96,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--credit", type=int, default=_broker.DEFAULT_CREDIT, metavar="N",
                    help="default batches a client may hold at once "
                         f"(default: {_broker.DEFAULT_CREDIT})")
-    s.add_argument("--max-clients", type=int, default=_broker.MAX_CLIENTS, metavar="N")
+    s.add_argument("--max-clients", type=int, default=_broker.MAX_CLIENTS, metavar="N",
+                   help="clients attached at most; a drop client holds at most "
+                        "(slabs - 1) / N batches (default: %(default)s)")
+    s.add_argument("--allow-block", metavar="WHO", action="append", default=[],
+                   help="interfaces: let WHO ask for the block policy, which lets one client "
+                        "stall the capture for all: a client name or pattern (suricata-*), or "
+                        "user:NAME; repeat, or separate with commas (files: anyone may)")
+    s.add_argument("--max-connections", type=int, metavar="N",
+                   help="control connections at most, the rest refused (default: 4 per "
+                        "client, and 64 more)")
+    s.add_argument("--control-rate", type=float, default=proto.CONTROL_RATE, metavar="N",
+                   help="control messages a second a client (or a process not attached) may "
+                        "send beyond one per batch, in bursts of 4 s worth; more are dropped, "
+                        "and who keeps on is cut off (default: %(default)g)")
+    s.add_argument("--evict-backoff", type=float, default=_broker.EVICT_BACKOFF, metavar="SEC",
+                   help="a client evicted for holding a batch too long is refused this long "
+                        "(default: %(default)s)")
     s.add_argument("--heartbeat", type=float, default=1.0, metavar="SEC",
                    help="heartbeat interval (default: 1)")
     s.add_argument("--liveness", type=float, default=30.0, metavar="SEC",
@@ -177,7 +194,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         wait_clients=a.wait_clients, linger=a.linger, slab_size=a.slab_size,
         slab_count=a.slabs, credit=a.credit, max_clients=a.max_clients,
         heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, unix_group=a.allow_group,
-        grace=a.grace, tunnel_hash=a.tunnel_hash)
+        grace=a.grace, tunnel_hash=a.tunnel_hash, evict_backoff=a.evict_backoff,
+        max_connections=a.max_connections, control_rate=a.control_rate,
+        allow_block=[w for arg in a.allow_block for w in arg.split(",") if w])
     return _broker.Broker(opts).serve()
 
 
@@ -250,7 +269,8 @@ def _status_text(r: dict[str, Any]) -> str:
     clients = {cl["name"]: cl for cl in r["clients"]}
     for g in r["groups"]:
         lines.append(f"  group {g['name']}  {g['balance']}  {len(g['members'])} member(s)  "
-                     f"packets {g['packets']}")
+                     f"{'shared' if g['shared'] else 'own'}  joined or left "
+                     f"{g['changes']}  packets {g['packets']}")
         for cl in map(clients.__getitem__, g["members"]):
             away = "" if cl["attached"] else "  (detached)"
             lines.append(f"    client {cl['name']}  slot {cl['slot']}  {cl['policy']}  "

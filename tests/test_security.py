@@ -435,7 +435,6 @@ def test_groups_and_kept_places_are_their_owners(top: Path,
     env = dict(os.environ)
     b = BrokerProc(name, ["-r", str(DNS), "--wait-clients", "2", "--grace", "30",
                           "--allow-group", "nogroup"], run)
-    b.wait_ready()
     nobody_env = dict(env, PYTHONPATH=str(ROOT))
 
     def nobody(client: str, group: str = "") -> str:
@@ -443,13 +442,15 @@ def test_groups_and_kept_places_are_their_owners(top: Path,
                       env=nobody_env, cwd="/")
         assert r.returncode == 0, r.stderr
         return r.stdout.strip()
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder: subprocess.Popen[str] | None = None
+    try:
+        b.wait_ready()
+        holder = subprocess.Popen([sys.executable, "-c", f"""
 import pktipc, time
 c = pktipc.connect({name!r}, "rec")
 print("up", flush=True)
 time.sleep(60)
 """], env=env, stdout=subprocess.PIPE, text=True)
-    try:
         assert holder.stdout is not None and holder.stdout.readline() == "up\n"
         assert nobody("evil", "rec") == "group-private"
         holder.kill()
@@ -463,8 +464,9 @@ time.sleep(60)
             assert back.group == "rec"
             assert back.stats()["refused"] == {"group-private": 1, "name-taken": 1}
     finally:
-        holder.kill()
-        holder.wait()
+        if holder is not None:
+            holder.kill()
+            holder.wait()
         b.stop()
 
 
@@ -496,3 +498,174 @@ def test_a_claimed_pid_is_not_believed(broker: Any) -> None:
         other.wait()
         s.close(linger=0)
         ctx.term()
+
+
+# --- 6. the control plane: budgets, bounded queues, the data path first -----------------------
+
+FLOOD = """
+import sys, time, zmq
+from pktipc import _protocol as proto
+ctx = zmq.Context()
+s = ctx.socket(zmq.DEALER)
+s.setsockopt(zmq.LINGER, 0)
+s.connect(sys.argv[1])
+kind = sys.argv[2]
+if kind == "heartbeat":
+    s.send(proto.encode("hello", name="flooder", group=None, policy=None, credit=None, pid=0,
+                        balance=None))
+    assert s.poll(5000) and proto.decode(s.recv(), proto.MAX_BROKER_FRAME)[0] == "welcome"
+    frame = proto.encode("heartbeat")
+else:
+    frame = proto.encode("stats")
+end = time.monotonic() + float(sys.argv[3])
+sent = 0
+while time.monotonic() < end:
+    try:
+        s.send(frame, zmq.NOBLOCK)
+        sent += 1
+    except zmq.Again:
+        time.sleep(0.001)
+    if kind == "heartbeat" and sent % 1000 == 0:
+        while s.poll(0):
+            s.recv()
+print(sent)
+"""
+
+
+def _flood(b: BrokerProc, kind: str, seconds: float) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", FLOOD, f"ipc://{b.socket}", kind,
+                             str(seconds)], stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("kind", ["stats", "heartbeat"])
+def test_a_flood_is_cut_off_and_the_stream_goes_on(broker: Any, kind: str) -> None:
+    """A process sending STATS (not attached) or HEARTBEAT (attached) as fast
+    as it can: what is beyond its budget is dropped unread and counted, its
+    connection is cut, its client evicted, its process refused for the
+    back-off; the good client's replay goes on meanwhile, without a gap.
+    (How fast, against no flood: bench/README.md, "Hostile load".)"""
+    b = broker("-r", str(PCAPS / "resp_1_benchmark.pcap"), "--loop", "0", "--slab-size", "16k",
+               "--evict-backoff", "30")
+    with pktipc.connect(b.name, "good") as good:
+        seqs: list[int] = []
+
+        def read(seconds: float) -> int:
+            n, end = 0, time.monotonic() + seconds
+            while time.monotonic() < end:
+                batch = good.next_batch(timeout=0.1)
+                if batch is not None:
+                    seqs.extend(batch.seq + int(i) for i in batch.mine[[0, -1]])
+                    n += len(batch)
+                    batch.release()
+            return n
+        alone = read(0.5)
+        flood = _flood(b, kind, 2.0)
+        during = read(2.5)
+        assert flood.wait(timeout=30) == 0
+        st = good.stats()
+    assert during > 0.2 * alone * 5             # the replay went on, unstarved
+    assert good.gaps == [] and seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    c = st["control"]
+    assert c["messages_over_budget"] > 0 and c["connections_cut"] >= 1
+    assert c["connections_refused"] >= 1        # it came back, banned
+    if kind == "heartbeat":
+        assert c["evictions"] == 1
+        b.stop()
+        assert "client 'flooder' dropped: it sent more messages than it may" in b.stderr()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_peer_that_never_reads_is_cut_off(broker: Any) -> None:
+    """STATS requests within the budget, the replies never read: the queue
+    toward it is bounded, and once full the connection is cut; the broker's
+    memory stays where it was."""
+    import zmq
+
+    b = broker("-r", str(DNS), "--wait-clients", "2", "--linger", "--control-rate", "20000")
+    before = _rss_kib(b.pid)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.RCVHWM, 1)                 # as little as it can take in
+    s.setsockopt(zmq.RCVBUF, 4096)
+    s.connect(f"ipc://{b.socket}")
+    try:
+        frame, deadline = proto.encode("stats"), time.monotonic() + 20
+        while pktipc.broker_stats(b.name)["control"]["connections_cut"] < 1:
+            assert time.monotonic() < deadline
+            try:
+                for _ in range(500):
+                    s.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                time.sleep(0.05)
+        assert _rss_kib(b.pid) - before < 20 * 1024
+    finally:
+        s.close(linger=0)
+        ctx.term()
+    b.stop()
+    assert "a connection cut off: it does not read its messages" in b.stderr()
+
+
+# --- 7. file descriptors ------------------------------------------------------------------
+
+
+def test_connections_beyond_the_limit_are_refused_not_fatal(top: Path) -> None:
+    """1,100 connections against a broker of `nobody`'s whose limit on open
+    files is 1,024 (so that it cannot raise it): it stays up, caps what it
+    admits below the limit, refuses and counts the rest, and serves."""
+    import zmq
+
+    run = top / "run"
+    run.mkdir()
+    os.chown(run, NOBODY, NOBODY)
+    name = f"sec{os.getpid()}fd"
+    env = dict(os.environ, PKTIPC_RUNTIME_DIR=str(run), PYTHONPATH=str(ROOT))
+    p = subprocess.Popen(["prlimit", "--nofile=1024:1024", "setpriv", f"--reuid={NOBODY}",
+                          f"--regid={NOBODY}", "--clear-groups",
+                          *pktipc_cmd("serve", "--name", name, "-r", str(DNS), "--wait-clients",
+                                      "0", "--linger", "--max-clients", "1000",
+                                      "--max-connections", "5000")],
+                         env=env, cwd="/", stderr=subprocess.PIPE, text=True)
+    ctx = zmq.Context()
+    ctx.MAX_SOCKETS = 4000
+    socks = []
+    try:
+        sock_path = run / f"{name}.ctl"
+        deadline = time.monotonic() + 15
+        while not sock_path.exists():
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        for _ in range(1100):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(f"ipc://{sock_path}")
+            socks.append(s)
+        time.sleep(3)
+        assert p.poll() is None, p.stderr.read() if p.stderr else ""
+        for s in socks:                         # (while they are there, so is STATS's)
+            s.close()
+        socks.clear()
+        time.sleep(1)
+        os.environ["PKTIPC_RUNTIME_DIR"] = str(run)
+        try:
+            st = pktipc.broker_stats(name, timeout=10)
+        finally:
+            os.environ["PKTIPC_RUNTIME_DIR"] = env["PKTIPC_RUNTIME_DIR"]
+        c = st["control"]
+        assert c["max_connections"] < 1024 - 64
+        assert c["connections_refused"] >= 1100 - c["max_connections"] - 1
+    finally:
+        for s in socks:
+            s.close()
+        ctx.term()
+        p.terminate()
+        rc = p.wait(timeout=15)
+        err = p.stderr.read() if p.stderr else ""
+    assert rc == 0, err
+    assert "at most 319 clients: the limit on open files is 1024" in err    # (1024-65)/3
+    assert not any(Path("/dev/shm").glob(f"pktipc.{name}.*"))

@@ -441,14 +441,14 @@ class Broker:
         """Ends what a peer that floods or does not read costs: its client is
         evicted, its connection closed, and its process refused for the
         back-off."""
-        self.control.cut_off(peer)
+        cut = self.control.cut_off(peer)
         c = self.disp.by_peer.get(peer)
         if c is not None:
             self._drop(c, now, why, code="flood")
             self.disp.evicted(c, now)
             self.evictions += 1
             pid = c.pid
-        else:
+        elif cut:
             print(f"pktipc: a connection cut off: {why}", file=self.log, flush=True)
         self.conn.forget(peer)
         if pid:

@@ -4,19 +4,27 @@
 # plugin needs the headers and the generated config header, not a build).
 #   debian-deps.sh SRCDIR      (as root; safe to run again)
 set -eu
-src=$1
+src=$(realpath -m "$1")
 list=/etc/apt/sources.list.d/pktipc-bookworm-backports.sources
 debs="suricata build-essential rustc cargo libpcap-dev libyaml-dev libjansson-dev
       libpcre2-dev zlib1g-dev libmagic-dev libhtp-dev dpkg-dev"
 
+need_root() {
+    [ "$(id -u)" = 0 ] || { echo "run as root to install $1" >&2; exit 1; }
+}
+
 if ! grep -rqs '^Suites:.*bookworm-backports' /etc/apt/sources.list.d/*.sources &&
    ! grep -rqs '^deb .* bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/*.list; then
-    # The mirror that serves bookworm itself, in the same deb822 format.
-    uri=$(awk '/^URIs:/ { u = $2 } /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == "bookworm") { print u; exit } }' \
-          /etc/apt/sources.list.d/*.sources 2>/dev/null)
-    [ -n "$uri" ] || uri=http://deb.debian.org/debian
-    printf 'Types: deb deb-src\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-        "$uri" > "$list"
+    # The mirror (and key) that serve bookworm itself, in the same deb822 format.
+    set -- $(awk 'FNR == 1 || /^$/ { u = ""; k = ""; s = 0 }
+                  /^URIs:/ { u = $2 } /^Signed-By:/ { k = $2 }
+                  /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == "bookworm") s = 1 }
+                  s && u && k { print u, k; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null)
+    uri=${1:-http://deb.debian.org/debian}
+    key=${2:-/usr/share/keyrings/debian-archive-keyring.gpg}
+    need_root "the bookworm-backports apt source"
+    printf 'Types: deb deb-src\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' \
+        "$uri" "$key" > "$list"
     apt-get update -qq
 fi
 
@@ -26,6 +34,7 @@ for p in $debs; do
 done
 if [ -n "$missing" ]; then
     echo "installing Debian packages:$missing"
+    need_root "them"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports $missing
 fi

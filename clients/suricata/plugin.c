@@ -32,7 +32,7 @@ void PktipcFatal(const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    SCLogError("%s: %s", PKTIPC_PLUGIN_NAME, msg);
+    SCLogError("%s", msg);   /* Suricata names the module: "pktipc: ..." */
     exit(EXIT_FAILURE);
 }
 
@@ -196,8 +196,8 @@ static const char *Hint(int err)
 {
     switch (err) {
         case -PKTIPC_ENOBROKER:
-            return "; is `pktipc serve --name SERVER` running, for this user and "
-                   "PKTIPC_RUNTIME_DIR?";
+            return "; start it (pktipc serve --name ...), or run Suricata with the broker's "
+                   "user and PKTIPC_RUNTIME_DIR";
         case -PKTIPC_EPERM:
             return "; run Suricata as the broker's user, or the broker with --allow-group";
         case -PKTIPC_ENAMETAKEN:
@@ -238,8 +238,8 @@ static void OpenClients(struct PktipcConf *c, int n)
     for (unsigned i = 0; i < pktipc_iface_count(c->clients[0]); i++)
         if (pktipc_iface(c->clients[0], i)->kind != PKTIPC_IFACE_FILE)
             c->offline = false;
-    SCLogInfo("%s: %d member%s of group '%s' on broker '%s' (%s sources)", PKTIPC_PLUGIN_NAME,
-              n, n > 1 ? "s" : "", pktipc_group(c->clients[0]), c->server,
+    SCLogNotice("%d member%s of group '%s' on broker '%s' (%s sources)", n, n > 1 ? "s" : "",
+              pktipc_group(c->clients[0]), c->server,
               c->offline ? "file" : "live");
 }
 
@@ -266,8 +266,8 @@ static int Start(int mode)
     if (mode == MODE_SINGLE)
         n = 1;
     if (mode == MODE_WORKERS && n > TmThreadsGetWorkerThreadMax()) {
-        SCLogWarning("%s: %d threads asked for, Suricata runs %d workers here "
-                     "(threading.detect-thread-ratio): %d members", PKTIPC_PLUGIN_NAME, n,
+        SCLogWarning("%d threads asked for, Suricata runs %d workers here "
+                     "(threading.detect-thread-ratio): %d members", n,
                      TmThreadsGetWorkerThreadMax(), TmThreadsGetWorkerThreadMax());
         n = TmThreadsGetWorkerThreadMax();
     }

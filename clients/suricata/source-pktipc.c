@@ -233,7 +233,7 @@ static bool Drain(PktipcThread *ptv, int ms)
  * Suricata has given back its packets, a new client of the same name. */
 static void Reattach(PktipcThread *ptv, int err)
 {
-    SCLogWarning("%s: %s: %s; attaching again", PKTIPC_PLUGIN_NAME, ptv->name,
+    SCLogWarning("%s: %s; attaching again", ptv->name,
                  *pktipc_geterr(ptv->c) ? pktipc_geterr(ptv->c) : pktipc_strerror(err));
     while (!Drain(ptv, 1000))
         if (suricata_ctl_flags & SURICATA_STOP)
@@ -255,7 +255,7 @@ static void Reattach(PktipcThread *ptv, int err)
             .reconnect_ms = c->reconnect_ms, .errbuf = errbuf, .balance = c->balance,
         };
         if (pktipc_open(&o, &ptv->c) == 0) {
-            SCLogNotice("%s: %s attached again to '%s'", PKTIPC_PLUGIN_NAME, ptv->name,
+            SCLogNotice("%s attached again to '%s'", ptv->name,
                         c->server);
             return;
         }
@@ -270,9 +270,9 @@ static void EndOfStream(PktipcThread *ptv)
 {
     const char *why = pktipc_geterr(ptv->c);
     if (*why)
-        SCLogWarning("%s: %s: the stream ended early: %s", PKTIPC_PLUGIN_NAME, ptv->name, why);
+        SCLogWarning("%s: the stream ended early: %s", ptv->name, why);
     else
-        SCLogInfo("%s: %s: end of stream", PKTIPC_PLUGIN_NAME, ptv->name);
+        SCLogInfo("%s: end of stream", ptv->name);
     ptv->eos = true;
     /* As `suricata -r` at the end of its file, once every member is done. */
     if (atomic_fetch_add(&pktipc_conf.finished, 1) + 1 == pktipc_conf.nclients)
@@ -308,7 +308,7 @@ static TmEcode ReceiveLoop(ThreadVars *tv, void *data, void *slot)
         } else if (n == -PKTIPC_EGONE || n == -PKTIPC_EEVICTED || n == -PKTIPC_EPROTO) {
             Reattach(ptv, n);
         } else {
-            SCLogError("%s: %s: %s", PKTIPC_PLUGIN_NAME, ptv->name,
+            SCLogError("%s: %s", ptv->name,
                        *pktipc_geterr(ptv->c) ? pktipc_geterr(ptv->c) : pktipc_strerror(n));
             ret = TM_ECODE_FAILED;
             break;
@@ -367,9 +367,9 @@ static void ReceiveThreadExitPrintStats(ThreadVars *tv, void *data)
 {
     (void)tv;
     PktipcThread *ptv = data;
-    SCLogPerf("%s: %s: packets %" PRIu64 ", member drops %" PRIu64 ", source drops %" PRIu64
+    SCLogPerf("%s: packets %" PRIu64 ", member drops %" PRIu64 ", source drops %" PRIu64
               ", too large %" PRIu64 ", link type unsupported %" PRIu64,
-              PKTIPC_PLUGIN_NAME, ptv->name, ptv->packets,
+              ptv->name, ptv->packets,
               ptv->reported_drops - ptv->source_drops, ptv->source_drops, ptv->oversize,
               ptv->unsupported);
 }
@@ -380,8 +380,8 @@ static TmEcode ReceiveThreadDeinit(ThreadVars *tv, void *data)
     PktipcThread *ptv = data;
     if (!Drain(ptv, DRAIN_MS)) {
         /* Unmapping packets Suricata still reads would crash it: leave them. */
-        SCLogWarning("%s: %s: %" PRIu64 " packets not given back; not detaching",
-                     PKTIPC_PLUGIN_NAME, ptv->name, (uint64_t)atomic_load(&ptv->outstanding));
+        SCLogWarning("%s: %" PRIu64 " packets not given back; not detaching",
+                     ptv->name, (uint64_t)atomic_load(&ptv->outstanding));
         return TM_ECODE_OK;
     }
     pktipc_close(ptv->c);

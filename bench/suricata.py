@@ -145,6 +145,11 @@ class SuricataBench:
                 if p.poll() is None:
                     p.kill()
                     p.wait()
+            # A broker killed above cannot remove its segment and socket.
+            for f in Path("/dev/shm").glob(f"pktipc.{name}.*"):
+                f.unlink()
+            for f in (self.b.runtime / f"{name}.ctl", self.b.runtime / f"{name}.lock"):
+                f.unlink(missing_ok=True)
 
     def _measure(self, d: Path, setup: str, second: bool, count: int, rate: float, name: str,
                  procs: list[subprocess.Popen[Any]], s: subprocess.Popen[bytes],

@@ -1,7 +1,8 @@
 # make demo: the main job on a built-in default.  make test: install and test
 # (the C client's tests under the sanitizers and valgrind, then pytest, ruff, mypy).
 # Both install what is missing (Debian packages, a virtual environment with
-# pktipc built and installed editable) and are safe to run again.
+# pktipc built and installed editable) and are safe to run again; make test
+# also installs Suricata and builds its capture plugin (clients/suricata/).
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -11,7 +12,7 @@ BENCH_STAMP := $(VENV)/.pktipc-bench-installed
 DEBS    := gcc g++ make pkg-config python3-venv python3-dev iproute2 libpcap-dev libzmq3-dev \
            libmsgpack-dev tcpdump tshark valgrind
 
-.PHONY: all deps install demo test lint bench bench-quick clean
+.PHONY: all deps install suricata demo test lint bench bench-quick clean
 
 all: install
 
@@ -33,10 +34,14 @@ $(STAMP): pyproject.toml setup.py $(wildcard shm/*.h shm/*.c pktipc/_broker/engi
 
 install: deps $(STAMP)
 
+# Suricata 7 from bookworm-backports, its source configured, and the plugin.
+suricata: deps
+	$(MAKE) -C clients/suricata deps all
+
 demo: install
 	$(PY) -m pktipc demo
 
-test: install
+test: install suricata
 	$(MAKE) -C clients/c test
 	$(PY) -m pytest -q
 	$(VENV)/bin/ruff check pktipc tests bench
@@ -59,3 +64,4 @@ bench-quick: install $(BENCH_STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info pktipc/*.so
 	$(MAKE) -C clients/c clean
+	$(MAKE) -C clients/suricata clean

@@ -19,6 +19,9 @@ repetitions; medians, with the spread as min-max):
             frames/s, default and low-latency block timeout
   memory    peak RSS of the broker and of a client, and the segment's size,
             for the default ring and a large one
+  suricata  Suricata through pktipc's capture plugin, through its own
+            AF_PACKET capture and reading a FIFO, alone and with a second
+            analyzer (bench/suricata.py)
 
 Writes bench/results/<date>.json, the plots in bench/plots/, and refreshes
 the tables between the `<!-- suite:... -->` markers of bench/README.md. Needs
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import pktipc
+from bench import suricata as suricata_bench
 from bench.live import Bench
 from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine
 from pktipc._tools.synth import write_pcap
@@ -476,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     reps = a.reps or (1 if a.quick else 3)
     subprocess.run(["make", "-s", "-C", str(ROOT / "clients" / "c"), "examples"], check=True)
+    subprocess.run(["make", "-s", "-C", str(ROOT / "clients" / "suricata")], check=True)
     started = time.monotonic()
     res: dict[str, Any] = {"machine": machine(), "quick": a.quick, "reps": reps,
                            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
@@ -492,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
             res["latency"] = latency(bench, a.quick)
             print("memory", flush=True)
             res["memory"] = memory(off, a.quick)
+            print("suricata", flush=True)
+            res["suricata"] = suricata_bench.run(bench, a.quick)
         finally:
             bench.close()
     res["seconds"] = time.monotonic() - started
@@ -500,10 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     sections = tables(res)
+    if "suricata" in res:
+        sections["suricata"] = suricata_bench.table(res["suricata"])
     made = plots(res)
     if not a.no_readme:
         refresh_readme(sections)
-    for key in ("live", "messages", "latency", "memory"):
+    for key in ("live", "messages", "latency", "memory", "suricata"):
         print(f"\n## {key}\n\n{sections[key]}")
     print(f"\n{res['seconds']:.0f} s; results in {out}; plots {', '.join(made)} in {PLOTS}")
     return 0

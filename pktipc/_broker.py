@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +113,7 @@ class ClientState:
     batches: int = 0
     packets: int = 0
     drops: int = 0
+    gaps_sent: int = 0                                   # GAP messages
 
 
 @dataclass
@@ -440,6 +441,7 @@ class Dispatcher:
         """Sends, in order, the gaps that come before seq `before`."""
         while c.gaps and c.gaps[0][0] < before and c.peer is not None:
             self.conn.send_gap(c.peer, now, *c.gaps.pop(0))
+            c.gaps_sent += 1
 
     def end(self, now: float, error: str | None = None, *, abandon: bool = False) -> None:
         """No batch follows; each client is told end-of-stream after what it is
@@ -599,6 +601,8 @@ class Broker:
         self._starved = False       # live: no slab for what the rings hold
         self._rings_polled = False
         self._next_stats = 0.0
+        self.evictions = 0          # clients detached by the broker, not by their BYE
+        self.reconnections: Counter[str] = Counter()   # HELLOs of names served before
 
     # -- setup and teardown --
     def _drop_privileges(self, pw: pwd.struct_passwd) -> None:
@@ -892,8 +896,10 @@ class Broker:
         if isinstance(ev, proto.Hello):
             welcome = dict(shm=self.shm_name, epoch=self.epoch,
                            layout=lib.PKTIPC_LAYOUT_VERSION)
+            known = ev.name in d.slots
             c = d.hello(ev, now, welcome)
             if c is not None:
+                self.reconnections[c.name] += known
                 self._watch(c)
                 if not self._started:
                     self._started = len(d.clients) >= self.wait_clients
@@ -932,6 +938,7 @@ class Broker:
         assert c.peer is not None
         keep = resume and self.opts.grace > 0
         if why is not None:
+            self.evictions += 1
             what = f"detached, its place kept for {self.opts.grace:g} s" if keep else "dropped"
             print(f"pktipc: client {c.name!r} {what}: {why}", file=self.log, flush=True)
             if c.peer in self.conn.peers:
@@ -1092,6 +1099,7 @@ class Broker:
         if self.live is not None:
             self._read_kernel_stats()
         h = self.seg.header
+        now = time.monotonic()
         return {
             "name": self.opts.name,
             "pid": os.getpid(),
@@ -1100,7 +1108,8 @@ class Broker:
             "endpoint": self.endpoint,
             "state": {0: "starting", 1: "running", 2: "ended"}.get(int(h.state), "?"),
             "uptime_s": round((time.time_ns() - h.start_time_ns) / 1e9, 3),
-            "counters": self.seg.counters(),
+            "start_time_s": h.start_time_ns / 1e9,
+            "counters": {**self.seg.counters(), "evictions": self.evictions},
             "slabs": {"size": self.geometry.slab_size, "count": self.geometry.slab_count,
                       "free": len(self.pool.free)},
             "sources": [self._source_stats(i, s) for i, s in enumerate(self.ifaces)],
@@ -1108,7 +1117,12 @@ class Broker:
                 {"name": c.name, "group": c.group, "slot": c.slot, "policy": c.policy,
                  "credit": c.credit, "pid": c.pid, "batches": c.batches, "packets": c.packets,
                  "drops": c.drops, "held": len(c.held), "queued": len(c.queue),
-                 "attached": c.peer is not None}
+                 "attached": c.peer is not None, "gaps": c.gaps_sent,
+                 "reconnections": self.reconnections[c.name],
+                 # owed to it and not given back yet; how long it has held its oldest
+                 "lag_packets": sum(s.packets for s in (*c.shares.values(),
+                                                        *c.later.values())),
+                 "lag_s": round(now - min(c.sent_at.values()), 3) if c.sent_at else 0.0}
                 for c in self.disp.clients.values()
             ],
             "groups": [

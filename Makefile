@@ -9,7 +9,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.pktipc-installed
 BENCH_STAMP := $(VENV)/.pktipc-bench-installed
 DEBS    := gcc g++ make pkg-config python3-venv python3-dev iproute2 libpcap-dev libzmq3-dev \
-           libmsgpack-dev tcpdump tshark valgrind
+           libmsgpack-dev tcpdump tshark valgrind prometheus tmux systemd util-linux
 
 .PHONY: all deps install demo test lint bench bench-quick clean
 

@@ -1,4 +1,4 @@
-"""pktipc command line: serve, dump, status, demo. No logic of its own:
+"""pktipc command line: serve, dump, status, top, exporter, demo. No logic of its own:
 each command is a few lines over the package's API."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from . import _broker, _demo, _live
+from . import _broker, _demo, _exporter, _live
 from ._client import broker_stats, brokers, connect
 from ._errors import EndOfStream, PktipcError
 from ._pcapfile import CaptureWriter
@@ -130,6 +130,13 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="list brokers, their counters and clients")
     st.add_argument("names", nargs="*", help="brokers (default: every one running)")
     st.add_argument("--json", action="store_true")
+
+    ex = sub.add_parser("exporter", help="serve every broker's counters to Prometheus")
+    ex.add_argument("names", nargs="*", help="brokers (default: every one running)")
+    ex.add_argument("--listen", default=_exporter.DEFAULT_LISTEN, metavar="ADDR:PORT",
+                    help="where /metrics is served (default: %(default)s)")
+    ex.add_argument("--timeout", type=float, default=1.0, metavar="SEC",
+                    help="for each broker's answer, within a scrape (default: 1)")
 
     de = sub.add_parser("demo", help="a broker, two clients, a live status line: live on a "
                         "veth pair of its own (as root), else from a capture file")
@@ -258,6 +265,11 @@ def _status_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_exporter(a: argparse.Namespace) -> int:
+    return _exporter.serve(a.listen, a.names, a.timeout,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     return _demo.run(a.file, a.clients, a.speed, a.packets, a.rate)
 
@@ -265,7 +277,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status,
-           "demo": cmd_demo}[a.cmd]
+           "demo": cmd_demo, "exporter": cmd_exporter}[a.cmd]
     try:
         return run(a)
     except KeyboardInterrupt:

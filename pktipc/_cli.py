@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from . import _broker, _demo, _exporter, _live
+from . import _broker, _demo, _exporter, _live, _top
 from ._client import broker_stats, brokers, connect
 from ._errors import EndOfStream, PktipcError
 from ._pcapfile import CaptureWriter
@@ -130,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="list brokers, their counters and clients")
     st.add_argument("names", nargs="*", help="brokers (default: every one running)")
     st.add_argument("--json", action="store_true")
+
+    tp = sub.add_parser("top", help="brokers, sources, groups and clients, live: rates, "
+                        "drops by stage, ring occupancy (q quits)")
+    tp.add_argument("names", nargs="*", help="brokers (default: every one running)")
+    tp.add_argument("-d", dest="interval", type=float, default=1.0, metavar="SEC",
+                    help="seconds between refreshes (default: 1)")
+    tp.add_argument("-n", dest="count", type=int, metavar="COUNT",
+                    help="stop after COUNT refreshes (default: run until q or Ctrl-C)")
 
     ex = sub.add_parser("exporter", help="serve every broker's counters to Prometheus")
     ex.add_argument("names", nargs="*", help="brokers (default: every one running)")
@@ -265,6 +273,10 @@ def _status_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_top(a: argparse.Namespace) -> int:
+    return _top.run(a.names, a.interval, a.count)
+
+
 def cmd_exporter(a: argparse.Namespace) -> int:
     return _exporter.serve(a.listen, a.names, a.timeout,
                            log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -277,7 +289,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status,
-           "demo": cmd_demo, "exporter": cmd_exporter}[a.cmd]
+           "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top}[a.cmd]
     try:
         return run(a)
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from . import _broker, _demo, _exporter, _live, _top
+from . import _broker, _config, _demo, _exporter, _live, _top
 from ._client import broker_stats, brokers, connect
 from ._errors import EndOfStream, PktipcError
 from ._pcapfile import CaptureWriter
@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="capture from interfaces, or read capture files, and "
                        "serve the packets to named clients")
     s.add_argument("--name", default="default", help="broker name (default: %(default)s)")
+    s.add_argument("--config", metavar="FILE",
+                   help="read options from this TOML file (keys as --print-config shows "
+                        "them); options given here win")
+    s.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration as TOML, and exit")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("-i", dest="interfaces", action="append", metavar="IFACE",
                      help="capture on this interface; repeat to aggregate several")
@@ -173,6 +178,9 @@ def _fanout_id(text: str | None) -> int | None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    if a.print_config:
+        print(_config.dump(_config.subparser(_parser(), "serve"), a), end="")
+        return 0
     if a.expression and a.filter is not None:
         raise ValueError("give the filter either as --filter or after the options, not both")
     filt = a.filter if a.filter is not None else " ".join(a.expression)
@@ -287,7 +295,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    a = _config.parse(_parser, argv)
     run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status,
            "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top}[a.cmd]
     try:

@@ -29,6 +29,7 @@ import posix_ipc
 import zmq
 
 from . import _protocol as proto
+from . import _service
 from ._errors import PermissionDenied, PktipcError, SourceError
 from ._layout import Geometry, Iface, Segment, SlabPool, mask_of, select, share_counts
 from ._live import LiveOptions, LiveSource
@@ -753,6 +754,7 @@ class Broker:
                                    # late-bound: the segment must be closable
                                    descriptors=lambda slab, n: self.seg.descriptors(slab, n))
             self.seg.header.state = lib.PKTIPC_STATE_RUNNING
+            _service.ready(self.log, f"serving clients on {self.endpoint}")
             self._say_hello()
             self._loop()
             return self.exit_status

@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from . import _broker, _config, _demo, _exporter, _live, _top
+from . import _broker, _config, _demo, _exporter, _live, _service, _top
 from ._client import broker_stats, brokers, connect
 from ._errors import EndOfStream, PktipcError
 from ._pcapfile import CaptureWriter
@@ -199,7 +199,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         slab_count=a.slabs, credit=a.credit, max_clients=a.max_clients,
         heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, unix_group=a.allow_group,
         grace=a.grace, tunnel_hash=a.tunnel_hash)
-    return _broker.Broker(opts).serve()
+    sys.stderr = _service.journal_stderr(sys.stderr)   # levels, under systemd
+    return _broker.Broker(opts, log=sys.stderr).serve()
 
 
 def cmd_dump(a: argparse.Namespace) -> int:

@@ -77,7 +77,14 @@ class _Mapping:
         try:
             shm = posix_ipc.SharedMemory(w.shm, read_only=True)
         except posix_ipc.ExistentialError:
-            raise BrokerGone(f"segment {w.shm} of broker {server!r} is gone") from None
+            # The broker named it a moment ago: it died since, or this process
+            # has a /dev/shm of its own (a container's).
+            raise BrokerGone(f"segment {w.shm} of broker {server!r} is not in this "
+                             "process's /dev/shm: the broker is gone, or this runs in a "
+                             "container that needs the host's /dev/shm mounted in") from None
+        except posix_ipc.PermissionsError:
+            raise PermissionDenied(f"segment {w.shm} of broker {server!r}: permission "
+                                   "denied (see serve --allow-group)") from None
         try:
             self.mm = mmap.mmap(shm.fd, shm.size, prot=mmap.PROT_READ)
         finally:
@@ -562,7 +569,11 @@ def _check_socket(server: str, path: Path | None) -> None:
     try:
         path.stat()
     except FileNotFoundError:
-        raise BrokerNotRunning(f"broker {server!r} is not running (no {path})") from None
+        hint = ""
+        if not any(path.parent.glob("*.ctl")):     # no broker at all, here
+            hint = (f"; if this runs in a container, mount the host's {path.parent} "
+                    "and /dev/shm into it")
+        raise BrokerNotRunning(f"broker {server!r} is not running (no {path}{hint})") from None
     except PermissionError:
         raise PermissionDenied(f"{path.parent}: permission denied (a broker admits its own "
                                "user, and a group given with serve --allow-group)") from None

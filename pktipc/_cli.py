@@ -287,6 +287,7 @@ def cmd_top(a: argparse.Namespace) -> int:
 
 
 def cmd_exporter(a: argparse.Namespace) -> int:
+    sys.stderr = _service.journal_stderr(sys.stderr)
     return _exporter.serve(a.listen, a.names, a.timeout,
                            log=lambda line: print(line, file=sys.stderr, flush=True))
 

@@ -14,6 +14,8 @@ from typing import TypeVar
 
 from conftest import pktipc_cmd
 
+from pktipc._demo import _stop  # SIGTERM, SIGKILL after 10 s, pipes closed
+
 T = TypeVar("T")
 
 # Attaches with the drop policy, then reads nothing: the broker skips ahead of it.
@@ -66,16 +68,7 @@ class Procs:
 
     def end_all(self) -> None:
         for p in reversed(self.started):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            for f in (p.stdout, p.stderr):
-                if f:
-                    f.close()
+            _stop(p)
 
 
 def synth_file(path: Path, packets: int, rate_pps: float) -> Path:

@@ -54,8 +54,7 @@ class Key:
         else:
             opt = a.option_strings[-1] if a.option_strings else a.dest
             what = f"what {opt} takes ({a.metavar or 'a value'})"
-        return f"a list of {what.removeprefix('a ')}s" if self.many and a.choices is None \
-            else f"a list, each {what}" if self.many else what
+        return f"a list, each {what}" if self.many else what
 
 
 def subparser(parser: argparse.ArgumentParser, cmd: str) -> argparse.ArgumentParser:

@@ -117,8 +117,8 @@ def test_the_command_line_wins(tmp_path: Path) -> None:
     ("heartbeat = 'soon'\n", "heartbeat takes a number"),
     ("promisc = 'no'\n", "promisc = \"no\": promisc takes true or false"),
     ("fanout-mode = 'x'\n", "fanout-mode takes one of cpu, hash, lb, qm, rnd"),
-    ("interfaces = 'eth1'\n", "interfaces takes a list of strings"),
-    ("files = ['a', [2]]\n", "files = [\"a\", [2]]: files takes a list of strings"),
+    ("interfaces = 'eth1'\n", "interfaces takes a list, each a string"),
+    ("files = ['a', [2]]\n", "files = [\"a\", [2]]: files takes a list, each a string"),
     ("block-size = '1Q'\n", "block-size takes what --block-size takes (BYTES)"),
     ("interfaces = ['a']\nfiles = ['b']\n", "files and interfaces: give one of them"),
     ("credit = \n", "not TOML: Invalid value (at line 2, column 10)"),
@@ -150,6 +150,8 @@ def test_an_option_added_later_is_a_key(tmp_path: Path) -> None:
     assert _config.load(str(cfg), serve) == {"new_thing": 2, "ports": [80, 443]}
     with pytest.raises(ValueError, match="new-thing takes one of 1, 2"):
         _config.load(str(_write(tmp_path, "new-thing = 3\n", "bad.toml")), serve)
+    with pytest.raises(ValueError, match="ports takes a list, each an integer"):
+        _config.load(str(_write(tmp_path, "ports = [80, 'x']\n", "bad.toml")), serve)
 
     def parser() -> argparse.ArgumentParser:
         return p

@@ -10,9 +10,15 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.pktipc-installed
 BENCH_STAMP := $(VENV)/.pktipc-bench-installed
 DEBS    := gcc g++ make pkg-config python3-venv python3-dev iproute2 libpcap-dev libzmq3-dev \
-           libmsgpack-dev tcpdump tshark valgrind
+           libmsgpack-dev tcpdump tshark valgrind prometheus tmux systemd util-linux
 
-.PHONY: all deps install suricata demo test lint bench bench-quick clean
+# make install-service: pktipc in its own virtual environment (PREFIX), the
+# systemd units (pktipc@.service, pktipc-exporter.service), /etc/pktipc and
+# the `pktipc` system user. DESTDIR stages it all (and creates no user).
+PREFIX  ?= /opt/pktipc
+UNITDIR ?= /usr/local/lib/systemd/system
+
+.PHONY: all deps install install-service suricata demo test lint bench bench-quick clean
 
 all: install
 
@@ -37,6 +43,20 @@ install: deps $(STAMP)
 # Suricata 7 from bookworm-backports, its source configured, and the plugin.
 suricata: deps
 	$(MAKE) -C clients/suricata deps all
+
+install-service: deps
+	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
+	$(DESTDIR)$(PREFIX)/bin/python -m pip install -q --upgrade pip
+	$(DESTDIR)$(PREFIX)/bin/python -m pip install -q .
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc/pktipc
+	for u in pktipc@.service pktipc-exporter.service; do \
+	    sed 's|@BINDIR@|$(PREFIX)/bin|' systemd/$$u.in > $(DESTDIR)$(UNITDIR)/$$u; done
+	test -e $(DESTDIR)/etc/pktipc/example.toml || \
+	    install -m 0644 systemd/example.toml $(DESTDIR)/etc/pktipc/example.toml
+	if [ -z "$(DESTDIR)" ]; then \
+	    id -u pktipc >/dev/null 2>&1 || useradd --system --no-create-home \
+	        --home-dir /nonexistent --shell /usr/sbin/nologin pktipc; \
+	    if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; fi
 
 demo: install
 	$(PY) -m pktipc demo

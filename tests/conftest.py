@@ -181,3 +181,16 @@ def broker(runtime_dir: Path) -> Iterator[object]:
         assert segments(b.name) == [], f"broker {b.name} left its segment"
         assert not b.socket.exists(), f"broker {b.name} left its control socket"
         assert not (runtime_dir / f"{b.name}.lock").exists(), "lock file left"
+
+
+@pytest.fixture
+def procs() -> Iterator[object]:
+    """procs.start(cmd) / procs.pktipc(*args): processes ended after the test
+    (see opshelp.Procs)."""
+    from opshelp import Procs
+
+    ps = Procs()
+    try:
+        yield ps
+    finally:
+        ps.end_all()

@@ -26,7 +26,7 @@ from .._errors import PermissionDenied
 from .._layout import Geometry, Segment
 from .._paths import check_name, control_endpoint, runtime_dir, segment_name
 from .._shm import ffi, lib
-from . import runtime
+from . import runtime, service
 from .control import ControlSocket, Sent
 from .dispatch import ClientState, Dispatcher, SlabPool
 from .files import FileSource
@@ -152,7 +152,7 @@ class Broker:
         self._kernel_drops = 0      # as of the previous batch, for its record
         self._stats: tuple[float, dict[str, Any]] | None = None
         self.max_clients = opts.max_clients
-        self.evictions = 0
+        self.evictions = 0          # clients detached by the broker, not by their BYE
 
     # -- set-up and teardown --
     def _drop_privileges(self, pw: pwd.struct_passwd) -> None:
@@ -240,6 +240,7 @@ class Broker:
                                               if self.source.default_policy == "drop" else None),
                                    backoff=self.opts.evict_backoff)
             self.seg.header.state = lib.PKTIPC_STATE_RUNNING
+            service.ready(self.log, f"serving clients on {self.endpoint}")
             wait = (f", waiting for {self.wait_clients} client(s)"
                     if self.wait_clients else "")
             print(f"pktipc: {self.source.describe()} as {self.opts.name!r} on "
@@ -291,7 +292,6 @@ class Broker:
                 self._drop(c, now, f"it held a batch for more than {self.opts.lease:g} s",
                            code="lease")
                 self.disp.evicted(c, now)
-                self.evictions += 1
             for c in self.disp.detached_before(now - self.opts.grace):
                 print(f"pktipc: client {c.name!r} did not come back within "
                       f"{self.opts.grace:g} s", file=self.log, flush=True)
@@ -422,6 +422,7 @@ class Broker:
         assert c.peer is not None
         keep = resume and self.opts.grace > 0
         if why is not None:
+            self.evictions += 1     # detached by the broker, not by its own BYE
             what = f"detached, its place kept for {self.opts.grace:g} s" if keep else "dropped"
             print(f"pktipc: client {c.name!r} {what}: {why}", file=self.log, flush=True)
             if c.peer in self.conn.peers:
@@ -446,7 +447,6 @@ class Broker:
         if c is not None:
             self._drop(c, now, why, code="flood")
             self.disp.evicted(c, now)
-            self.evictions += 1
             pid = c.pid
         elif cut:
             print(f"pktipc: a connection cut off: {why}", file=self.log, flush=True)
@@ -544,6 +544,7 @@ class Broker:
     def stats(self) -> dict[str, Any]:
         self._read_counters()
         h = self.seg.header
+        now = time.monotonic()
         return {
             "name": self.opts.name,
             "pid": os.getpid(),
@@ -552,7 +553,8 @@ class Broker:
             "endpoint": self.endpoint,
             "state": {0: "starting", 1: "running", 2: "ended"}.get(int(h.state), "?"),
             "uptime_s": round((time.time_ns() - h.start_time_ns) / 1e9, 3),
-            "counters": self.seg.counters(),
+            "start_time_s": h.start_time_ns / 1e9,
+            "counters": {**self.seg.counters(), "evictions": self.evictions},
             "slabs": {"size": self.geometry.slab_size, "count": self.geometry.slab_count,
                       "free": len(self.pool.free)},
             "sources": [
@@ -566,7 +568,12 @@ class Broker:
                 {"name": c.name, "group": c.group, "slot": c.slot, "policy": c.policy,
                  "credit": c.credit, "pid": c.pid, "batches": c.batches, "packets": c.packets,
                  "drops": c.drops, "held": len(c.held), "queued": len(c.queue),
-                 "attached": c.peer is not None}
+                 "attached": c.peer is not None, "gaps": c.gaps_sent,
+                 "reconnections": c.reconnections,
+                 # owed to it and not given back yet; how long it has held its oldest
+                 "lag_packets": sum(s.packets for s in (*c.shares.values(),
+                                                        *c.later.values())),
+                 "lag_s": round(now - min(c.sent_at.values()), 3) if c.sent_at else 0.0}
                 for c in self.disp.clients.values()
             ],
             "groups": [
@@ -584,6 +591,5 @@ class Broker:
                 "handshakes_failed": self.control.failed,
                 "connections_cut": self.control.cut,
                 "messages_over_budget": self.conn.dropped,
-                "evictions": self.evictions,
             },
         }

@@ -122,6 +122,8 @@ class ClientState:
     batches: int = 0
     packets: int = 0
     drops: int = 0
+    gaps_sent: int = 0                                  # GAP messages
+    reconnections: int = 0                              # kept place resumed
 
 
 @dataclass
@@ -291,6 +293,7 @@ class Dispatcher:
         """A detached client is back under its name: it continues where it
         stopped, from the batches it never released."""
         c.peer, c.pid = ev.peer, ev.pid
+        c.reconnections += 1
         self.by_peer[ev.peer] = c
         self.clients_total += 1
         self.conn.accept(c.peer, now, slot=c.slot, credit=c.credit, policy=c.policy,
@@ -495,6 +498,7 @@ class Dispatcher:
         """Sends, in order, the gaps that come before seq `before`."""
         while c.gaps and c.gaps[0][0] < before and c.peer is not None:
             self.conn.send_gap(c.peer, now, *c.gaps.pop(0))
+            c.gaps_sent += 1
 
     def end(self, now: float, error: str | None = None, *, abandon: bool = False) -> None:
         """No batch follows; each client is told end-of-stream after what it is

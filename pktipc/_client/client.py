@@ -80,7 +80,14 @@ class _Mapping:
         try:
             shm = posix_ipc.SharedMemory(w.shm, read_only=True)
         except posix_ipc.ExistentialError:
-            raise BrokerGone(f"segment {w.shm} of broker {server!r} is gone") from None
+            # The broker named it a moment ago: it died since, or this process
+            # has a /dev/shm of its own (a container's).
+            raise BrokerGone(f"segment {w.shm} of broker {server!r} is not in this "
+                             "process's /dev/shm: the broker is gone, or this runs in a "
+                             "container that needs the host's /dev/shm mounted in") from None
+        except posix_ipc.PermissionsError:
+            raise PermissionDenied(f"segment {w.shm} of broker {server!r}: permission "
+                                   "denied (see serve --allow-group)") from None
         try:
             uid = os.fstat(shm.fd).st_uid
             if owner is not None and uid not in (owner, 0):
@@ -585,7 +592,11 @@ def _check_socket(server: str, path: Path | None) -> int | None:
         d = os.lstat(path.parent)
         st = os.lstat(path)
     except FileNotFoundError:
-        raise BrokerNotRunning(f"broker {server!r} is not running (no {path})") from None
+        hint = ""
+        if not any(path.parent.glob("*.ctl")):     # no broker at all, here
+            hint = (f"; if this runs in a container, mount the host's {path.parent} "
+                    "and /dev/shm into it")
+        raise BrokerNotRunning(f"broker {server!r} is not running (no {path}{hint})") from None
     except PermissionError:
         raise PermissionDenied(f"{path.parent}: {_DENIED}") from None
     if not stat.S_ISDIR(d.st_mode) or d.st_mode & 0o022:

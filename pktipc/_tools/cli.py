@@ -1,4 +1,4 @@
-"""pktipc command line: serve, dump, status, demo. No logic of its own:
+"""pktipc command line: serve, dump, status, top, exporter, demo. No logic of its own:
 each command is a few lines over the package's API."""
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ import zmq
 from .. import _protocol as proto
 from .._broker import broker as _broker
 from .._broker import live as _live
+from .._broker import service as _service
 from .._client.client import broker_stats, brokers, connect
 from .._client.writer import CaptureWriter
 from .._errors import EndOfStream, PktipcError
+from . import config as _config
 from . import demo as _demo
+from . import exporter as _exporter
+from . import top as _top
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="capture from interfaces, or read capture files, and "
                        "serve the packets to named clients")
     s.add_argument("--name", default="default", help="broker name (default: %(default)s)")
+    s.add_argument("--config", metavar="FILE",
+                   help="read options from this TOML file (keys as --print-config shows "
+                        "them); options given here win")
+    s.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration as TOML, and exit")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("-i", dest="interfaces", action="append", metavar="IFACE",
                      help="capture on this interface; repeat to aggregate several")
@@ -150,6 +159,21 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("names", nargs="*", help="brokers (default: every one running)")
     st.add_argument("--json", action="store_true")
 
+    tp = sub.add_parser("top", help="brokers, sources, groups and clients, live: rates, "
+                        "drops by stage, ring occupancy (q quits)")
+    tp.add_argument("names", nargs="*", help="brokers (default: every one running)")
+    tp.add_argument("-d", dest="interval", type=float, default=1.0, metavar="SEC",
+                    help="seconds between refreshes (default: 1)")
+    tp.add_argument("-n", dest="count", type=int, metavar="COUNT",
+                    help="stop after COUNT refreshes (default: run until q or Ctrl-C)")
+
+    ex = sub.add_parser("exporter", help="serve every broker's counters to Prometheus")
+    ex.add_argument("names", nargs="*", help="brokers (default: every one running)")
+    ex.add_argument("--listen", default=_exporter.DEFAULT_LISTEN, metavar="ADDR:PORT",
+                    help="where /metrics is served (default: %(default)s)")
+    ex.add_argument("--timeout", type=float, default=1.0, metavar="SEC",
+                    help="for each broker's answer, within a scrape (default: 1)")
+
     de = sub.add_parser("demo", help="a broker, two clients, a live status line: live on a "
                         "veth pair of its own (as root), else from a capture file")
     de.add_argument("-r", dest="file", metavar="FILE",
@@ -177,6 +201,9 @@ def _fanout_id(text: str | None) -> int | None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    if a.print_config:
+        print(_config.dump(_config.subparser(_parser(), "serve"), a), end="")
+        return 0
     if a.expression and a.filter is not None:
         raise ValueError("give the filter either as --filter or after the options, not both")
     filt = a.filter if a.filter is not None else " ".join(a.expression)
@@ -197,7 +224,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         grace=a.grace, tunnel_hash=a.tunnel_hash, evict_backoff=a.evict_backoff,
         max_connections=a.max_connections, control_rate=a.control_rate,
         allow_block=[w for arg in a.allow_block for w in arg.split(",") if w])
-    return _broker.Broker(opts).serve()
+    sys.stderr = _service.journal_stderr(sys.stderr)   # levels, under systemd
+    return _broker.Broker(opts, log=sys.stderr).serve()
 
 
 def cmd_dump(a: argparse.Namespace) -> int:
@@ -280,14 +308,24 @@ def _status_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_top(a: argparse.Namespace) -> int:
+    return _top.run(a.names, a.interval, a.count)
+
+
+def cmd_exporter(a: argparse.Namespace) -> int:
+    sys.stderr = _service.journal_stderr(sys.stderr)
+    return _exporter.serve(a.listen, a.names, a.timeout,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     return _demo.run(a.file, a.clients, a.speed, a.packets, a.rate)
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    a = _config.parse(_parser, argv)
     run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status,
-           "demo": cmd_demo}[a.cmd]
+           "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top}[a.cmd]
     try:
         return run(a)
     except KeyboardInterrupt:

@@ -45,6 +45,10 @@ linger = true
 slab-size = 4194304
 slabs = 128
 credit = 16
+allow-block = ["rec", "user:pktipc"]
+evict-backoff = 3
+max-connections = 200
+control-rate = 500
 """
 FILES = """\
 files = ["a.pcap", "b.pcapng"]

@@ -110,7 +110,12 @@ def _stats(**over: Any) -> dict[str, Any]:
                       "credit": 4, "pid": 2, "batches": 2, "packets": 7, "drops": 3,
                       "held": 1, "queued": 0, "attached": True, "gaps": 1,
                       "reconnections": 1, "lag_packets": 5, "lag_s": 0.25}],
-         "groups": [{"name": "ids", "balance": "flow", "members": ["ids"], "packets": 7}]}
+         "groups": [{"name": "ids", "balance": "flow", "shared": False, "members": ["ids"],
+                     "changes": 1, "packets": 7}],
+         "refused": {"backoff": 2, "group-private": 1},
+         "control": {"connections": 3, "max_connections": 128, "connections_refused": 4,
+                     "handshakes_failed": 0, "connections_cut": 1,
+                     "messages_over_budget": 9}}
     s.update(over)
     return s
 
@@ -137,6 +142,11 @@ def test_names_follow_prometheus_conventions() -> None:
     assert value[("pktipc_client_gaps_total", ids)] == 1
     assert value[("pktipc_client_reconnections_total", ids)] == 1
     assert value[("pktipc_evictions_total", (b,))] == 1
+    assert value[("pktipc_refused_hellos_total", (b,))] == 3
+    assert value[("pktipc_refused_connections_total", (b,))] == 4
+    assert value[("pktipc_cut_connections_total", (b,))] == 1
+    assert value[("pktipc_messages_over_budget_total", (b,))] == 9
+    assert value[("pktipc_control_connections", (b,))] == 3
     assert value[("pktipc_slabs_free", (b,))] == 5
     assert value[("pktipc_clients_attached", (b,))] == 1
     # Nothing of a broker that did not answer but its `up`.

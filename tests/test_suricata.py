@@ -357,7 +357,8 @@ def test_stalled_member_drops_are_suricatas_drops(ns: Netns, broker: Any, surica
     """Suricata stopped (SIGSTOP) while traffic flows, as a `drop` member: the
     recorder beside it (lossless, `block`) loses nothing; once it runs again, Suricata's
     capture.kernel_drops are exactly the drops pktipc counted for it."""
-    b = live_broker(broker, ns, "--block-size", "64k", "--slab-size", "64k", "--slabs", "8")
+    b = live_broker(broker, ns, "--block-size", "64k", "--slab-size", "64k", "--slabs", "8",
+                    "--allow-block", "rec")
     first, stalled, after = filler(100), filler(5000), markers(MARK, 30)
     total = len(first) + len(stalled) + len(after)
     rec = tmp_path / "rec.pcap"

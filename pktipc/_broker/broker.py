@@ -39,7 +39,6 @@ DEFAULT_CREDIT = 8
 MAX_CLIENTS = 16
 EVICT_BACKOFF = 10.0            # seconds an evicted client's name is refused
 MAX_CONTROL_PER_TURN = 512      # control messages read before the loop goes on
-STATS_FOR = 0.1                 # seconds a STATS reply is reused for the next requests
 
 
 @dataclass
@@ -150,7 +149,7 @@ class Broker:
         self._fds_polled = False
         self._next_stats = 0.0
         self._kernel_drops = 0      # as of the previous batch, for its record
-        self._stats: tuple[float, dict[str, Any]] | None = None
+        self._stats: dict[str, Any] | None = None     # answer to the STATS of this turn
         self.max_clients = opts.max_clients
         self.evictions = 0          # clients detached by the broker, not by their BYE
 
@@ -349,6 +348,7 @@ class Broker:
         return self._reading() and now >= self._wake
 
     def _receive_all(self) -> None:
+        self._stats = None
         for _ in range(MAX_CONTROL_PER_TURN):
             msg = self.control.receive()
             if msg is None:
@@ -390,9 +390,9 @@ class Broker:
             if c is not None:
                 d.release(c, ev.seqs, now)
         elif isinstance(ev, proto.StatsRequest):
-            if self._stats is None or now > self._stats[0] + STATS_FOR:
-                self._stats = (now, self.stats())
-            self.conn.send_stats(ev.peer, now, self._stats[1])
+            if self._stats is None:
+                self._stats = self.stats()
+            self.conn.send_stats(ev.peer, now, self._stats)
         elif isinstance(ev, proto.Bye):
             c = d.by_peer.get(ev.peer)
             if c is not None:

@@ -156,7 +156,8 @@ static int64_t utf8_chars(const char *str, uint32_t n)
 
 /* What Python's msgpack (raw=False, strict_map_key=True) refuses anywhere in
  * a frame: strings that are not UTF-8, map keys that are not str or bytes,
- * timestamps it cannot read. */
+ * extension types the msgpack spec reserves (negative) other than the
+ * timestamp, timestamps it cannot read. */
 static int python_would_decode(const msgpack_object *o)
 {
     switch (o->type) {
@@ -178,7 +179,9 @@ static int python_would_decode(const msgpack_object *o)
         return 1;
     case MSGPACK_OBJECT_EXT:
         /* Type -1 is a timestamp: 4, 8 or 12 bytes, nanoseconds below 10^9. */
-        if (o->via.ext.type != -1 || o->via.ext.size == 4)
+        if (o->via.ext.type != -1)
+            return o->via.ext.type >= 0;
+        if (o->via.ext.size == 4)
             return 1;
         if (o->via.ext.size == 8)
             return be((const uint8_t *)o->via.ext.ptr, 8) >> 34 < 1000000000;

@@ -211,6 +211,22 @@ static void test_bad_frames_are_refused(void)
     static const uint8_t huge_str[] = {0xdb, 0xff, 0xff, 0xff, 0xff, 'a'};
     CHECK(refused_raw(huge_str, sizeof(huge_str)));
 
+    /* Extension types the msgpack spec reserves, but the timestamp (-1):
+     * Python's msgpack refuses them anywhere in a frame. */
+    head("stats_reply", 1);
+    str("stats");
+    msgpack_pack_map(&pk, 1);
+    str("x");
+    msgpack_pack_ext_with_body(&pk, "ab", 2, -5);
+    CHECK_EQ(decode(&m, why), -1);
+    CHECK(strncmp(why, "malformed", 9) == 0);
+    head("stats_reply", 1);
+    str("stats");
+    msgpack_pack_map(&pk, 1);
+    str("x");
+    msgpack_pack_ext_with_body(&pk, "ab", 2, 5);
+    CHECK_EQ(decode(&m, why), 0);
+
     head("heartbeat", 0);
     msgpack_sbuffer_write(&sb, "\xc0", 1);      /* trailing bytes */
     CHECK_EQ(decode(&m, why), -1);

@@ -300,7 +300,8 @@ int proto_decode(struct proto_msg *m, const void *frame, size_t len, char *why, 
         for (uint32_t j = 0; j < i; j++)
             if (k->type == map->ptr[j].key.type && k->type == MSGPACK_OBJECT_STR &&
                 k->via.str.size == map->ptr[j].key.via.str.size &&
-                memcmp(k->via.str.ptr, map->ptr[j].key.via.str.ptr, k->via.str.size) == 0)
+                (!k->via.str.size ||    /* msgpack-c: no pointer for "", not for memcmp */
+                 memcmp(k->via.str.ptr, map->ptr[j].key.via.str.ptr, k->via.str.size) == 0))
                 return fail(why, whylen, "malformed: key repeated");
         if (str_is(k, "t"))
             t = &map->ptr[i].val;

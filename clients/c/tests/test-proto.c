@@ -227,6 +227,9 @@ static void test_bad_frames_are_refused(void)
     msgpack_pack_ext_with_body(&pk, "ab", 2, 5);
     CHECK_EQ(decode(&m, why), 0);
 
+    static const uint8_t empty_keys[] = {0x82, 0xa0, 0xa0, 0xa0, 0x02};    /* {"": "", "": 2} */
+    CHECK(refused_raw(empty_keys, sizeof(empty_keys)));
+
     head("heartbeat", 0);
     msgpack_sbuffer_write(&sb, "\xc0", 1);      /* trailing bytes */
     CHECK_EQ(decode(&m, why), -1);

@@ -251,7 +251,7 @@ def test_ring_under_sanitizers(netns: Netns, tmp_path: Path, snaplen: int, reins
     host = netns.mac("va")
     frames = live_frames(host)
     p = subprocess.Popen(netns.cmd(str(BUILD / "check-ring"), "va", str(snaplen), str(reinsert),
-                                   str(slab), str(max_pkts), str(len(frames)), str(block), "16"),
+                                   str(slab), str(max_pkts), str(len(frames)), str(block), "64"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SAN_ENV)
     try:
         assert p.stdout is not None and p.stdout.readline() == "ready\n", p.stderr

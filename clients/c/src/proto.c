@@ -295,6 +295,10 @@ int proto_decode(struct proto_msg *m, const void *frame, size_t len, char *why, 
 
     const msgpack_object *t = NULL, *v = NULL;
     const msgpack_object_map *map = &root->via.map;
+    /* Before the quadratic search for a repeated key: a frame of millions of
+     * keys would keep us busy for hours. */
+    if (map->size > 2 + PROTO_MAX_FIELDS)
+        return fail(why, whylen, "bad-field: %u fields, more than any message has", map->size);
     for (uint32_t i = 0; i < map->size; i++) {
         const msgpack_object *k = &map->ptr[i].key;
         for (uint32_t j = 0; j < i; j++)

@@ -269,6 +269,23 @@ static void test_bad_frames_are_refused(void)
     kv_u64("by", 2);
     CHECK_EQ(decode(&m, why), -1);
 
+    head("heartbeat", PROTO_MAX_FIELDS);         /* as many fields as a message can have */
+    for (int i = 0; i < PROTO_MAX_FIELDS; i++) {
+        char k[8];
+        snprintf(k, sizeof(k), "k%d", i);
+        kv_u64(k, 0);
+    }
+    CHECK_EQ(decode(&m, why), -1);
+    CHECK(strstr(why, "unexpected field") != NULL);
+    head("heartbeat", PROTO_MAX_FIELDS + 1);     /* more: refused before keys are compared */
+    for (int i = 0; i < PROTO_MAX_FIELDS + 1; i++) {
+        char k[8];
+        snprintf(k, sizeof(k), "k%d", i);
+        kv_u64(k, 0);
+    }
+    CHECK_EQ(decode(&m, why), -1);
+    CHECK(strstr(why, "more than any message has") != NULL);
+
     head("gap", 2);                             /* repeated field */
     kv_u64("from", 1);
     kv_u64("from", 2);

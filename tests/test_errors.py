@@ -58,7 +58,7 @@ def test_link_type_beyond_16_bits(tmp_path: Path) -> None:
     f = tmp_path / "reserved.pcap"
     f.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 0x00010001)
                   + struct.pack("<IIII", 1, 0, 4, 4) + b"abcd")
-    r = run_pktipc("serve", "--name", "x5", "-r", str(f))
+    r = run_pktipc("serve", "--name", "x-linktype", "-r", str(f))
     one_line_error(r, str(f), "link type 0x10001 is not a 16-bit LINKTYPE_ value")
 
 

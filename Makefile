@@ -1,6 +1,9 @@
 # make demo: the main job on a built-in default.  make test: install and test
-# (the C client's tests under the sanitizers and valgrind, then pytest, ruff, mypy).
-# Both install what is missing (Debian packages, a virtual environment with
+# (the C client's tests under the sanitizers and valgrind, then pytest, ruff, mypy;
+# pytest builds and runs tests/c, the broker's C under the sanitizers and a few
+# seconds of each fuzz target).  make fuzz SECONDS=N: each fuzz target for N
+# seconds (tests/c/Makefile).
+# All install what is missing (Debian packages, a virtual environment with
 # pktipc built and installed editable) and are safe to run again; make test
 # also installs Suricata and builds its capture plugin (clients/suricata/).
 
@@ -10,7 +13,9 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.pktipc-installed
 BENCH_STAMP := $(VENV)/.pktipc-bench-installed
 DEBS    := gcc g++ make pkg-config python3-venv python3-dev iproute2 libpcap-dev libzmq3-dev \
-           libmsgpack-dev tcpdump tshark valgrind prometheus tmux systemd util-linux
+           libmsgpack-dev tcpdump tshark valgrind prometheus tmux systemd util-linux \
+           clang libclang-rt-14-dev llvm-14
+SECONDS ?= 60
 
 # make install-service: pktipc in its own virtual environment (PREFIX), the
 # systemd units (pktipc@.service, pktipc-exporter.service), /etc/pktipc and
@@ -18,7 +23,7 @@ DEBS    := gcc g++ make pkg-config python3-venv python3-dev iproute2 libpcap-dev
 PREFIX  ?= /opt/pktipc
 UNITDIR ?= /usr/local/lib/systemd/system
 
-.PHONY: all deps install install-service suricata demo test lint bench bench-quick clean
+.PHONY: all deps install install-service suricata demo test fuzz lint bench bench-quick clean
 
 all: install
 
@@ -67,6 +72,9 @@ test: install suricata
 	$(VENV)/bin/ruff check pktipc tests bench
 	$(VENV)/bin/mypy
 
+fuzz: install
+	$(MAKE) -C tests/c fuzz SECONDS=$(SECONDS) PY=$(abspath $(PY))
+
 lint: install
 	$(VENV)/bin/ruff check pktipc tests bench
 	$(VENV)/bin/mypy
@@ -85,3 +93,4 @@ clean:
 	rm -rf $(VENV) build *.egg-info pktipc/*.so
 	$(MAKE) -C clients/c clean
 	$(MAKE) -C clients/suricata clean
+	$(MAKE) -C tests/c clean

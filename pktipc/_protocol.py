@@ -203,6 +203,13 @@ def encode(mtype: str, **fields: Any) -> bytes:
     return out
 
 
+def _pairs_announced(frame: bytes) -> int:
+    """The pairs a frame that holds one msgpack map says it has."""
+    if frame[0] & 0xF0 == 0x80:        # fixmap
+        return frame[0] & 0x0F
+    return int.from_bytes(frame[1:3] if frame[0] == 0xDE else frame[1:5], "big")
+
+
 def decode(frame: bytes, limit: int = MAX_FRAME) -> tuple[str, dict[str, Any]]:
     """(type, fields) of a frame; RemoteProtocolError for anything else."""
     if len(frame) > limit:
@@ -214,6 +221,8 @@ def decode(frame: bytes, limit: int = MAX_FRAME) -> tuple[str, dict[str, Any]]:
                                   f"not a msgpack frame ({type(e).__name__})") from None
     if type(msg) is not dict:
         raise RemoteProtocolError("malformed", "frame is not a map")
+    if len(msg) != _pairs_announced(frame):     # a repeated key: which one counts?
+        raise RemoteProtocolError("malformed", "a key is repeated")
     if msg.get("v") != VERSION or type(msg.get("v")) is not int:
         raise RemoteProtocolError("version", f"protocol version {msg.get('v')!r}, "
                                   f"this broker speaks {VERSION}")

@@ -4,6 +4,7 @@ hang, and the broker keeps serving everyone else."""
 from __future__ import annotations
 
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -49,6 +50,16 @@ def test_directory_and_empty_file(tmp_path: Path) -> None:
     empty = tmp_path / "empty.pcap"
     empty.write_bytes(b"")
     one_line_error(run_pktipc("serve", "--name", "x3", "-r", str(empty)), str(empty))
+
+
+def test_link_type_beyond_16_bits(tmp_path: Path) -> None:
+    """A link type is 16 bits in the formats and in a descriptor; libpcap 1.10
+    passes on the reserved bits of a classic header's field as well."""
+    f = tmp_path / "reserved.pcap"
+    f.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 0x00010001)
+                  + struct.pack("<IIII", 1, 0, 4, 4) + b"abcd")
+    r = run_pktipc("serve", "--name", "x-linktype", "-r", str(f))
+    one_line_error(r, str(f), "link type 0x10001 is not a 16-bit LINKTYPE_ value")
 
 
 def test_second_file_bad_refuses_before_start(tmp_path: Path, runtime_dir: Path) -> None:

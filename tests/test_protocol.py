@@ -481,6 +481,10 @@ BAD_ANYWHERE: list[tuple[str, bytes, str]] = [
     ("trailing bytes", proto.encode("stats") + b"\x00", "malformed"),
     ("not utf-8", b"\x81\xa1t\xa2\xff\xfe", "malformed"),
     ("int key", msgpack.packb({"t": "stats", "v": 2, 1: 2}), "malformed"),
+    # Which of two values would count? The C decoder refuses a repeated key too.
+    ("key repeated", b"\x83\xa1t\xa5stats\xa1v\x02\xa1v\x02", "malformed"),
+    ("type repeated", b"\x83\xa1t\xa5stats\xa1v\x02\xa1t\xa5stats", "malformed"),
+    ("ext type reserved", b"\x83\xa1t\xa5stats\xa1v\x02\xa1x\xd4\x80\x00", "malformed"),
     ("list", msgpack.packb(["hello", 1]), "malformed"),
     ("string", msgpack.packb("hello"), "malformed"),
     ("nil", msgpack.packb(None), "malformed"),

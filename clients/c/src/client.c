@@ -628,7 +628,7 @@ static int on_welcome(pktipc_client *c, int64_t now)
         r = fail(c, PKTIPC_ELAYOUT, "broker '%s' uses layout %llu, this library reads %d",
                  c->server, (unsigned long long)proto_u64(m, F_WELCOME_LAYOUT),
                  PKTIPC_LAYOUT_VERSION);
-    else if (len >= sizeof(name) || memchr(shm, 0, len))
+    else if (!len || len >= sizeof(name) || memchr(shm, 0, len))
         r = fail(c, PKTIPC_EPROTO, "broker '%s' named an impossible segment", c->server);
     else {
         memcpy(name, shm, len);

@@ -156,7 +156,8 @@ static int64_t utf8_chars(const char *str, uint32_t n)
 
 /* What Python's msgpack (raw=False, strict_map_key=True) refuses anywhere in
  * a frame: strings that are not UTF-8, map keys that are not str or bytes,
- * timestamps it cannot read. */
+ * extension types the msgpack spec reserves (negative) other than the
+ * timestamp, timestamps it cannot read. */
 static int python_would_decode(const msgpack_object *o)
 {
     switch (o->type) {
@@ -178,7 +179,9 @@ static int python_would_decode(const msgpack_object *o)
         return 1;
     case MSGPACK_OBJECT_EXT:
         /* Type -1 is a timestamp: 4, 8 or 12 bytes, nanoseconds below 10^9. */
-        if (o->via.ext.type != -1 || o->via.ext.size == 4)
+        if (o->via.ext.type != -1)
+            return o->via.ext.type >= 0;
+        if (o->via.ext.size == 4)
             return 1;
         if (o->via.ext.size == 8)
             return be((const uint8_t *)o->via.ext.ptr, 8) >> 34 < 1000000000;
@@ -292,12 +295,17 @@ int proto_decode(struct proto_msg *m, const void *frame, size_t len, char *why, 
 
     const msgpack_object *t = NULL, *v = NULL;
     const msgpack_object_map *map = &root->via.map;
+    /* Before the quadratic search for a repeated key: a frame of millions of
+     * keys would keep us busy for hours. */
+    if (map->size > 2 + PROTO_MAX_FIELDS)
+        return fail(why, whylen, "bad-field: %u fields, more than any message has", map->size);
     for (uint32_t i = 0; i < map->size; i++) {
         const msgpack_object *k = &map->ptr[i].key;
         for (uint32_t j = 0; j < i; j++)
             if (k->type == map->ptr[j].key.type && k->type == MSGPACK_OBJECT_STR &&
                 k->via.str.size == map->ptr[j].key.via.str.size &&
-                memcmp(k->via.str.ptr, map->ptr[j].key.via.str.ptr, k->via.str.size) == 0)
+                (!k->via.str.size ||    /* msgpack-c: no pointer for "", not for memcmp */
+                 memcmp(k->via.str.ptr, map->ptr[j].key.via.str.ptr, k->via.str.size) == 0))
                 return fail(why, whylen, "malformed: key repeated");
         if (str_is(k, "t"))
             t = &map->ptr[i].val;

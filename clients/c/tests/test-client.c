@@ -221,12 +221,14 @@ static void test_refusals(void)
 
     struct { const char *what; int code; } cases[] = {
         {"layout", PKTIPC_ELAYOUT}, {"epoch", PKTIPC_ELAYOUT}, {"shm", PKTIPC_EGONE},
+        {"no shm", PKTIPC_EPROTO},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         open_start(&op, f.h->name, "c", 0);
         CHECK(fb_expect(&f, PMSG_HELLO, 5000));
         fb_head(&f, "welcome", 10);
-        fb_str(&f, "shm", !strcmp(cases[i].what, "shm") ? "/pktipc.gone.0" : f.shm);
+        fb_str(&f, "shm", !strcmp(cases[i].what, "shm") ? "/pktipc.gone.0"
+                          : !strcmp(cases[i].what, "no shm") ? "" : f.shm);
         fb_u64(&f, "epoch", f.epoch + !strcmp(cases[i].what, "epoch"));
         fb_u64(&f, "layout", PKTIPC_LAYOUT_VERSION + !strcmp(cases[i].what, "layout"));
         fb_welcome_rest(&f, 1, 1000, 30000);

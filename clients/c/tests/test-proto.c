@@ -211,6 +211,25 @@ static void test_bad_frames_are_refused(void)
     static const uint8_t huge_str[] = {0xdb, 0xff, 0xff, 0xff, 0xff, 'a'};
     CHECK(refused_raw(huge_str, sizeof(huge_str)));
 
+    /* Extension types the msgpack spec reserves, but the timestamp (-1):
+     * Python's msgpack refuses them anywhere in a frame. */
+    head("stats_reply", 1);
+    str("stats");
+    msgpack_pack_map(&pk, 1);
+    str("x");
+    msgpack_pack_ext_with_body(&pk, "ab", 2, -5);
+    CHECK_EQ(decode(&m, why), -1);
+    CHECK(strncmp(why, "malformed", 9) == 0);
+    head("stats_reply", 1);
+    str("stats");
+    msgpack_pack_map(&pk, 1);
+    str("x");
+    msgpack_pack_ext_with_body(&pk, "ab", 2, 5);
+    CHECK_EQ(decode(&m, why), 0);
+
+    static const uint8_t empty_keys[] = {0x82, 0xa0, 0xa0, 0xa0, 0x02};    /* {"": "", "": 2} */
+    CHECK(refused_raw(empty_keys, sizeof(empty_keys)));
+
     head("heartbeat", 0);
     msgpack_sbuffer_write(&sb, "\xc0", 1);      /* trailing bytes */
     CHECK_EQ(decode(&m, why), -1);
@@ -249,6 +268,23 @@ static void test_bad_frames_are_refused(void)
     kv_u64("to", 2);
     kv_u64("by", 2);
     CHECK_EQ(decode(&m, why), -1);
+
+    head("heartbeat", PROTO_MAX_FIELDS);         /* as many fields as a message can have */
+    for (int i = 0; i < PROTO_MAX_FIELDS; i++) {
+        char k[8];
+        snprintf(k, sizeof(k), "k%d", i);
+        kv_u64(k, 0);
+    }
+    CHECK_EQ(decode(&m, why), -1);
+    CHECK(strstr(why, "unexpected field") != NULL);
+    head("heartbeat", PROTO_MAX_FIELDS + 1);     /* more: refused before keys are compared */
+    for (int i = 0; i < PROTO_MAX_FIELDS + 1; i++) {
+        char k[8];
+        snprintf(k, sizeof(k), "k%d", i);
+        kv_u64(k, 0);
+    }
+    CHECK_EQ(decode(&m, why), -1);
+    CHECK(strstr(why, "more than any message has") != NULL);
 
     head("gap", 2);                             /* repeated field */
     kv_u64("from", 1);

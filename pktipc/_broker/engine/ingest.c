@@ -126,6 +126,15 @@ pkb_src *pkb_src_open_file(const char *path, char *errbuf)
         return NULL;
     }
     s->p = p;
+    /* A link type is 16 bits in both formats and in a descriptor; libpcap
+     * 1.10 hands over the reserved bits of a classic header's field too. */
+    if (pkb_src_linktype(s) > 0xffff) {
+        snprintf(errbuf, PKB_ERRBUF_SIZE, "link type %#x is not a 16-bit LINKTYPE_ value "
+                 "(reserved bits of the file header's link type field are set)",
+                 (unsigned)pkb_src_linktype(s));
+        pkb_src_close(s);
+        return NULL;
+    }
     /* The first four bytes tell the format, and a classic file's clock. */
     uint32_t magic = 0;
     FILE *fp = pcap_file(p);

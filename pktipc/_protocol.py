@@ -15,8 +15,12 @@ The rules it keeps:
   of the slab that are the client's (its share of its group's packets,
   pktipc/PROTOCOL.md): `mask` has a bit for each of the slab's `n` packets and
   no other, and a client's own slot is among `members` if any are named.
-- Both sides send HEARTBEAT when they have been quiet for an interval; a peer
-  heard from for no longer than its liveness is lost.
+- Both sides send HEARTBEAT when they have been quiet for an interval (a
+  client until BYE, after END-OF-STREAM too); a peer not heard from for its
+  liveness is lost (but a broker that has sent END-OF-STREAM).
+- A client says something (HEARTBEAT) as soon as it has mapped the segment
+  WELCOME named; the broker keeps its segment until it has heard from every
+  client it welcomed.
 - Every field of every incoming frame is checked. On the broker a bad frame
   queues an ERROR reply and raises RemoteProtocolError; nothing else may
   escape the receive path.
@@ -420,6 +424,7 @@ class _Peer:
     last_recv: float
     last_sent: float
     budget: _Budget
+    heard: bool = False     # a message came after WELCOME: the client mapped the segment
 
 
 class BrokerConnection:
@@ -440,6 +445,12 @@ class BrokerConnection:
 
     def state(self, peer: bytes) -> State:
         return State.ATTACHED if peer in self.peers else State.NEW
+
+    def heard(self, peer: bytes) -> bool:
+        """Whether an attached peer has said anything since WELCOME: it has
+        mapped the segment then (see ClientConnection.mapped)."""
+        p = self.peers.get(peer)
+        return p is not None and p.heard
 
     # -- receiving --
     def _new_budget(self, now: float) -> _Budget:
@@ -481,6 +492,7 @@ class BrokerConnection:
         p = self.peers.get(peer)
         if p is not None:
             p.last_recv = now
+            p.heard = True
         if BROKER_TRANSITIONS[(state, mtype)] is State.CLOSED:
             del self.peers[peer]
         if mtype == "hello":
@@ -596,6 +608,14 @@ class ClientConnection:
                    balance=balance)
         self.state = State.HELLO_SENT
 
+    def mapped(self, now: float) -> None:
+        """Tells the broker that the segment WELCOME named is mapped: until it
+        hears from a client after WELCOME, a broker keeps its segment, so a
+        client it welcomed can always map it."""
+        if self.state not in (State.ATTACHED, State.ENDED):
+            raise LocalProtocolError("not-attached", f"mapped while {self.state.value}")
+        self._send("heartbeat", now)
+
     def request_stats(self, now: float) -> None:
         self._send("stats", now)
 
@@ -651,14 +671,19 @@ class ClientConnection:
         return out
 
     def get_timer(self) -> float | None:
+        # Heartbeats go on after END-OF-STREAM, until BYE: a broker that
+        # lingers keeps a client that has not closed. The broker may exit
+        # once it has sent END-OF-STREAM, so it is never lost then.
+        if self.state is State.ENDED:
+            return self._last_sent + self.heartbeat
         if self.state is not State.ATTACHED:
             return None
         return min(self._last_sent + self.heartbeat, self._last_recv + self.liveness)
 
     def handle_timer(self, now: float) -> list[ClientEvent]:
-        if self.state is not State.ATTACHED:
+        if self.state not in (State.ATTACHED, State.ENDED):
             return []
-        if self._last_recv + self.liveness <= now:
+        if self.state is State.ATTACHED and self._last_recv + self.liveness <= now:
             self.state = State.CLOSED
             return [BrokerLost()]
         if self._last_sent + self.heartbeat <= now:

@@ -361,3 +361,71 @@ def test_client_writing_into_the_segment_hurts_only_itself(broker, synth: Path) 
         got = [(p.ts_ns, bytes(p.data)) for p in c.packets(timeout=10)]
     assert got == [(p.ts_ns, p.data) for p in want]
     assert b.wait() == 0
+
+
+# --- the welcome race ------------------------------------------------------------------
+
+
+def _slow_member(b: BrokerProc, name: str, group: str) -> tuple[object, object, str]:
+    """A raw client, welcomed into a group: (context, socket, the segment's name)."""
+    import zmq
+
+    from pktipc import _protocol as proto
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"ipc://{b.socket}")
+    s.send(proto.encode("hello", name=name, group=group, policy=None, credit=None, pid=0,
+                        balance=None))
+    assert s.poll(5000)
+    kind, w = proto.decode(s.recv(), proto.MAX_BROKER_FRAME)
+    assert kind == "welcome", w
+    return ctx, s, w["shm"]
+
+
+@pytest.mark.parametrize("how", ["ends", "is stopped"])
+def test_a_welcomed_client_can_always_map_the_segment(broker, how: str) -> None:
+    """A member that is given nothing (its group's other member owns every
+    flow of a two-packet stream), slow to map the segment WELCOME named: the
+    broker, whose stream ends at once (or which is stopped), keeps its
+    segment until the member says it has mapped it; the member then reads
+    end-of-stream."""
+    import posix_ipc
+
+    from pktipc import _protocol as proto
+    f = PCAPS / "dns_udp.pcap"                  # a query and its answer: one flow
+    b = broker("-r", str(f), "--wait-clients", "2")
+    ctx, slow, shm = _slow_member(b, "slow", "g")
+    try:
+        with pktipc.connect(b.name, "fast", group="g") as fast:
+            assert sum(len(batch) for batch in fast if batch.release() is None) in (0, 2)
+        if how == "is stopped":
+            b.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)                         # the broker is done with everything else
+        assert b.proc.poll() is None
+        seg = posix_ipc.SharedMemory(shm, read_only=True)    # still there
+        seg.close_fd()
+        slow.send(proto.encode("heartbeat"))    # mapped
+        assert b.wait(timeout=10) == 0
+        kinds = []
+        while slow.poll(1000):
+            kinds.append(proto.decode(slow.recv(), proto.MAX_BROKER_FRAME)[0])
+        assert "eos" in kinds
+    finally:
+        slow.close()
+        ctx.term()
+
+
+def test_members_of_a_short_stream_never_find_the_segment_gone(broker) -> None:
+    """What a user met: two `pktipc dump` members of a flow group and an
+    8-packet capture, again and again: every one of them ends cleanly."""
+    f = PCAPS / "vxlan.pcap"
+    for i in range(6):
+        b = broker("-r", str(f), "--wait-clients", "2")
+        dumps = [subprocess.Popen([sys.executable, "-m", "pktipc", "dump", "--server", b.name,
+                                   "--client", f"m{k}", "--group", "ids", "-w", "/dev/null"],
+                                  stderr=subprocess.PIPE, text=True) for k in range(2)]
+        for d in dumps:
+            _, err = d.communicate(timeout=30)
+            assert d.returncode == 0, (i, err)
+        assert b.wait() == 0

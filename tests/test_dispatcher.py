@@ -50,6 +50,7 @@ class World:
                                default_credit=credit, max_clients=max_clients,
                                descriptors=lambda slab, n: self.desc[slab][:n], **admission)
         self.uids: dict[bytes, int] = {}    # peer -> the uid the kernel would give
+        self.maps = True                    # clients say they mapped the segment
         self.clients: dict[bytes, ClientConnection] = {}
         self.log: dict[bytes, list[Any]] = defaultdict(list)
         # Packet seqs of each BATCH a client received, as the client selects them.
@@ -103,6 +104,8 @@ class World:
                     continue
                 self.log[peer] += events
                 for e in events:
+                    if isinstance(e, Welcome) and self.maps:
+                        self.clients[peer].mapped(self.now)     # as a client does
                     if isinstance(e, Batch):
                         self.share[peer][e.seq] = self.select(peer, e)
                         self.shares_log[peer].append(self.share[peer][e.seq])
@@ -401,6 +404,21 @@ def test_end_with_error_and_several_clients() -> None:
     # Each client is told once.
     w.end("again")
     assert sum(isinstance(e, EndOfStream) for e in w.log[a]) == 1
+
+
+def test_the_segment_stays_until_every_welcomed_client_mapped_it() -> None:
+    """A member given nothing has nothing to give back: the broker still
+    waits until it says it has mapped the segment, or a broker ending at
+    once could remove it before the client maps it."""
+    w = World(slabs=4)
+    w.maps = False
+    a = w.connect("a", group="g")
+    w.end()
+    assert w.after_welcome(a) == [EndOfStream(None)]
+    assert not w.disp.finished
+    w.clients[a].mapped(w.now)
+    w.flush()
+    assert w.disp.finished
 
 
 def test_client_arriving_after_the_end_is_told_at_once() -> None:

@@ -198,11 +198,29 @@ def test_batch_gap_release_eos() -> None:
     b.send_eos(b"c1", 3.0)
     assert pair.to_clients(3.0)[b"c1"] == [EndOfStream(None)]
     assert c.state is State.ENDED
-    assert c.get_timer() is None
     # Batches still held after END-OF-STREAM are given back as usual.
     c.release(4.0, [25])
     assert pair.to_broker(4.0) == [Release(b"c1", [25])]
     assert b.errors == 0
+    # Heartbeats go on until BYE (a lingering broker keeps the client); the
+    # broker, free to exit once it has sent END-OF-STREAM, is never lost.
+    assert c.get_timer() == 4.0 + c.heartbeat
+    assert c.handle_timer(1000.0) == [] and c.state is State.ENDED
+    assert pair.to_broker(1000.0) == []
+    assert b.heard(b"c1")
+
+
+def test_a_client_says_it_mapped_the_segment() -> None:
+    """The broker knows a welcomed client mapped the segment once it hears
+    from it: until then it keeps the segment."""
+    pair = Pair()
+    c = pair.attach()
+    assert not pair.broker.heard(b"c1")
+    c.mapped(1.0)
+    assert pair.to_broker(1.0) == []            # a HEARTBEAT: no event
+    assert pair.broker.heard(b"c1")
+    with pytest.raises(LocalProtocolError):
+        ClientConnection().mapped(1.0)
 
 
 def test_eos_carries_the_error() -> None:

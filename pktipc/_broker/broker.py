@@ -39,6 +39,7 @@ DEFAULT_CREDIT = 8
 MAX_CLIENTS = 16
 EVICT_BACKOFF = 10.0            # seconds an evicted client's name is refused
 MAX_CONTROL_PER_TURN = 512      # control messages read before the loop goes on
+STOP_WAIT = 1.0                 # stopping, seconds to wait for welcomed clients to map
 
 
 @dataclass
@@ -139,6 +140,7 @@ class Broker:
         self.epoch = time.time_ns()
         self.shm_name = segment_name(opts.name, self.epoch)
         self.stopping = False
+        self._stop_by = 0.0         # stopping: when to stop waiting for clients to map
         self.exit_status = 0
         self._cleanup: list[Any] = [self.source.close]
         self._wake = 0.0            # paced source: when the next packet is due
@@ -252,6 +254,8 @@ class Broker:
                 signal.signal(s, h)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self.stopping:
+            self._stop_by = time.monotonic() + STOP_WAIT
         self.stopping = True
 
     # -- the loop --
@@ -267,7 +271,8 @@ class Broker:
             self._flush()
             if self.disp.finished and not self.opts.linger:
                 break
-            if self.stopping and self.disp.ended:
+            if self.stopping and self.disp.ended and (
+                    now >= self._stop_by or all(map(self.disp.mapped, self.disp.clients.values()))):
                 break
             timeout = 0.0 if busy else self._timeout(now)
             self._poll_fds(self._reading() and not self._starved)

@@ -553,6 +553,11 @@ class Dispatcher:
 
     @property
     def finished(self) -> bool:
-        """Every client was sent everything and gave it all back (a client
-        maps the segment after WELCOME: unlinking it earlier could beat it)."""
-        return self.ended and all(c.eos_sent and not c.held for c in self.clients.values())
+        """Every client was sent everything and gave it all back, and each
+        has said it mapped the segment (a client maps it after WELCOME:
+        unlinking it earlier could beat it, even for a client given nothing)."""
+        return self.ended and all(c.eos_sent and not c.held and self.mapped(c)
+                                  for c in self.clients.values())
+
+    def mapped(self, c: ClientState) -> bool:
+        return c.peer is None or self.conn.heard(c.peer)

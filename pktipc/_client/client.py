@@ -297,6 +297,8 @@ class Client:
         if self._map is not None and not any(b._map is self._map for b in self._batches):
             self._map.close()
         self._map = mapping
+        self._conn.mapped(time.monotonic())
+        self._flush()
 
     def _await_welcome(self, timeout: float) -> proto.Welcome:
         assert self._sock is not None
@@ -413,6 +415,9 @@ class Client:
                 return False
             return batch
         if self._ended:
+            # Heartbeats go on until close: a lingering broker keeps us.
+            self._on_events(self._conn.handle_timer(time.monotonic()))
+            self._flush()
             raise EndOfStream(self.end_error)
         now = time.monotonic()
         wake = self._conn.get_timer()

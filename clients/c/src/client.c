@@ -634,6 +634,9 @@ static int on_welcome(pktipc_client *c, int64_t now)
         memcpy(name, shm, len);
         name[len] = 0;
         r = map_segment(c, name, proto_u64(m, F_WELCOME_EPOCH));
+        if (r == 0 && (proto_mapped(&c->conn, &c->out, now) || send_out(c)))
+            r = fail(c, PKTIPC_ESYS, "cannot tell broker '%s' the segment is mapped: %s",
+                     c->server, zmq_strerror(errno));
     }
     if (r == 0) {
         uint32_t credit = (uint32_t)proto_u64(m, F_WELCOME_CREDIT);

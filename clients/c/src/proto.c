@@ -471,18 +471,30 @@ int proto_receive(struct proto_conn *p, const struct proto_msg *m, int64_t now, 
 
 int64_t proto_timer(const struct proto_conn *p)
 {
+    /* Heartbeats go on after END-OF-STREAM, until BYE; a broker that has
+     * sent END-OF-STREAM may exit, so it is never lost then. */
+    if (p->state == ST_ENDED)
+        return p->last_sent + p->heartbeat;
     if (p->state != ST_ATTACHED)
         return INT64_MAX;
     int64_t hb = p->last_sent + p->heartbeat, lost = p->last_recv + p->liveness;
     return hb < lost ? hb : lost;
 }
 
+int proto_mapped(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now)
+{
+    msgpack_packer pk;
+    if (p->state != ST_ATTACHED && p->state != ST_ENDED)
+        return -1;
+    return sent(p, now, begin(buf, &pk, PMSG_HEARTBEAT));
+}
+
 int proto_handle_timer(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now)
 {
     msgpack_packer pk;
-    if (p->state != ST_ATTACHED)
+    if (p->state != ST_ATTACHED && p->state != ST_ENDED)
         return PROTO_TIMER_NONE;
-    if (p->last_recv + p->liveness <= now) {
+    if (p->state == ST_ATTACHED && p->last_recv + p->liveness <= now) {
         p->state = ST_CLOSED;
         return PROTO_TIMER_LOST;
     }

@@ -120,6 +120,9 @@ int proto_hello(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now, const c
 int proto_release(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now,
                   const uint64_t *seqs, size_t n);   /* 1 <= n <= PROTO_MAX_RELEASE */
 int proto_bye(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now);  /* -1: not attached */
+/* The segment WELCOME named is mapped (a HEARTBEAT): until it hears from a
+ * client after WELCOME, a broker keeps its segment. -1: not attached. */
+int proto_mapped(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now);
 
 /* Applies a decoded frame to the state machine: 0, or -1 with why if its
  * type may not come in this state, or if it is a BATCH that names members

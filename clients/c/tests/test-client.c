@@ -78,6 +78,8 @@ static pktipc_client *attach(struct fb *f, const char *server, unsigned credit, 
     CHECK(fb_expect(f, PMSG_HELLO, 5000));
     fb_welcome(f, credit, hb_ms, 30000);
     CHECK_EQ(open_join(&op), 0);
+    /* Mapped: it says so at once, so that a broker ending keeps its segment. */
+    CHECK_EQ(fb_recv(f, 1000), PMSG_HEARTBEAT);
     return op.c;
 }
 

@@ -494,7 +494,13 @@ static void test_transitions_and_timers(void)
     decode(&m, why);
     CHECK_EQ(proto_receive(&p, &m, NOW, why, sizeof(why)), 0);
     CHECK_EQ(p.state, ST_ENDED);
-    CHECK_EQ(proto_timer(&p), INT64_MAX);
+    /* Heartbeats go on until BYE; the broker, free to exit now, is never lost. */
+    CHECK_EQ(proto_timer(&p), p.last_sent + p.heartbeat);
+    CHECK_EQ(proto_handle_timer(&p, &out, p.last_recv + 10 * p.liveness), PROTO_TIMER_SENT);
+    CHECK_EQ(proto_decode(&m, out.data, out.size, why, sizeof(why)), 0);
+    CHECK_EQ(m.type, PMSG_HEARTBEAT);
+    CHECK_EQ(p.state, ST_ENDED);
+    CHECK_EQ(proto_mapped(&p, &out, NOW), 0);
     CHECK_EQ(proto_release(&p, &out, NOW, (uint64_t[]){1, 2}, 2), 0);  /* still allowed */
     CHECK_EQ(proto_decode(&m, out.data, out.size, why, sizeof(why)), 0);
     CHECK_EQ(m.type, PMSG_RELEASE);

@@ -3,6 +3,7 @@ hang, and the broker keeps serving everyone else."""
 
 from __future__ import annotations
 
+import os
 import signal
 import struct
 import subprocess
@@ -87,6 +88,34 @@ def test_truncated_capture(broker, tmp_path: Path) -> None:
     got = read_pcap(str(out))
     assert got.error is None
     assert got.packets == want.packets and len(got.packets) == len(ref.packets) - 1
+
+
+def test_a_capture_truncated_in_place_while_served(broker, tmp_path: Path) -> None:
+    """A capture the broker has mapped, truncated in place (not replaced)
+    while it is served: no SIGBUS; the packets the file still holds are
+    served, then the stream ends with libpcap's complaint about the cut."""
+    import struct
+
+    f = tmp_path / "shrinking.pcap"
+    rec = 16 + 1000
+    with open(f, "wb") as out:
+        out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for i in range(20_000):
+            out.write(struct.pack("<IIII", 1_700_000_000, i, 1000, 1000)
+                      + i.to_bytes(4, "little") + bytes(996))
+    b = broker("-r", str(f), "--slab-size", "64k", "--slabs", "4", "--credit", "1")
+    with pktipc.connect(b.name, "c") as c:
+        first = c.next_batch(timeout=10)      # the broker reads the mapping now
+        assert first is not None
+        got = [bytes(p.data[:4]) for p in first]
+        first.release()
+        os.truncate(f, 24 + 5000 * rec + 500)   # in the middle of packet 5001
+        want = read_pcap(str(f))
+        got += [bytes(p.data[:4]) for p in c.packets(timeout=10)]
+    assert got == [p.data[:4] for p in want.packets] and len(got) == 5000
+    assert want.error and c.end_error == f"{f}: {want.error}"
+    assert b.wait() == 1
+    assert f"pktipc: error: {f}: truncated dump file" in b.stderr()
 
 
 def test_unknown_option() -> None:

@@ -21,8 +21,7 @@
 #include <pcap/pcap.h>
 
 #include "pktipc_shm.h"
-#include "ingest.h"
-#include "flowhash.h"
+#include "fill.h"        /* with ingest.h and flowhash.h */
 #include "afpacket.h"
 
 #define LINKTYPE_ETHERNET 1
@@ -272,12 +271,10 @@ static int copy_packet(const pkb_ring *r, struct pkb_fill *f, const struct tpack
         flags |= PKTIPC_F_VLAN_REINSERTED;
     }
 
-    uint64_t room = ((uint64_t)caplen + PKTIPC_FRAME_ALIGN - 1) & ~(uint64_t)(PKTIPC_FRAME_ALIGN - 1);
-    uint64_t desc_end = (uint64_t)(f->count + 1) * sizeof(struct pktipc_pkt);
-    if (room + desc_end > f->data_low)
+    uint32_t off = pkb_fill_room(f, caplen);
+    if (!off)
         return 0;
-    f->data_low -= (uint32_t)room;
-    uint8_t *dst = f->slab + f->data_low;
+    uint8_t *dst = f->slab + off;
     if (insert) {
         uint8_t tag[VLAN_TAG_LEN] = {(uint8_t)(tpid >> 8), (uint8_t)tpid,
                                      (uint8_t)(tci >> 8), (uint8_t)tci};
@@ -296,23 +293,8 @@ static int copy_packet(const pkb_ring *r, struct pkb_fill *f, const struct tpack
         flags |= PKTIPC_F_TS_HW;
     if (sll->sll_pkttype <= PACKET_OUTGOING)
         flags |= (uint16_t)((sll->sll_pkttype + 1) << PKTIPC_F_DIR_SHIFT);
-
-    int64_t ts = (int64_t)h->tp_sec * 1000000000 + h->tp_nsec;
-    struct pktipc_pkt *d = (struct pktipc_pkt *)f->slab + f->count;
-    d->ts_ns = ts;
-    d->data_off = f->data_low;
-    d->caplen = caplen;
-    d->wirelen = wire;
-    d->hash = pkb_flow_hash(dst, caplen, r->linktype, f->hash_opts);
-    d->iface = (uint16_t)f->iface;
-    d->linktype = (uint16_t)r->linktype;
-    d->vlan_tci = tci;
-    d->flags = flags;
-    if (f->count == 0)
-        f->first_ts_ns = ts;
-    f->last_ts_ns = ts;
-    f->bytes += caplen;
-    f->count++;
+    pkb_fill_add(f, off, (int64_t)h->tp_sec * 1000000000 + h->tp_nsec, caplen, wire,
+                 (uint16_t)r->linktype, tci, flags);
     return 1;
 }
 

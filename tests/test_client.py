@@ -429,3 +429,73 @@ def test_members_of_a_short_stream_never_find_the_segment_gone(broker) -> None:
             _, err = d.communicate(timeout=30)
             assert d.returncode == 0, (i, err)
         assert b.wait() == 0
+
+
+def test_an_eviction_on_its_way_is_waited_for(runtime_dir: Path) -> None:
+    """A BATCH whose slab the broker reused since: if its EVICT is on its
+    way, the client says it was evicted, not that the broker broke the
+    protocol."""
+    import threading
+
+    import posix_ipc
+    import zmq
+
+    from pktipc import _protocol as proto
+    from pktipc._layout import Geometry, Iface, Segment
+
+    name = f"/pktipc.fake.{os.getpid():016x}"
+    g = Geometry(4096, 2, 1)
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=g.total_size)
+    import mmap
+    mm = mmap.mmap(shm.fd, g.total_size)
+    shm.close_fd()
+    seg = Segment(mm, writable=True)
+    seg.init(g, name="fake", epoch=7, ifaces=[Iface("eth0", 1, 65535)])
+    seg.batch_rec(0).gen = 2                    # slab 0 was published again since
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"ipc://{runtime_dir}/fake.ctl")
+
+    def broker() -> None:
+        assert router.poll(5000)
+        peer, _ = router.recv_multipart()
+        router.send_multipart([peer, proto.encode(
+            "welcome", shm=name, epoch=7, layout=1, slot=0, credit=4, policy="block",
+            heartbeat_ms=1000, liveness_ms=30000, group="c", balance="flow")])
+        router.send_multipart([peer, proto.encode("batch", seq=0, slab=0, gen=1, n=3,
+                                                  members=[], mask=None)])
+        time.sleep(0.15)
+        router.send_multipart([peer, proto.encode("evict", code="timeout",
+                                                  text="nothing heard for 30 s")])
+    t = threading.Thread(target=broker)
+    t.start()
+    try:
+        with pktipc.connect("fake", "c", reconnect=0) as c:
+            with pytest.raises(pktipc.BrokerGone) as e:
+                c.next_batch(timeout=5)
+        assert str(e.value) == "broker 'fake' evicted 'c': nothing heard for 30 s"
+    finally:
+        t.join()
+        router.close(linger=0)
+        ctx.term()
+        del seg
+        mm.close()
+        posix_ipc.unlink_shared_memory(name)
+
+
+def test_a_client_at_the_end_of_the_stream_is_kept_alive(broker) -> None:
+    """After end-of-stream a client goes on heartbeating (whenever it is
+    called) until it closes: a lingering broker keeps it past its liveness."""
+    b = broker("-r", str(PCAPS / "dns_udp.pcap"), "--linger", "--heartbeat", "0.2",
+               "--liveness", "1")
+    with pktipc.connect(b.name, "late-reader") as c:
+        assert sum(len(batch) for batch in c if batch.release() is None) == 2
+        end = time.monotonic() + 2.5            # well past the liveness
+        while time.monotonic() < end:
+            with pytest.raises(pktipc.EndOfStream):
+                c.next_batch(timeout=0)
+            time.sleep(0.05)
+        [me] = c.stats()["clients"]
+        assert (me["name"], me["attached"]) == ("late-reader", True)
+    b.stop()
+    assert "late-reader' dropped" not in b.stderr()

@@ -304,3 +304,35 @@ def test_shared_memory_too_small(tmp_path: Path) -> None:
     assert "pktipc." not in r.stdout.split("rc=1", 1)[1]
     err = [line for line in r.stderr.splitlines() if line.startswith("pktipc:")]
     assert len(err) == 1 and "shared memory" in err[0] and "--slabs" in err[0], r.stderr
+
+
+def test_a_frame_over_the_size_limit_is_counted(broker) -> None:
+    """libzmq closes a connection that sends a frame over 1 MiB, telling
+    nobody: the broker notices its client gone though its process lives,
+    says why, and counts it."""
+    import zmq
+
+    from pktipc import _protocol as proto
+    b = broker("-r", str(DNS), "--wait-clients", "2", "--linger", "--heartbeat", "0.2",
+               "--liveness", "5")
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    try:
+        s.connect(f"ipc://{b.socket}")
+        s.send(proto.encode("hello", name="big", group=None, policy=None, credit=None, pid=0,
+                            balance=None))
+        assert s.poll(5000) and proto.decode(s.recv(), proto.MAX_BROKER_FRAME)[0] == "welcome"
+        s.send(proto.encode("heartbeat"))
+        s.send(b"\x80" * (2 << 20))
+        deadline = time.monotonic() + 10
+        while pktipc.broker_stats(b.name)["control"]["connections_dropped"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert pktipc.broker_stats(b.name)["clients"] == []
+    finally:
+        s.close()
+        ctx.term()
+    b.stop()
+    assert ("client 'big' dropped: its connection was closed under it, its process alive: a "
+            "frame over 1 MiB, or a broken ZeroMQ stream") in b.stderr()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import pwd
+import select
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from .._layout import Geometry, Segment
 from .._paths import check_name, control_endpoint, runtime_dir, segment_name
 from .._shm import ffi, lib
 from . import runtime, service
-from .control import ControlSocket, Sent
+from .control import MAX_MESSAGE, ControlSocket, Sent
 from .dispatch import ClientState, Dispatcher, SlabPool
 from .files import FileSource
 from .live import LiveOptions, LiveSource
@@ -154,6 +155,7 @@ class Broker:
         self._stats: dict[str, Any] | None = None     # answer to the STATS of this turn
         self.max_clients = opts.max_clients
         self.evictions = 0          # clients detached by the broker, not by their BYE
+        self.connections_dropped = 0    # by libzmq, under a client that lives
 
     # -- set-up and teardown --
     def _drop_privileges(self, pw: pwd.struct_passwd) -> None:
@@ -470,7 +472,18 @@ class Broker:
                 self.conn.forget(peer)
                 self.control.forget(peer)
                 if c is not None:
-                    self._drop(c, time.monotonic(), "unreachable", resume=True)
+                    self._drop(c, time.monotonic(), self._gone_why(c), resume=True)
+
+    def _gone_why(self, c: ClientState) -> str:
+        """Why a client's connection went, though it never said BYE: its
+        process died, or (it lives) libzmq closed the connection under it,
+        which it does, unheard, for a frame over the size limit or a broken
+        ZMTP stream; that is counted."""
+        if c.pidfd is None or select.select([c.pidfd], [], [], 0)[0]:
+            return "unreachable"
+        self.connections_dropped += 1
+        return (f"its connection was closed under it, its process alive: a frame over "
+                f"{MAX_MESSAGE >> 20} MiB, or a broken ZeroMQ stream")
 
     # -- producing --
     def _take_slab(self) -> int | None:
@@ -596,5 +609,6 @@ class Broker:
                 "handshakes_failed": self.control.failed,
                 "connections_cut": self.control.cut,
                 "messages_over_budget": self.conn.dropped,
+                "connections_dropped": self.connections_dropped,
             },
         }

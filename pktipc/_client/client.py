@@ -36,6 +36,8 @@ from .._errors import (
 from .._layout import LAYOUT_VERSION, Iface, Segment, select
 from .._paths import check_name, control_endpoint, ipc_path
 
+EVICT_WAIT = 0.5       # s: for the EVICT behind a batch whose slab was reused
+
 
 class Packet(NamedTuple):
     """One packet. In a batch, `data` is a read-only view of the shared
@@ -548,7 +550,7 @@ class Client:
                 m = self._map
                 assert m is not None
                 if ev.slab >= m.slab_count or m.seg.batch_rec(ev.slab).gen != ev.gen:
-                    raise BrokerGone(f"batch {ev.seq} does not match the segment")
+                    self._mismatch(ev)
                 self._pending.append(ev)
             elif isinstance(ev, proto.Gap):
                 self.gaps.append((ev.start, ev.end))
@@ -567,6 +569,23 @@ class Client:
                 raise BrokerGone(f"broker {self.server!r} evicted {self.name!r}: {ev.text}")
             elif isinstance(ev, proto.BrokerLost):
                 raise _Lost(f"broker {self.server!r} stopped answering")
+
+    def _mismatch(self, ev: proto.Batch) -> None:
+        """A batch that does not match its slab: the broker broke the
+        protocol, unless it evicted us meanwhile and reused the slab; its
+        EVICT, sent before the slab was reused, is then on its way: it is
+        waited for, for at most EVICT_WAIT seconds."""
+        assert self._sock is not None
+        deadline = time.monotonic() + EVICT_WAIT
+        while (left := deadline - time.monotonic()) > 0 and self._sock.poll(int(left * 1000) + 1):
+            try:
+                events = self._conn.receive(self._sock.recv(), time.monotonic())
+            except proto.RemoteProtocolError:
+                break
+            for e in events:
+                if isinstance(e, proto.Evicted):
+                    self._on_events([e])
+        raise BrokerGone(f"batch {ev.seq} does not match the segment")
 
     def _flush(self) -> None:
         assert self._sock is not None

@@ -677,18 +677,28 @@ static int on_frame(pktipc_client *c, const void *data, size_t len, int more, in
 /* A batch that does not match its slab: the broker broke the protocol,
  * unless it evicted this client meanwhile (it was silent too long) and
  * reused the slabs of the batches still on their way here; the EVICT
- * behind them is then the news. */
+ * behind them is then the news. It is sent before the slab is reused, so
+ * it is on its way: it is waited for, for at most EVICT_WAIT. */
+#define EVICT_WAIT (500 * NS_PER_MS)
 static int mismatch(pktipc_client *c, int64_t now, const char *why)
 {
     struct proto_msg m;
     char ignored[PKTIPC_ERRBUF_SIZE];
     int r = 1;
+    int64_t until = now_ns() + EVICT_WAIT;
     proto_msg_init(&m);
     while (r == 1) {
         zmq_msg_t zm;
         zmq_msg_init(&zm);
         if (zmq_msg_recv(&zm, c->sock, ZMQ_DONTWAIT) < 0) {
-            r = errno == EINTR ? 1 : violation(c, now, why);
+            int64_t left = until - now_ns();
+            zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLIN, 0};
+            if (errno != EAGAIN && errno != EINTR)
+                r = violation(c, now, why);
+            else if (left > 0 && errno == EAGAIN)
+                zmq_poll(&item, 1, (long)(left / NS_PER_MS) + 1);
+            else if (left <= 0)
+                r = violation(c, now, why);
         } else if (proto_decode(&m, zmq_msg_data(&zm), zmq_msg_size(&zm), ignored,
                                 sizeof(ignored)) == 0 && m.type == PMSG_EVICT) {
             r = on_frame(c, zmq_msg_data(&zm), zmq_msg_size(&zm), zmq_msg_more(&zm), now);

@@ -855,6 +855,13 @@ static void test_gaps_and_end_of_stream(void)
     fb_free(&f);
 }
 
+static void *evict_later(void *arg)
+{
+    usleep(150000);
+    fb_error(arg, "evict", "timeout", "nothing heard for 30 s");
+    return NULL;
+}
+
 static void test_evicted(void)
 {
     struct fb f;
@@ -884,6 +891,19 @@ static void test_evicted(void)
     fb_error(&f, "evict", "timeout", "nothing heard for 30 s");
     usleep(300000);
     CHECK_EQ(pktipc_next_batch(c, &b, 1000), -PKTIPC_EEVICTED);
+    CHECK(strstr(pktipc_geterr(c), "evicted 'c': nothing heard for 30 s"));
+    pktipc_close(c);
+
+    /* The same, the EVICT still on its way when the batch is found not to
+     * match: it is waited for, a little, rather than taken for a broken
+     * protocol. */
+    c = attach(&f, f.h->name, 4, 1000, 30000);
+    fb_batch(&f, 2, 5, 10);
+    fb_fill(&f, 2, 7, 10);
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, evict_later, &f) == 0);
+    CHECK_EQ(pktipc_next_batch(c, &b, 1000), -PKTIPC_EEVICTED);
+    pthread_join(t, NULL);
     CHECK(strstr(pktipc_geterr(c), "evicted 'c': nothing heard for 30 s"));
     pktipc_close(c);
     fb_free(&f);

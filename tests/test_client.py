@@ -342,11 +342,12 @@ def test_stopped_drop_client_hurts_nobody(broker, synth: Path) -> None:
 
 
 WRITER = """
-import ctypes, sys, pktipc
+import ctypes, sys, numpy, pktipc
 c = pktipc.connect(sys.argv[1], "scribbler")
 b = c.next_batch(timeout=10)
+first = numpy.frombuffer(b.views()[0], dtype=numpy.uint8)   # a packet, in the mapping
 print("writing", flush=True)
-ctypes.memset(b.descriptors.ctypes.data, 0xFF, 32)    # into the read-only mapping
+ctypes.memset(first.ctypes.data, 0xFF, 32)                  # into the read-only mapping
 print("wrote", flush=True)
 """
 

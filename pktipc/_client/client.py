@@ -33,8 +33,9 @@ from .._errors import (
     UntrustedBroker,
     refusal,
 )
-from .._layout import LAYOUT_VERSION, Iface, Segment, select
+from .._layout import LAYOUT_VERSION, PKT_DTYPE, Iface, Segment, select
 from .._paths import check_name, control_endpoint, ipc_path
+from .._shm import ffi, lib
 
 EVICT_WAIT = 0.5       # s: for the EVICT behind a batch whose slab was reused
 
@@ -129,8 +130,9 @@ class Batch:
     Use it as a context manager, or call release(): the broker may reuse the
     slab only when every client it went to has released it. Releasing also
     releases every memoryview the batch handed out, so using one afterwards
-    raises ValueError. `descriptors` is a NumPy view that NumPy cannot
-    revoke: it reads recycled memory after release, so copy what you keep.
+    raises ValueError. `descriptors` is this batch's own copy of the slab's
+    descriptors, checked (every frame within the slab) when the batch is
+    made: what is read is what was checked, whatever the broker writes.
     """
 
     __slots__ = ("seq", "slab", "gen", "n", "count", "_client", "_map", "_desc", "_mine",
@@ -143,13 +145,25 @@ class Batch:
         self.n = b.n
         self._client = client
         self._map = mapping
-        self._desc: np.ndarray[Any, Any] | None = None
         self._mine: np.ndarray[Any, Any] | None = None
         self._views: list[memoryview] = []
         self._released = False
+        seg = mapping.seg
+        rec = seg.batch_rec(self.slab)
+        if ((rec.gen, rec.seq, rec.count, rec.slab) != (self.gen, self.seq, self.n, self.slab)
+                or self.n * PKT_DTYPE.itemsize > mapping.slab_size):
+            raise BrokerGone(f"broker {client.server!r} broke the protocol: batch {self.seq} "
+                             "does not match its record in the segment")
+        self._desc = seg.descriptors(self.slab, self.n).copy()
+        good = lib.pktipc_pkts_check(ffi.from_buffer("struct pktipc_pkt[]", self._desc),
+                                     self.n, mapping.slab_size)
+        if good < self.n:
+            raise BrokerGone(f"broker {client.server!r} broke the protocol: packet {good} of "
+                             f"batch {self.seq} lies outside its slab")
+        self._desc.flags.writeable = False
         if b.members or b.mask is not None:
             # One C pass over the hashes (pktipc_select), not a Python loop.
-            self._mine = select(self.descriptors, b.mask, b.members, slot)
+            self._mine = select(self._desc, b.mask, b.members, slot)
         self.count = self.n if self._mine is None else len(self._mine)
 
     def __len__(self) -> int:
@@ -173,13 +187,11 @@ class Batch:
 
     @property
     def descriptors(self) -> np.ndarray[Any, Any]:
-        """Structured array (dtype pktipc.PKT_DTYPE) over all the slab's
-        descriptors, this client's packets or not (see `mine`)."""
+        """Structured array (dtype pktipc.PKT_DTYPE) of all the slab's
+        descriptors, this client's packets or not (see `mine`): a copy."""
         self._check()
-        if self._desc is None:
-            if self._map.seg.batch_rec(self.slab).gen != self.gen:
-                raise BrokerGone(f"batch {self.seq} was taken back by the broker")
-            self._desc = self._map.seg.descriptors(self.slab, self.n)
+        if self._map.seg.batch_rec(self.slab).gen != self.gen:
+            raise BrokerGone(f"batch {self.seq} was taken back by the broker")
         return self._desc
 
     def _own(self) -> np.ndarray[Any, Any]:
@@ -222,7 +234,6 @@ class Batch:
         self._released = True
         deque(map(memoryview.release, self._views), maxlen=0)
         self._views.clear()
-        self._desc = None
         self._client._release(self)
 
     def __enter__(self) -> Batch:

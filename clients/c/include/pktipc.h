@@ -27,10 +27,9 @@
  * opts.balance). By flow, every packet of a flow, both directions, goes to
  * one member; round-robin, whole batches go to the members in turn. A
  * batch then holds only this member's share of its slab, chosen as
- * pktipc_select (pktipc_shm.h) says: b.count packets in b.pkts[], copies
- * of their descriptors when they are not the whole slab (the bytes stay in
- * place; b.index says where each packet stands in the slab), released as
- * any batch; the slab goes back to the broker once the share is released.
+ * pktipc_select (pktipc_shm.h) says: b.count packets in b.pkts[] (b.index
+ * says where each stands in the slab), released as any batch; the slab
+ * goes back to the broker once the share is released.
  * A share that a member leaving passes on comes as a batch of its own,
  * with a seq this member may have had, and released, already.
  *
@@ -62,6 +61,13 @@
  * takes its place, for reconnect_ms, and carries on with it: sequence
  * numbers start again and pktipc_stats' epoch changes. Packets of the old
  * broker stay readable (its segment stays mapped) until they are released.
+ *
+ * Descriptors are copies. b.pkts[] is the library's copy of the batch's
+ * descriptors, checked (every frame within its slab) after it was copied,
+ * never the segment's own, which the broker may write at any time; the
+ * bytes stay in place. The segment's header is read once, checked, when
+ * the client attaches. A broker that breaks these rules gets
+ * -PKTIPC_EPROTO or -PKTIPC_ELAYOUT, never a read out of bounds.
  *
  * Errors are negative -PKTIPC_E* values; no return value means two things.
  * After -PKTIPC_EPROTO, -PKTIPC_EGONE and -PKTIPC_EEVICTED the client is
@@ -130,7 +136,7 @@ struct pktipc_opts {
 struct pktipc_batch {       /* filled by pktipc_next_batch */
     uint64_t seq;           /* sequence number of the slab's first packet */
     uint32_t count;         /* descriptors in pkts[] (only this member's packets when balanced) */
-    const struct pktipc_pkt *pkts;
+    const struct pktipc_pkt *pkts;  /* copies of the descriptors, checked */
     const uint32_t *index;  /* NULL: pkts[i] is packet i of the slab; else (a share) pkts[i]
                                is packet index[i], ascending: see pktipc_batch_seq */
     const uint8_t *base;    /* the batch's slab: a packet's bytes are at base + data_off */

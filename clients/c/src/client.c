@@ -10,18 +10,19 @@
  * slot whose last packet is released goes onto the `done` stack; the
  * consuming thread takes the stack whole and sends one RELEASE for it all.
  *
- * Shares. When a BATCH gives this member part of a slab, the user gets
- * copies of its descriptors, contiguous, in the record's `share` area (a
- * slab's slot there holds up to pkts_cap of them, and their indexes in the
- * slab). A slot's `done` bits then count positions in the copy, not in the
- * slab, and a packet is known by the copy's address.
+ * Copies. The user never gets a descriptor in the segment, which the
+ * broker may write at any time: a batch handed out is a copy of its
+ * descriptors (the whole slab's, or this member's share of it, with their
+ * indexes in the slab), contiguous, in the record's `share` area (a slab's
+ * slot there holds up to pkts_cap of them), checked once copied. A slot's
+ * `done` bits count positions in the copy, and a packet is known by the
+ * copy's address.
  *
  * Mappings. Each broker's segment is a `struct map` record on a list that
  * only grows (records are reused, never freed before pktipc_close), so a
- * releasing thread may walk it without locks. A record's address range
- * (lo, hi) tells which record a packet belongs to; it is read as a seqlock
- * (hi, lo, hi again), so that a record being reused is never matched half
- * old and half new.
+ * releasing thread may walk it without locks. A record's share area stays
+ * with it, so its address range always means this record; `hi` is 0 while
+ * the record is unused.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -64,7 +65,6 @@ struct map;
 struct slot {
     _Atomic uint32_t words_left;  /* (any) words of `done` not full yet; 0 unless held */
     uint32_t count;             /* packets given out */
-    int copied;                 /* they are copies in the record's share area (a share) */
     _Atomic uint64_t ticket;    /* which hand-out this is; 0: never held */
     uint64_t seq;
     int state;                  /* enum slot_state */
@@ -74,11 +74,12 @@ struct slot {
 };
 
 struct map {
-    _Atomic uintptr_t lo, hi;   /* the slabs' addresses; hi 0 while unused */
+    _Atomic uintptr_t hi;       /* the slabs' end; 0 while the record is unused */
     uint8_t *base;              /* the mapping; NULL while unused */
     size_t size;
     uint64_t epoch;
-    uint32_t slab_count, slab_size, slab_shift;   /* shift: 0 unless a power of two */
+    struct pktipc_header hdr;   /* the segment's header, checked, read once */
+    uint32_t slab_count, slab_size;
     const uint8_t *slabs;
     uint32_t slots_cap, words_cap;                /* what the arrays hold, never less */
     uint32_t pkts_cap;          /* descriptors a slot's share can hold: words_cap bits */
@@ -98,7 +99,7 @@ struct pending {
     uint64_t seq;
     uint32_t slab, n;
     uint32_t count;             /* this member's packets */
-    int copied;                 /* a share of the slab: indexes in the record's share area */
+    int share;                  /* a share of the slab: indexes in the record's share area */
 };
 
 enum phase {
@@ -179,34 +180,10 @@ static int fail(pktipc_client *c, int code, const char *fmt, ...)
 
 /* --- mappings -------------------------------------------------------------------- */
 
-static int in_range(struct map *m, uintptr_t p)
+/* The slot of a descriptor given to the user (a copy in the share area),
+ * and its position there; NULL if it is none. */
+static struct slot *find_slot(struct map *m, uintptr_t p, uint32_t *i)
 {
-    uintptr_t hi = atomic_load_explicit(&m->hi, memory_order_acquire);
-    if (!hi)
-        return 0;
-    uintptr_t lo = atomic_load_explicit(&m->lo, memory_order_acquire);
-    return lo <= p && p < hi && atomic_load_explicit(&m->hi, memory_order_acquire) == hi;
-}
-
-static uint32_t slab_of(const struct map *m, uintptr_t off)
-{
-    return (uint32_t)(m->slab_shift ? off >> m->slab_shift : off / m->slab_size);
-}
-
-/* The slot of a descriptor given to the user, in a slab (*copied 0) or in
- * the share area (*copied 1), and its position there; NULL if it is none. */
-static struct slot *find_slot(struct map *m, uintptr_t p, uint32_t *i, int *copied)
-{
-    if (in_range(m, p)) {
-        uintptr_t off = p - atomic_load_explicit(&m->lo, memory_order_relaxed);
-        uint32_t slab = slab_of(m, off);
-        uintptr_t within = off - (uintptr_t)slab * m->slab_size;
-        if (slab >= m->slots_cap || within % sizeof(struct pktipc_pkt))
-            return NULL;
-        *i = (uint32_t)(within / sizeof(struct pktipc_pkt));
-        *copied = 0;
-        return &m->slots[slab];
-    }
     uintptr_t share = (uintptr_t)atomic_load_explicit(&m->share, memory_order_acquire);
     uintptr_t size = (uintptr_t)m->slots_cap * m->pkts_cap * sizeof(struct pktipc_pkt);
     if (!share || p < share || p - share >= size || (p - share) % sizeof(struct pktipc_pkt) ||
@@ -214,19 +191,17 @@ static struct slot *find_slot(struct map *m, uintptr_t p, uint32_t *i, int *copi
         return NULL;
     uintptr_t k = (p - share) / sizeof(struct pktipc_pkt);
     *i = (uint32_t)(k % m->pkts_cap);
-    *copied = 1;
     return &m->slots[k / m->pkts_cap];
 }
 
-static struct slot *slot_of(const pktipc_client *c, const struct pktipc_pkt *p, uint32_t *i,
-                            int *copied)
+static struct slot *slot_of(const pktipc_client *c, const struct pktipc_pkt *p, uint32_t *i)
 {
     struct map *cur = atomic_load_explicit(&((pktipc_client *)c)->cur, memory_order_acquire);
-    struct slot *s = cur ? find_slot(cur, (uintptr_t)p, i, copied) : NULL;
+    struct slot *s = cur ? find_slot(cur, (uintptr_t)p, i) : NULL;
     struct map *m = atomic_load_explicit(&((pktipc_client *)c)->maps, memory_order_acquire);
     for (; !s && m; m = m->next)
         if (m != cur)
-            s = find_slot(m, (uintptr_t)p, i, copied);
+            s = find_slot(m, (uintptr_t)p, i);
     return s;
 }
 
@@ -342,16 +317,14 @@ static int map_segment(pktipc_client *c, const char *shm, uint64_t epoch)
     if (base == MAP_FAILED)
         return fail(c, PKTIPC_ELAYOUT, "segment %s cannot be mapped: %s", shm, strerror(e));
     size_t size = (size_t)st.st_size;
-    const struct pktipc_header *h = pktipc_shm_header(base);
+    struct pktipc_header hdr;
     int r = 0;
-    if (pktipc_shm_check(base, size) != 0 || h->slab_size == 0 || h->slab_count == 0 ||
-        h->slab_size % PKTIPC_SLAB_ALIGN || h->slabs_off % PKTIPC_SLAB_ALIGN ||
-        h->batch_table_off % 8 || h->iface_table_off % 8)
+    if (pktipc_shm_attach(base, size, &hdr) != 0)
         r = fail(c, PKTIPC_ELAYOUT, "segment %s is not a layout %d segment", shm,
                  PKTIPC_LAYOUT_VERSION);
-    else if (h->epoch != epoch)
+    else if (hdr.epoch != epoch)
         r = fail(c, PKTIPC_ELAYOUT, "segment %s: its epoch differs from the broker's", shm);
-    struct map *m = r ? NULL : map_record(c, h->slab_count, h->slab_size);
+    struct map *m = r ? NULL : map_record(c, hdr.slab_count, hdr.slab_size);
     if (!r && !m)
         r = fail(c, PKTIPC_ENOMEM, "out of memory");
     if (r) {
@@ -361,14 +334,13 @@ static int map_segment(pktipc_client *c, const char *shm, uint64_t epoch)
     m->base = base;
     m->size = size;
     m->epoch = epoch;
-    m->slab_count = h->slab_count;
-    m->slab_size = h->slab_size;
-    m->slab_shift = (h->slab_size & (h->slab_size - 1)) ? 0 : (uint32_t)__builtin_ctz(h->slab_size);
-    m->slabs = pktipc_shm_slab(base, 0);
+    m->hdr = hdr;
+    m->slab_count = hdr.slab_count;
+    m->slab_size = hdr.slab_size;
+    m->slabs = pktipc_shm_slab(base, &m->hdr, 0);
     m->out = 0;
     m->orphan = 0;
-    atomic_store_explicit(&m->lo, (uintptr_t)m->slabs, memory_order_release);
-    atomic_store_explicit(&m->hi, (uintptr_t)m->slabs + (uintptr_t)h->slab_size * h->slab_count,
+    atomic_store_explicit(&m->hi, (uintptr_t)m->slabs + (uintptr_t)hdr.slab_size * hdr.slab_count,
                           memory_order_release);
     struct map *old = atomic_load_explicit(&c->cur, memory_order_relaxed);
     atomic_store_explicit(&c->cur, m, memory_order_release);
@@ -402,15 +374,13 @@ API int pktipc_release(pktipc_client *c, const struct pktipc_pkt *p)
     if (!c || !p)
         return -PKTIPC_EINVAL;
     uint32_t i;
-    int copied;
-    struct slot *s = slot_of(c, p, &i, &copied);
+    struct slot *s = slot_of(c, p, &i);
     if (!s)
         return -PKTIPC_EFOREIGN;
     if (atomic_load_explicit(&s->words_left, memory_order_acquire) == 0)
         return atomic_load_explicit(&s->ticket, memory_order_relaxed) ? -PKTIPC_EALREADY
                                                                       : -PKTIPC_EFOREIGN;
-    /* A share's packets are known by their copies only. */
-    if (i >= s->count || copied != s->copied)
+    if (i >= s->count)
         return -PKTIPC_EFOREIGN;
     /* One atomic operation per packet: the one that fills a word of the
      * bitmap counts the word, the one that counts the last word frees the slab. */
@@ -465,8 +435,7 @@ API const uint8_t *pktipc_pkt_data(const pktipc_client *c, const struct pktipc_p
     if (!c || !p)
         return NULL;
     uint32_t i;
-    int copied;
-    struct slot *s = slot_of(c, p, &i, &copied);
+    struct slot *s = slot_of(c, p, &i);
     if (!s)
         return NULL;
     struct map *m = s->map;
@@ -722,7 +691,7 @@ static int on_batch(pktipc_client *c, int64_t now)
                  (unsigned long long)slab, map->slab_count);
         return violation(c, now, why);
     }
-    const struct pktipc_batch_rec *rec = pktipc_shm_batch(map->base, (uint32_t)slab);
+    const struct pktipc_batch_rec *rec = pktipc_shm_batch(map->base, &map->hdr, (uint32_t)slab);
     /* Pairs with the broker's release store of seq, which it makes after
      * writing the slab and the rest of the record. */
     uint64_t rseq = __atomic_load_n(&rec->seq, __ATOMIC_ACQUIRE);
@@ -743,15 +712,15 @@ static int on_batch(pktipc_client *c, int64_t now)
     uint32_t members[PROTO_MAX_MEMBERS], nmembers = proto_slots(m, F_BATCH_MEMBERS, members);
     uint32_t masklen;
     const uint8_t *mask = proto_bin(m, F_BATCH_MASK, &masklen);
+    if (map_share_area(map))
+        return die(c, PKTIPC_ENOMEM, "out of memory");
     if (nmembers || mask) {
         /* The share is chosen now, while the slot is the consuming thread's
          * alone; the BATCH's fields go with the message. */
-        if (map_share_area(map))
-            return die(c, PKTIPC_ENOMEM, "out of memory");
         const struct pktipc_pkt *d = pktipc_slab_pkts(map->slabs + slab * map->slab_size);
         pb.count = pktipc_select(d, pb.n, mask, members, nmembers, c->conn.slot,
                                  map->index + slab * map->pkts_cap);
-        pb.copied = pb.count < pb.n;
+        pb.share = pb.count < pb.n;
         if (!pb.count) {
             snprintf(why, sizeof(why), "batch %llu holds no packet of this client",
                      (unsigned long long)seq);
@@ -1048,26 +1017,27 @@ static int hand_out(pktipc_client *c, struct pktipc_batch *b)
     const uint8_t *slab = m->slabs + (size_t)pb.slab * m->slab_size;
     const struct pktipc_pkt *d = pktipc_slab_pkts(slab);
     const uint32_t *index = NULL;
-    if (pb.copied) {
-        size_t at = (size_t)pb.slab * m->pkts_cap;
-        struct pktipc_pkt *copy = atomic_load_explicit(&m->share, memory_order_relaxed) + at;
+    size_t at = (size_t)pb.slab * m->pkts_cap;
+    struct pktipc_pkt *copy = atomic_load_explicit(&m->share, memory_order_relaxed) + at;
+    if (pb.share) {
         index = m->index + at;
         for (uint32_t i = 0; i < pb.count; i++)
             copy[i] = d[index[i]];
-        d = copy;
+    } else {
+        memcpy(copy, d, (size_t)pb.count * sizeof(*d));
     }
-    /* Checked after the copy: what the user reads is what was checked. */
+    /* Checked once copied: what the user reads is what was checked. */
+    uint32_t good = pktipc_pkts_check(copy, pb.count, m->slab_size);
+    if (good < pb.count) {
+        s->state = SLOT_FREE;
+        c->held--;
+        return die(c, PKTIPC_EPROTO, "broker '%s' broke the protocol: packet %u of batch %llu "
+                   "lies outside its slab", c->server, index ? index[good] : good,
+                   (unsigned long long)pb.seq);
+    }
     uint64_t bytes = 0;
-    for (uint32_t i = 0; i < pb.count; i++) {
-        if ((uint64_t)d[i].data_off + d[i].caplen > m->slab_size) {
-            s->state = SLOT_FREE;
-            c->held--;
-            return die(c, PKTIPC_EPROTO, "broker '%s' broke the protocol: packet %u of batch "
-                       "%llu lies outside its slab", c->server, index ? index[i] : i,
-                       (unsigned long long)pb.seq);
-        }
-        bytes += d[i].caplen;
-    }
+    for (uint32_t i = 0; i < pb.count; i++)
+        bytes += copy[i].caplen;
     /* Bits past the last packet are set: every word is full once released. */
     uint32_t words = (pb.count + WORD_BITS - 1) / WORD_BITS;
     for (uint32_t w = 0; w < words; w++)
@@ -1076,7 +1046,6 @@ static int hand_out(pktipc_client *c, struct pktipc_batch *b)
         atomic_store_explicit(&s->done[words - 1], ~UINT64_C(0) << (pb.count % WORD_BITS),
                               memory_order_relaxed);
     s->count = pb.count;
-    s->copied = pb.copied;
     s->seq = pb.seq;
     s->state = SLOT_HELD;
     atomic_store_explicit(&s->ticket, ++c->tickets, memory_order_relaxed);
@@ -1085,7 +1054,7 @@ static int hand_out(pktipc_client *c, struct pktipc_batch *b)
     m->out++;
     b->seq = pb.seq;
     b->count = pb.count;
-    b->pkts = d;
+    b->pkts = copy;
     b->index = index;
     b->base = slab;
     b->ticket_ = c->tickets;
@@ -1184,8 +1153,8 @@ API int pktipc_stats(pktipc_client *c, struct pktipc_stats *st)
         st->broker_drops = load64(&h->counters.broker_drops);
         st->client_drops = load64(&h->counters.client_drops);
         st->protocol_errors = load64(&h->counters.protocol_errors);
-        for (uint32_t i = 0; i < h->iface_count; i++) {
-            const struct pktipc_iface *f = pktipc_shm_iface(m->base, i);
+        for (uint32_t i = 0; i < m->hdr.iface_count; i++) {
+            const struct pktipc_iface *f = pktipc_shm_iface(m->base, &m->hdr, i);
             st->kernel_packets += load64(&f->kernel_packets);
             st->kernel_drops += load64(&f->kernel_drops);
             st->kernel_freezes += load64(&f->kernel_freezes);
@@ -1198,7 +1167,7 @@ API unsigned pktipc_iface_count(const pktipc_client *c)
 {
     struct map *m = c ? atomic_load_explicit(&((pktipc_client *)c)->cur, memory_order_relaxed)
                       : NULL;
-    return m ? pktipc_shm_header(m->base)->iface_count : 0;
+    return m ? m->hdr.iface_count : 0;
 }
 
 API const struct pktipc_iface *pktipc_iface(const pktipc_client *c, unsigned i)
@@ -1206,7 +1175,7 @@ API const struct pktipc_iface *pktipc_iface(const pktipc_client *c, unsigned i)
     if (i >= pktipc_iface_count(c))
         return NULL;
     struct map *m = atomic_load_explicit(&((pktipc_client *)c)->cur, memory_order_relaxed);
-    return pktipc_shm_iface(m->base, i);
+    return pktipc_shm_iface(m->base, &m->hdr, i);
 }
 
 API const char *pktipc_group(const pktipc_client *c)

@@ -4,6 +4,7 @@
  */
 #define _GNU_SOURCE
 #include "client.h"
+#include "pktipc_linktype.h"
 
 /* --- consuming ----------------------------------------------------------------- */
 
@@ -87,7 +88,7 @@ PKTIPC_API int pktipc_stats(pktipc_client *c, struct pktipc_stats *out, size_t s
     st->release_msgs = c->release_msgs;
     st->drops = c->drops;
     st->gaps = c->gaps;
-    st->reconnects = c->reconnects;
+    st->reconnects = c->conn.reconnects;
     for (struct map *m = atomic_load(&c->maps); m; m = m->next)
         st->held += m->base ? m->out : 0;
     struct map *m = atomic_load_explicit(&c->cur, memory_order_relaxed);
@@ -187,7 +188,6 @@ PKTIPC_API int pktipc_open(const struct pktipc_opts *opts, pktipc_client **out)
     if (!c)
         return -PKTIPC_ENOMEM;
     c->epfd = c->evfd = c->tfd = -1;
-    c->phase = PH_OPENING;
     atomic_flag_clear(&c->busy);
     msgpack_sbuffer_init(&c->out);
     proto_msg_init(&c->msg);
@@ -244,16 +244,7 @@ PKTIPC_API const char *pktipc_strerror(int err)
     return e < sizeof(text) / sizeof(text[0]) ? text[e] : "unknown error";
 }
 
-/* The inverse of linktype_of() in pktipc/_broker/engine/ingest.c (libpcap's pcap-common.c):
- * LINKTYPE_* and DLT_* differ only for these historical values. */
 PKTIPC_API int pktipc_linktype_to_dlt(int linktype)
 {
-    switch (linktype) {
-    case 100: return DLT_ATM_RFC1483;
-    case 101: return DLT_RAW;
-    case 102: return DLT_SLIP_BSDOS;
-    case 103: return DLT_PPP_BSDOS;
-    case 106: return DLT_ATM_CLIP;
-    default: return linktype;
-    }
+    return pktipc_dlt_of_linktype(linktype);
 }

@@ -53,11 +53,6 @@
 #include "proto.h"
 
 #define NS_PER_MS       INT64_C(1000000)
-#define DEFAULT_TIMEOUT (5000 * NS_PER_MS)
-#define DEFAULT_RECONNECT (30000 * NS_PER_MS)
-#define ATTEMPT_MAX     (1000 * NS_PER_MS)   /* one reattachment attempt, at most */
-#define BACKOFF_MIN     (50 * NS_PER_MS)
-#define BACKOFF_MAX     (1000 * NS_PER_MS)
 #define LINGER_MS       1000                 /* for BYE to get out at close */
 #define WORD_BITS       64
 
@@ -105,14 +100,6 @@ struct pending {
     int share;                  /* a share of the slab: indexes in the record's share area */
 };
 
-enum phase {
-    PH_OPENING,     /* pktipc_open, waiting for WELCOME */
-    PH_ATTACHED,
-    PH_LOST,        /* the broker is lost; a new attempt at retry_at */
-    PH_HELLO,       /* reattaching: HELLO sent, waiting for WELCOME until attempt_end */
-    PH_DEAD,        /* sticky error */
-};
-
 struct pktipc_client {
     char name[PROTO_NAME_MAX + 1];
     char group[PROTO_NAME_MAX + 1];
@@ -120,7 +107,6 @@ struct pktipc_client {
     const char *balance_asked;  /* NULL: the group's */
     int balance;                /* PKTIPC_BALANCE_*, from WELCOME */
     unsigned credit_asked;
-    int64_t reconnect;
     char *server;               /* as the user named it, for messages */
     char *endpoint;
     char *ipc_path;             /* NULL for tcp:// */
@@ -131,12 +117,11 @@ struct pktipc_client {
     int64_t timer_armed;
     msgpack_sbuffer out;
     struct proto_msg msg;
-    struct proto_conn conn;
+    struct proto_conn conn;     /* the protocol, and reattaching to a broker after a lost one */
+    const char *lost_why;       /* how the last broker was lost */
 
-    int phase;
     int sticky;                 /* -error every call returns from now on, 0 if none */
     int ended;                  /* END-OF-STREAM received */
-    int64_t lost_at, retry_at, attempt_end, backoff;
     uint32_t credit;            /* the broker's, from WELCOME */
 
     _Atomic(struct map *) cur;
@@ -153,7 +138,7 @@ struct pktipc_client {
     uint32_t disp_next;
     int disp_active;
 
-    uint64_t packets, bytes, batches, released, release_msgs, drops, gaps, reconnects;
+    uint64_t packets, bytes, batches, released, release_msgs, drops, gaps;
     atomic_flag busy;
     char err[PKTIPC_ERRBUF_SIZE];
     char eos_err[PKTIPC_ERRBUF_SIZE];   /* why the stream ended early, "" if it did not */

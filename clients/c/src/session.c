@@ -161,6 +161,14 @@ static void orphan(pktipc_client *c)
     c->relq_len = 0;
 }
 
+/* From now on, every call returns r (a -PKTIPC_E* whose message is in c->err). */
+static int stick(pktipc_client *c, int r)
+{
+    orphan(c);
+    c->sticky = r;
+    return r;
+}
+
 __attribute__((format(printf, 3, 4)))
 int die(pktipc_client *c, int code, const char *fmt, ...)
 {
@@ -168,40 +176,41 @@ int die(pktipc_client *c, int code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(c->err, sizeof(c->err), fmt, ap);
     va_end(ap);
-    orphan(c);
-    c->phase = PH_DEAD;
-    c->sticky = -code;
-    return -code;
+    return stick(c, -code);
 }
 
-static void retry_later(pktipc_client *c, int64_t now)
+/* The first attachment, waiting for its WELCOME (pktipc_open). */
+static int opening(const pktipc_client *c)
 {
-    c->phase = PH_LOST;
-    c->retry_at = min64(now + c->backoff, c->lost_at + c->reconnect);
-    c->backoff = min64(2 * c->backoff, BACKOFF_MAX);
+    return c->conn.state == ST_HELLO_SENT && !c->conn.lost;
 }
 
-/* The broker is gone (silent, or a new one that does not know us). */
-static int lost(pktipc_client *c, int64_t now, const char *why)
+/* The machine has the broker lost (proto_lost, or its own finding): what
+ * it handed out tells nobody any more, its connection is closed. */
+static int gone(pktipc_client *c, const char *why)
 {
-    if (!c->reconnect)
-        return die(c, PKTIPC_EGONE, "broker '%s' %s", c->server, why);
     orphan(c);
     sock_close(c, 0);
-    c->lost_at = now;
-    c->backoff = BACKOFF_MIN;
-    c->phase = PH_LOST;
-    c->retry_at = now;
+    if (!proto_retrying(&c->conn))
+        return die(c, PKTIPC_EGONE, "broker '%s' %s", c->server, why);
+    c->lost_why = why;
     return 0;
+}
+
+/* An attempt to attach to a broker in a lost one's place came to nothing:
+ * BYE if it was welcomed, its connection closed, the next one later. */
+static void attempt_failed(pktipc_client *c, int64_t now)
+{
+    int bye = proto_failed(&c->conn, &c->out, now) && c->sock && send_out(c) == 0;
+    sock_close(c, bye ? 100 : 0);
 }
 
 /* A broker broke the protocol: fatal, except while looking for a new broker,
  * where the next attempt may find a proper one. */
 static int violation(pktipc_client *c, int64_t now, const char *why)
 {
-    if (c->phase == PH_HELLO) {
-        sock_close(c, 0);
-        retry_later(c, now);
+    if (proto_retrying(&c->conn)) {
+        attempt_failed(c, now);
         return 0;
     }
     return die(c, PKTIPC_EPROTO, "broker '%s' broke the protocol: %s", c->server, why);
@@ -209,7 +218,6 @@ static int violation(pktipc_client *c, int64_t now, const char *why)
 
 static int send_hello(pktipc_client *c, int64_t now)
 {
-    proto_conn_init(&c->conn);
     if (proto_hello(&c->conn, &c->out, now, c->name, c->group[0] ? c->group : NULL, c->policy,
                     c->credit_asked, (uint32_t)getpid(), c->balance_asked))
         return fail(c, PKTIPC_ENOMEM, "out of memory");
@@ -223,6 +231,22 @@ static int str_eq(const char *s, uint32_t len, const char *want)
     return len == strlen(want) && memcmp(s, want, len) == 0;
 }
 
+/* Room for `credit` batches pending or out at once. */
+static int make_room(pktipc_client *c, uint32_t credit)
+{
+    if (credit <= c->pend_cap)
+        return 0;
+    struct pending *p = realloc(c->pend, credit * sizeof(*p));
+    if (p)
+        c->pend = p;
+    uint64_t *q = p ? realloc(c->relq, credit * sizeof(*q)) : NULL;
+    if (!q)
+        return fail(c, PKTIPC_ENOMEM, "out of memory");
+    c->relq = q;
+    c->pend_cap = credit;
+    return 0;
+}
+
 static int on_welcome(pktipc_client *c, int64_t now)
 {
     const struct proto_msg *m = &c->msg;
@@ -230,6 +254,8 @@ static int on_welcome(pktipc_client *c, int64_t now)
     const char *shm = proto_str(m, F_WELCOME_SHM, &len);
     const char *group = proto_str(m, F_WELCOME_GROUP, &glen);
     const char *balance = proto_str(m, F_WELCOME_BALANCE, &blen);
+    uint32_t credit = (uint32_t)proto_u64(m, F_WELCOME_CREDIT);
+    int retry = c->conn.lost;
     char name[1024];
     int r;
     /* The broker puts a client in the group it asks for (its own by
@@ -245,45 +271,22 @@ static int on_welcome(pktipc_client *c, int64_t now)
                  PKTIPC_LAYOUT_VERSION);
     else if (!len || len >= sizeof(name) || memchr(shm, 0, len))
         r = fail(c, PKTIPC_EPROTO, "broker '%s' named an impossible segment", c->server);
-    else {
+    else if (!(r = make_room(c, credit))) {
         memcpy(name, shm, len);
         name[len] = 0;
         r = map_segment(c, name, proto_u64(m, F_WELCOME_EPOCH));
-        if (r == 0 && (proto_mapped(&c->conn, &c->out, now) || send_out(c)))
-            r = fail(c, PKTIPC_ESYS, "cannot tell broker '%s' the segment is mapped: %s",
-                     c->server, zmq_strerror(errno));
-    }
-    if (r == 0) {
-        uint32_t credit = (uint32_t)proto_u64(m, F_WELCOME_CREDIT);
-        if (credit > c->pend_cap) {
-            struct pending *p = realloc(c->pend, credit * sizeof(*p));
-            uint64_t *q = p ? realloc(c->relq, credit * sizeof(*q)) : NULL;
-            if (p)
-                c->pend = p;
-            if (q) {
-                c->relq = q;
-                c->pend_cap = credit;
-            } else {
-                r = fail(c, PKTIPC_ENOMEM, "out of memory");
-            }
-        }
-        c->credit = credit;
-        c->pend_head = 0;
     }
     if (r < 0) {
-        if (proto_bye(&c->conn, &c->out, now) == 0)
-            send_out(c);
-        if (c->phase == PH_OPENING)
-            return r;
-        sock_close(c, 100);
-        retry_later(c, now);
-        return 0;
+        attempt_failed(c, now);     /* BYE; on a first attachment, pktipc_open fails */
+        return retry ? 0 : r;
     }
-    if (c->phase == PH_HELLO)
-        c->reconnects++;
-    c->phase = PH_ATTACHED;
+    c->credit = credit;
+    c->pend_head = 0;
     c->balance = str_eq(balance, blen, PROTO_BALANCE_FLOW) ? PKTIPC_BALANCE_FLOW
                                                            : PKTIPC_BALANCE_ROUND_ROBIN;
+    if (proto_mapped(&c->conn, &c->out, now) || send_out(c))
+        return die(c, PKTIPC_ESYS, "cannot tell broker '%s' the segment is mapped: %s",
+                   c->server, zmq_strerror(errno));
     return 0;
 }
 
@@ -379,43 +382,41 @@ static int on_batch(pktipc_client *c, int64_t now)
     return 0;
 }
 
-static int on_error(pktipc_client *c, int64_t now)
+static int on_error(pktipc_client *c)
 {
     uint32_t clen, tlen;
     const char *code = proto_str(&c->msg, F_ERROR_CODE, &clen);
     const char *text = proto_str(&c->msg, F_ERROR_TEXT, &tlen);
-    if (c->phase == PH_OPENING || c->phase == PH_HELLO) {
-        int taken = str_eq(code, clen, "name-taken");
-        int e = taken ? PKTIPC_ENAMETAKEN
-                : str_eq(code, clen, "balance-mismatch") ? PKTIPC_EBALANCE
-                : str_eq(code, clen, "group-mismatch") ? PKTIPC_EGROUP
-                : PKTIPC_EREFUSED;
-        fail(c, e, "broker '%s' refused '%s': %.*s", c->server, c->name, (int)tlen, text);
-        if (c->phase == PH_OPENING)
-            return -e;
-        sock_close(c, 0);
-        retry_later(c, now);
-        /* Its old self may linger under our name a while: only say so when
-         * the refusal is another. */
-        return taken ? 0 : -e;
-    }
-    if (str_eq(code, clen, "not-attached"))
-        return lost(c, now, "restarted");
-    return fail(c, PKTIPC_EREFUSED, "broker '%s' refused a request: %.*s", c->server, (int)tlen,
-                text);
+    if (c->conn.state != ST_CLOSED)
+        return fail(c, PKTIPC_EREFUSED, "broker '%s' refused a request: %.*s", c->server,
+                    (int)tlen, text);
+    /* It refused our HELLO: pktipc_open fails, a reattached client ends. */
+    int e = str_eq(code, clen, "name-taken") ? PKTIPC_ENAMETAKEN
+            : str_eq(code, clen, "balance-mismatch") ? PKTIPC_EBALANCE
+            : str_eq(code, clen, "group-mismatch") ? PKTIPC_EGROUP
+            : PKTIPC_EREFUSED;
+    fail(c, e, "broker '%s' refused '%s': %.*s", c->server, c->name, (int)tlen, text);
+    return c->conn.lost ? stick(c, -e) : -e;
 }
 
 static int on_frame(pktipc_client *c, const void *data, size_t len, int more, int64_t now)
 {
     char why[PKTIPC_ERRBUF_SIZE];
+    int rx = -1;
     if (more)
         return violation(c, now, "a message of several frames");
     if (proto_decode(&c->msg, data, len, why, sizeof(why)) ||
-        proto_receive(&c->conn, &c->msg, now, why, sizeof(why))) {
-        if (c->phase == PH_OPENING)
+        (rx = proto_receive(&c->conn, &c->msg, now, why, sizeof(why))) < 0) {
+        if (opening(c))
             return fail(c, PKTIPC_EPROTO, "%s is not a pktipc broker: %s", c->endpoint, why);
         return violation(c, now, why);
     }
+    if (rx == PROTO_RX_ATTEMPT_FAILED) {
+        sock_close(c, 0);
+        return 0;
+    }
+    if (rx == PROTO_RX_LOST)
+        return gone(c, "restarted and no longer knows this client");
     uint32_t n;
     const char *text;
     switch (c->msg.type) {
@@ -438,7 +439,7 @@ static int on_frame(pktipc_client *c, const void *data, size_t len, int more, in
             snprintf(c->eos_err, sizeof(c->eos_err), "stream ended early: %.*s", (int)n, text);
         return 0;
     case PMSG_ERROR:
-        return on_error(c, now);
+        return on_error(c);
     case PMSG_EVICT:
         text = proto_str(&c->msg, F_EVICT_TEXT, &n);
         return die(c, PKTIPC_EEVICTED, "broker '%s' evicted '%s': %.*s", c->server, c->name,
@@ -503,8 +504,10 @@ static int send_releases(pktipc_client *c, int64_t now)
         unsigned n = c->relq_len - i < PROTO_MAX_RELEASE ? c->relq_len - i : PROTO_MAX_RELEASE;
         if (proto_release(&c->conn, &c->out, now, c->relq + i, n))
             break;      /* not attached (any more): nobody to tell */
-        if (send_out(c))
-            return lost(c, now, "does not take messages");
+        if (send_out(c)) {
+            proto_lost(&c->conn, now);
+            return gone(c, "does not take messages");
+        }
         c->release_msgs++;
     }
     c->relq_len = 0;
@@ -513,58 +516,46 @@ static int send_releases(pktipc_client *c, int64_t now)
 
 static int check_socket(pktipc_client *c);
 
-static int reattach(pktipc_client *c, int64_t now)
+/* An attempt to attach to a broker in a lost one's place. */
+static int attempt(pktipc_client *c, int64_t now)
 {
-    if (c->phase == PH_HELLO && now >= c->attempt_end) {
-        sock_close(c, 0);
-        retry_later(c, now);
-    }
-    if (c->phase != PH_LOST || now < c->retry_at)
-        return 0;
-    if (now >= c->lost_at + c->reconnect)
-        return die(c, PKTIPC_EGONE, "broker '%s' stopped answering and none took its place "
-                   "within %lld ms", c->server, (long long)(c->reconnect / NS_PER_MS));
     int r = check_socket(c);
-    if (r == -PKTIPC_EUNTRUSTED) {
-        char why[sizeof(c->err)];
-        memcpy(why, c->err, sizeof(why));
-        return die(c, PKTIPC_EUNTRUSTED, "%s", why);
-    }
-    if (r || sock_open(c) || send_hello(c, now)) {
-        sock_close(c, 0);
-        retry_later(c, now);
-        return 0;
-    }
-    c->phase = PH_HELLO;
-    c->attempt_end = now + min64(ATTEMPT_MAX, c->lost_at + c->reconnect - now);
+    if (r == -PKTIPC_EUNTRUSTED)
+        return stick(c, r);
+    if (r || sock_open(c) || send_hello(c, now))
+        attempt_failed(c, now);
     return 0;
 }
 
 static int timers(pktipc_client *c, int64_t now)
 {
-    if (c->phase == PH_ATTACHED) {
-        switch (proto_handle_timer(&c->conn, &c->out, now)) {
-        case PROTO_TIMER_SENT:
-            if (send_out(c))
-                return lost(c, now, "does not take messages");
-            break;
-        case PROTO_TIMER_LOST:
-            return lost(c, now, "stopped answering");
+    if (c->sticky)
+        return 0;
+    switch (proto_handle_timer(&c->conn, &c->out, now)) {
+    case PROTO_TIMER_SENT:
+        if (send_out(c)) {
+            proto_lost(&c->conn, now);
+            return gone(c, "does not take messages");
         }
+        return 0;
+    case PROTO_TIMER_LOST:
+        return gone(c, "stopped answering");
+    case PROTO_TIMER_RETRY:
+        return attempt(c, now);
+    case PROTO_TIMER_ATTEMPT_FAILED:
+        sock_close(c, 0);
+        return 0;
+    case PROTO_TIMER_GAVE_UP:
+        return die(c, PKTIPC_EGONE, "broker '%s' %s, and none took its place within %lld ms",
+                   c->server, c->lost_why, (long long)(c->conn.reconnect / NS_PER_MS));
+    default:
+        return 0;
     }
-    if (c->phase == PH_LOST || c->phase == PH_HELLO)
-        return reattach(c, now);
-    return 0;
 }
 
 static int64_t next_timer(const pktipc_client *c)
 {
-    switch (c->phase) {
-    case PH_ATTACHED: return proto_timer(&c->conn);
-    case PH_LOST: return c->retry_at;
-    case PH_HELLO: return c->attempt_end;
-    default: return INT64_MAX;
-    }
+    return c->sticky ? INT64_MAX : proto_timer(&c->conn);
 }
 
 /* Keeps the timerfd in pktipc_fd's set on the next thing due. */
@@ -627,7 +618,7 @@ int pump(pktipc_client *c, int64_t deadline, int want)
             return r;
         if (want == WANT_BATCH && c->pend_len)
             return 1;
-        if (want == WANT_WELCOME && c->phase == PH_ATTACHED)
+        if (want == WANT_WELCOME && (c->conn.state == ST_ATTACHED || c->conn.state == ST_ENDED))
             return 1;
         if (c->sticky)
             return c->sticky;
@@ -711,15 +702,16 @@ static char *endpoint_of(const char *server)
     char *out = NULL;
     if (strstr(server, "://"))
         return strdup(server);
-    const char *dir = getenv("PKTIPC_RUNTIME_DIR");
+    const char *dir = getenv(PROTO_RUNTIME_ENV);
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     int n;
     if (dir && *dir)
-        n = asprintf(&out, "ipc://%s/%s.ctl", dir, server);
+        n = asprintf(&out, "ipc://%s/%s" PROTO_CONTROL_SUFFIX, dir, server);
     else if (geteuid() == 0)
-        n = asprintf(&out, "ipc:///run/pktipc/%s.ctl", server);
+        n = asprintf(&out, "ipc://" PROTO_ROOT_RUNTIME_DIR "/%s" PROTO_CONTROL_SUFFIX, server);
     else if (xdg && *xdg)
-        n = asprintf(&out, "ipc://%s/pktipc/%s.ctl", xdg, server);
+        n = asprintf(&out, "ipc://%s/" PROTO_USER_RUNTIME_SUBDIR "/%s" PROTO_CONTROL_SUFFIX, xdg,
+                     server);
     else {
         errno = EINVAL;
         return NULL;
@@ -804,12 +796,13 @@ int setup(pktipc_client *c, const struct pktipc_opts *o)
                        : NULL;
     c->policy = o->policy == PKTIPC_POLICY_BLOCK ? PROTO_POLICY_BLOCK : PROTO_POLICY_DROP;
     c->credit_asked = o->credit;
-    c->reconnect = o->reconnect_ms < 0 ? DEFAULT_RECONNECT : o->reconnect_ms * NS_PER_MS;
+    proto_conn_init(&c->conn, (o->reconnect_ms < 0 ? PROTO_DEFAULT_RECONNECT_MS
+                                                   : o->reconnect_ms) * NS_PER_MS);
     c->server = strdup(o->server);
     c->endpoint = endpoint_of(o->server);
     if (!c->endpoint && errno == EINVAL)
         return fail(c, PKTIPC_EINVAL, "no runtime directory: XDG_RUNTIME_DIR is not set; set "
-                    "PKTIPC_RUNTIME_DIR to a directory of your own");
+                    PROTO_RUNTIME_ENV " to a directory of your own");
     if (!c->server || !c->endpoint)
         return fail(c, PKTIPC_ENOMEM, "out of memory");
     if (!strncmp(c->endpoint, "ipc://", 6) && !(c->ipc_path = strdup(c->endpoint + 6)))
@@ -832,11 +825,11 @@ int setup(pktipc_client *c, const struct pktipc_opts *o)
         return fail(c, PKTIPC_ESYS, "zmq_ctx_new: %s", zmq_strerror(errno));
     if ((r = sock_open(c)) || (r = send_hello(c, now_ns())))
         return r;
-    int timeout = o->timeout_ms;
-    r = pump(c, now_ns() + (timeout < 0 ? DEFAULT_TIMEOUT : timeout * NS_PER_MS), WANT_WELCOME);
+    int timeout = o->timeout_ms < 0 ? PROTO_DEFAULT_TIMEOUT_MS : o->timeout_ms;
+    r = pump(c, now_ns() + timeout * NS_PER_MS, WANT_WELCOME);
     if (r == 0)
         return fail(c, PKTIPC_ENOBROKER, "broker '%s' did not answer within %d ms", c->server,
-                    timeout < 0 ? (int)(DEFAULT_TIMEOUT / NS_PER_MS) : timeout);
+                    timeout);
     return r < 0 ? r : 0;
 }
 

@@ -15,6 +15,7 @@ from .. import _protocol as proto
 from .._broker import broker as _broker
 from .._broker import live as _live
 from .._broker import service as _service
+from .._broker import tx as _tx
 from .._client.client import broker_stats, brokers, connect
 from .._client.writer import CaptureWriter
 from .._errors import EndOfStream, PktipcError
@@ -84,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--fanout-mode", default="hash", choices=sorted(_live.FANOUT_MODES),
                    help="how the kernel spreads packets over the group (default: hash, "
                         "with IP defragmentation)")
+    s.add_argument("--tx", action="append", nargs="?", const=_tx.ALL, metavar="IFACE",
+                   help="let clients send frames out of IFACE (without IFACE: every captured "
+                        "interface) through a TX ring of the broker's; repeat for several")
+    s.add_argument("--allow-tx", action="append", default=[], metavar="USER",
+                   help="users whose clients may send, beyond the broker's own user and "
+                        "root; repeat, or separate with commas")
+    s.add_argument("--tx-frames", type=int, default=_tx.DEFAULT_FRAMES, metavar="N",
+                   help="frames in each interface's TX ring (default: %(default)s)")
+    s.add_argument("--tx-qdisc-bypass", action="store_true",
+                   help="send straight to the driver, past the queueing discipline (faster; "
+                        "the frames are then not seen by packet sockets on the interface, "
+                        "the broker's own capture included)")
     s.add_argument("--user", metavar="USER",
                    help="run as USER once the capture sockets are open")
     pace = s.add_mutually_exclusive_group()
@@ -223,7 +236,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, unix_group=a.allow_group,
         grace=a.grace, tunnel_hash=a.tunnel_hash, evict_backoff=a.evict_backoff,
         max_connections=a.max_connections, control_rate=a.control_rate,
-        allow_block=[w for arg in a.allow_block for w in arg.split(",") if w])
+        allow_block=[w for arg in a.allow_block for w in arg.split(",") if w],
+        tx=[w for arg in a.tx or [] for w in arg.split(",") if w],
+        allow_tx=[w for arg in a.allow_tx for w in arg.split(",") if w],
+        tx_frames=a.tx_frames, tx_qdisc_bypass=a.tx_qdisc_bypass)
     sys.stderr = _service.journal_stderr(sys.stderr)   # levels, under systemd
     return _broker.Broker(opts, log=sys.stderr).serve()
 

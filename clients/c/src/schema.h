@@ -7,6 +7,7 @@
 #define PROTO_MAX_RELEASE        4096
 #define PROTO_MAX_CREDIT         4096
 #define PROTO_MAX_MEMBERS        1024
+#define PROTO_MAX_TX             65536
 #define PROTO_MISSED_HEARTBEATS  5
 #define PROTO_BACKOFF_MIN_MS     50
 #define PROTO_BACKOFF_MAX_MS     1000

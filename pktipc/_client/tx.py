@@ -13,7 +13,7 @@ import mmap
 import os
 import secrets
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import posix_ipc
 
@@ -68,6 +68,7 @@ class Area:
         h.frames_off = g.frames_off
         h.total_size = g.total_size
         h.magic = lib.PKTIPC_TX_MAGIC
+        self.base, self.header = base, h
         self.desc = ffi.cast("struct pktipc_tx_desc *", base + g.desc_off)
         self.frames_off = int(g.frames_off)
 
@@ -84,7 +85,7 @@ class Area:
 
     def close(self) -> None:
         self.unlink()
-        self.desc = None
+        self.desc = self.base = self.header = None
         try:
             self.view.release()
             self.mm.close()
@@ -174,23 +175,45 @@ class Tx:
         if self._next - self._submitted >= self._batch:
             self._submit()
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Submits every frame sent, and waits (at most `timeout` seconds;
-        None: as long as it takes) until the broker has copied each into the
-        kernel's TX ring or refused it. Raises Refused (code
-        "frame-refused") if it refused any since the last flush, BrokerGone
-        on timeout or if the broker went."""
+    def flush(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Submits every frame sent, in one TX message; with `wait`, then
+        waits (at most `timeout` seconds; None: as long as it takes) until
+        the broker has copied each into the kernel's TX ring or refused it.
+        Raises Refused (code "frame-refused") once it has refused any since
+        the last such report, Busy if frames still wait after `timeout`,
+        BrokerGone if the broker went."""
         self._check()
         self._submit()
-        self._client._poll_tx(timeout, until=lambda: self._upto >= self._submitted)
-        self._check()
-        if self._upto < self._submitted:
-            raise BrokerGone(f"broker {self._client.server!r} took {self._submitted - self._upto}"
-                             f" frames not within {timeout:g} s")
-        if self._unreported:
+        if not wait:
+            self._client._poll_tx(0.0)
+        else:
+            self._client._poll_tx(timeout, until=lambda: self._upto >= self._submitted)
+            self._check()
+            if self._upto < self._submitted:
+                raise Busy(f"{self._submitted - self._upto} frames still wait for broker "
+                           f"{self._client.server!r} after {timeout:g} s")
+        if self._unreported and (self._upto >= self._submitted or not wait):
             n, self._unreported = self._unreported, 0
             raise Refused("frame-refused", f"broker {self._client.server!r} refused {n} "
                           f"frame(s): {self.errors[-1]}")
+
+    @property
+    def free(self) -> int:
+        """Slots free for frames now."""
+        return self._area.frames - (self._next - self._upto) - (self._cur is not None)
+
+    def _put(self, slab: Any, count: int, iface: int) -> tuple[int, int, int]:
+        """The frames of a slab filled by pkb_src_fill (at most `free`), sent
+        at once, in C: frames sent, their bytes, frames skipped as longer
+        than a slot."""
+        self._check()
+        skipped, nbytes = ffi.new("uint32_t *"), ffi.new("uint64_t *")
+        placed = int(lib.pkb_tx_put(slab, count, self._area.base, self._area.header,
+                                    self._next, iface, skipped, nbytes))
+        self._next += placed
+        if self._next - self._submitted >= self._batch:
+            self._submit()
+        return placed, int(nbytes[0]), int(skipped[0])
 
     @property
     def pending(self) -> int:

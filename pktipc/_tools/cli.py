@@ -22,6 +22,7 @@ from .._errors import EndOfStream, PktipcError
 from . import config as _config
 from . import demo as _demo
 from . import exporter as _exporter
+from . import replay as _replay
 from . import top as _top
 
 
@@ -168,6 +169,22 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
                    help="for connecting (default: 5)")
 
+    rp = sub.add_parser("replay", help="send a capture file's frames out of an interface, "
+                        "through a broker that sends there (serve -i IFACE --tx)")
+    rp.add_argument("-i", dest="iface", required=True, metavar="IFACE",
+                    help="the broker's interface to send on")
+    rp.add_argument("-r", dest="files", action="append", required=True, metavar="FILE",
+                    help="pcap or pcapng file; repeat to send several one after another")
+    rpace = rp.add_mutually_exclusive_group()
+    rpace.add_argument("--speed", type=float, default=1.0, metavar="X",
+                       help="at the file's pace, X times real time (default: 1)")
+    rpace.add_argument("--pps", type=float, metavar="N", help="N frames a second")
+    rpace.add_argument("--topspeed", action="store_true", help="as fast as they go")
+    rp.add_argument("--loop", type=int, default=1, metavar="N",
+                    help="send the files N times, 0 for ever (default: 1)")
+    rp.add_argument("--server", default="default", help="broker name or endpoint")
+    rp.add_argument("--client", default=f"replay-{os.getpid()}", help="client name")
+
     st = sub.add_parser("status", help="list brokers, their counters and clients")
     st.add_argument("names", nargs="*", help="brokers (default: every one running)")
     st.add_argument("--json", action="store_true")
@@ -309,6 +326,11 @@ def _status_text(r: dict[str, Any]) -> str:
                      f"freezes {s['kernel_freezes']}")
             if "fanout_id" in s:
                 line += f"  fanout {s['fanout_id']} ({s['fanout_mode']})"
+        if "tx" in s:
+            t = s["tx"]
+            errors = " ".join(f"{k} {v}" for k, v in sorted(t["kernel_errors"].items()))
+            line += (f"\n    sends: frames {t['sent']}  pending {t['pending']}  "
+                     f"longest {t['max_len']}  kernel errors {errors or 0}")
         lines.append(line)
     clients = {cl["name"]: cl for cl in r["clients"]}
     for g in r["groups"]:
@@ -321,7 +343,22 @@ def _status_text(r: dict[str, Any]) -> str:
                          f"pid {cl['pid']}  packets {cl['packets']}  batches {cl['batches']}  "
                          f"held {cl['held']}/{cl['credit']}  queued {cl['queued']}  "
                          f"drops {cl['drops']}{away}")
+            if "tx" in cl:
+                t = cl["tx"]
+                refused = " ".join(f"{k} {v}" for k, v in sorted(t["refused"].items()))
+                lines.append(f"      sends: submitted {t['submitted']}  sent {t['sent']}  "
+                             f"refused {sum(t['refused'].values())}"
+                             f"{f' ({refused})' if refused else ''}  in ring {t['in_ring']}  "
+                             f"waiting {t['waiting']}")
     return "\n".join(lines)
+
+
+def cmd_replay(a: argparse.Namespace) -> int:
+    speed = None if a.topspeed or a.pps is not None else a.speed
+    r = _replay.replay(a.server, a.client, a.iface, a.files, speed=speed, pps=a.pps,
+                       loops=a.loop)
+    print(r.summary(a.iface), flush=True)
+    return 0
 
 
 def cmd_top(a: argparse.Namespace) -> int:
@@ -341,7 +378,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = _config.parse(_parser, argv)
     run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status,
-           "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top}[a.cmd]
+           "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top,
+           "replay": cmd_replay}[a.cmd]
     try:
         return run(a)
     except KeyboardInterrupt:

@@ -348,3 +348,26 @@ int pkb_tx_copy(pkb_txarea *a, uint64_t first, uint32_t n, pkb_txring **rings, u
             pkb_txring_flush(rings[i], &io[i]);
     return status;
 }
+
+uint32_t pkb_tx_put(const uint8_t *slab, uint32_t count, uint8_t *base,
+                    const struct pktipc_tx_header *h, uint64_t first, uint16_t iface,
+                    uint32_t *skipped, uint64_t *bytes)
+{
+    const struct pktipc_pkt *d = pktipc_slab_pkts(slab);
+    uint32_t placed = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        if (d[i].caplen > h->frame_size) {
+            (*skipped)++;
+            continue;
+        }
+        uint32_t slot = (uint32_t)((first + placed) & (h->frame_count - 1));
+        memcpy(pktipc_tx_frame(base, h, slot), slab + d[i].data_off, d[i].caplen);
+        struct pktipc_tx_desc *t = pktipc_tx_desc(base, h, slot);
+        t->len = d[i].caplen;
+        t->iface = iface;
+        t->flags = 0;
+        *bytes += d[i].caplen;
+        placed++;
+    }
+    return placed;
+}

@@ -83,3 +83,12 @@ void pkb_txarea_close(pkb_txarea *a);
  * Reads each descriptor once, and checks that copy. */
 int pkb_tx_copy(pkb_txarea *a, uint64_t first, uint32_t n, pkb_txring **rings, uint32_t nrings,
                 struct pkb_tx_io *io, struct pkb_tx_result *res);
+
+/* For pktipc replay, a client's side: the `count` frames of a slab filled
+ * by pkb_src_fill into slots first.. of the TX area at `base` (header `h`,
+ * as written), for interface `iface`, each with its descriptor; a frame
+ * longer than a slot is skipped (counted in *skipped). The frames placed;
+ * their bytes are added to *bytes. */
+uint32_t pkb_tx_put(const uint8_t *slab, uint32_t count, uint8_t *base,
+                    const struct pktipc_tx_header *h, uint64_t first, uint16_t iface,
+                    uint32_t *skipped, uint64_t *bytes);

@@ -551,4 +551,5 @@ def test_a_consumer_built_against_version_1_runs(broker, tmp_path: Path) -> None
         f"pktipc_{n}@@PKTIPC_1" for n in (
             "open", "close", "fd", "next_batch", "pkt_data", "release", "release_batch",
             "dispatch", "stats", "group", "balance", "iface_count", "iface", "strerror",
-            "geterr", "linktype_to_dlt", "version")}
+            "geterr", "linktype_to_dlt", "version")} | {
+        f"pktipc_tx_{n}@@PKTIPC_1.1" for n in ("alloc", "send", "flush")}

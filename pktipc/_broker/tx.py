@@ -292,7 +292,8 @@ class Transmitter:
         if reason == lib.PKB_TX_SHORT:
             return f"frame {j} of the batch has {length} bytes, shorter than {where}'s header"
         most = self.max_len()[iface]
-        return f"frame {j} of the batch has {length} bytes; {where} sends at most {most}"
+        return (f"frame {j} of the batch has {length} bytes; {where} sends at most {most} "
+                "(on Ethernet, 4 fewer unless 802.1Q-tagged)")
 
     def _flush(self, skip: set[int]) -> None:
         for i, r in enumerate(self.rings):

@@ -157,7 +157,7 @@ int pkb_txring_fd(const pkb_txring *r) { return r->fd; }
 uint32_t pkb_txring_max_len(const pkb_txring *r)
 {
     uint32_t room = r->frame_size - (uint32_t)TX_DATA_OFF;
-    uint32_t len = r->mtu + r->hard_header;
+    uint32_t len = r->mtu + r->hard_header + (r->hard_header ? VLAN_HLEN_ : 0);
     return len < room ? len : room;
 }
 
@@ -243,20 +243,18 @@ void pkb_txarea_close(pkb_txarea *a)
 }
 
 /* Why a ring would not send a frame of `len` bytes whose first bytes are at
- * `data` (the ring's copy), or -1 if it would: the kernel's rule, so that
- * what the kernel refuses is refused, and counted, here. */
+ * `data` (the ring's copy), or -1 if it would: the kernel's rule (the MTU
+ * and the link-layer header; on Ethernet 4 bytes more for an 802.1Q tag),
+ * so that what the kernel refuses is refused, and counted, here. */
 static int refusal(const pkb_txring *r, uint32_t len, const uint8_t *data)
 {
-    uint32_t most = pkb_txring_max_len(r);
     if (len < (r->hard_header ? r->hard_header : 1))
         return PKB_TX_SHORT;
-    if (len <= most)
-        return -1;
-    /* An 802.1Q tag beyond the MTU, as the kernel allows on Ethernet. */
-    if (r->hard_header && len <= most + VLAN_HLEN_ &&
-        len <= r->frame_size - (uint32_t)TX_DATA_OFF && data[12] == 0x81 && data[13] == 0x00)
-        return -1;
-    return PKB_TX_LONG;
+    if (len > pkb_txring_max_len(r))
+        return PKB_TX_LONG;
+    if (r->hard_header && len > r->mtu + r->hard_header && !(data[12] == 0x81 && data[13] == 0))
+        return PKB_TX_LONG;
+    return -1;
 }
 
 static void refuse(struct pkb_tx_result *res, uint32_t j, int why, uint32_t len, uint32_t iface)

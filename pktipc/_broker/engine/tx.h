@@ -52,8 +52,9 @@ typedef struct pkb_txarea pkb_txarea;
 pkb_txring *pkb_txring_open(const struct pkb_txring_opts *o, int *err, char *errbuf);
 int pkb_txring_fd(const pkb_txring *r);
 /* The longest frame the ring sends: the interface's link-layer header and
- * MTU (as last read, by pkb_txring_open or pkb_txring_refresh), at most a
- * ring frame. 802.1Q-tagged Ethernet frames may be 4 bytes longer. */
+ * MTU (as last read, by pkb_txring_open or pkb_txring_refresh), and on
+ * Ethernet 4 bytes more for an 802.1Q tag (a frame that is not tagged so is
+ * 4 bytes shorter at most); at most a ring frame. */
 uint32_t pkb_txring_max_len(const pkb_txring *r);
 /* Reads the interface's MTU again: 0, or -1 (errno). */
 int pkb_txring_refresh(pkb_txring *r);

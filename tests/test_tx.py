@@ -104,6 +104,65 @@ def test_python_and_c_frames_arrive_exact(ns: Netns, broker: Any, tmp_path: Path
     assert st["tx"]["sent"] == 400 and st["tx"]["kernel_errors"] == {}
 
 
+def test_a_full_area_waits_or_says_busy(ns: Netns, broker: Any, tmp_path: Path,
+                                        sender: Path) -> None:
+    """Many more frames than a TX area holds: a client that waits gets them
+    all out, in order; with the broker stopped, one that does not wait is
+    told busy once every slot waits for it (Python: Busy; C:
+    -PKTIPC_EAGAIN), and nothing is lost once the broker goes on."""
+    b = serve_tx(broker, ns)
+    many, py, cf = frames_of(7, 600), frames_of(8, 40), frames_of(9, 1100)
+    peer = Peer(ns, "vb", tmp_path / "peer.pcap")
+    with pktipc.connect(b.name, "waits") as c:
+        with c.tx(frames=16, batch=4) as tx:
+            for f in many:
+                buf = tx.allocate(len(f))
+                buf[:] = f
+                tx.send(buf)
+        assert (tx.sent, tx.refused) == (600, 0)
+    (tmp_path / "c.frames").write_bytes(records(cf))
+    with pktipc.connect(b.name, "busy") as c:
+        tx = c.tx(wait=False, frames=16)
+        cs = subprocess.Popen([str(sender), b.name, "cbusy", str(tmp_path / "c.frames"), "0",
+                               "0", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+        assert cs.stdin is not None and cs.stdout is not None
+        try:
+            assert cs.stdout.readline() == "open\n"
+            os.kill(b.pid, signal.SIGSTOP)
+            try:
+                for f in py[:16]:
+                    buf = tx.allocate(len(f))
+                    buf[:] = f
+                    tx.send(buf)
+                with pytest.raises(pktipc.Busy, match="all 16 slots of the TX area wait"):
+                    tx.allocate(60)
+                cs.stdin.write("go\n")
+                cs.stdin.flush()
+                assert cs.stdout.readline() == "busy after 1024\n"
+            finally:
+                os.kill(b.pid, signal.SIGCONT)
+            cs.stdin.write("go\n")
+            cs.stdin.flush()
+            assert cs.stdout.readline() == "flush 0 submitted 1100 sent 1100 refused 0\n"
+        finally:
+            cs.stdin.close()
+            assert cs.wait(timeout=60) == 0
+        tx.flush()
+        for f in py[16:]:
+            buf = tx.allocate(len(f))
+            buf[:] = f
+            tx.send(buf)
+            tx.flush()
+        assert (tx.sent, tx.refused) == (40, 0)
+    got = peer.frames(600 + 40 + 1100)
+    assert got[:600] == many
+    # The two clients' frames interleave; each client's keep their order.
+    rest = got[600:]
+    assert [f for f in rest if f in set(py)] == py
+    assert [f for f in rest if f in set(cf)] == cf and len(rest) == 1140
+
+
 def test_a_host_that_is_only_a_client_answers_ping(ns: Netns, broker: Any, tmp_path: Path) -> None:
     """ping -c 20 from the peer to an address nobody has but pktipc-pong
     and examples/pong.py: 20 replies each, ARP resolved through them,

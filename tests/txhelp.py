@@ -18,8 +18,12 @@ CDIR = ROOT / "clients" / "c"
 LIB = CDIR / "build" / "lib"
 
 SENDER = r"""
-/* sender SERVER NAME FRAMES IFACE [BATCH]: the frames of FRAMES (records of
- * a u32 length and the bytes) out of interface IFACE, through libpktipc. */
+/* sender SERVER NAME FRAMES IFACE [BATCH [TIMEOUT_MS]]: the frames of FRAMES
+ * (records of a u32 length and the bytes) out of interface IFACE, through
+ * libpktipc. With TIMEOUT_MS, says "open" once the first frame is allocated
+ * and waits for a line on stdin; then allocates waiting at most TIMEOUT_MS,
+ * and when told -PKTIPC_EAGAIN says "busy after N" (N frames sent), waits
+ * for another line and goes on waiting as long as it takes. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,12 +41,23 @@ int main(int argc, char **argv)
     }
     FILE *f = fopen(argv[3], "rb");
     unsigned iface = (unsigned)atoi(argv[4]), batch = argc > 5 ? (unsigned)atoi(argv[5]) : 0;
+    int timeout = argc > 6 ? atoi(argv[6]) : -1;
     unsigned char buf[70000];
+    char line[16];
     uint32_t len;
-    int r = 0, n = 0;
+    int r = 0, n = 0, sent = 0;
     while (fread(&len, 4, 1, f) == 1 && fread(buf, 1, len, f) == len) {
         uint8_t *frame;
-        if ((r = pktipc_tx_alloc(c, len, iface, -1, &frame)) < 0) {
+        r = pktipc_tx_alloc(c, len, iface, timeout, &frame);
+        if (r == -PKTIPC_EAGAIN && sent) {
+            printf("busy after %d\n", sent);
+            fflush(stdout);
+            if (!fgets(line, sizeof(line), stdin))
+                return 5;
+            timeout = -1;
+            r = pktipc_tx_alloc(c, len, iface, timeout, &frame);
+        }
+        if (r < 0) {
             printf("alloc %d: %s\n", r, pktipc_geterr(c));
             pktipc_close(c);
             return 3;
@@ -50,6 +65,13 @@ int main(int argc, char **argv)
         memcpy(frame, buf, len);
         if (pktipc_tx_send(c, frame, len) < 0)
             return 4;
+        if (argc > 6 && sent == 0) {
+            printf("open\n");
+            fflush(stdout);
+            if (!fgets(line, sizeof(line), stdin))
+                return 5;
+        }
+        sent++;
         if (batch && ++n % batch == 0 && (r = pktipc_tx_flush(c, 0)) < 0)
             printf("flush %d: %s\n", r, pktipc_geterr(c));
     }

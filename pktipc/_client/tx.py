@@ -147,9 +147,9 @@ class Tx:
                 if self._next - self._upto >= self._area.frames:
                     raise Busy(f"all {self._area.frames} slots of the TX area wait for the "
                                "broker")
-            while self._next - self._upto >= self._area.frames:
-                self._client._poll_tx(None)
-                self._check()
+            self._client._poll_tx(None, until=lambda: self._next - self._upto
+                                  < self._area.frames)
+            self._check()
         slot = self._next % self._area.frames
         d = self._area.desc[slot]
         d.iface = i

@@ -267,6 +267,11 @@ def test_bad_frames_are_refused_and_counted(ns: Netns, broker: Any, tmp_path: Pa
         assert tx_stats(b.name, "bad")["refused"] == {
             "empty": 1, "too-long": 1, "no-such-iface": 1, "not-sending": 1, "too-short": 1}
         tx.flush()      # reported once
+        status = run_pktipc("status", b.name)
+        assert status.returncode == 0, status.stderr
+        assert ("      sends: submitted 12  sent 7  refused 5 (empty 1 no-such-iface 1 "
+                "not-sending 1 too-long 1 too-short 1)  in ring 0  waiting 0") in status.stdout
+        assert "    sends: frames 7  pending 0  longest 1518  kernel errors 0" in status.stdout
     assert peer.frames(7) == [good[0], good[1], good[2], good[3], good[4], *good[5:] * 2]
 
 

@@ -166,8 +166,9 @@ struct pktipc_opts {
     /* --- version 1 ends here --- */
     int balance;            /* PKTIPC_BALANCE_*: how the group divides its packets; asking
                                for another mode than the group's is refused (-PKTIPC_EBALANCE) */
-    /* --- version 1.1 ends here --- */
-    unsigned tx_frames;     /* slots of the TX area, a power of two; 0: 1024 */
+    /* --- added with version node PKTIPC_1.1 (sending) --- */
+    unsigned tx_frames;     /* slots of the TX area, a power of two; 0: 1024 (pktipc_open
+                               refuses a TX area it could not make: -PKTIPC_EINVAL) */
     unsigned tx_frame_size; /* bytes of a slot (the longest frame), a multiple of 64; 0: 2048 */
 };
 

@@ -203,6 +203,11 @@ static int opts_of(const struct pktipc_opts *opts, struct pktipc_opts *o)
         o->tx_frames = 0;
     if (!OPTS_HAS(opts->sz, tx_frame_size))
         o->tx_frame_size = 0;
+    struct pktipc_tx_geometry g;
+    if ((o->tx_frames || o->tx_frame_size) &&
+        pktipc_tx_geometry(o->tx_frames ? o->tx_frames : TX_FRAMES,
+                           o->tx_frame_size ? o->tx_frame_size : TX_FRAME_SIZE, &g))
+        return -1;          /* a TX area that cannot be made */
     o->sz = sizeof(*o);
     return 0;
 }

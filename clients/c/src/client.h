@@ -59,6 +59,8 @@
 #define NS_PER_MS       INT64_C(1000000)
 #define LINGER_MS       1000                 /* for BYE to get out at close */
 #define WORD_BITS       64
+#define TX_FRAMES       1024                 /* a TX area's slots, by default */
+#define TX_FRAME_SIZE   2048                 /* and bytes of a slot */
 
 enum slot_state { SLOT_FREE, SLOT_PENDING, SLOT_HELD };
 

@@ -8,8 +8,6 @@
 
 #include "client.h"
 
-#define TX_FRAMES 1024
-#define TX_FRAME_SIZE 2048
 
 static int64_t deadline_ms(int timeout_ms)
 {

@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, BinaryIO
 
 import zmq
 
@@ -16,7 +16,7 @@ from .._broker import broker as _broker
 from .._broker import live as _live
 from .._broker import service as _service
 from .._client.client import broker_stats, brokers, connect
-from .._client.writer import CaptureWriter
+from .._client.writer import ClientTally, RollingWriter, RotationLimit, TcpdumpFiles
 from .._errors import EndOfStream, PktipcError
 from . import config as _config
 from . import demo as _demo
@@ -35,6 +35,16 @@ def _size(text: str) -> int:
     mult = units.get(t[-1:], 1)
     try:
         return int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _mbytes(text: str) -> int:
+    """tcpdump -C: millions of bytes, or a size with k, m or g."""
+    if text.strip()[-1:].lower() in ("k", "m", "g"):
+        return _size(text)
+    try:
+        return int(text) * 1_000_000
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
@@ -149,6 +159,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("-w", dest="out", required=True, metavar="FILE",
                    help="output file, - for stdout")
     d.add_argument("-c", dest="count", type=int, metavar="COUNT", help="stop after COUNT packets")
+    d.add_argument("-C", dest="file_size", type=_mbytes, metavar="SIZE",
+                   help="start a new file before one would pass SIZE millions of bytes (or "
+                        "SIZE with k, m, g: KiB, MiB, GiB), as tcpdump -C: FILE, FILE1, ...")
+    d.add_argument("-G", dest="rotate_seconds", type=float, metavar="SEC",
+                   help="start a new file every SEC seconds, as tcpdump -G; strftime() "
+                        "conversions in FILE (e.g. %%H%%M%%S) name each")
+    d.add_argument("-W", dest="file_count", type=int, metavar="N",
+                   help="with -C: N files, FILE0 to FILE<N-1>, the oldest overwritten; "
+                        "with -G alone: stop after N files")
     d.add_argument("--format", choices=("pcap", "pcapng"), default="pcap")
     d.add_argument("--policy", choices=("block", "drop"), help="default: the broker's")
     d.add_argument("--credit", type=int, metavar="N")
@@ -231,29 +250,56 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_dump(a: argparse.Namespace) -> int:
     if a.count is not None and a.count < 1:
         raise ValueError("-c COUNT must be at least 1")
+    rolling = _rolling_options(a)
     with connect(a.server, a.client, group=a.group, balance=a.balance, policy=a.policy,
                  credit=a.credit, timeout=a.timeout) as client:
-        out = sys.stdout.buffer if a.out == "-" else open(a.out, "wb")  # noqa: SIM115
+        files = TcpdumpFiles(a.out, by_size=a.file_size is not None, every=a.rotate_seconds,
+                             ring=a.file_count)
+        tally = ClientTally(client)
+        rw = RollingWriter(_stdout if a.out == "-" else files.open, client.ifaces, a.format,
+                           max_size=a.file_size, max_age=a.rotate_seconds,
+                           statistics=tally.statistics, opened=tally.opened)
         try:
-            writer = CaptureWriter(out, client.ifaces, a.format)
-            while a.count is None or writer.packets < a.count:
+            rw.start()
+            while a.count is None or rw.packets < a.count:
                 try:
-                    batch = client.next_batch()
+                    batch = client.next_batch(timeout=0.2 if rolling else None)
                 except EndOfStream:
                     break
-                assert batch is not None
+                if batch is None:
+                    rw.tick()
+                    continue
                 with batch:
-                    n = len(batch) if a.count is None else min(len(batch),
-                                                               a.count - writer.packets)
-                    writer.write(batch.descriptors[batch.mine[:n]], batch.views()[:n])
-                    out.flush()
-            writer.finish()
+                    idx = batch.mine if a.count is None else batch.mine[:a.count - rw.packets]
+                    rw.write(batch.descriptors, batch.buffer(), idx)
+                tally.seen()
+        except RotationLimit as e:
+            print(f"pktipc: {e}", file=sys.stderr)
+            return 0
         finally:
-            if out is not sys.stdout.buffer:
-                out.close()
+            rw.close()
         if client.end_error and a.count is None:
             raise PktipcError(f"stream ended early: {client.end_error}")
     return 0
+
+
+def _rolling_options(a: argparse.Namespace) -> bool:
+    if a.file_size is not None and a.file_size < 1:
+        raise ValueError("-C SIZE must be at least 1 byte")
+    if a.rotate_seconds is not None and not (0 < a.rotate_seconds < float("inf")):
+        raise ValueError("-G SEC must be a positive number of seconds")
+    if a.file_count is not None and a.file_count < 1:
+        raise ValueError("-W N must be at least 1")
+    if a.file_count is not None and a.file_size is None and a.rotate_seconds is None:
+        raise ValueError("-W needs -C or -G")
+    rolling = a.file_size is not None or a.rotate_seconds is not None
+    if rolling and a.out == "-":
+        raise ValueError("-C and -G write files: give -w FILE, not -")
+    return rolling
+
+
+def _stdout(number: int, now_ns: int) -> tuple[BinaryIO, str]:
+    return os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0), "-"
 
 
 def cmd_status(a: argparse.Namespace) -> int:

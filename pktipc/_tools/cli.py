@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-clients", type=int, default=_broker.MAX_CLIENTS, metavar="N",
                    help="clients attached at most; a drop client holds at most "
                         "(slabs - 1) / N batches (default: %(default)s)")
+    s.add_argument("--max-recordings", type=int, default=_broker.MAX_RECORDINGS, metavar="N",
+                   help="recordings (pktipc record) running at once at most, 0: none "
+                        "(default: %(default)s)")
     s.add_argument("--allow-block", metavar="WHO", action="append", default=[],
                    help="interfaces: let WHO ask for the block policy, which lets one client "
                         "stall the capture for all: a client name or pattern (suricata-*), or "
@@ -239,6 +242,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         name=a.name, files=a.files or [], live=live, loops=a.loop, speed=a.speed, user=a.user,
         wait_clients=a.wait_clients, linger=a.linger, slab_size=a.slab_size,
         slab_count=a.slabs, credit=a.credit, max_clients=a.max_clients,
+        max_recordings=a.max_recordings,
         heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, unix_group=a.allow_group,
         grace=a.grace, tunnel_hash=a.tunnel_hash, evict_backoff=a.evict_backoff,
         max_connections=a.max_connections, control_rate=a.control_rate,

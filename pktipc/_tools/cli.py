@@ -1,4 +1,4 @@
-"""pktipc command line: serve, dump, status, top, exporter, demo. No logic of its own:
+"""pktipc command line: serve, dump, record, status, top, exporter, demo. No logic of its own:
 each command is a few lines over the package's API."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .. import _protocol as proto
 from .._broker import broker as _broker
 from .._broker import live as _live
 from .._broker import service as _service
+from .._client import recording as _recording
 from .._client.client import broker_stats, brokers, connect
 from .._client.writer import ClientTally, RollingWriter, RotationLimit, TcpdumpFiles
 from .._errors import EndOfStream, PktipcError
@@ -177,6 +178,49 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
                    help="for connecting (default: 5)")
 
+    rec = sub.add_parser("record", help="named rolling pcapng recordings that outlive "
+                         "whoever started them: start, attach, stop, list")
+    rsub = rec.add_subparsers(dest="rcmd", required=True, parser_class=_Parser)
+    rs = rsub.add_parser("start", help="start recording: a client of the broker writing a "
+                         "rolling set of pcapng files, the oldest removed")
+    rs.add_argument("--server", default="default", help="broker name (default: %(default)s)")
+    rs.add_argument("rec", metavar="REC", help="the recording's name, unique on the broker")
+    rs.add_argument("expression", nargs="*",
+                    help="record only what this filter (tcpdump syntax) accepts")
+    rs.add_argument("-w", dest="dir", default=".", metavar="DIR",
+                    help="directory of the files, REC_<number>_<UTC time>.pcapng "
+                         "(default: the current one)")
+    rs.add_argument("--max-size", type=_size, metavar="SIZE",
+                    help="bytes a file holds at most, e.g. 100M (default: 100 MB, unless "
+                         "--max-age)")
+    rs.add_argument("--files", type=int, metavar="N",
+                    help="files kept at most, the oldest removed (default: 10, unless "
+                         "--max-age)")
+    rs.add_argument("--max-age", type=float, metavar="SEC",
+                    help="keep the last SEC seconds: a file is removed once it ended more "
+                         "than SEC ago; each spans SEC/10 (SEC/--files)")
+    rs.add_argument("--group", help="share the packets of this group with its other members")
+    rs.add_argument("--policy", choices=proto.POLICIES, help="default: the broker's")
+    rs.add_argument("--detach", action="store_true",
+                    help="run on after this command returns, until pktipc record stop")
+    rs.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
+                    help="for attaching to the broker (default: 5)")
+    ra = rsub.add_parser("attach", help="what a recording holds, from its oldest packet, as "
+                         "one pcapng stream, then its live packets until Ctrl-C")
+    ra.add_argument("rec", metavar="REC")
+    ra.add_argument("--server", help="the broker, if several have a recording named REC")
+    ra.add_argument("-w", dest="out", default="-", metavar="FILE",
+                    help="output file, - for stdout (default)")
+    ra.add_argument("--no-follow", dest="follow", action="store_false",
+                    help="stop at what the recording holds now")
+    rp = rsub.add_parser("stop", help="stop a recording and forget it (its files stay)")
+    rp.add_argument("rec", metavar="REC")
+    rp.add_argument("--server", help="the broker, if several have a recording named REC")
+    rl = rsub.add_parser("list", help="recordings: broker, state, packets, bytes, drops, "
+                         "files, oldest and newest packet")
+    rl.add_argument("--server", help="only this broker's")
+    rl.add_argument("--json", action="store_true")
+
     st = sub.add_parser("status", help="list brokers, their counters and clients")
     st.add_argument("names", nargs="*", help="brokers (default: every one running)")
     st.add_argument("--json", action="store_true")
@@ -306,6 +350,31 @@ def _stdout(number: int, now_ns: int) -> tuple[BinaryIO, str]:
     return os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0), "-"
 
 
+def cmd_record(a: argparse.Namespace) -> int:
+    if a.rcmd == "start":
+        return _recording.start(_recording.Spec(
+            name=a.rec, server=a.server, dir=a.dir, max_size=a.max_size, files=a.files,
+            max_age=a.max_age, group=a.group, policy=a.policy, filter=" ".join(a.expression),
+            detached=a.detach, timeout=a.timeout))
+    if a.rcmd == "attach":
+        out = sys.stdout.buffer if a.out == "-" else open(a.out, "wb")  # noqa: SIM115
+        try:
+            _recording.attach(a.rec, out, server=a.server, follow=a.follow)
+        finally:
+            if out is not sys.stdout.buffer:
+                out.close()
+        return 0
+    if a.rcmd == "stop":
+        st = _recording.stop(a.rec, a.server)
+        what = (f": {st['packets']} packets, {len(st['files'])} files kept in {st['dir']}"
+                if st else "")
+        print(f"pktipc: recording {a.rec!r} stopped{what}", file=sys.stderr)
+        return 0
+    recs = _recording.recordings(a.server)
+    print(json.dumps(recs, indent=2) if a.json else _recording.list_text(recs))
+    return 0
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     names = a.names or brokers()
     result: list[dict[str, Any]] = []
@@ -374,7 +443,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = _config.parse(_parser, argv)
-    run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status,
+    run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status, "record": cmd_record,
            "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top}[a.cmd]
     try:
         return run(a)

@@ -75,16 +75,17 @@ def test_pcapng_records_with_directions(tmp_path: Path) -> None:
     """Every byte and nanosecond as given; the direction and reception type
     where the descriptor knows them (none where it does not); one interface
     block naming the source, nanosecond resolution; a statistics block."""
-    frames = [frame(OTHER, udp4(1, 2, n)) for n in (1, 2, 3, 4, 5, 6)]
+    frames = [frame(OTHER, udp4(1, 2, n)) for n in (1, 2, 3, 4, 5, 6, 7)]
     dirs = [lib.PKTIPC_DIR_HOST, lib.PKTIPC_DIR_BROADCAST, lib.PKTIPC_DIR_MULTICAST,
-            lib.PKTIPC_DIR_OTHERHOST, lib.PKTIPC_DIR_OUTGOING, lib.PKTIPC_DIR_UNKNOWN]
+            lib.PKTIPC_DIR_OTHERHOST, lib.PKTIPC_DIR_OUTGOING, lib.PKTIPC_DIR_UNKNOWN,
+            lib.PKTIPC_DIR_OUTGOING + 1]      # a value no direction has (yet)
     desc, slab = batch(frames, dirs)
     path = tmp_path / "x.pcapng"
     with open(path, "wb") as out:
         w = CaptureWriter(out, IFACES, "pcapng", comment="a comment")
         w.write(desc, slab, np.array([0, 1, 2], dtype=np.uint32))
-        w.write(desc, slab, np.array([3, 4, 5], dtype=np.uint32))
-        w.statistics({0: IfaceStats(received=9, dropped=3, delivered=6, comment="c")}, T0, T0)
+        w.write(desc, slab, np.array([3, 4, 5, 6], dtype=np.uint32))
+        w.statistics({0: IfaceStats(received=9, dropped=3, delivered=7, comment="c")}, T0, T0)
         w.finish()
         assert w.size == out.tell() == path.stat().st_size
     ref = read_pcap(str(path))
@@ -95,7 +96,7 @@ def test_pcapng_records_with_directions(tmp_path: Path) -> None:
                   "frame.packet_flags_reception_type")
     assert rows == [["eth0", "0x00000001", "1"], ["eth0", "0x00000001", "3"],
                     ["eth0", "0x00000001", "2"], ["eth0", "0x00000001", "4"],
-                    ["eth0", "0x00000002", "0"], ["eth0", "", ""]]
+                    ["eth0", "0x00000002", "0"], ["eth0", "", ""], ["eth0", "", ""]]
     info = subprocess.run(["capinfos", str(path)], capture_output=True, text=True).stdout
     assert "Capture comment:     a comment" in info
     assert "Capture application: pktipc" in info

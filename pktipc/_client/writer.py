@@ -23,7 +23,7 @@ from .._shm import ffi, lib
 PCAP_NS_MAGIC = 0xA1B23C4D
 PCAP_TS_END = (1 << 32) * 1_000_000_000   # pcap seconds are an unsigned 32-bit count
 MAX_COMMENT = 256                  # bytes of a block's comment kept
-_DIR_MASK = lib.PKTIPC_F_DIR_MASK
+_DIR_MASK, _DIR_SHIFT = lib.PKTIPC_F_DIR_MASK, lib.PKTIPC_F_DIR_SHIFT
 
 # pcapng: block types and option codes (draft-ietf-opsawg-pcapng)
 _SHB, _IDB, _ISB = 0x0A0D0D0A, 1, 5
@@ -142,7 +142,10 @@ class CaptureWriter:
         caplen = desc["caplen"].astype(np.int64)
         if self.fmt == "pcap":
             return caplen + 16
-        return 32 + caplen + (-caplen % 4) + np.where(desc["flags"] & _DIR_MASK, 12, 0)
+        # epb_flags (12 bytes with the end of options) where the direction is known
+        d = (desc["flags"] & _DIR_MASK) >> _DIR_SHIFT
+        known = (d >= lib.PKTIPC_DIR_HOST) & (d <= lib.PKTIPC_DIR_OUTGOING)
+        return 32 + caplen + (-caplen % 4) + np.where(known, 12, 0)
 
     def statistics_size(self) -> int:
         """The most statistics() may write."""
@@ -203,6 +206,9 @@ class CaptureWriter:
         """Each packet's interface id; a block first for a (source, link
         type) not named yet."""
         keys = desc["iface"].astype(np.uint32) << 16 | desc["linktype"].astype(np.uint32)
+        one = int(keys[0])
+        if one in self._idb and (keys == one).all():       # the common case: one source
+            return np.full(len(keys), self._idb[one], dtype=np.uint32)
         pos = np.searchsorted(self._keys, keys)
         known = (pos < len(self._keys)) & (self._keys[np.minimum(pos, len(self._keys) - 1)]
                                            == keys) if len(self._keys) else np.zeros(
@@ -220,12 +226,9 @@ class CaptureWriter:
         descriptors, `slab` the bytes they index (Batch.buffer()). A packet
         the format cannot hold is refused (PktipcError) once those before it
         are written."""
-        if idx is None:
-            idx = np.arange(len(desc), dtype=np.uint32)
+        idx, sel = self._select(desc, idx)
         if not len(idx):
             return
-        idx = np.ascontiguousarray(idx, dtype=np.uint32)
-        sel = desc[idx]
         if not self._started:
             self._start(int(sel["linktype"][0]))
         ts = sel["ts_ns"]
@@ -246,6 +249,20 @@ class CaptureWriter:
             hint = " (use --format pcapng)" if t >= 0 else ""
             raise PktipcError(f"packet {self.packets + 1}: its time, {_when(t)}, is {when}: "
                               f"a {self.fmt} file cannot hold it{hint}")
+
+    @staticmethod
+    def _select(desc: np.ndarray[Any, Any], idx: np.ndarray[Any, Any] | None
+                ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """idx as C reads it, and the descriptors it names (`desc` itself,
+        not a copy, when it names them all, in order)."""
+        if idx is None:
+            return np.arange(len(desc), dtype=np.uint32), desc
+        idx = np.ascontiguousarray(idx, dtype=np.uint32)
+        n = len(idx)
+        if n == len(desc) and n and idx[0] == 0 and idx[-1] == n - 1 and (
+                n < 3 or bool((np.diff(idx) == 1).all())):
+            return idx, desc
+        return idx, desc[idx]
 
     def _records(self, desc: np.ndarray[Any, Any], slab: Any, idx: np.ndarray[Any, Any],
                  sel: np.ndarray[Any, Any]) -> None:
@@ -295,11 +312,9 @@ class CaptureWriter:
         self.packets = w.packets + k
         self.data_bytes = w.data_bytes + int(sel["caplen"].sum())
         per = np.bincount(sel["iface"], minlength=len(w.delivered))
-        delivered = w.delivered.copy()
-        if len(per) > len(delivered):
-            delivered = np.concatenate([delivered, np.zeros(len(per) - len(delivered),
-                                                            np.int64)])
-        self.delivered = delivered + np.pad(per, (0, len(delivered) - len(per)))
+        self.delivered = np.zeros(len(per), dtype=np.int64)
+        self.delivered[: len(w.delivered)] = w.delivered
+        self.delivered += per
         self.first_ns, self.last_ns = w.first_ns, w.last_ns
         if k:
             ts = sel["ts_ns"]
@@ -565,7 +580,12 @@ class RollingWriter:
             return
         w = self.writer
         assert w is not None
-        sizes = np.cumsum(w.record_sizes(desc[idx]))
+        idx, sel = w._select(desc, idx)
+        sizes = w.record_sizes(sel)
+        if w.size + int(sizes.sum()) <= self.max_size - w.statistics_size():
+            self._write(desc, slab, idx)        # the common case: it all fits
+            return
+        sizes = np.cumsum(sizes)
         start, done = 0, 0
         while start < len(idx):
             w = self.writer

@@ -22,6 +22,8 @@ repetitions; medians, with the spread as min-max):
   suricata  Suricata through pktipc's capture plugin, through its own
             AF_PACKET capture and reading a FIFO, alone and with a second
             analyzer (bench/suricata.py)
+  recording pktipc record against dumpcap -b and tcpdump -C, files in
+            /dev/shm and on disk (bench/record.py)
 
 Writes bench/results/<date>.json, the plots in bench/plots/, and refreshes
 the tables between the `<!-- suite:... -->` markers of bench/README.md. Needs
@@ -46,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import pktipc
+from bench import record as record_bench
 from bench import suricata as suricata_bench
 from bench.live import Bench
 from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine
@@ -499,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
             res["memory"] = memory(off, a.quick)
             print("suricata", flush=True)
             res["suricata"] = suricata_bench.run(bench, a.quick)
+            print("recording", flush=True)
+            res["recording"] = record_bench.run(bench, a.quick)
         finally:
             bench.close()
     res["seconds"] = time.monotonic() - started
@@ -509,10 +514,12 @@ def main(argv: list[str] | None = None) -> int:
     sections = tables(res)
     if "suricata" in res:
         sections["suricata"] = suricata_bench.table(res["suricata"])
+    if "recording" in res:
+        sections["recording"] = record_bench.table(res["recording"])
     made = plots(res)
     if not a.no_readme:
         refresh_readme(sections)
-    for key in ("live", "messages", "latency", "memory", "suricata"):
+    for key in ("live", "messages", "latency", "memory", "suricata", "recording"):
         print(f"\n## {key}\n\n{sections[key]}")
     print(f"\n{res['seconds']:.0f} s; results in {out}; plots {', '.join(made)} in {PLOTS}")
     return 0

@@ -284,6 +284,41 @@ def test_quota_and_bad_input(broker: Any, tmp_path: Path, recs: None,
         assert err == f"pktipc: error: {message} (see pktipc record list)\n"
 
 
+def test_by_age_with_a_filter(broker: Any, tmp_path: Path, recs: None) -> None:
+    """--max-age keeps the last SEC seconds: files of SEC/--files each, each
+    removed once it ended more than SEC ago; a filter records only what it
+    accepts (here the UDP of a replay that is TCP and UDP)."""
+    from pktipc._tools.synth import write_pcap
+
+    src = tmp_path / "src.pcap"
+    with open(src, "wb") as out:
+        write_pcap(out, 3000, rate_pps=1000)                # 3 s, paced
+    b = broker("-r", str(src), "--realtime")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    r = start("--server", b.name, "aged", "-w", str(out_dir), "--max-age", "1", "--files", "5",
+              "--detach", "udp")
+    assert r.returncode == 0, r.stderr
+    st = wait_for("the stream to end", lambda: (s := state("aged")) and s["state"] == "ended"
+                  and s, timeout=30)
+    assert st["why"] == "the broker's stream ended"
+    udp = subprocess.run(["tcpdump", "-r", str(src), "-n", "udp"], capture_output=True,
+                         text=True).stdout.splitlines()         # what tcpdump's filter takes
+    files = kept(st)
+    assert st["removed"]["files"] >= 5 and 2 <= len(files) <= 7
+    closed = [f for f in st["files"] if f["closed_ns"]]
+    ended = max(f["closed_ns"] for f in closed)
+    assert all(ended - f["closed_ns"] <= 1.3e9 for f in closed)      # none older than kept
+    got = [p for f in files for p in read_pcap(str(f)).packets]
+    assert st["packets"] == st["removed"]["packets"] + len(got)
+    assert 0 < st["packets"] < 3000
+    rows = [row for f in files for row in subprocess.run(
+        ["tshark", "-r", str(f), "-T", "fields", "-e", "udp.srcport"], capture_output=True,
+        text=True).stdout.splitlines()]
+    assert len(rows) == len(got) and all(rows)                          # every one is UDP
+    assert len(udp) > 500 and st["packets"] == len(udp)
+
+
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     d = tmp_path / "tiny"

@@ -54,7 +54,6 @@ class Packet(NamedTuple):
 
 
 _make_packet = partial(tuple.__new__, Packet)
-PKTIPC_IFACE_LIVE: int = lib.PKTIPC_IFACE_LIVE
 
 
 @contextmanager
@@ -400,7 +399,7 @@ class Client:
                             "kernel_packets": int(e.kernel_packets),
                             "kernel_drops": int(e.kernel_drops),
                             "kernel_freezes": int(e.kernel_freezes),
-                            "live": int(e.kind) == PKTIPC_IFACE_LIVE})
+                            "live": int(e.kind) == lib.PKTIPC_IFACE_LIVE})
         return {"epoch": self._map.epoch, "broker": seg.counters(), "sources": sources}
 
     def next_batch(self, timeout: float | None = None) -> Batch | None:

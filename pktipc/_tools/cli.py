@@ -30,6 +30,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"pktipc: error: {message} (see {self.prog} --help)\n")
 
 
+class _Intermixed(_Parser):
+    """A command whose positionals may come before its options and after
+    them: `record start REC [options] [filter]`."""
+
+    _inside = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._inside:            # parse_known_intermixed_args calls back here
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return super().parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().removesuffix("b").removesuffix("i")
@@ -180,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser("record", help="named rolling pcapng recordings that outlive "
                          "whoever started them: start, attach, stop, list")
-    rsub = rec.add_subparsers(dest="rcmd", required=True, parser_class=_Parser)
+    rsub = rec.add_subparsers(dest="rcmd", required=True, parser_class=_Intermixed)
     rs = rsub.add_parser("start", help="start recording: a client of the broker writing a "
                          "rolling set of pcapng files, the oldest removed")
     rs.add_argument("--server", default="default", help="broker name (default: %(default)s)")

@@ -577,6 +577,7 @@ def recorder_main() -> int:
     """The recorder process: its Spec as JSON on stdin; "ok PID FILE" or
     "error: ..." on stdout once started, and (not detached) how it ended."""
     spec = Spec(**json.loads(sys.stdin.read()))
+    os.chdir("/")                   # every path it has is absolute: it keeps no mount busy
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

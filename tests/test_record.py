@@ -25,7 +25,7 @@ from test_live import OTHER, frame, receive, serve_live, udp4
 
 import pktipc
 from pktipc._client import recording
-from pktipc._protocol import ErrorReply, Welcome
+from pktipc._protocol import RequestRefused, Welcomed
 from pktipc._tools import cli
 
 ISB_FIELDS = ("pcapng.options.option.data.interface.received",
@@ -228,14 +228,14 @@ def test_the_broker_counts_recordings_by_name() -> None:
     other = w.connect("recorder", pid=3)                  # not a recording
     c = w.connect("rec.c", pid=4)
     for peer in (a, b, other):
-        assert isinstance(w.log[peer][0], Welcome)
+        assert isinstance(w.log[peer][0], Welcomed)
     [refused] = w.log[c]
-    assert isinstance(refused, ErrorReply) and refused.code == "too-many-recordings"
+    assert isinstance(refused, RequestRefused) and refused.code == "too-many-recordings"
     assert "at most 2 recordings at once (serve --max-recordings)" in refused.text
     w.clients[a].bye(w.now)
     w.flush()
     c = w.connect("rec.c", pid=4)
-    assert isinstance(w.log[c][0], Welcome)
+    assert isinstance(w.log[c][0], Welcomed)
 
 
 def test_quota_and_bad_input(broker: Any, tmp_path: Path, recs: None,

@@ -11,16 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include "pktipc_shm.h"
+#include "harness.h"
 #include "capwrite.h"
-
-static uint64_t rng = 88172645463325252ULL;
-static uint32_t next_rand(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (uint32_t)rng;
-}
 
 static uint64_t record_size(uint32_t fmt, const struct pktipc_pkt *p)
 {

@@ -24,7 +24,6 @@ gcc, dumpcap, tcpdump, capinfos. Nothing here passes or fails.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -38,11 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import pktipc
-from bench.live import PY, Bench, proc_cpu
-from bench.offline import ROOT, machine
+from bench.live import PY, Bench, proc_cpu, run_alone
 from pktipc._client import recording
 
-README = ROOT / "bench" / "README.md"
 FILE_MB = 100
 FILES = 50
 # Offered rates, frames/s, climbed until a recorder loses a frame; 0: as
@@ -256,23 +253,22 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| {x['size']} B | {x['place']} | {TOOLS[x['tool']]} | "
                      f"{x['drop_free_pps'] / 1e3:.0f}{top} | {loss} | {x['cpu_s_per_M']:.2f} "
                      f"({_step(x['cpu_at'])}) |")
-    lines.append("")
+    return "\n".join([*lines, "", *_ratios(s)])
+
+
+def _ratios(s: list[dict[str, Any]]) -> list[str]:
+    """pktipc over dumpcap, for each frame size and place of the files."""
+    def get(tool: str, place: str, size: int) -> dict[str, Any]:
+        return next(x for x in s if (x["tool"], x["place"], x["size"]) == (tool, place, size))
+
+    out = []
     for size in sorted({x["size"] for x in s}):
         for place in sorted({x["place"] for x in s}):
-            def get(tool: str, place: str = place, size: int = size) -> dict[str, Any]:
-                return next(x for x in s if (x["tool"], x["place"], x["size"])
-                            == (tool, place, size))
-            p, d = get("pktipc"), get("dumpcap")
-            lines.append(f"- {size} B, {place}: pktipc / dumpcap, drop-free rate: "
-                         f"**{p['drop_free_pps'] / max(d['drop_free_pps'], 1):.2f}**; "
-                         f"CPU per frame: **{p['cpu_s_per_M'] / d['cpu_s_per_M']:.2f}**")
-    return "\n".join(lines)
-
-
-def refresh_readme(body: str) -> None:
-    text = README.read_text()
-    pattern = re.compile(r"(<!-- suite:recording -->\n).*?(\n<!-- /suite:recording -->)", re.S)
-    README.write_text(pattern.sub(lambda m: m.group(1) + body + m.group(2), text))
+            p, d = get("pktipc", place, size), get("dumpcap", place, size)
+            out.append(f"- {size} B, {place}: pktipc / dumpcap, drop-free rate: "
+                       f"**{p['drop_free_pps'] / max(d['drop_free_pps'], 1):.2f}**; "
+                       f"CPU per frame: **{p['cpu_s_per_M'] / d['cpu_s_per_M']:.2f}**")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,26 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--no-readme", action="store_true", help="leave bench/README.md alone")
     a = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.record needs root (network namespaces, CAP_NET_RAW)", file=sys.stderr)
-        return 1
-    reps = a.reps
-    with tempfile.TemporaryDirectory(prefix="pktipc-record-") as tmpdir:
-        bench = Bench(Path(tmpdir))
-        try:
-            res = run(bench, a.quick, reps)
-        finally:
-            bench.close()
-    res["machine"] = machine()
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = ROOT / "bench" / "results" / f"record-{stamp}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    body = table(res)
-    if not a.no_readme:
-        refresh_readme(body)
-    print(f"\n{body}\n\nresults in {out}")
-    return 0
+    return run_alone("record", "recording", lambda bench: run(bench, a.quick, a.reps), table,
+                     readme=not a.no_readme)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -51,13 +50,12 @@ import pktipc
 from bench import record as record_bench
 from bench import suricata as suricata_bench
 from bench.live import Bench
-from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine
+from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine, refresh_readme
 from pktipc._tools.synth import write_pcap
 
 PY = sys.executable
 CBIN = ROOT / "clients" / "c" / "build" / "bin"
 PLOTS = ROOT / "bench" / "plots"
-README = ROOT / "bench" / "README.md"
 
 
 def _med(xs: list[float]) -> float:
@@ -465,15 +463,6 @@ def plots(res: dict[str, Any]) -> list[str]:
     plt.close(fig)
     made.append("latency.png")
     return made
-
-
-def refresh_readme(sections: dict[str, str]) -> None:
-    text = README.read_text()
-    for key, body in sections.items():
-        pattern = re.compile(rf"(<!-- suite:{key} -->\n).*?(\n<!-- /suite:{key} -->)", re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
-    README.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,6 +196,14 @@ def test_without_detach_it_ends_with_its_starter(broker: Any, tmp_path: Path,
         st = wait_for("the recording to run", lambda: state("fg"))
         pid = st["pid"]
         assert alive(pid) and st["detached"] is False
+        if how == signal.SIGINT:     # an attach that dies takes nothing with it
+            att = subprocess.Popen(pktipc_cmd("record", "attach", "fg", "-w",
+                                              str(tmp_path / "att.pcapng")))
+            wait_for("attach to write", lambda: (tmp_path / "att.pcapng").exists())
+            att.kill()
+            assert att.wait(timeout=10) == -signal.SIGKILL
+            (tmp_path / "att.pcapng").unlink()
+            assert alive(pid) and state("fg")["state"] == "running"   # type: ignore[index]
         p.send_signal(how)
         rc = p.wait(timeout=10)
         assert rc == (0 if how == signal.SIGINT else -signal.SIGKILL)
@@ -207,6 +215,42 @@ def test_without_detach_it_ends_with_its_starter(broker: Any, tmp_path: Path,
         f = tmp_path / st["files"][0]["name"]
         assert read_pcap(str(f)).error is None and isb(f)
         f.unlink()
+
+
+def test_a_group_of_recordings_shares_a_replay_and_attach_writes_stdout(
+        broker: Any, tmp_path: Path, recs: None) -> None:
+    """Two recordings in one group (--group) share the packets of a replay:
+    each packet is in exactly one of them, bytes and nanosecond times as in
+    the file; `record attach -w -` writes what each holds as one pcapng
+    stream on stdout."""
+    from pktipc._tools.synth import write_pcap
+
+    src = tmp_path / "src.pcap"
+    with open(src, "wb") as out:
+        write_pcap(out, 2000)
+    b = broker("-r", str(src), "--wait-clients", "2")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for name in ("ga", "gb"):
+        r = start("--server", b.name, name, "-w", str(out_dir), "--group", "share",
+                  "--max-size", "16k", "--files", "1000", "--detach")
+        assert r.returncode == 0, r.stderr
+    ended = {name: wait_for(f"{name} to end", lambda name=name: (s := state(name))
+                            and s["state"] == "ended" and s, timeout=30) for name in ("ga", "gb")}
+    got = []
+    for name, st in ended.items():
+        r = subprocess.run(pktipc_cmd("record", "attach", name, "--no-follow", "-w", "-"),
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout[:4] == b"\x0a\x0d\x0d\x0a" and not r.stderr
+        f = tmp_path / f"{name}.pcapng"
+        f.write_bytes(r.stdout)
+        ref = read_pcap(str(f))
+        assert ref.error is None and 0 < len(ref.packets) == st["packets"] < 2000
+        assert st["removed"]["files"] == 0 and len(st["files"]) >= 2
+        got += ref.packets
+    want = read_pcap(str(src)).packets
+    assert sorted((p.ts_ns, p.data) for p in got) == [(p.ts_ns, p.data) for p in want]
 
 
 def _idle_broker(broker: Any, tmp_path: Path) -> BrokerProc:

@@ -73,6 +73,10 @@ def isb(path: Path) -> list[list[str]]:
     return rows
 
 
+def utc(ns: int) -> list[str]:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns // 1_000_000_000)).split()
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -151,6 +155,12 @@ def test_detached_recording_rotates_keeps_the_last_packets_and_attaches(
     assert [p.data for p in got] == sent[-k:]
     assert [p.ts_ns for p in got] == [p.ts_ns for p in seen[-k:]]
     assert st["removed"]["packets"] == len(sent) - k
+    listed = run_pktipc("record", "list").stdout.splitlines()
+    assert listed[0].split() == ["NAME", "BROKER", "STATE", "PACKETS", "BYTES", "DROPS", "FILES",
+                                 "OLDEST", "(UTC)", "NEWEST", "(UTC)"]
+    [row] = [line.split() for line in listed[1:] if line.split()[0] == "tap"]
+    assert row == ["tap", b.name, "running", "600", str(sum(map(len, sent))), "0", "4",
+                   *utc(seen[-k].ts_ns), *utc(seen[-1].ts_ns)]      # the oldest kept, the last
     closed = files[:-1]
     for f in closed:        # each closed file ends with its statistics block
         [(received, dropped, delivered, comment)] = isb(f)

@@ -466,7 +466,7 @@ def test_recording_survives_a_broker_restart(ns: Netns, broker: Any, tmp_path: P
     """Stopped (end of stream) or killed (no answer), the broker is back
     under its name: the recording attaches to it, counts the restart, ends
     its file noting it, and records on in the next."""
-    b = serve_live(broker, ns, "-i", "va", "--heartbeat", "0.2")
+    b = serve_live(broker, ns, "-i", "va")
     r = start("--server", b.name, "keep", "-w", str(tmp_path), "--detach")
     assert r.returncode == 0, r.stderr
     ns.send("vb", frames(0, 50), tmp_path)
@@ -475,12 +475,16 @@ def test_recording_survives_a_broker_restart(ns: Netns, broker: Any, tmp_path: P
     b.wait()
     if how == signal.SIGKILL:
         b.remove_leftovers()
-    b2 = BrokerProc(b.name, ["-i", "va", "--block-timeout", "2", "--heartbeat", "0.2"],
+    # Killed, the broker is missed after 5 heartbeats (1 s each). An attempt
+    # whose WELCOME comes too late on a loaded machine leaves its place to
+    # the new broker's --liveness, and the next attempts are told name-taken
+    # until then.
+    b2 = BrokerProc(b.name, ["-i", "va", "--block-timeout", "2", "--liveness", "10"],
                     b.runtime, ns)
     try:
         b2.wait_ready()
         wait_for("the recording to attach again", lambda: any(
-            c["name"] == "rec.keep" for c in pktipc.broker_stats(b.name)["clients"]))
+            c["name"] == "rec.keep" for c in pktipc.broker_stats(b.name)["clients"]), timeout=60)
         ns.send("vb", frames(50, 50), tmp_path)
         st = wait_packets("keep", 100)
         assert st["restarts"] == 1 and st["state"] == "running"

@@ -553,6 +553,10 @@ class Client:
                 events += self._conn.receive(frame, time.monotonic())
             except proto.RemoteProtocolError as e:
                 raise BrokerGone(f"broker {self.server!r} broke the protocol: {e}") from e
+            if self._conn.state is proto.State.LOST:
+                # This connection is over (its broker is lost, or the attempt
+                # failed): what else came on it is not read, and it is closed.
+                break
         self._on_events(events)
 
     def _on_events(self, events: list[proto.ClientEvent]) -> None:

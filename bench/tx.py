@@ -52,7 +52,7 @@ from typing import Any
 
 import pktipc
 from bench.live import proc_cpu
-from bench.offline import BASELINES, ROOT, machine
+from bench.offline import BASELINES, ROOT, machine, refresh_readme
 from pktipc._tools.netns import Namespace
 
 PY = sys.executable
@@ -369,7 +369,6 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(res, indent=1))
     print(table(res))
     if not a.no_readme:
-        from bench.suite import refresh_readme
         refresh_readme({"tx": table(res)})
     print(f"results in {out}")
     return 0

@@ -224,6 +224,9 @@ class Dispatcher:
               welcome: dict[str, Any]) -> ClientState | None:
         group = ev.group or ev.name
         other = self.clients.get(ev.name)
+        if other is not None and other.peer is not None and self._given_up(other, ev):
+            self.conn.forget(other.peer)
+            self.detach(other, now)
         if other is not None and other.peer is not None:
             self._refuse(ev, now, "name-taken",
                          f"a client named {ev.name!r} is already attached (pid {other.pid})")
@@ -297,6 +300,15 @@ class Dispatcher:
         self.banned = {n: t for n, t in self.banned.items() if t > now}
         if self.backoff > 0:
             self.banned[c.name] = now + self.backoff
+
+    def _given_up(self, c: ClientState, ev: proto.HelloReceived) -> bool:
+        """Whether `ev` is the process that holds `c`'s name asking again,
+        before it was heard on the connection the broker welcomed: it gave up
+        waiting for that WELCOME (a loaded machine, a broker slow to start),
+        and that connection went with the attempt. Who asks is the kernel's
+        word (SO_PEERCRED), never the client's."""
+        return (c.peer is not None and ev.uid is not None
+                and (ev.pid, ev.uid) == (c.pid, c.uid) and not self.conn.heard(c.peer))
 
     def _resume(self, c: ClientState, ev: proto.HelloReceived, now: float,
                 welcome: dict[str, Any]) -> ClientState:

@@ -76,7 +76,7 @@ def _wait_socket(runtime: Path, name: str, proc: subprocess.Popen[str]) -> None:
 
 def _wait_clients(name: str, k: int) -> float:
     deadline = time.monotonic() + 30
-    while len(pktipc.broker_stats(name)["clients"]) < k:
+    while len(pktipc.broker_stats(name).clients) < k:
         if time.monotonic() > deadline:
             raise RuntimeError("clients did not attach")
         time.sleep(0.005)

@@ -81,8 +81,8 @@ def test_credit_bounds_held_batches(broker, synth: Path) -> None:
         first, second = c.next_batch(timeout=5), c.next_batch(timeout=5)
         assert first is not None and second is not None
         assert c.next_batch(timeout=0.5) is None      # credit exhausted
-        st = c.stats()["clients"][0]
-        assert st["held"] == 2 and st["credit"] == 2
+        st = c.stats().clients[0]
+        assert st.held == 2 and st.credit == 2
         first.release()
         third = c.next_batch(timeout=5)
         assert third is not None and third.seq == second.seq + len(second)
@@ -326,7 +326,7 @@ def test_stopped_drop_client_hurts_nobody(broker, synth: Path) -> None:
             assert dropper.stdout is not None and dropper.stdout.readline() == "got\n"
             dropper.send_signal(signal.SIGSTOP)
             got = [(p.seq, bytes(p.data)) for p in steady.packets(timeout=15)]
-            drops = next(c for c in steady.stats()["clients"] if c["name"] == "dropper")
+            drops = next(c for c in steady.stats().clients if c.name == "dropper")
         assert got == [(i, p.data) for i, p in enumerate(want)]
     finally:
         dropper.send_signal(signal.SIGCONT)
@@ -335,7 +335,7 @@ def test_stopped_drop_client_hurts_nobody(broker, synth: Path) -> None:
     result = json.loads(out.splitlines()[-1])
     seqs, gaps = result["seqs"], [tuple(g) for g in result["gaps"]]
     skipped = [s for a, e in gaps for s in range(a, e)]
-    assert gaps and drops["drops"] == len(skipped) > 0
+    assert gaps and drops.drops == len(skipped) > 0
     assert sorted(seqs + skipped) == list(range(len(want)))      # nothing lost unannounced
     assert seqs == sorted(seqs)
     assert b.wait() == 0
@@ -496,7 +496,7 @@ def test_a_client_at_the_end_of_the_stream_is_kept_alive(broker) -> None:
             with pytest.raises(pktipc.EndOfStream):
                 c.next_batch(timeout=0)
             time.sleep(0.05)
-        [me] = c.stats()["clients"]
-        assert (me["name"], me["attached"]) == ("late-reader", True)
+        [me] = c.stats().clients
+        assert (me.name, me.attached) == ("late-reader", True)
     b.stop()
     assert "late-reader' dropped" not in b.stderr()

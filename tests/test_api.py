@@ -1,11 +1,11 @@
 """The public surface: what `import pktipc` offers, and the error taxonomy."""
 
 import pytest
+from pktipc._shm import lib
 
 import pktipc
 import pktipc.aio
 from pktipc._errors import refusal
-from pktipc._shm import lib
 
 
 def test_all_is_pinned() -> None:

@@ -477,8 +477,9 @@ def test_install_and_pkg_config(broker, tmp_path: Path) -> None:
 
 # --- the ABI ----------------------------------------------------------------------------
 
-# A consumer built against version 1's pktipc_opts (before `balance`), and
-# one built against a newer header, with a field this library does not know.
+# A consumer built against version 1's pktipc_opts (before `balance` and
+# `filter`), and one built against a newer header, with a field this
+# library does not know.
 OLD_CONSUMER = r"""
 #include <stddef.h>
 #include <stdio.h>
@@ -488,7 +489,7 @@ struct opts_v1 {
     size_t sz; const char *server, *name, *group; int policy; unsigned credit;
     int timeout_ms, reconnect_ms; char *errbuf;
 };
-struct opts_next { struct opts_v1 v1; int balance; int unknown; };
+struct opts_next { struct opts_v1 v1; int balance; const char *filter; int unknown; };
 struct batch { unsigned long long seq; unsigned count; const void *pkts, *index, *base;
                unsigned long long t; void *s; };
 int pktipc_open(const void *o, struct pktipc_client **c);
@@ -514,7 +515,7 @@ int main(int argc, char **argv)
     printf("packets %llu end %d\n", packets, r);
     pktipc_close(c);
     struct opts_next n = {{sizeof(struct opts_next), argv[1], "newer", NULL, 1, 0, -1, 0, err},
-                          0, 7};
+                          0, NULL, 7};
     printf("unknown field set: %d\n", pktipc_open(&n, &c));
     n.unknown = 0;
     r = pktipc_open(&n, &c);

@@ -155,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--credit", type=int, metavar="N")
     d.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
                    help="for connecting (default: 5)")
+    d.add_argument("expression", nargs="*",
+                   help="keep only the packets this filter (tcpdump's syntax) matches")
 
     st = sub.add_parser("status", help="list brokers, their counters and clients")
     st.add_argument("names", nargs="*", help="brokers (default: every one running)")
@@ -233,7 +235,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
     if a.count is not None and a.count < 1:
         raise ValueError("-c COUNT must be at least 1")
     with connect(a.server, a.client, group=a.group, balance=a.balance, policy=a.policy,
-                 credit=a.credit, timeout=a.timeout) as client:
+                 credit=a.credit, timeout=a.timeout, filter=" ".join(a.expression)) as client:
         out = sys.stdout.buffer if a.out == "-" else open(a.out, "wb")  # noqa: SIM115
         try:
             writer = CaptureWriter(out, client.ifaces, a.format)

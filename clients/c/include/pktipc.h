@@ -33,6 +33,19 @@
  * A share that a member leaving passes on comes as a batch of its own,
  * with a seq this member may have had, and released, already.
  *
+ * Filters. opts.filter keeps only the packets a tcpdump expression
+ * matches ("tcp port 443", "vlan 100 and tcp"): libpcap compiles it for each
+ * link type among the broker's sources, as tcpdump -r does for a file (a
+ * frame is tested as it is delivered, with a VLAN tag the kernel stripped
+ * put back), and the program runs in the library over each batch (in a
+ * group, over this member's share) before it is handed out. A batch holds
+ * only the matching packets (b.index says where they stand in the slab);
+ * one with none is given back to the broker at once, never handed out.
+ * pktipc_stats' `filtered` counts what was left out. An expression libpcap
+ * refuses, or one that cannot apply to a source's link type, fails
+ * pktipc_open with -PKTIPC_EFILTER and libpcap's message (and ends a client
+ * that finds it so for a broker that takes a lost one's place).
+ *
  * Three ways to consume, to be mixed freely:
  *  - batches: pktipc_next_batch, then pktipc_release_batch;
  *  - packets released one by one, in any order, from any thread, at any time
@@ -115,6 +128,8 @@ extern "C" {
 #define PKTIPC_EGROUP     18   /* this name is kept in another group (it left within --grace) */
 #define PKTIPC_EUNTRUSTED 19   /* the broker's socket or segment is not owned as a broker's is:
                                   another user may be posing as the broker */
+#define PKTIPC_EFILTER    20   /* libpcap refused opts.filter; pktipc_geterr (or opts.errbuf) has
+                                  its message */
 
 #define PKTIPC_POLICY_DROP   0   /* the broker never waits for this client: it skips ahead */
 #define PKTIPC_POLICY_BLOCK  1   /* lossless: the broker waits for this client */
@@ -146,6 +161,8 @@ struct pktipc_opts {
     /* --- version 1 ends here --- */
     int balance;            /* PKTIPC_BALANCE_*: how the group divides its packets; asking
                                for another mode than the group's is refused (-PKTIPC_EBALANCE) */
+    const char *filter;     /* NULL or "": every packet; else only the packets this
+                               expression (tcpdump's syntax) matches: see Filters above */
 };
 
 struct pktipc_batch {       /* filled by pktipc_next_batch */
@@ -185,6 +202,7 @@ struct pktipc_stats {
     uint64_t kernel_packets;    /* live sources: packets the kernel saw */
     uint64_t kernel_drops;      /* live sources: packets the kernel dropped */
     uint64_t kernel_freezes;    /* live sources: times the kernel ring froze */
+    uint64_t filtered;          /* of this client's packets, those opts.filter left out */
 };
 
 /* Attaches to a broker: 0 with *out set, or -PKTIPC_E* with *out NULL (and

@@ -108,6 +108,7 @@ PKTIPC_API int pktipc_stats(pktipc_client *c, struct pktipc_stats *out, size_t s
             st->kernel_freezes += load64(&f->kernel_freezes);
         }
     }
+    st->filtered = c->filtered;
     /* A caller built with an older, shorter struct gets what it has room for. */
     memcpy(out, &all, sz < sizeof(all) ? sz : sizeof(all));
     return leave(c, 0);
@@ -149,7 +150,7 @@ PKTIPC_API int pktipc_fd(const pktipc_client *c)
 #define OPTS_END(field) \
     (offsetof(struct pktipc_opts, field) + sizeof(((struct pktipc_opts *)0)->field))
 #define OPTS_V1_SZ offsetof(struct pktipc_opts, balance)
-#define OPTS_KNOWN OPTS_END(balance)
+#define OPTS_KNOWN OPTS_END(filter)
 #define OPTS_HAS(sz, field) ((sz) >= OPTS_END(field))
 
 /* A caller's options as this library's struct (as libbpf's OPTS_VALID and
@@ -168,6 +169,8 @@ static int opts_of(const struct pktipc_opts *opts, struct pktipc_opts *o)
     /* Fields after version 1's, whole or not at all. */
     if (!OPTS_HAS(opts->sz, balance))
         o->balance = 0;
+    if (!OPTS_HAS(opts->sz, filter))
+        o->filter = NULL;
     o->sz = sizeof(*o);
     return 0;
 }
@@ -239,6 +242,7 @@ PKTIPC_API const char *pktipc_strerror(int err)
         [PKTIPC_EBALANCE] = "the group balances in the other mode",
         [PKTIPC_EGROUP] = "this client's name is kept in another group",
         [PKTIPC_EUNTRUSTED] = "the broker's socket or segment is not a broker's",
+        [PKTIPC_EFILTER] = "libpcap refused the filter",
     };
     unsigned e = err < 0 ? (unsigned)-(long)err : (unsigned)err;
     return e < sizeof(text) / sizeof(text[0]) ? text[e] : "unknown error";

@@ -86,7 +86,7 @@ def test_prometheus_sees_the_brokers_counts(broker, procs: Procs, tmp_path: Path
     assert prom.value(f'pktipc_client_dropped_packets_total{{{sel},client="stalled"}}') \
         == drops
     assert prom.value(f'pktipc_client_packets_total{{{sel},client="stalled"}}') \
-        == mine["packets"]
+        == mine.packets
     assert prom.value(f"pktipc_source_packets_total{{{sel}}}") == PACKETS
     assert prom.value(f"pktipc_source_bytes_total{{{sel}}}") == st.counters.bytes
     assert prom.value(f'pktipc_broker_state{{{sel},state="ended"}}') == 1

@@ -39,7 +39,7 @@ void pktipc_filter_free(struct pktipc_filter *f)
 
 /* Compiles expr for one link type into *prog: 0, or -1 with the reason. */
 static int compile(const char *expr, uint32_t linktype, struct bpf_program *prog, char *errbuf,
-                   int after_others)
+                   int several)
 {
     /* The snapshot length only sets what an accepting program returns. */
     pcap_t *p = pcap_open_dead(pktipc_dlt_of_linktype((int)linktype), 262144);
@@ -48,7 +48,7 @@ static int compile(const char *expr, uint32_t linktype, struct bpf_program *prog
         return -1;
     }
     int r = pcap_compile(p, prog, expr, 1, PCAP_NETMASK_UNKNOWN);
-    if (r < 0 && after_others) {     /* it applies to other sources, not this one */
+    if (r < 0 && several) {     /* say which of the sources' link types refuses it */
         const char *name = pcap_datalink_val_to_name(pktipc_dlt_of_linktype((int)linktype));
         snprintf(errbuf, PKTIPC_FILTER_ERRBUF_SIZE, "filter '%.128s': %s (link type %s)", expr,
                  pcap_geterr(p), name ? name : "unknown");
@@ -73,12 +73,15 @@ int pktipc_filter_new(const char *expr, const uint32_t *linktypes, uint32_t n,
         return -1;
     }
     f->n = n;
+    int several = 0;
+    for (uint32_t i = 1; i < n; i++)
+        several |= linktypes[i] != linktypes[0];
     for (uint32_t i = 0; i < n; i++) {
         uint32_t j = 0;
         while (j < f->nprogs && f->linktypes[j] != linktypes[i])
             j++;
         if (j == f->nprogs) {
-            if (compile(expr, linktypes[i], &f->progs[j], errbuf, f->nprogs > 0) < 0) {
+            if (compile(expr, linktypes[i], &f->progs[j], errbuf, several) < 0) {
                 pktipc_filter_free(f);
                 return -1;
             }

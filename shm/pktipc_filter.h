@@ -17,9 +17,11 @@
 struct pktipc_filter;
 
 /* Compiles `expr` for sources of the given LINKTYPE_* values (linktypes[i]
- * is source i's): 0 with *out set, or -1 with libpcap's message (naming
- * the source's link type when it is one the expression cannot apply to) in
- * errbuf (PKTIPC_FILTER_ERRBUF_SIZE bytes). */
+ * is source i's): 0 with *out set, or -1 with *out NULL and libpcap's
+ * message in errbuf (PKTIPC_FILTER_ERRBUF_SIZE bytes). As tcpdump -r
+ * refuses an expression its file's link type cannot take ("ip" on IPv6
+ * alone, "tcp" on D-Bus), so is one any source's link type cannot take;
+ * when the sources have several link types, the message names it. */
 int pktipc_filter_new(const char *expr, const uint32_t *linktypes, uint32_t n,
                       struct pktipc_filter **out, char *errbuf);
 

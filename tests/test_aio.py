@@ -180,6 +180,23 @@ def test_errors_as_the_blocking_client_says_them(broker, synth: Path) -> None:
     asyncio.run(main())
 
 
+def test_close_under_a_waiting_coroutine(broker, synth: Path) -> None:
+    """A coroutine waiting in next_batch when the client is closed gets
+    ClosedError, as a later call does: it was not cancelled."""
+    b = broker("-r", str(synth), "--wait-clients", "2")
+
+    async def main() -> None:
+        c = await pktipc.aio.connect(b.name, "c")
+        waiting = asyncio.ensure_future(c.next_batch())
+        await asyncio.sleep(0)
+        c.close()
+        with pytest.raises(pktipc.ClosedError):
+            await waiting
+        c.close()
+
+    asyncio.run(main())
+
+
 def test_fileno_in_a_selector(broker, synth: Path) -> None:
     """The blocking client's descriptor, in a selector of one's own: readable
     when something came; drained with next_batch(timeout=0)."""

@@ -23,6 +23,11 @@ from .._stats import BrokerStats
 from .session import Batch, Callback, Packet, _Hand, _Session
 
 
+def _wake(w: asyncio.Future[None]) -> None:
+    if not w.done():
+        w.set_result(None)
+
+
 class AsyncClient(_Session):
     """One named client of one broker, for asyncio. See pktipc.aio.connect()."""
 
@@ -39,18 +44,19 @@ class AsyncClient(_Session):
         except Exception as e:      # for the coroutine that calls next
             self._deferred = e
         for w in self._waiters:
-            if not w.done():
-                w.set_result(None)
+            _wake(w)
 
     async def _wait(self, timeout: float | None) -> None:
         """Until the reader has run, or `timeout` seconds (None: for ever)."""
         w = self._loop.create_future()
         self._waiters.add(w)
+        timer = None if timeout is None else self._loop.call_later(timeout, _wake, w)
         try:
-            await asyncio.wait((w,), timeout=timeout)
+            await w
         finally:
             self._waiters.discard(w)
-            w.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def _check_call(self) -> None:
         """Raises what the reader met since the last call (a failure is
@@ -164,7 +170,7 @@ class AsyncClient(_Session):
         if not self._closed:
             self._loop.remove_reader(self._epoll.fileno())
             for w in self._waiters:
-                w.cancel()
+                _wake(w)        # a coroutine waiting in it gets ClosedError
         self._bye()
 
     async def __aenter__(self) -> AsyncClient:

@@ -102,6 +102,17 @@ def test_c_client_keeps_what_tcpdump_keeps(broker, references: References, tmp_p
     assert read_pcap(str(out)).packets == [p for r in refs.values() for p in r]
 
 
+def test_dump_keeps_what_tcpdump_keeps(broker, references: References, synth: Path,
+                                       tmp_path: Path) -> None:
+    """pktipc dump SERVER ... EXPR writes what tcpdump -r FILE -w - EXPR writes."""
+    b = broker("-r", str(synth))
+    out = tmp_path / "d.pcap"
+    r = run_pktipc("dump", "--server", b.name, "-w", str(out), "vlan", "100", "and", "tcp")
+    assert r.returncode == 0, r.stderr
+    want = references("vlan 100 and tcp")[synth]
+    assert 0 < len(want) < 4000 and read_pcap(str(out)).packets == want
+
+
 def read_together(clients: list[pktipc.Client]) -> dict[str, list[tuple[int, Packet]]]:
     """(seq, packet) of what each client gets until end-of-stream, reading
     them in turn: a group's members are told end-of-stream together."""

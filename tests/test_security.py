@@ -362,8 +362,8 @@ def test_stalled_drop_clients_cost_only_themselves(ns: Any, broker: Any, tmp_pat
             st = pktipc.broker_stats(b.name)
         per = {c.name: c for c in st.clients}
         assert per["good"].drops == 0 and st.sources[0].kernel_drops == 0
-        assert all(per[c.name]["held"] == 4 for c in idle)
-        assert all(per[c.name]["drops"] > 0 for c in idle)
+        assert all(per[c.name].held == 4 for c in idle)
+        assert all(per[c.name].drops > 0 for c in idle)
     finally:
         for c in idle:
             c.close()

@@ -404,9 +404,9 @@ def test_stalled_member_drops_are_suricatas_drops(ns: Netns, broker: Any, surica
     assert stats.sources[0].kernel_drops == stats.counters.broker_drops == 0
     assert s.stop() == 0, s.output()
     cap = s.stats()["capture"]
-    assert cap["kernel_drops"] == cap["pktipc"]["member_drops"] == member["drops"]
+    assert cap["kernel_drops"] == cap["pktipc"]["member_drops"] == member.drops
     assert cap["kernel_packets"] == total
-    assert s.stats()["decoder"]["pkts"] == total - member["drops"]
+    assert s.stats()["decoder"]["pkts"] == total - member.drops
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])

@@ -669,6 +669,8 @@ class _Session:
                     raise BrokerNotRunning(f"{self.endpoint} is not a pktipc broker: "
                                            f"{e}") from e
                 raise BrokerGone(f"broker {self.server!r} broke the protocol: {e}") from e
+            if any(isinstance(ev, proto.ConnectionLost) for ev in events):
+                break   # what else came on it (a restarted broker's other refusals) is void
         self._on_events(events)
 
     def _on_events(self, events: list[proto.ClientEvent]) -> None:

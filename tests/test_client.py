@@ -167,6 +167,35 @@ def test_client_follows_a_restarted_broker(broker, synth: Path, runtime_dir: Pat
     assert not list(Path("/dev/shm").glob(f"pktipc.{first.name}.*"))
 
 
+def test_stale_messages_refused_by_a_restarted_broker(broker, synth: Path,
+                                                      runtime_dir: Path) -> None:
+    """Messages sent before the client knew its broker had been replaced are
+    each refused by the new one (not-attached): the first refusal says the
+    connection is lost, those after it are void, and the client attaches to
+    the new broker as when it finds out by itself."""
+    want = read_pcap(str(synth)).packets
+    first = broker("-r", str(DNS), "--wait-clients", "2")
+    with pktipc.connect(first.name, "c") as c:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        second = BrokerProc(first.name, ["-r", str(synth), "--wait-clients", "1"], runtime_dir)
+        try:
+            second.wait_ready()
+            for _ in range(3):          # three messages the new broker does not expect
+                c._conn._send("heartbeat", time.monotonic())
+            c._flush()
+            deadline = time.monotonic() + 30
+            while pktipc.broker_stats(second.name).counters.protocol_errors < 3:
+                assert time.monotonic() < deadline, "the new broker did not refuse them"
+                time.sleep(0.01)
+            got = [(p.seq, bytes(p.data)) for p in c.packets(timeout=15)]
+            assert second.wait() == 0
+        finally:
+            second.stop()
+        assert c.reconnects == 1
+    assert got == [(i, p.data) for i, p in enumerate(want)]
+
+
 def test_restart_after_kill_cleans_stale_files(broker) -> None:
     first = broker("-r", str(DNS), "--wait-clients", "2")
     name = first.name

@@ -268,6 +268,15 @@ class Batch:
         self._views.extend(views)
         return views
 
+    def buffer(self) -> memoryview:
+        """The whole slab, read-only and in place: a descriptor's `data_off`
+        indexes it. Released with the batch, as views() are."""
+        self._check()
+        base = self._map.slab_base(self.slab)
+        view = self._map.view[base : base + self._map.slab_size]
+        self._views.append(view)
+        return view
+
     def packets(self) -> list[Packet]:
         """This client's packets of the batch, in order; built column by column."""
         with _no_gc():
@@ -441,6 +450,23 @@ class _Session:
             drops=sum(end - start for start, end in self.gaps), gaps=len(self.gaps),
             reconnects=self._conn.reconnects,
             held=sum(1 for b in self._batches if not b._released))
+
+    def segment_counters(self) -> dict[str, Any]:
+        """The broker's monotonic counters as its segment holds them now,
+        read in place, no message sent: `epoch`, `broker` (packets,
+        broker_drops, client_drops, ...) and `sources`, a dict per source
+        (packets, bytes, kernel_packets, kernel_drops, kernel_freezes,
+        `live`). They start from 0 with a new broker (a new `epoch`)."""
+        seg = self._mapping().seg
+        sources = []
+        for i in range(int(seg.header.iface_count)):
+            e = seg.iface(i)
+            sources.append({"packets": int(e.packets), "bytes": int(e.bytes),
+                            "kernel_packets": int(e.kernel_packets),
+                            "kernel_drops": int(e.kernel_drops),
+                            "kernel_freezes": int(e.kernel_freezes),
+                            "live": int(e.kind) == lib.PKTIPC_IFACE_LIVE})
+        return {"epoch": self.epoch, "broker": seg.counters(), "sources": sources}
 
     # -- attaching --
     def _open(self) -> None:
@@ -669,8 +695,11 @@ class _Session:
                     raise BrokerNotRunning(f"{self.endpoint} is not a pktipc broker: "
                                            f"{e}") from e
                 raise BrokerGone(f"broker {self.server!r} broke the protocol: {e}") from e
-            if any(isinstance(ev, proto.ConnectionLost) for ev in events):
-                break   # what else came on it (a restarted broker's other refusals) is void
+            if self._conn.state is proto.State.LOST:
+                # This connection is over (its broker is lost, or the attempt
+                # failed): what else came on it (a restarted broker's other
+                # refusals) is not read, and it is closed.
+                break
         self._on_events(events)
 
     def _on_events(self, events: list[proto.ClientEvent]) -> None:

@@ -90,7 +90,7 @@ def _wait_clients(name: str, k: int, broker: subprocess.Popen[str]) -> float:
     while True:
         start = time.monotonic()
         try:
-            if len(pktipc.broker_stats(name)["clients"]) >= k:
+            if len(pktipc.broker_stats(name).clients) >= k:
                 return time.monotonic()
         except pktipc.BrokerNotRunning:
             broker.wait(timeout=10)

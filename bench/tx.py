@@ -215,8 +215,8 @@ class TxBench:
                     sent, secs = int(m[1]), float(m[2])
                 broker_cpu = proc_cpu(broker.pid) - b0
                 client_cpu = self._reaped(usage)        # before the broker is reaped too
-                st = pktipc.broker_stats(name)["sources"][0]["tx"]
-                assert not st["kernel_errors"], st
+                st = pktipc.broker_stats(name).sources[0].tx
+                assert st is not None and not st.kernel_errors, st
             finally:
                 self.stop(broker)
         cpu = self._reaped(usage) if broker_cpu is None else client_cpu + broker_cpu
@@ -235,8 +235,7 @@ class TxBench:
                                    name, "10.79.0.3"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
         try:
-            while {"pong-c", "pong-py"} - {c["name"] for c in
-                                           pktipc.broker_stats(name)["clients"]}:
+            while {"pong-c", "pong-py"} - {c.name for c in pktipc.broker_stats(name).clients}:
                 for p in pongs:
                     if p.poll() is not None:
                         raise RuntimeError(f"pong: {p.stderr.read() if p.stderr else ''}")

@@ -50,6 +50,11 @@ class LayoutError(PktipcError):
     """The shared-memory segment is not a layout this version reads."""
 
 
+class FilterError(PktipcError, ValueError):
+    """libpcap refused a filter expression (its message says why), or the
+    expression cannot apply to the link type of one of the broker's sources."""
+
+
 class SourceError(PktipcError):
     """A packet source (capture file, interface) cannot be used."""
 

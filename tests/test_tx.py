@@ -6,6 +6,7 @@ libpcap (tcpdump) and compared byte for byte."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -69,10 +70,9 @@ def frames_of(seed: int, n: int) -> list[bytes]:
 
 
 def tx_stats(name: str, client: str) -> dict[str, Any]:
-    st = pktipc.broker_stats(name)
-    c = next(c for c in st["clients"] if c["name"] == client)
-    tx: dict[str, Any] = c["tx"]
-    return tx
+    tx = pktipc.broker_stats(name).client(client).tx
+    assert tx is not None
+    return dataclasses.asdict(tx)
 
 
 def test_python_and_c_frames_arrive_exact(ns: Netns, broker: Any, tmp_path: Path,
@@ -100,8 +100,8 @@ def test_python_and_c_frames_arrive_exact(ns: Netns, broker: Any, tmp_path: Path
     assert out.stdout.splitlines()[-1] == "flush 0 submitted 200 sent 200 refused 0"
     got = peer.frames(400)
     assert got == py1 + py2 + cf
-    st = pktipc.broker_stats(b.name)["sources"][0]
-    assert st["tx"]["sent"] == 400 and st["tx"]["kernel_errors"] == {}
+    tx = pktipc.broker_stats(b.name).sources[0].tx
+    assert tx is not None and tx.sent == 400 and tx.kernel_errors == {}
 
 
 def test_a_full_area_waits_or_says_busy(ns: Netns, broker: Any, tmp_path: Path,
@@ -179,7 +179,7 @@ def test_a_host_that_is_only_a_client_answers_ping(ns: Netns, broker: Any, tmp_p
                              stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 30
-            while cmd[-1] not in [c["name"] for c in pktipc.broker_stats(b.name)["clients"]]:
+            while cmd[-1] not in [c.name for c in pktipc.broker_stats(b.name).clients]:
                 assert p.poll() is None and time.monotonic() < deadline, p.stderr
                 time.sleep(0.05)
             cap = tmp_path / f"{kind}.pcap"
@@ -304,7 +304,7 @@ def test_who_may_not_send_is_refused(ns: Netns, broker: Any, tmp_path: Path, sen
                 assert out.stdout.startswith(f"alloc -{5}: broker "), out.stdout
                 assert "sending is for the broker's own user, root and the users serve " \
                        f"--allow-tx names; this client's is uid {NOBODY}" in out.stdout
-                assert pktipc.broker_stats(name)["tx_refused"] == {"tx-refused": 1}
+                assert pktipc.broker_stats(name).tx_refused == {"tx-refused": 1}
                 assert peer.stop() == []
             else:
                 assert out.returncode == 0, out.stdout + out.stderr
@@ -378,8 +378,8 @@ def test_a_client_that_dies_or_shrinks_its_area_hurts_only_itself(
     assert got[-100:] == ok
     assert got[:-100] in ([], [b"\xdd" * 60] * 400)           # what the dead one got out
     st = pktipc.broker_stats(b.name)
-    assert [c["name"] for c in st["clients"]] == []
-    assert st["counters"]["evictions"] >= 2
+    assert [c.name for c in st.clients] == []
+    assert st.counters.evictions >= 2
 
 
 def shrink_own_area(tx: pktipc.Tx) -> None:

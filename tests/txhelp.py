@@ -93,8 +93,8 @@ def build_sender(tmp: Path) -> Path:
     subprocess.run(["make", "-s", "-C", str(CDIR), "lib"], check=True, capture_output=True)
     src, exe = tmp / "sender.c", tmp / "sender"
     src.write_text(SENDER)
-    libs = subprocess.run(["pkg-config", "--libs", "libzmq", "msgpack"], capture_output=True,
-                          text=True, check=True).stdout.split()
+    libs = subprocess.run(["pkg-config", "--libs", "libzmq", "msgpack", "libpcap"],
+                          capture_output=True, text=True, check=True).stdout.split()
     subprocess.run(["gcc", "-O1", "-o", str(exe), str(src), f"-I{CDIR / 'include'}",
                     f"-I{ROOT / 'shm'}", str(LIB / "libpktipc.a"), *libs, "-pthread"],
                    check=True)

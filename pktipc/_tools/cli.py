@@ -20,6 +20,7 @@ from .._client import recording as _recording
 from .._client.client import broker_stats, brokers, connect
 from .._client.writer import ClientTally, RollingWriter, RotationLimit, TcpdumpFiles
 from .._errors import EndOfStream, PktipcError
+from .._stats import BrokerStats
 from . import config as _config
 from . import demo as _demo
 from . import exporter as _exporter
@@ -207,6 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--credit", type=int, metavar="N")
     d.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
                    help="for connecting (default: 5)")
+    d.add_argument("expression", nargs="*",
+                   help="keep only the packets this filter (tcpdump's syntax) matches")
 
     rp = sub.add_parser("replay", help="send a capture file's frames out of an interface, "
                         "through a broker that sends there (serve -i IFACE --tx)")
@@ -348,7 +351,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
         raise ValueError("-c COUNT must be at least 1")
     rolling = _rolling_options(a)
     with connect(a.server, a.client, group=a.group, balance=a.balance, policy=a.policy,
-                 credit=a.credit, timeout=a.timeout) as client:
+                 credit=a.credit, timeout=a.timeout, filter=" ".join(a.expression)) as client:
         files = TcpdumpFiles(a.out, by_size=a.file_size is not None, every=a.rotate_seconds,
                              ring=a.file_count)
         tally = ClientTally(client)
@@ -425,65 +428,61 @@ def cmd_record(a: argparse.Namespace) -> int:
 
 def cmd_status(a: argparse.Namespace) -> int:
     names = a.names or brokers()
-    result: list[dict[str, Any]] = []
+    result: list[BrokerStats | tuple[str, str]] = []
     for name in names:
         try:
             result.append(broker_stats(name))
         except PktipcError as e:
-            result.append({"name": name, "error": str(e)})
+            result.append((name, str(e)))
+    ok = all(isinstance(r, BrokerStats) for r in result)
     if a.json:
-        print(json.dumps(result, indent=2))
-        return 0 if all("error" not in r for r in result) else 1
+        print(json.dumps([r.reply if isinstance(r, BrokerStats) else
+                          {"name": r[0], "error": r[1]} for r in result], indent=2))
+        return 0 if ok else 1
     if not result:
         print("no broker is running")
     for r in result:
-        print(_status_text(r))
-    return 0 if all("error" not in r for r in result) else 1
+        print(_status_text(r) if isinstance(r, BrokerStats) else f"{r[0]}: {r[1]}")
+    return 0 if ok else 1
 
 
-def _status_text(r: dict[str, Any]) -> str:
-    if "error" in r:
-        return f"{r['name']}: {r['error']}"
-    c = r["counters"]
+def _status_text(r: BrokerStats) -> str:
+    c = r.counters
     lines = [
-        f"{r['name']}  pid {r['pid']}  {r['state']}  up {r['uptime_s']:.1f} s  {r['endpoint']}",
-        f"  packets {c['packets']}  bytes {c['bytes']}  batches {c['batches']}  "
-        f"broker drops {c['broker_drops']}  client drops {c['client_drops']}  "
-        f"protocol errors {c['protocol_errors']}  slabs free {r['slabs']['free']}"
-        f"/{r['slabs']['count']}",
+        f"{r.name}  pid {r.pid}  {r.state}  up {r.uptime_s:.1f} s  {r.endpoint}",
+        f"  packets {c.packets}  bytes {c.bytes}  batches {c.batches}  "
+        f"broker drops {c.broker_drops}  client drops {c.client_drops}  "
+        f"protocol errors {c.protocol_errors}  slabs free {r.slabs.free}/{r.slabs.count}",
     ]
-    for s in r["sources"]:
-        line = (f"  source {s['name']}  linktype {s['linktype']}  "
-                f"packets {s['packets']}  bytes {s['bytes']}")
-        if s.get("kind") == "interface":
-            line += (f"  kernel: packets {s['kernel_packets']} drops {s['kernel_drops']} "
-                     f"freezes {s['kernel_freezes']}")
-            if "fanout_id" in s:
-                line += f"  fanout {s['fanout_id']} ({s['fanout_mode']})"
-        if "tx" in s:
-            t = s["tx"]
-            errors = " ".join(f"{k} {v}" for k, v in sorted(t["kernel_errors"].items()))
-            line += (f"\n    sends: frames {t['sent']}  pending {t['pending']}  "
-                     f"longest {t['max_len']}  kernel errors {errors or 0}")
+    for s in r.sources:
+        line = f"  source {s.name}  linktype {s.linktype}  packets {s.packets}  bytes {s.bytes}"
+        if s.kind == "interface":
+            line += (f"  kernel: packets {s.kernel_packets} drops {s.kernel_drops} "
+                     f"freezes {s.kernel_freezes}")
+            if s.fanout_id is not None:
+                line += f"  fanout {s.fanout_id} ({s.fanout_mode})"
+        if s.tx is not None:
+            errors = " ".join(f"{k} {v}" for k, v in sorted(s.tx.kernel_errors.items()))
+            line += (f"\n    sends: frames {s.tx.sent}  pending {s.tx.pending}  "
+                     f"longest {s.tx.max_len}  kernel errors {errors or 0}")
         lines.append(line)
-    clients = {cl["name"]: cl for cl in r["clients"]}
-    for g in r["groups"]:
-        lines.append(f"  group {g['name']}  {g['balance']}  {len(g['members'])} member(s)  "
-                     f"{'shared' if g['shared'] else 'own'}  joined or left "
-                     f"{g['changes']}  packets {g['packets']}")
-        for cl in map(clients.__getitem__, g["members"]):
-            away = "" if cl["attached"] else "  (detached)"
-            lines.append(f"    client {cl['name']}  slot {cl['slot']}  {cl['policy']}  "
-                         f"pid {cl['pid']}  packets {cl['packets']}  batches {cl['batches']}  "
-                         f"held {cl['held']}/{cl['credit']}  queued {cl['queued']}  "
-                         f"drops {cl['drops']}{away}")
-            if "tx" in cl:
-                t = cl["tx"]
-                refused = " ".join(f"{k} {v}" for k, v in sorted(t["refused"].items()))
-                lines.append(f"      sends: submitted {t['submitted']}  sent {t['sent']}  "
-                             f"refused {sum(t['refused'].values())}"
-                             f"{f' ({refused})' if refused else ''}  in ring {t['in_ring']}  "
-                             f"waiting {t['waiting']}")
+    for g in r.groups:
+        lines.append(f"  group {g.name}  {g.balance}  {len(g.members)} member(s)  "
+                     f"{'shared' if g.shared else 'own'}  joined or left "
+                     f"{g.changes}  packets {g.packets}")
+        for cl in map(r.client, g.members):
+            away = "" if cl.attached else "  (detached)"
+            lines.append(f"    client {cl.name}  slot {cl.slot}  {cl.policy}  "
+                         f"pid {cl.pid}  packets {cl.packets}  batches {cl.batches}  "
+                         f"held {cl.held}/{cl.credit}  queued {cl.queued}  "
+                         f"drops {cl.drops}{away}")
+            if cl.tx is not None:
+                t = cl.tx
+                refused = " ".join(f"{k} {v}" for k, v in sorted(t.refused.items()))
+                lines.append(f"      sends: submitted {t.submitted}  sent {t.sent}  "
+                             f"refused {sum(t.refused.values())}"
+                             f"{f' ({refused})' if refused else ''}  in ring {t.in_ring}  "
+                             f"waiting {t.waiting}")
     return "\n".join(lines)
 
 

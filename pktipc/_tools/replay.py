@@ -65,11 +65,11 @@ def replay(server: str, client: str, iface: str, files: list[str], *, speed: flo
             raise ValueError(f"broker {server!r} has no interface {iface!r} "
                              f"({', '.join(names)})")
         i = names.index(iface)
-        tx_info = c.stats()["sources"][i].get("tx")
+        tx_info = c.stats().sources[i].tx
         if tx_info is None:
             raise PktipcError(f"broker {server!r} does not send on {iface} "
                               f"(serve -i {iface} --tx)")
-        size = min(lib.PKTIPC_TX_MAX_FRAME_SIZE, -(-(tx_info["max_len"] + 4) // 64) * 64)
+        size = min(lib.PKTIPC_TX_MAX_FRAME_SIZE, -(-(tx_info.max_len + 4) // 64) * 64)
         return _Replay(c, i, size, speed, pps).run(files, loops, c.ifaces[i].linktype)
 
 

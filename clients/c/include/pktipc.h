@@ -33,6 +33,19 @@
  * A share that a member leaving passes on comes as a batch of its own,
  * with a seq this member may have had, and released, already.
  *
+ * Filters. opts.filter keeps only the packets a tcpdump expression
+ * matches ("tcp port 443", "vlan 100 and tcp"): libpcap compiles it for each
+ * link type among the broker's sources, as tcpdump -r does for a file (a
+ * frame is tested as it is delivered, with a VLAN tag the kernel stripped
+ * put back), and the program runs in the library over each batch (in a
+ * group, over this member's share) before it is handed out. A batch holds
+ * only the matching packets (b.index says where they stand in the slab);
+ * one with none is given back to the broker at once, never handed out.
+ * pktipc_stats' `filtered` counts what was left out. An expression libpcap
+ * refuses, or one that cannot apply to a source's link type, fails
+ * pktipc_open with -PKTIPC_EFILTER and libpcap's message (and ends a client
+ * that finds it so for a broker that takes a lost one's place).
+ *
  * Three ways to consume, to be mixed freely:
  *  - batches: pktipc_next_batch, then pktipc_release_batch;
  *  - packets released one by one, in any order, from any thread, at any time
@@ -135,6 +148,8 @@ extern "C" {
 #define PKTIPC_EUNTRUSTED 19   /* the broker's socket or segment is not owned as a broker's is:
                                   another user may be posing as the broker */
 #define PKTIPC_EAGAIN     20   /* every slot of the TX area waits for the broker: try again */
+#define PKTIPC_EFILTER    21   /* libpcap refused opts.filter; pktipc_geterr (or opts.errbuf) has
+                                  its message */
 
 #define PKTIPC_POLICY_DROP   0   /* the broker never waits for this client: it skips ahead */
 #define PKTIPC_POLICY_BLOCK  1   /* lossless: the broker waits for this client */
@@ -170,6 +185,9 @@ struct pktipc_opts {
     unsigned tx_frames;     /* slots of the TX area, a power of two; 0: 1024 (pktipc_open
                                refuses a TX area it could not make: -PKTIPC_EINVAL) */
     unsigned tx_frame_size; /* bytes of a slot (the longest frame), a multiple of 64; 0: 2048 */
+    /* --- added with the clients' filter --- */
+    const char *filter;     /* NULL or "": every packet; else only the packets this
+                               expression (tcpdump's syntax) matches: see Filters above */
 };
 
 struct pktipc_batch {       /* filled by pktipc_next_batch */
@@ -213,6 +231,7 @@ struct pktipc_stats {
     uint64_t tx_sent;           /* of those, copied by the broker into the kernel's TX ring */
     uint64_t tx_refused;        /* of those, refused by the broker (pktipc_tx_flush says why) */
     uint64_t tx_lost;           /* of those, unanswered by a broker that was lost */
+    uint64_t filtered;          /* of this client's packets, those opts.filter left out */
 };
 
 /* Attaches to a broker: 0 with *out set, or -PKTIPC_E* with *out NULL (and

@@ -112,6 +112,7 @@ PKTIPC_API int pktipc_stats(pktipc_client *c, struct pktipc_stats *out, size_t s
     st->tx_sent = c->tx_sent;
     st->tx_refused = c->tx_refused;
     st->tx_lost = c->tx_lost;
+    st->filtered = c->filtered;
     /* A caller built with an older, shorter struct gets what it has room for. */
     memcpy(out, &all, sz < sizeof(all) ? sz : sizeof(all));
     return leave(c, 0);
@@ -180,7 +181,7 @@ PKTIPC_API int pktipc_fd(const pktipc_client *c)
 #define OPTS_END(field) \
     (offsetof(struct pktipc_opts, field) + sizeof(((struct pktipc_opts *)0)->field))
 #define OPTS_V1_SZ offsetof(struct pktipc_opts, balance)
-#define OPTS_KNOWN OPTS_END(tx_frame_size)
+#define OPTS_KNOWN OPTS_END(filter)
 #define OPTS_HAS(sz, field) ((sz) >= OPTS_END(field))
 
 /* A caller's options as this library's struct (as libbpf's OPTS_VALID and
@@ -203,6 +204,8 @@ static int opts_of(const struct pktipc_opts *opts, struct pktipc_opts *o)
         o->tx_frames = 0;
     if (!OPTS_HAS(opts->sz, tx_frame_size))
         o->tx_frame_size = 0;
+    if (!OPTS_HAS(opts->sz, filter))
+        o->filter = NULL;
     struct pktipc_tx_geometry g;
     if ((o->tx_frames || o->tx_frame_size) &&
         pktipc_tx_geometry(o->tx_frames ? o->tx_frames : TX_FRAMES,
@@ -280,6 +283,7 @@ PKTIPC_API const char *pktipc_strerror(int err)
         [PKTIPC_EGROUP] = "this client's name is kept in another group",
         [PKTIPC_EUNTRUSTED] = "the broker's socket or segment is not a broker's",
         [PKTIPC_EAGAIN] = "every slot of the TX area waits for the broker",
+        [PKTIPC_EFILTER] = "libpcap refused the filter",
     };
     unsigned e = err < 0 ? (unsigned)-(long)err : (unsigned)err;
     return e < sizeof(text) / sizeof(text[0]) ? text[e] : "unknown error";

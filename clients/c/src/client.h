@@ -14,12 +14,12 @@
  * consuming thread takes the stack whole and sends one RELEASE for it all.
  *
  * Copies. The user never gets a descriptor in the segment, which the
- * broker may write at any time: a batch handed out is a copy of its
- * descriptors (the whole slab's, or this member's share of it, with their
- * indexes in the slab), contiguous, in the record's `share` area (a slab's
- * slot there holds up to pkts_cap of them), checked once copied. A slot's
- * `done` bits count positions in the copy, and a packet is known by the
- * copy's address.
+ * broker may write at any time: the slab's descriptors are copied into the
+ * record's `share` area (a slab's slot there holds up to pkts_cap of them)
+ * and checked when the BATCH comes; the share and the filter are chosen
+ * over the copy, which then keeps only what is handed out (with its
+ * indexes in the slab). A slot's `done` bits count positions in the copy,
+ * and a packet is known by the copy's address.
  *
  * Mappings. Each broker's segment is a `struct map` record on a list that
  * only grows (records are reused, never freed before pktipc_close), so a
@@ -54,6 +54,7 @@
 #include <zmq.h>
 
 #include "pktipc.h"
+#include "pktipc_filter.h"
 #include "proto.h"
 
 #define NS_PER_MS       INT64_C(1000000)
@@ -150,6 +151,9 @@ struct pktipc_client {
     struct proto_conn conn;     /* the protocol, and reattaching to a broker after a lost one */
     const char *lost_why;       /* how the last broker was lost */
 
+    char *filter_expr;          /* opts.filter, NULL if none */
+    struct pktipc_filter *filter;   /* compiled for the current broker's sources */
+
     int sticky;                 /* -error every call returns from now on, 0 if none */
     int ended;                  /* END-OF-STREAM received */
     uint32_t credit;            /* the broker's, from WELCOME */
@@ -168,7 +172,7 @@ struct pktipc_client {
     uint32_t disp_next;
     int disp_active;
 
-    uint64_t packets, bytes, batches, released, release_msgs, drops, gaps;
+    uint64_t packets, bytes, batches, released, release_msgs, drops, gaps, filtered;
     atomic_flag busy;
     char err[PKTIPC_ERRBUF_SIZE];
     char eos_err[PKTIPC_ERRBUF_SIZE];   /* why the stream ended early, "" if it did not */

@@ -31,7 +31,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 20,
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60,
               every: float = 0.1) -> T:
     """probe()'s first value that is not None (or False)."""
     deadline = time.monotonic() + timeout

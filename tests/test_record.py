@@ -45,7 +45,7 @@ def state(name: str) -> dict[str, Any] | None:
     return next((r for r in recording.recordings() if r["name"] == name), None)
 
 
-def wait_packets(name: str, n: int, timeout: float = 20) -> dict[str, Any]:
+def wait_packets(name: str, n: int, timeout: float = 60) -> dict[str, Any]:
     def probe() -> dict[str, Any] | None:
         st = state(name)
         return st if st is not None and st["packets"] >= n else None
@@ -96,7 +96,7 @@ def recs() -> Iterator[None]:
         pids.append(r["pid"])
         recording.stop(r["name"], r["server"])
     for pid in pids:
-        wait_for(f"recorder {pid} to end", lambda pid=pid: not alive(pid), timeout=15)
+        wait_for(f"recorder {pid} to end", lambda pid=pid: not alive(pid), timeout=30)
     assert recording.recordings() == []
 
 
@@ -184,7 +184,7 @@ def test_detached_recording_rotates_keeps_the_last_packets_and_attaches(
         time.sleep(0.5)
     finally:
         att.send_signal(signal.SIGINT)
-        assert att.wait(timeout=10) == 0, att.stderr.read() if att.stderr else ""
+        assert att.wait(timeout=30) == 0, att.stderr.read() if att.stderr else ""
         if att.stderr:
             att.stderr.close()
     assert [p.data for p in read_pcap(str(live)).packets] == sent[-k:] + more
@@ -214,15 +214,15 @@ def test_without_detach_it_ends_with_its_starter(broker: Any, tmp_path: Path,
                                               str(tmp_path / "att.pcapng")))
             wait_for("attach to write", lambda: (tmp_path / "att.pcapng").exists())
             att.kill()
-            assert att.wait(timeout=10) == -signal.SIGKILL
+            assert att.wait(timeout=30) == -signal.SIGKILL
             (tmp_path / "att.pcapng").unlink()
             assert alive(pid) and state("fg")["state"] == "running"   # type: ignore[index]
         p.send_signal(how)
-        rc = p.wait(timeout=10)
+        rc = p.wait(timeout=30)
         assert rc == (0 if how == signal.SIGINT else -signal.SIGKILL)
         if p.stderr:
             p.stderr.close()
-        wait_for("the recorder to end", lambda pid=pid: not alive(pid), timeout=10)
+        wait_for("the recorder to end", lambda pid=pid: not alive(pid), timeout=30)
         assert state("fg") is None
         wait_for("the broker to forget it", lambda: not pktipc.broker_stats(b.name).clients)
         f = tmp_path / st["files"][0]["name"]

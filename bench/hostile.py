@@ -113,6 +113,7 @@ class Env:
         self.tmp = tmp
         self.runtime = tmp / "run"
         self.runtime.mkdir(mode=0o700)
+        self._saved_runtime = os.environ.get("PKTIPC_RUNTIME_DIR")
         os.environ["PKTIPC_RUNTIME_DIR"] = str(self.runtime)
         self.env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.procs = Procs()
@@ -193,6 +194,10 @@ class Env:
         if self.ns is not None:
             subprocess.run(["ip", "netns", "del", self.ns], check=False)
             self.ns = None
+        if self._saved_runtime is None:
+            os.environ.pop("PKTIPC_RUNTIME_DIR", None)
+        else:
+            os.environ["PKTIPC_RUNTIME_DIR"] = self._saved_runtime
 
 
 def stats(name: str) -> dict[str, Any]:
@@ -273,6 +278,7 @@ def fuzz_run(env: Env, pcap: Path, messages: int, senders: int, quiet: float,
         st = stats(name)
         per = {c["name"]: c for c in st["clients"]}
         phases[phase] = {"t": time.monotonic(), "packets": st["counters"]["packets"],
+                         "batches": st["counters"]["batches"],
                          "drops": {n: per[n]["drops"] for n in good if n in per},
                          "protocol_errors": st["counters"]["protocol_errors"],
                          "cpu_s": proc_cpu(broker.pid), "memory": memory(broker.pid),
@@ -319,6 +325,8 @@ def fuzz_run(env: Env, pcap: Path, messages: int, senders: int, quiet: float,
                                         ("after", "hostile", "after"))},
         "packets": {"quiet_before": p0["packets"], "hostile": p1["packets"] - p0["packets"],
                     "after": p2["packets"] - p1["packets"]},
+        "packets_per_batch": (p2["packets"] - p0["packets"]) / max(1, p2["batches"]
+                                                                   - p0["batches"]),
         "memory": {"before": p0["memory"], "after_hostile": p1["memory"],
                    "after_quiet": p2["memory"], "peak_private_kb": _peak_private(mem)},
         "protocol_errors": p1["protocol_errors"] - p0["protocol_errors"],

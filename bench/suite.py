@@ -1,8 +1,8 @@
 """The benchmark suite: pktipc against what users would run instead, side by
 side, with plots.
 
-    .venv/bin/python -m bench.suite            # about 12 minutes (make bench)
-    .venv/bin/python -m bench.suite --quick    # under 2 minutes
+    .venv/bin/python -m bench.suite            # about an hour (make bench)
+    .venv/bin/python -m bench.suite --quick    # about 12 minutes
 
 Sections, each run side by side in one invocation (alternating order over
 repetitions; medians, with the spread as min-max):
@@ -22,6 +22,10 @@ repetitions; medians, with the spread as min-max):
   suricata  Suricata through pktipc's capture plugin, through its own
             AF_PACKET capture and reading a FIFO, alone and with a second
             analyzer (bench/suricata.py)
+  hostile   hostile load (bench/hostile.py): a million hostile control
+            messages against two good clients, floods against none, peers
+            that never read, stalled drop clients, 1,100 connections against
+            a limit of 1,024 files
 
 Writes bench/results/<date>.json, the plots in bench/plots/, and refreshes
 the tables between the `<!-- suite:... -->` markers of bench/README.md. Needs
@@ -46,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import pktipc
+from bench import hostile as hostile_bench
 from bench import suricata as suricata_bench
 from bench.live import Bench
 from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine
@@ -472,7 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.report:
         res = json.loads(a.report.read_text())
-        refresh_readme(tables(res))
+        sections = tables(res)
+        if "hostile" in res:
+            sections["hostile"] = hostile_bench.tables(res["hostile"])
+        refresh_readme(sections)
         plots(res)
         return 0
     if os.geteuid() != 0:
@@ -501,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             res["suricata"] = suricata_bench.run(bench, a.quick)
         finally:
             bench.close()
+    print("hostile", flush=True)
+    res["hostile"] = hostile_bench.run(a.quick)
     res["seconds"] = time.monotonic() - started
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = ROOT / "bench" / "results" / f"{stamp}.json"
@@ -509,10 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     sections = tables(res)
     if "suricata" in res:
         sections["suricata"] = suricata_bench.table(res["suricata"])
+    if "hostile" in res:
+        sections["hostile"] = hostile_bench.tables(res["hostile"])
     made = plots(res)
     if not a.no_readme:
         refresh_readme(sections)
-    for key in ("live", "messages", "latency", "memory", "suricata"):
+    for key in ("live", "messages", "latency", "memory", "suricata", "hostile"):
         print(f"\n## {key}\n\n{sections[key]}")
     print(f"\n{res['seconds']:.0f} s; results in {out}; plots {', '.join(made)} in {PLOTS}")
     return 0

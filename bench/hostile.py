@@ -1,8 +1,8 @@
 """Hostile load: what peers that break the rules cost a broker and its good
 clients.
 
-    .venv/bin/python -m bench.hostile            # about 25 minutes
-    .venv/bin/python -m bench.hostile --quick    # about 5 minutes
+    .venv/bin/python -m bench.hostile            # about 35 minutes
+    .venv/bin/python -m bench.hostile --quick    # about 7 minutes
     .venv/bin/python -m bench.hostile --only fuzz,floods,unread,stalled,fds
 
 Five parts, each measured side by side in one invocation (variants in
@@ -18,17 +18,20 @@ alternating order over repetitions; medians, and the spread min-max):
            quiet phase before and after: broker deaths, the good clients'
            losses in each phase, broker memory (private and PSS) before,
            after and at its peak
-  floods   two good NumPy clients of a replay as fast as they go, with no
-           flood, a STATS flood (a process not attached), a heartbeat flood
-           (an attached client), a STATS flood that reconnects when cut off,
-           and one from a new process for every 300 messages; the broker's
+  floods   two good NumPy clients of a replay as fast as they go, beside a
+           process that sleeps (none), one that only burns a CPU (spin), a
+           STATS flood (a process not attached), a heartbeat flood (an
+           attached client), a STATS flood that reconnects when cut off, and
+           one from a new process for every 300 messages; the broker's
            defaults (--control-rate 50): the rate of each against none
   unread   1, 10 and 100 peers that send STATS within their budget and never
-           read the replies: the broker's memory until they are cut off
+           read the replies: the broker's memory until they are cut off, in
+           two waves against one broker
   stalled  on a veth pair in a namespace of its own, a `drop` client beside
-           0, 1, 4 and 32 `drop` clients that ask for all the credit they can
-           and never read, at a fixed rate and as fast as the generator goes
-           (--max-clients 40 --slabs 161: each holds at most 4 slabs)
+           0, 1, 4 and 32 `drop` clients that attach one after another, ask
+           for all the credit they can and never read, at a fixed rate and as
+           fast as the generator goes (--max-clients 40 --slabs 161: each
+           holds at most 4 slabs)
   fds      1,100 connections against a broker of `nobody`'s whose limit on
            open files is 1,024, while it serves a client: up, refusals counted
 
@@ -716,27 +719,35 @@ def tables(res: dict[str, Any]) -> str:
     if "fuzz" in res:
         runs = res["fuzz"]["runs"]
         out += [f"**A million hostile control messages** ({res['fuzz']['messages']:,} a run, "
-                f"{len(runs)} run(s); each line one run)\n",
+                f"{len(runs)} run(s), one line each; a replay at 20,000 packets/s, "
+                f"{res['fuzz']['quiet_s']:g} s quiet before and after)\n",
                 "| run | messages | in s | broker | good `block`: packets, wrong, skipped | "
-                "good `drop`: packets, wrong, skipped (quiet / hostile / quiet) | "
-                "broker private MiB: before → after hostile → after quiet (peak) | "
-                "PSS MiB before → after | ERRORs counted |",
-                "|---:|---:|---:|---|---|---|---|---|---:|"]
+                "good `drop`: packets, wrong | skipped for the `drop` one: quiet / hostile / "
+                "quiet (a second) | broker private MiB: before → after hostile → after quiet "
+                "(peak) | private PSS MiB, before → after | broker cores: quiet / hostile | "
+                "ERRORs |", "|---:|---:|---:|---|---|---|---|---|---|---|---:|"]
         for i, r in enumerate(runs):
             b, d = r["good"]["good-block"], r["good"]["good-drop"]
             m = r["memory"]
             dd = r["good_drops"]
-            quiet_before = d["gap_packets"] - dd["hostile"]["good-drop"] - dd["after"]["good-drop"]
+            skips = [d["gap_packets"] - dd["hostile"]["good-drop"] - dd["after"]["good-drop"],
+                     dd["hostile"]["good-drop"], dd["after"]["good-drop"]]
+            secs = [r["quiet_s"], r["hostile_s"], r["quiet_s"]]
             up = ("up, exit 0" if r["broker_alive"] and r["broker_exit"] == 0
                   and not r["traceback"] else f"DOWN (exit {r['broker_exit']})")
+            cores = r.get("broker_cores", {})
             out.append(
                 f"| {i + 1} | {r['messages']:,} | {r['hostile_s']:.0f} | {up} | "
                 f"{b['packets']:,}, {b['mismatched']}, {b['gap_packets']} | "
-                f"{d['packets']:,}, {d['mismatched']}, {quiet_before} / "
-                f"{dd['hostile']['good-drop']} / {dd['after']['good-drop']} | "
-                f"{_mib(m['before']['private_kb'])} → {_mib(m['after_hostile']['private_kb'])} → "
+                f"{d['packets']:,}, {d['mismatched']} | "
+                + " / ".join(f"{k:,}" for k in skips)
+                + " (" + " / ".join(f"{k / t:.0f}" for k, t in zip(skips, secs, strict=True))
+                + f") | {_mib(m['before']['private_kb'])} → "
+                f"{_mib(m['after_hostile']['private_kb'])} → "
                 f"{_mib(m['after_quiet']['private_kb'])} ({_mib(m['peak_private_kb'])}) | "
-                f"{_mib(m['before']['pss_kb'])} → {_mib(m['after_quiet']['pss_kb'])} | "
+                f"{_mib(m['before']['pss_private_kb'])} → "
+                f"{_mib(m['after_quiet']['pss_private_kb'])} | "
+                f"{cores.get('quiet_before', 0):.2f} / {cores.get('hostile', 0):.2f} | "
                 f"{r['protocol_errors']:,} |")
         out.append("")
     if "floods" in res:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,44 +62,40 @@ DESC_SIZE: int = lib.PKTIPC_DESC_SIZE
 SLAB_ALIGN: int = lib.PKTIPC_SLAB_ALIGN
 MAX_IFACES: int = lib.PKTIPC_MAX_IFACES
 IFACE_SIZE: int = lib.PKTIPC_IFACE_SIZE
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
+U32 = (1 << 32) - 1
 
 
 @dataclass(frozen=True)
 class Geometry:
+    """Where a segment's regions start: computed in C (pktipc_geometry in
+    shm/pktipc_shm.h), as every reader of a segment checks it."""
+
     slab_size: int
     slab_count: int
     iface_count: int = 1
+    iface_table_off: int = field(init=False)
+    batch_table_off: int = field(init=False)
+    slabs_off: int = field(init=False)
+    total_size: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.slab_size < SLAB_ALIGN or self.slab_size % SLAB_ALIGN:
-            raise ValueError(f"slab size must be a multiple of {SLAB_ALIGN} bytes")
-        if self.slab_size > 1 << 30:
-            raise ValueError("slab size must be at most 1 GiB")
-        if not 2 <= self.slab_count <= 65535:
-            raise ValueError("slab count must be between 2 and 65535")
-        if not 0 <= self.iface_count <= MAX_IFACES:
-            raise ValueError(f"at most {MAX_IFACES} sources per broker")
+        g = ffi.new("struct pktipc_geometry *")
+        if not (0 <= self.slab_size <= U32 and 0 <= self.slab_count <= U32
+                and 0 <= self.iface_count <= U32) or lib.pktipc_geometry(
+                    self.slab_size, self.slab_count, self.iface_count, g) != 0:
+            raise ValueError(self._why())
+        for name in ("iface_table_off", "batch_table_off", "slabs_off", "total_size"):
+            object.__setattr__(self, name, int(getattr(g, name)))
 
-    @property
-    def iface_table_off(self) -> int:
-        return HEADER_SIZE
-
-    @property
-    def batch_table_off(self) -> int:
-        return _align(self.iface_table_off + self.iface_count * IFACE_SIZE, 64)
-
-    @property
-    def slabs_off(self) -> int:
-        return _align(self.batch_table_off + self.slab_count * lib.PKTIPC_BATCH_REC_SIZE,
-                      SLAB_ALIGN)
-
-    @property
-    def total_size(self) -> int:
-        return self.slabs_off + self.slab_size * self.slab_count
+    def _why(self) -> str:
+        if self.slab_size <= 0 or self.slab_size % SLAB_ALIGN:
+            return f"slab size must be a multiple of {SLAB_ALIGN} bytes"
+        if self.slab_size > lib.PKTIPC_MAX_SLAB_SIZE:
+            return f"slab size must be at most {lib.PKTIPC_MAX_SLAB_SIZE >> 30} GiB"
+        if not lib.PKTIPC_MIN_SLABS <= self.slab_count <= lib.PKTIPC_MAX_SLABS:
+            return (f"slab count must be between {lib.PKTIPC_MIN_SLABS} and "
+                    f"{lib.PKTIPC_MAX_SLABS}")
+        return f"at most {MAX_IFACES} sources per broker"
 
     def slab_off(self, slab: int) -> int:
         return self.slabs_off + self.slab_size * slab
@@ -116,41 +112,40 @@ class Iface:
 
 
 class Segment:
-    """A mapped segment: header, batch table and slabs over `buf`."""
+    """A mapped segment: header, batch table and slabs over `buf`.
+
+    Its geometry (every offset and size) is read once, from a checked copy
+    of the header (check), or given (init, for the broker); it is never read
+    again from the segment, which the broker may write at any time."""
 
     def __init__(self, buf: Any, *, writable: bool = False) -> None:
         self.buf = buf
         self._cbuf = ffi.from_buffer("uint8_t[]", buf, require_writable=writable)
-        self.header = ffi.cast("struct pktipc_header *", self._cbuf)
+        self.header = ffi.cast("struct pktipc_header *", self._cbuf)   # live: counters, state
         self.size = len(self._cbuf)
+        self._geometry: Geometry | None = None
 
     def check(self) -> None:
-        """Raises LayoutError unless the header describes a layout we read."""
-        h = self.header
-        if self.size < HEADER_SIZE:
-            raise LayoutError("segment smaller than its header")
-        if h.magic != lib.PKTIPC_MAGIC:
-            raise LayoutError("segment has no pktipc header (bad magic)")
-        if h.layout_version != lib.PKTIPC_LAYOUT_VERSION:
-            raise LayoutError(
-                f"segment layout version {h.layout_version}, this pktipc reads "
-                f"{lib.PKTIPC_LAYOUT_VERSION}"
-            )
-        try:
-            g = self.geometry
-        except ValueError as e:
-            raise LayoutError(f"segment header is inconsistent: {e}") from None
-        if (h.desc_size != DESC_SIZE or h.batch_rec_size != lib.PKTIPC_BATCH_REC_SIZE
-                or h.iface_size != IFACE_SIZE or h.total_size > self.size
-                or g.total_size != h.total_size or h.slabs_off != g.slabs_off
-                or h.batch_table_off != g.batch_table_off
-                or h.iface_table_off != g.iface_table_off):
+        """Raises LayoutError unless the header describes a layout we read
+        (pktipc_shm_attach in shm/pktipc_shm.h decides); then keeps its
+        geometry."""
+        h = ffi.new("struct pktipc_header *")
+        if lib.pktipc_shm_attach(self._cbuf, self.size, h) != 0:
+            if self.size < HEADER_SIZE:
+                raise LayoutError("segment smaller than its header")
+            if h.magic != lib.PKTIPC_MAGIC:
+                raise LayoutError("segment has no pktipc header (bad magic)")
+            if h.layout_version != lib.PKTIPC_LAYOUT_VERSION:
+                raise LayoutError(f"segment layout version {h.layout_version}, this pktipc "
+                                  f"reads {lib.PKTIPC_LAYOUT_VERSION}")
             raise LayoutError("segment header is inconsistent")
+        self._geometry = Geometry(int(h.slab_size), int(h.slab_count), int(h.iface_count))
 
     @property
     def geometry(self) -> Geometry:
-        h = self.header
-        return Geometry(int(h.slab_size), int(h.slab_count), int(h.iface_count))
+        if self._geometry is None:
+            raise LayoutError("segment not checked")
+        return self._geometry
 
     def init(self, geometry: Geometry, *, name: str, epoch: int, ifaces: list[Iface]) -> None:
         """Writes a fresh header (broker only), magic last."""
@@ -161,6 +156,7 @@ class Segment:
         ffi.memmove(self._cbuf, b"\0" * HEADER_SIZE, HEADER_SIZE)
         ffi.memmove(self._cbuf + HEADER_SIZE, b"\0" * (geometry.slabs_off - HEADER_SIZE),
                     geometry.slabs_off - HEADER_SIZE)
+        self._geometry = geometry
         h = self.header
         h.layout_version = lib.PKTIPC_LAYOUT_VERSION
         h.header_size = HEADER_SIZE
@@ -191,7 +187,10 @@ class Segment:
 
     def iface(self, i: int) -> Any:
         """Entry i of the interface table (a cffi pointer)."""
-        return ffi.cast("struct pktipc_iface *", self._cbuf + self.header.iface_table_off) + i
+        g = self.geometry
+        if not 0 <= i < g.iface_count:
+            raise IndexError(f"source {i} of {g.iface_count}")
+        return ffi.cast("struct pktipc_iface *", self._cbuf + g.iface_table_off) + i
 
     def ifaces(self) -> list[Iface]:
         return [
@@ -200,20 +199,28 @@ class Segment:
                 linktype=int(e.linktype), snaplen=int(e.snaplen), kind=int(e.kind),
                 ifindex=int(e.ifindex), ts_resolution=int(e.ts_resolution),
             )
-            for e in map(self.iface, range(int(self.header.iface_count)))
+            for e in map(self.iface, range(self.geometry.iface_count))
         ]
 
+    def _slab(self, slab: int) -> Geometry:
+        g = self.geometry
+        if not 0 <= slab < g.slab_count:
+            raise IndexError(f"slab {slab} of {g.slab_count}")
+        return g
+
     def batch_rec(self, slab: int) -> Any:
-        table = ffi.cast("struct pktipc_batch_rec *", self._cbuf + self.header.batch_table_off)
-        return table + slab
+        g = self._slab(slab)
+        return ffi.cast("struct pktipc_batch_rec *", self._cbuf + g.batch_table_off) + slab
 
     def slab_ptr(self, slab: int) -> Any:
-        return self._cbuf + self.geometry.slab_off(slab)
+        return self._cbuf + self._slab(slab).slab_off(slab)
 
     def descriptors(self, slab: int, count: int) -> np.ndarray[Any, Any]:
         """The first `count` descriptors of a slab, as a view over the buffer."""
-        return np.frombuffer(self.buf, dtype=PKT_DTYPE, count=count,
-                             offset=self.geometry.slab_off(slab))
+        g = self._slab(slab)
+        if not 0 <= count * DESC_SIZE <= g.slab_size:
+            raise LayoutError(f"{count} descriptors do not fit a slab of {g.slab_size} bytes")
+        return np.frombuffer(self.buf, dtype=PKT_DTYPE, count=count, offset=g.slab_off(slab))
 
     def counters(self) -> dict[str, int]:
         c = self.header.counters

@@ -25,6 +25,9 @@
 #define PKTIPC_IFNAME_LEN       48
 #define PKTIPC_NAME_LEN         64
 #define PKTIPC_SLAB_ALIGN       4096
+#define PKTIPC_MAX_SLAB_SIZE    1073741824   /* 1 GiB */
+#define PKTIPC_MIN_SLABS        2
+#define PKTIPC_MAX_SLABS        65535
 #define PKTIPC_FRAME_ALIGN      8
 
 /* pktipc_header.state */
@@ -120,6 +123,15 @@ struct pktipc_header {
     char     name[64];         /*  128 (b) broker name, NUL-terminated */
     struct pktipc_counters counters;             /*  192 (B) */
     uint8_t  reserved1[3840];  /*  256 */
+};
+
+/* Not in the segment: where its regions start, from the slab size, the
+ * slab count and the number of sources (pktipc_geometry in pktipc_shm.h). */
+struct pktipc_geometry {
+    uint64_t iface_table_off;
+    uint64_t batch_table_off;
+    uint64_t slabs_off;
+    uint64_t total_size;
 };
 
 /* One record per slab, indexed by slab number. The record describes the

@@ -11,6 +11,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "pktipc_layout.h"
 
@@ -107,44 +108,97 @@ PKTIPC_ASSERT_AT(pktipc_batch_rec, flags, 56, 4);
 #undef PKTIPC_ASSERT_AT
 #undef PKTIPC_STATIC_ASSERT
 
-/* The segment starts with the header; `base` is where it is mapped. */
+/* Where a segment's regions start, for `slab_size` bytes per slab (a
+ * multiple of PKTIPC_SLAB_ALIGN, at most PKTIPC_MAX_SLAB_SIZE),
+ * `slab_count` slabs (PKTIPC_MIN_SLABS to PKTIPC_MAX_SLABS) and
+ * `iface_count` sources (at most PKTIPC_MAX_IFACES): 0, or -1 when one of
+ * them is out of bounds. The one computation of the layout's geometry:
+ * the broker lays segments out with it, readers check them with it. */
+PKTIPC_INLINE int pktipc_geometry(uint32_t slab_size, uint32_t slab_count, uint32_t iface_count,
+                                  struct pktipc_geometry *g)
+{
+    if (slab_size == 0 || slab_size % PKTIPC_SLAB_ALIGN || slab_size > PKTIPC_MAX_SLAB_SIZE ||
+        slab_count < PKTIPC_MIN_SLABS || slab_count > PKTIPC_MAX_SLABS ||
+        iface_count > PKTIPC_MAX_IFACES)
+        return -1;
+    /* Bounded as above, none of this comes near 2^64. */
+    g->iface_table_off = PKTIPC_HEADER_SIZE;
+    g->batch_table_off = (g->iface_table_off + (uint64_t)iface_count * PKTIPC_IFACE_SIZE + 63)
+                         & ~(uint64_t)63;
+    g->slabs_off = (g->batch_table_off + (uint64_t)slab_count * PKTIPC_BATCH_REC_SIZE +
+                    PKTIPC_SLAB_ALIGN - 1) & ~(uint64_t)(PKTIPC_SLAB_ALIGN - 1);
+    g->total_size = g->slabs_off + (uint64_t)slab_size * slab_count;
+    return 0;
+}
+
+/* Copies the header of the segment at `base` (`size` bytes mapped) into *h
+ * and checks the copy: 0 when it describes a layout this header reads,
+ * laid out as pktipc_geometry says, within the mapping; -1 otherwise. The
+ * broker may write the segment at any time: read every offset and size from
+ * *h from then on, never again from the segment. */
+PKTIPC_INLINE int pktipc_shm_attach(const void *base, uint64_t size, struct pktipc_header *h)
+{
+    struct pktipc_geometry g;
+    if (size < PKTIPC_HEADER_SIZE)
+        return -1;
+    memcpy(h, base, sizeof(*h));
+    if (h->magic != PKTIPC_MAGIC || h->layout_version != PKTIPC_LAYOUT_VERSION ||
+        h->header_size != PKTIPC_HEADER_SIZE || h->desc_size != PKTIPC_DESC_SIZE ||
+        h->batch_rec_size != PKTIPC_BATCH_REC_SIZE || h->iface_size != PKTIPC_IFACE_SIZE ||
+        pktipc_geometry(h->slab_size, h->slab_count, h->iface_count, &g) != 0 ||
+        h->iface_table_off != g.iface_table_off || h->batch_table_off != g.batch_table_off ||
+        h->slabs_off != g.slabs_off || h->total_size != g.total_size || h->total_size > size)
+        return -1;
+    return 0;
+}
+
+/* pktipc_shm_attach without keeping the copy: 0 when the segment is sound. */
+static inline int pktipc_shm_check(const void *base, uint64_t size)
+{
+    struct pktipc_header h;
+    return pktipc_shm_attach(base, size, &h);
+}
+
+/* The regions of a segment at `base`, by its checked header copy `h`. */
+static inline const struct pktipc_iface *pktipc_shm_iface(const void *base,
+                                                          const struct pktipc_header *h,
+                                                          uint32_t i)
+{
+    return (const struct pktipc_iface *)((const uint8_t *)base + h->iface_table_off) + i;
+}
+
+static inline const struct pktipc_batch_rec *pktipc_shm_batch(const void *base,
+                                                              const struct pktipc_header *h,
+                                                              uint32_t slab)
+{
+    return (const struct pktipc_batch_rec *)((const uint8_t *)base + h->batch_table_off) + slab;
+}
+
+static inline const uint8_t *pktipc_shm_slab(const void *base, const struct pktipc_header *h,
+                                             uint32_t slab)
+{
+    return (const uint8_t *)base + h->slabs_off + (uint64_t)h->slab_size * slab;
+}
+
+/* The live header, for its counters and state (never its geometry). */
 static inline const struct pktipc_header *pktipc_shm_header(const void *base)
 {
     return (const struct pktipc_header *)base;
 }
 
-/* 0 when `base`, of `size` mapped bytes, holds a layout this header reads. */
-static inline int pktipc_shm_check(const void *base, uint64_t size)
+/* How many of the `n` descriptors at `pkts` (a copy, in a slab of
+ * `slab_size` bytes) are sound, from the first: each frame lies past the
+ * descriptors and within the slab. n when all are. */
+PKTIPC_INLINE uint32_t pktipc_pkts_check(const struct pktipc_pkt *pkts, uint32_t n,
+                                         uint32_t slab_size)
 {
-    const struct pktipc_header *h = pktipc_shm_header(base);
-    if (size < PKTIPC_HEADER_SIZE || h->magic != PKTIPC_MAGIC ||
-        h->layout_version != PKTIPC_LAYOUT_VERSION || h->total_size > size ||
-        h->desc_size != PKTIPC_DESC_SIZE || h->batch_rec_size != PKTIPC_BATCH_REC_SIZE ||
-        h->iface_size != PKTIPC_IFACE_SIZE || h->iface_count > PKTIPC_MAX_IFACES ||
-        h->iface_table_off < PKTIPC_HEADER_SIZE ||
-        h->iface_table_off + (uint64_t)h->iface_count * PKTIPC_IFACE_SIZE > h->batch_table_off ||
-        h->batch_table_off + (uint64_t)h->slab_count * PKTIPC_BATCH_REC_SIZE > h->slabs_off ||
-        h->slabs_off + (uint64_t)h->slab_size * h->slab_count > h->total_size)
-        return -1;
-    return 0;
-}
-
-static inline const struct pktipc_iface *pktipc_shm_iface(const void *base, uint32_t i)
-{
-    const struct pktipc_header *h = pktipc_shm_header(base);
-    return (const struct pktipc_iface *)((const uint8_t *)base + h->iface_table_off) + i;
-}
-
-static inline const struct pktipc_batch_rec *pktipc_shm_batch(const void *base, uint32_t slab)
-{
-    const struct pktipc_header *h = pktipc_shm_header(base);
-    return (const struct pktipc_batch_rec *)((const uint8_t *)base + h->batch_table_off) + slab;
-}
-
-static inline const uint8_t *pktipc_shm_slab(const void *base, uint32_t slab)
-{
-    const struct pktipc_header *h = pktipc_shm_header(base);
-    return (const uint8_t *)base + h->slabs_off + (uint64_t)h->slab_size * slab;
+    uint64_t low = (uint64_t)n * PKTIPC_DESC_SIZE;
+    if (low > slab_size)
+        return 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (pkts[i].data_off < low || (uint64_t)pkts[i].data_off + pkts[i].caplen > slab_size)
+            return i;
+    return n;
 }
 
 /* Descriptors stand at the start of their slab. */

@@ -342,11 +342,12 @@ def test_stopped_drop_client_hurts_nobody(broker, synth: Path) -> None:
 
 
 WRITER = """
-import ctypes, sys, pktipc
+import ctypes, sys, numpy, pktipc
 c = pktipc.connect(sys.argv[1], "scribbler")
 b = c.next_batch(timeout=10)
+first = numpy.frombuffer(b.views()[0], dtype=numpy.uint8)   # a packet, in the mapping
 print("writing", flush=True)
-ctypes.memset(b.descriptors.ctypes.data, 0xFF, 32)    # into the read-only mapping
+ctypes.memset(first.ctypes.data, 0xFF, 32)                  # into the read-only mapping
 print("wrote", flush=True)
 """
 
@@ -361,3 +362,141 @@ def test_client_writing_into_the_segment_hurts_only_itself(broker, synth: Path) 
         got = [(p.ts_ns, bytes(p.data)) for p in c.packets(timeout=10)]
     assert got == [(p.ts_ns, p.data) for p in want]
     assert b.wait() == 0
+
+
+# --- the welcome race ------------------------------------------------------------------
+
+
+def _slow_member(b: BrokerProc, name: str, group: str) -> tuple[object, object, str]:
+    """A raw client, welcomed into a group: (context, socket, the segment's name)."""
+    import zmq
+
+    from pktipc import _protocol as proto
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"ipc://{b.socket}")
+    s.send(proto.encode("hello", name=name, group=group, policy=None, credit=None, pid=0,
+                        balance=None))
+    assert s.poll(5000)
+    kind, w = proto.decode(s.recv(), proto.MAX_BROKER_FRAME)
+    assert kind == "welcome", w
+    return ctx, s, w["shm"]
+
+
+@pytest.mark.parametrize("how", ["ends", "is stopped"])
+def test_a_welcomed_client_can_always_map_the_segment(broker, how: str) -> None:
+    """A member that is given nothing (its group's other member owns every
+    flow of a two-packet stream), slow to map the segment WELCOME named: the
+    broker, whose stream ends at once (or which is stopped), keeps its
+    segment until the member says it has mapped it; the member then reads
+    end-of-stream."""
+    import posix_ipc
+
+    from pktipc import _protocol as proto
+    f = PCAPS / "dns_udp.pcap"                  # a query and its answer: one flow
+    b = broker("-r", str(f), "--wait-clients", "2")
+    ctx, slow, shm = _slow_member(b, "slow", "g")
+    try:
+        with pktipc.connect(b.name, "fast", group="g") as fast:
+            assert sum(len(batch) for batch in fast if batch.release() is None) in (0, 2)
+        if how == "is stopped":
+            b.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)                         # the broker is done with everything else
+        assert b.proc.poll() is None
+        seg = posix_ipc.SharedMemory(shm, read_only=True)    # still there
+        seg.close_fd()
+        slow.send(proto.encode("heartbeat"))    # mapped
+        assert b.wait(timeout=10) == 0
+        kinds = []
+        while slow.poll(1000):
+            kinds.append(proto.decode(slow.recv(), proto.MAX_BROKER_FRAME)[0])
+        assert "eos" in kinds
+    finally:
+        slow.close()
+        ctx.term()
+
+
+def test_members_of_a_short_stream_never_find_the_segment_gone(broker) -> None:
+    """What a user met: two `pktipc dump` members of a flow group and an
+    8-packet capture, again and again: every one of them ends cleanly."""
+    f = PCAPS / "vxlan.pcap"
+    for i in range(6):
+        b = broker("-r", str(f), "--wait-clients", "2")
+        dumps = [subprocess.Popen([sys.executable, "-m", "pktipc", "dump", "--server", b.name,
+                                   "--client", f"m{k}", "--group", "ids", "-w", "/dev/null"],
+                                  stderr=subprocess.PIPE, text=True) for k in range(2)]
+        for d in dumps:
+            _, err = d.communicate(timeout=30)
+            assert d.returncode == 0, (i, err)
+        assert b.wait() == 0
+
+
+def test_an_eviction_on_its_way_is_waited_for(runtime_dir: Path) -> None:
+    """A BATCH whose slab the broker reused since: if its EVICT is on its
+    way, the client says it was evicted, not that the broker broke the
+    protocol."""
+    import threading
+
+    import posix_ipc
+    import zmq
+
+    from pktipc import _protocol as proto
+    from pktipc._layout import Geometry, Iface, Segment
+
+    name = f"/pktipc.fake.{os.getpid():016x}"
+    g = Geometry(4096, 2, 1)
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=g.total_size)
+    import mmap
+    mm = mmap.mmap(shm.fd, g.total_size)
+    shm.close_fd()
+    seg = Segment(mm, writable=True)
+    seg.init(g, name="fake", epoch=7, ifaces=[Iface("eth0", 1, 65535)])
+    seg.batch_rec(0).gen = 2                    # slab 0 was published again since
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"ipc://{runtime_dir}/fake.ctl")
+
+    def broker() -> None:
+        assert router.poll(5000)
+        peer, _ = router.recv_multipart()
+        router.send_multipart([peer, proto.encode(
+            "welcome", shm=name, epoch=7, layout=1, slot=0, credit=4, policy="block",
+            heartbeat_ms=1000, liveness_ms=30000, group="c", balance="flow")])
+        router.send_multipart([peer, proto.encode("batch", seq=0, slab=0, gen=1, n=3,
+                                                  members=[], mask=None)])
+        time.sleep(0.15)
+        router.send_multipart([peer, proto.encode("evict", code="timeout",
+                                                  text="nothing heard for 30 s")])
+    t = threading.Thread(target=broker)
+    t.start()
+    try:
+        with pktipc.connect("fake", "c", reconnect=0) as c:
+            with pytest.raises(pktipc.BrokerGone) as e:
+                c.next_batch(timeout=5)
+        assert str(e.value) == "broker 'fake' evicted 'c': nothing heard for 30 s"
+    finally:
+        t.join()
+        router.close(linger=0)
+        ctx.term()
+        del seg
+        mm.close()
+        posix_ipc.unlink_shared_memory(name)
+
+
+def test_a_client_at_the_end_of_the_stream_is_kept_alive(broker) -> None:
+    """After end-of-stream a client goes on heartbeating (whenever it is
+    called) until it closes: a lingering broker keeps it past its liveness."""
+    b = broker("-r", str(PCAPS / "dns_udp.pcap"), "--linger", "--heartbeat", "0.2",
+               "--liveness", "1")
+    with pktipc.connect(b.name, "late-reader") as c:
+        assert sum(len(batch) for batch in c if batch.release() is None) == 2
+        end = time.monotonic() + 2.5            # well past the liveness
+        while time.monotonic() < end:
+            with pytest.raises(pktipc.EndOfStream):
+                c.next_batch(timeout=0)
+            time.sleep(0.05)
+        [me] = c.stats()["clients"]
+        assert (me["name"], me["attached"]) == ("late-reader", True)
+    b.stop()
+    assert "late-reader' dropped" not in b.stderr()

@@ -3,6 +3,7 @@ hang, and the broker keeps serving everyone else."""
 
 from __future__ import annotations
 
+import os
 import signal
 import struct
 import subprocess
@@ -87,6 +88,34 @@ def test_truncated_capture(broker, tmp_path: Path) -> None:
     got = read_pcap(str(out))
     assert got.error is None
     assert got.packets == want.packets and len(got.packets) == len(ref.packets) - 1
+
+
+def test_a_capture_truncated_in_place_while_served(broker, tmp_path: Path) -> None:
+    """A capture the broker has mapped, truncated in place (not replaced)
+    while it is served: no SIGBUS; the packets the file still holds are
+    served, then the stream ends with libpcap's complaint about the cut."""
+    import struct
+
+    f = tmp_path / "shrinking.pcap"
+    rec = 16 + 1000
+    with open(f, "wb") as out:
+        out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for i in range(20_000):
+            out.write(struct.pack("<IIII", 1_700_000_000, i, 1000, 1000)
+                      + i.to_bytes(4, "little") + bytes(996))
+    b = broker("-r", str(f), "--slab-size", "64k", "--slabs", "4", "--credit", "1")
+    with pktipc.connect(b.name, "c") as c:
+        first = c.next_batch(timeout=10)      # the broker reads the mapping now
+        assert first is not None
+        got = [bytes(p.data[:4]) for p in first]
+        first.release()
+        os.truncate(f, 24 + 5000 * rec + 500)   # in the middle of packet 5001
+        want = read_pcap(str(f))
+        got += [bytes(p.data[:4]) for p in c.packets(timeout=10)]
+    assert got == [p.data[:4] for p in want.packets] and len(got) == 5000
+    assert want.error and c.end_error == f"{f}: {want.error}"
+    assert b.wait() == 1
+    assert f"pktipc: error: {f}: truncated dump file" in b.stderr()
 
 
 def test_unknown_option() -> None:
@@ -275,3 +304,35 @@ def test_shared_memory_too_small(tmp_path: Path) -> None:
     assert "pktipc." not in r.stdout.split("rc=1", 1)[1]
     err = [line for line in r.stderr.splitlines() if line.startswith("pktipc:")]
     assert len(err) == 1 and "shared memory" in err[0] and "--slabs" in err[0], r.stderr
+
+
+def test_a_frame_over_the_size_limit_is_counted(broker) -> None:
+    """libzmq closes a connection that sends a frame over 1 MiB, telling
+    nobody: the broker notices its client gone though its process lives,
+    says why, and counts it."""
+    import zmq
+
+    from pktipc import _protocol as proto
+    b = broker("-r", str(DNS), "--wait-clients", "2", "--linger", "--heartbeat", "0.2",
+               "--liveness", "5")
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    try:
+        s.connect(f"ipc://{b.socket}")
+        s.send(proto.encode("hello", name="big", group=None, policy=None, credit=None, pid=0,
+                            balance=None))
+        assert s.poll(5000) and proto.decode(s.recv(), proto.MAX_BROKER_FRAME)[0] == "welcome"
+        s.send(proto.encode("heartbeat"))
+        s.send(b"\x80" * (2 << 20))
+        deadline = time.monotonic() + 10
+        while pktipc.broker_stats(b.name)["control"]["connections_dropped"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert pktipc.broker_stats(b.name)["clients"] == []
+    finally:
+        s.close()
+        ctx.term()
+    b.stop()
+    assert ("client 'big' dropped: its connection was closed under it, its process alive: a "
+            "frame over 1 MiB, or a broken ZeroMQ stream") in b.stderr()

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import PCAPS, ROOT, all_captures
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pcapref import PcapError, read_pcap
 from pktipc._shm import ffi, lib
 
@@ -120,18 +122,19 @@ def c_program() -> str:
         if (!base || fread(base, 1, (size_t)size, f) != (size_t)size)
             return 3;
         fclose(f);
-        int ok = pktipc_shm_check(base, (uint64_t)size);
-        printf("file %d check %d\\n", a, ok);
+        struct pktipc_header hdr;
+        int ok = pktipc_shm_attach(base, (uint64_t)size, &hdr);
+        printf("file %d check %d %d\\n", a, ok, pktipc_shm_check(base, (uint64_t)size));
         if (ok == 0) {
-            const struct pktipc_header *h = pktipc_shm_header(base);
+            const struct pktipc_header *h = &hdr;
             for (uint32_t s = 0; s < h->slab_count; s++) {
-                const struct pktipc_batch_rec *r = pktipc_shm_batch(base, s);
+                const struct pktipc_batch_rec *r = pktipc_shm_batch(base, h, s);
                 if (!r->count)
                     continue;
                 printf("batch %u %llu %u %u %u %lld %lld\\n", r->slab,
                        (unsigned long long)r->seq, r->gen, r->count, r->data_bytes,
                        (long long)r->first_ts_ns, (long long)r->last_ts_ns);
-                const uint8_t *slab = pktipc_shm_slab(base, s);
+                const uint8_t *slab = pktipc_shm_slab(base, h, s);
                 const struct pktipc_pkt *p = pktipc_slab_pkts(slab);
                 for (uint32_t i = 0; i < r->count; i++)
                     printf("pkt %lld %u %u %u %u %u %016llx\\n", (long long)p[i].ts_ns,
@@ -319,19 +322,57 @@ BAD_HEADERS = {
     "empty": lambda buf, seg: bytearray(),
 }
 
-# What the C check (pktipc_shm_check) must refuse too: anything that would
-# make a reader touch memory outside the mapping or misread a record.
-C_MUST_REFUSE = {"zeroed", "bad magic", "version + 1", "version 0", "desc_size",
-                 "batch_rec_size", "iface_size", "total_size beyond buffer",
-                 "slabs_off", "slab_size larger", "slab_count larger", "iface_count huge",
-                 "truncated buffer", "header only", "shorter than a header", "empty"}
+# The C check (pktipc_shm_attach) is the one check: it refuses them all.
+C_MUST_REFUSE = set(BAD_HEADERS)
+
+
+def test_the_python_check_is_the_c_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segment.check asks pktipc_shm_attach, compiled from shm/pktipc_shm.h
+    as every C reader includes it, and obeys it either way."""
+    import pktipc._layout as layout
+
+    calls: list[int] = []
+
+    class Spy:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(lib, name)
+
+        def pktipc_shm_attach(self, base: Any, size: int, h: Any) -> int:
+            calls.append(size)
+            lib.pktipc_shm_attach(base, size, h)
+            return -1                           # "no": a sound segment is refused
+    buf, _ = new_segment()
+    monkeypatch.setattr(layout, "lib", Spy())
+    with pytest.raises(LayoutError):
+        Segment(bytes(buf)).check()
+    assert calls == [len(buf)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 255), st.integers(0, 255)), min_size=1, max_size=4))
+def test_python_and_c_agree_on_any_header(c_reader: Path, tmp_path_factory: Any,
+                                          flips: list[tuple[int, int]]) -> None:
+    """Bytes of the header's geometry changed at random: the Python client
+    and a C reader (through pktipc_shm.h) accept and refuse alike."""
+    buf, _ = new_segment()
+    for at, value in flips:
+        buf[8 + at % 88] = value                # version to total_size
+    f = tmp_path_factory.mktemp("h") / "seg"
+    f.write_bytes(buf)
+    try:
+        Segment(bytes(buf)).check()
+        python = 0
+    except LayoutError:
+        python = -1
+    [line] = [w for w in run_c(c_reader, f) if w[0] == "file"]
+    assert line[3:] == [str(python), str(python)]
 
 
 def test_c_check_bounds_the_batch_table(c_reader: Path, tmp_path: Path) -> None:
     buf, seg = new_segment()
     f = tmp_path / "seg"
     f.write_bytes(BAD_HEADERS["batch table past the end"](buf, seg))
-    assert run_c(c_reader, f)[-1] == ["file", "1", "check", "-1"]
+    assert run_c(c_reader, f)[-1] == ["file", "1", "check", "-1", "-1"]
 
 
 @pytest.mark.parametrize("name", list(BAD_HEADERS))
@@ -719,7 +760,7 @@ def test_batch_publish_writes_the_record(c_reader: Path, tmp_path: Path) -> None
     f = tmp_path / "segment"
     f.write_bytes(buf)
     out = run_c(c_reader, f)
-    assert ["file", "1", "check", "0"] in out
+    assert ["file", "1", "check", "0", "0"] in out
     [batch] = [w for w in out if w[0] == "batch"]
     assert list(map(int, batch[1:])) == [2, 1000, 7, n, int(rec["data_bytes"]), want[0][0],
                                          want[n - 1][0]]

@@ -398,3 +398,73 @@ def test_live_flow_group(ns: Netns, broker: Any, tmp_path: Path) -> None:
     assert len(set(hashes)) == 40
     flow_of = {p.seq: p.seq // 2 for p in got_all}        # request and reply: one flow
     assert not {flow_of[p.seq] for p in got1} & {flow_of[p.seq] for p in got2}
+
+
+# --hw-timestamps on an interface that has them. veth has none, and no NIC
+# is here: the kernel's answer to SIOCGHWTSTAMP and SIOCSHWTSTAMP for one
+# interface is played by a library preloaded into the broker, which keeps
+# that interface's configuration in a file. Everything else is real.
+HWTS_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <linux/net_tstamp.h>
+#include <linux/sockios.h>
+#include <net/if.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int ioctl(int fd, unsigned long req, ...)
+{
+    va_list ap;
+    va_start(ap, req);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    const char *path = getenv("PKTIPC_TEST_HWTS"), *name = getenv("PKTIPC_TEST_HWTS_IF");
+    struct ifreq *ifr = arg;
+    if (path && name && (req == SIOCGHWTSTAMP || req == SIOCSHWTSTAMP) &&
+        !strcmp(ifr->ifr_name, name)) {
+        struct hwtstamp_config *c = (void *)ifr->ifr_data;
+        FILE *f = fopen(path, req == SIOCGHWTSTAMP ? "r" : "w");
+        if (!f)
+            return -1;
+        if (req == SIOCGHWTSTAMP)
+            fscanf(f, "%d %d", &c->tx_type, &c->rx_filter);
+        else
+            fprintf(f, "%d %d\n", c->tx_type, c->rx_filter);
+        fclose(f);
+        return 0;
+    }
+    int (*real)(int, unsigned long, ...) = (int (*)(int, unsigned long, ...))dlsym(RTLD_NEXT,
+                                                                                   "ioctl");
+    return real(fd, req, arg);
+}
+"""
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_hw_timestamps_put_back_what_was_there(ns: Netns, broker: Any, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """--hw-timestamps sets the interface to timestamp every packet; once
+    the broker is gone (stopped, or killed), the interface has again the
+    configuration it had (here a PTP daemon's: tx on, PTPv2 event packets)."""
+    src, shim, state = tmp_path / "shim.c", tmp_path / "shim.so", tmp_path / "hwts"
+    src.write_text(HWTS_SHIM)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(shim), str(src), "-ldl"], check=True)
+    state.write_text("1 12\n")      # HWTSTAMP_TX_ON, HWTSTAMP_FILTER_PTP_V2_EVENT
+    monkeypatch.setenv("LD_PRELOAD", str(shim))
+    monkeypatch.setenv("PKTIPC_TEST_HWTS", str(state))
+    monkeypatch.setenv("PKTIPC_TEST_HWTS_IF", "va")
+    b = serve_live(broker, ns, "-i", "va", "--hw-timestamps")
+    assert state.read_text() == "0 1\n"         # HWTSTAMP_TX_OFF, HWTSTAMP_FILTER_ALL
+    if how == "killed":
+        b.proc.kill()
+        b.wait()
+        b.remove_leftovers()
+    else:
+        b.stop()
+    deadline = time.monotonic() + 5
+    while state.read_text() != "1 12\n":
+        assert time.monotonic() < deadline, state.read_text()
+        time.sleep(0.02)

@@ -118,6 +118,24 @@ def crafted() -> dict[str, bytes]:
     return files
 
 
+def test_a_file_truncated_in_place_while_mapped(tmp_path: Path) -> None:
+    """tests/c/check-shrink.c: a capture cut short while the mapped reader
+    reads it, at a page boundary inside a record, inside a page, at a record
+    boundary, and inside the last page; the read that meets a page past the
+    new end (SIGBUS) or the zeros past it ends where it stood, and what is
+    served is what libpcap reads of the file as it is now."""
+    r = run(BUILD / "check-shrink", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.splitlines() == [
+        'page: ok (1499 packets, "truncated dump file; tried to read 1000 captured bytes, '
+        'only got 688")',
+        'zeros: ok (1499 packets, "truncated dump file; tried to read 1000 captured bytes, '
+        'only got 788")',
+        'record: ok (1500 packets, "")',
+        'tail: ok (2999 packets, "truncated dump file; tried to read 1000 captured bytes, '
+        'only got 990")']
+
+
 def test_crafted_files_read_as_libpcap_reads_them(tmp_path: Path) -> None:
     """Truncated anywhere, records longer than the snap length or than the
     file, lengths and times at their limits, the formats' variants: each

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import pwd
+import select
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from .._layout import Geometry, Segment
 from .._paths import check_name, control_endpoint, runtime_dir, segment_name
 from .._shm import ffi, lib
 from . import runtime, service
-from .control import ControlSocket, Sent
+from .control import MAX_MESSAGE, ControlSocket, Sent
 from .dispatch import ClientState, Dispatcher, SlabPool
 from .files import FileSource
 from .live import LiveOptions, LiveSource
@@ -39,6 +40,7 @@ DEFAULT_CREDIT = 8
 MAX_CLIENTS = 16
 EVICT_BACKOFF = 10.0            # seconds an evicted client's name is refused
 MAX_CONTROL_PER_TURN = 512      # control messages read before the loop goes on
+STOP_WAIT = 1.0                 # stopping, seconds to wait for welcomed clients to map
 
 
 @dataclass
@@ -139,6 +141,7 @@ class Broker:
         self.epoch = time.time_ns()
         self.shm_name = segment_name(opts.name, self.epoch)
         self.stopping = False
+        self._stop_by = 0.0         # stopping: when to stop waiting for clients to map
         self.exit_status = 0
         self._cleanup: list[Any] = [self.source.close]
         self._wake = 0.0            # paced source: when the next packet is due
@@ -152,6 +155,7 @@ class Broker:
         self._stats: dict[str, Any] | None = None     # answer to the STATS of this turn
         self.max_clients = opts.max_clients
         self.evictions = 0          # clients detached by the broker, not by their BYE
+        self.connections_dropped = 0    # by libzmq, under a client that lives
 
     # -- set-up and teardown --
     def _drop_privileges(self, pw: pwd.struct_passwd) -> None:
@@ -252,6 +256,8 @@ class Broker:
                 signal.signal(s, h)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self.stopping:
+            self._stop_by = time.monotonic() + STOP_WAIT
         self.stopping = True
 
     # -- the loop --
@@ -267,7 +273,8 @@ class Broker:
             self._flush()
             if self.disp.finished and not self.opts.linger:
                 break
-            if self.stopping and self.disp.ended:
+            if self.stopping and self.disp.ended and (
+                    now >= self._stop_by or all(map(self.disp.mapped, self.disp.clients.values()))):
                 break
             timeout = 0.0 if busy else self._timeout(now)
             self._poll_fds(self._reading() and not self._starved)
@@ -366,7 +373,7 @@ class Broker:
             except proto.RemoteProtocolError:
                 continue    # the ERROR reply is queued and counted
             for ev in events:
-                if isinstance(ev, proto.Hello) and creds is not None:
+                if isinstance(ev, proto.HelloReceived) and creds is not None:
                     # Who it is, as the kernel says, not as it says.
                     ev = replace(ev, pid=creds.pid, uid=creds.uid)
                 if isinstance(ev, proto.PeerFlooding):
@@ -377,7 +384,7 @@ class Broker:
 
     def _handle(self, ev: proto.BrokerEvent, now: float) -> None:
         d = self.disp
-        if isinstance(ev, proto.Hello):
+        if isinstance(ev, proto.HelloReceived):
             welcome = dict(shm=self.shm_name, epoch=self.epoch,
                            layout=lib.PKTIPC_LAYOUT_VERSION)
             c = d.hello(ev, now, welcome)
@@ -385,19 +392,19 @@ class Broker:
                 self._watch(c)
                 if not self._started:
                     self._started = len(d.clients) >= self.wait_clients
-        elif isinstance(ev, proto.Release):
+        elif isinstance(ev, proto.ReleaseReceived):
             c = d.by_peer.get(ev.peer)
             if c is not None:
                 d.release(c, ev.seqs, now)
-        elif isinstance(ev, proto.StatsRequest):
+        elif isinstance(ev, proto.StatsRequested):
             if self._stats is None:
                 self._stats = self.stats()
             self.conn.send_stats(ev.peer, now, self._stats)
-        elif isinstance(ev, proto.Bye):
+        elif isinstance(ev, proto.ByeReceived):
             c = d.by_peer.get(ev.peer)
             if c is not None:
                 self._drop(c, now, None)
-        elif isinstance(ev, proto.PeerLost):
+        elif isinstance(ev, proto.PeerTimedOut):
             c = d.by_peer.get(ev.peer)
             if c is not None:      # the protocol has told it already
                 self._drop(c, now, "nothing heard from it within the liveness", resume=True)
@@ -465,7 +472,18 @@ class Broker:
                 self.conn.forget(peer)
                 self.control.forget(peer)
                 if c is not None:
-                    self._drop(c, time.monotonic(), "unreachable", resume=True)
+                    self._drop(c, time.monotonic(), self._gone_why(c), resume=True)
+
+    def _gone_why(self, c: ClientState) -> str:
+        """Why a client's connection went, though it never said BYE: its
+        process died, or (it lives) libzmq closed the connection under it,
+        which it does, unheard, for a frame over the size limit or a broken
+        ZMTP stream; that is counted."""
+        if c.pidfd is None or select.select([c.pidfd], [], [], 0)[0]:
+            return "unreachable"
+        self.connections_dropped += 1
+        return (f"its connection was closed under it, its process alive: a frame over "
+                f"{MAX_MESSAGE >> 20} MiB, or a broken ZeroMQ stream")
 
     # -- producing --
     def _take_slab(self) -> int | None:
@@ -591,5 +609,6 @@ class Broker:
                 "handshakes_failed": self.control.failed,
                 "connections_cut": self.control.cut,
                 "messages_over_budget": self.conn.dropped,
+                "connections_dropped": self.connections_dropped,
             },
         }

@@ -27,6 +27,7 @@ from .._paths import ipc_path
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"     # where libzmq asks whether to admit a peer
 HANDSHAKE_MS = 2000         # a connection that says nothing is closed after this
 RECV_HWM = 1000             # messages queued from one peer before it must wait
+MAX_MESSAGE = 1 << 20       # a longer frame makes libzmq close the connection
 MAX_KNOWN = 4096            # peers whose connection is remembered, for cutting it
 
 
@@ -74,7 +75,7 @@ class ControlSocket:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.SNDHWM, send_hwm)
         self.sock.setsockopt(zmq.RCVHWM, RECV_HWM)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         self.sock.setsockopt(zmq.ZAP_DOMAIN, b"pktipc")

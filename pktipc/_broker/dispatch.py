@@ -213,11 +213,12 @@ class Dispatcher:
         self.clients_total = 0
 
     # -- clients --
-    def _refuse(self, ev: proto.Hello, now: float, code: str, text: str) -> None:
+    def _refuse(self, ev: proto.HelloReceived, now: float, code: str, text: str) -> None:
         self.refused[code] += 1
         self.conn.refuse(ev.peer, now, code, text)
 
-    def hello(self, ev: proto.Hello, now: float, welcome: dict[str, Any]) -> ClientState | None:
+    def hello(self, ev: proto.HelloReceived, now: float,
+              welcome: dict[str, Any]) -> ClientState | None:
         group = ev.group or ev.name
         other = self.clients.get(ev.name)
         if other is not None and other.peer is not None:
@@ -288,7 +289,7 @@ class Dispatcher:
         if self.backoff > 0:
             self.banned[c.name] = now + self.backoff
 
-    def _resume(self, c: ClientState, ev: proto.Hello, now: float,
+    def _resume(self, c: ClientState, ev: proto.HelloReceived, now: float,
                 welcome: dict[str, Any]) -> ClientState:
         """A detached client is back under its name: it continues where it
         stopped, from the batches it never released."""
@@ -553,6 +554,11 @@ class Dispatcher:
 
     @property
     def finished(self) -> bool:
-        """Every client was sent everything and gave it all back (a client
-        maps the segment after WELCOME: unlinking it earlier could beat it)."""
-        return self.ended and all(c.eos_sent and not c.held for c in self.clients.values())
+        """Every client was sent everything and gave it all back, and each
+        has said it mapped the segment (a client maps it after WELCOME:
+        unlinking it earlier could beat it, even for a client given nothing)."""
+        return self.ended and all(c.eos_sent and not c.held and self.mapped(c)
+                                  for c in self.clients.values())
+
+    def mapped(self, c: ClientState) -> bool:
+        return c.peer is None or self.conn.heard(c.peer)

@@ -104,6 +104,10 @@ class LiveSource:
                 name=name, linktype=int(lib.pkb_ring_linktype(ring)), snaplen=opts.snaplen,
                 kind=lib.PKTIPC_IFACE_LIVE, ifindex=int(lib.pkb_ring_ifindex(ring))))
         self.fds = [int(lib.pkb_ring_fd(r)) for r in self.rings]
+        if opts.hw_timestamps and lib.pkb_ring_keep_timestamping(
+                ffi.new("pkb_ring *[]", self.rings), len(self.rings), errbuf) < 0:
+            self.close()
+            raise SourceError(ffi.string(errbuf).decode(errors="replace"))
         self._first = 0             # the ring drained first, in turn, so none starves
 
     def produce(self, fill: Any, now: float) -> Produced:

@@ -36,11 +36,6 @@ struct fb {
     struct proto_msg m;         /* the last message received */
 };
 
-static uint64_t fb_align(uint64_t n, uint64_t a)
-{
-    return (n + a - 1) / a * a;
-}
-
 /* Segments of fake brokers not freed yet: a failed CHECK exits, and they
  * go with it. */
 static char fb_live[32][80];
@@ -65,6 +60,11 @@ static void fb_track(const char *shm, int live)
     }
 }
 
+static uint64_t fb_align(uint64_t n, uint64_t a)
+{
+    return (n + a - 1) / a * a;
+}
+
 static void fb_init(struct fb *f, const char *dir, const char *name, uint32_t slabs,
                     uint32_t slab_size)
 {
@@ -76,11 +76,9 @@ static void fb_init(struct fb *f, const char *dir, const char *name, uint32_t sl
     f->slabs = slabs;
     f->slab_size = slab_size;
     snprintf(f->shm, sizeof(f->shm), "/pktipc.%s.%016llx", name, (unsigned long long)f->epoch);
-    uint64_t ifaces = PKTIPC_HEADER_SIZE;
-    uint64_t batches = fb_align(ifaces + PKTIPC_IFACE_SIZE, 64);
-    uint64_t slabs_off = fb_align(batches + (uint64_t)slabs * PKTIPC_BATCH_REC_SIZE,
-                                  PKTIPC_SLAB_ALIGN);
-    f->size = slabs_off + (uint64_t)slabs * slab_size;
+    struct pktipc_geometry g;
+    CHECK(pktipc_geometry(slab_size, slabs, 1, &g) == 0);
+    f->size = g.total_size;
     int fd = shm_open(f->shm, O_CREAT | O_EXCL | O_RDWR, 0600);
     CHECK(fd >= 0);
     fb_track(f->shm, 1);
@@ -100,12 +98,12 @@ static void fb_init(struct fb *f, const char *dir, const char *name, uint32_t sl
     h->batch_rec_size = PKTIPC_BATCH_REC_SIZE;
     h->iface_count = 1;
     h->iface_size = PKTIPC_IFACE_SIZE;
-    h->iface_table_off = ifaces;
-    h->batch_table_off = batches;
-    h->slabs_off = slabs_off;
-    h->total_size = f->size;
+    h->iface_table_off = g.iface_table_off;
+    h->batch_table_off = g.batch_table_off;
+    h->slabs_off = g.slabs_off;
+    h->total_size = g.total_size;
     snprintf(h->name, sizeof(h->name), "%s", name);
-    struct pktipc_iface *i = (struct pktipc_iface *)(f->seg + ifaces);
+    struct pktipc_iface *i = (struct pktipc_iface *)(f->seg + g.iface_table_off);
     snprintf(i->name, sizeof(i->name), "fake");
     i->linktype = 1;
     i->snaplen = 65535;

@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <linux/if_ether.h>
 #include <linux/filter.h>
@@ -21,8 +23,7 @@
 #include <pcap/pcap.h>
 
 #include "pktipc_shm.h"
-#include "ingest.h"
-#include "flowhash.h"
+#include "fill.h"        /* with ingest.h and flowhash.h */
 #include "afpacket.h"
 
 #define LINKTYPE_ETHERNET 1
@@ -44,6 +45,9 @@ struct pkb_ring {
     uint32_t block;             /* the block to read next */
     uint32_t pkt_index;         /* packets of that block already copied */
     uint32_t pkt_off;           /* offset of the next one in the block */
+    char ifname[IFNAMSIZ];
+    int hw_saved;               /* hw_before is the interface's, to be put back */
+    struct hwtstamp_config hw_before;
 };
 
 static pkb_ring *fail(pkb_ring *r, int *err, int code, char *errbuf, const char *fmt, ...)
@@ -95,18 +99,37 @@ static int compile_filter(const struct pkb_ring_opts *o, struct bpf_program *pro
     return 0;
 }
 
-static int hw_timestamps(int fd, const char *ifname, char *errbuf)
+/* Sets an interface's timestamping configuration; 0 or -1 (errno). Safe in
+ * a forked child (no stdio). */
+static int set_hwtstamp(int fd, const char *ifname, struct hwtstamp_config *cfg)
 {
+    struct ifreq ifr = {0};
+    memcpy(ifr.ifr_name, ifname, strnlen(ifname, sizeof(ifr.ifr_name) - 1));
+    ifr.ifr_data = (void *)cfg;
+    return ioctl(fd, SIOCSHWTSTAMP, &ifr);
+}
+
+/* Timestamps from the NIC's clock for every packet. The interface's
+ * configuration before is kept, to be put back when the ring closes (a PTP
+ * daemon may rely on it); an interface that cannot tell it had none. */
+static int hw_timestamps(pkb_ring *r, const char *ifname, char *errbuf)
+{
+    int fd = r->fd;
     struct hwtstamp_config cfg = {.tx_type = HWTSTAMP_TX_OFF, .rx_filter = HWTSTAMP_FILTER_ALL};
     struct ifreq ifr = {0};
     snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
-    ifr.ifr_data = (void *)&cfg;
-    if (ioctl(fd, SIOCSHWTSTAMP, &ifr) < 0) {
+    ifr.ifr_data = (void *)&r->hw_before;
+    if (ioctl(fd, SIOCGHWTSTAMP, &ifr) < 0)
+        r->hw_before = (struct hwtstamp_config){.tx_type = HWTSTAMP_TX_OFF,
+                                                .rx_filter = HWTSTAMP_FILTER_NONE};
+    snprintf(r->ifname, sizeof(r->ifname), "%s", ifname);
+    if (set_hwtstamp(fd, ifname, &cfg) < 0) {
         snprintf(errbuf, PKB_ERRBUF_SIZE,
                  "%s does not support hardware timestamps (SIOCSHWTSTAMP: %s)", ifname,
                  strerror(errno));
         return -1;
     }
+    r->hw_saved = 1;
     int req = SOF_TIMESTAMPING_RAW_HARDWARE;
     if (setsockopt(fd, SOL_PACKET, PACKET_TIMESTAMP, &req, sizeof(req)) < 0) {
         snprintf(errbuf, PKB_ERRBUF_SIZE, "%s: PACKET_TIMESTAMP: %s", ifname, strerror(errno));
@@ -179,7 +202,7 @@ pkb_ring *pkb_ring_open(const struct pkb_ring_opts *o, int *err, char *errbuf)
     int version = TPACKET_V3;
     if (setsockopt(r->fd, SOL_PACKET, PACKET_VERSION, &version, sizeof(version)) < 0)
         return fail(r, err, PKB_RING_ESYS, errbuf, "PACKET_VERSION: %s", strerror(errno));
-    if (o->hw_timestamps && hw_timestamps(r->fd, o->ifname, errbuf) < 0)
+    if (o->hw_timestamps && hw_timestamps(r, o->ifname, errbuf) < 0)
         return fail(r, err, PKB_RING_EUNSUPP, errbuf, NULL);
     struct tpacket_req3 req = {
         .tp_block_size = o->block_size,
@@ -272,12 +295,10 @@ static int copy_packet(const pkb_ring *r, struct pkb_fill *f, const struct tpack
         flags |= PKTIPC_F_VLAN_REINSERTED;
     }
 
-    uint64_t room = ((uint64_t)caplen + PKTIPC_FRAME_ALIGN - 1) & ~(uint64_t)(PKTIPC_FRAME_ALIGN - 1);
-    uint64_t desc_end = (uint64_t)(f->count + 1) * sizeof(struct pktipc_pkt);
-    if (room + desc_end > f->data_low)
+    uint32_t off = pkb_fill_room(f, caplen);
+    if (!off)
         return 0;
-    f->data_low -= (uint32_t)room;
-    uint8_t *dst = f->slab + f->data_low;
+    uint8_t *dst = f->slab + off;
     if (insert) {
         uint8_t tag[VLAN_TAG_LEN] = {(uint8_t)(tpid >> 8), (uint8_t)tpid,
                                      (uint8_t)(tci >> 8), (uint8_t)tci};
@@ -296,23 +317,8 @@ static int copy_packet(const pkb_ring *r, struct pkb_fill *f, const struct tpack
         flags |= PKTIPC_F_TS_HW;
     if (sll->sll_pkttype <= PACKET_OUTGOING)
         flags |= (uint16_t)((sll->sll_pkttype + 1) << PKTIPC_F_DIR_SHIFT);
-
-    int64_t ts = (int64_t)h->tp_sec * 1000000000 + h->tp_nsec;
-    struct pktipc_pkt *d = (struct pktipc_pkt *)f->slab + f->count;
-    d->ts_ns = ts;
-    d->data_off = f->data_low;
-    d->caplen = caplen;
-    d->wirelen = wire;
-    d->hash = pkb_flow_hash(dst, caplen, r->linktype, f->hash_opts);
-    d->iface = (uint16_t)f->iface;
-    d->linktype = (uint16_t)r->linktype;
-    d->vlan_tci = tci;
-    d->flags = flags;
-    if (f->count == 0)
-        f->first_ts_ns = ts;
-    f->last_ts_ns = ts;
-    f->bytes += caplen;
-    f->count++;
+    pkb_fill_add(f, off, (int64_t)h->tp_sec * 1000000000 + h->tp_nsec, caplen, wire,
+                 (uint16_t)r->linktype, tci, flags);
     return 1;
 }
 
@@ -366,10 +372,59 @@ int pkb_ring_sock_error(pkb_ring *r)
     return e;
 }
 
+/* The interfaces' timestamping configurations are put back when their rings
+ * close, and also by a keeper process once the broker is gone however it
+ * ends (killed too, or no longer allowed to: --user drops CAP_NET_ADMIN). */
+int pkb_ring_keep_timestamping(pkb_ring *const *rings, uint32_t n, char *errbuf)
+{
+    struct { char name[IFNAMSIZ]; struct hwtstamp_config cfg; } keep[64];
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n && k < 64; i++)
+        if (rings[i]->hw_saved) {
+            memcpy(keep[k].name, rings[i]->ifname, IFNAMSIZ);
+            keep[k++].cfg = rings[i]->hw_before;
+        }
+    if (!k)
+        return 0;
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0) {
+        snprintf(errbuf, PKB_ERRBUF_SIZE, "pipe: %s", strerror(errno));
+        return -1;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        snprintf(errbuf, PKB_ERRBUF_SIZE, "fork: %s", strerror(errno));
+        close(p[0]);
+        close(p[1]);
+        return -1;
+    }
+    if (pid == 0) {
+        /* Only async-signal-safe calls from here: the parent has threads. */
+        int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (dup2(p[0], 3) < 0 || dup2(sock, 4) < 0)
+            _exit(1);
+        close_range(5, ~0U, 0);
+        struct sigaction ign = {.sa_handler = SIG_IGN};
+        sigaction(SIGINT, &ign, NULL);      /* a Ctrl-C for the broker is not ours */
+        sigaction(SIGTERM, &ign, NULL);
+        sigaction(SIGHUP, &ign, NULL);
+        char c;
+        while (read(3, &c, 1) < 0 && errno == EINTR)
+            ;
+        for (uint32_t i = 0; i < k; i++)
+            set_hwtstamp(4, keep[i].name, &keep[i].cfg);
+        _exit(0);
+    }
+    close(p[0]);    /* p[1] stays open until the broker is gone */
+    return 0;
+}
+
 void pkb_ring_close(pkb_ring *r)
 {
     if (!r)
         return;
+    if (r->hw_saved && r->fd >= 0)
+        set_hwtstamp(r->fd, r->ifname, &r->hw_before);
     if (r->map != MAP_FAILED)
         munmap(r->map, r->map_size);
     if (r->fd >= 0)

@@ -58,4 +58,10 @@ int pkb_ring_stats(pkb_ring *r, struct pktipc_iface *e);
 /* The socket's pending error (after POLLERR), as errno; 0 if none. */
 int pkb_ring_sock_error(pkb_ring *r);
 
+/* Leaves a keeper process that puts back the timestamping configuration of
+ * the rings' interfaces (those opened with hw_timestamps) once this process
+ * is gone, however it ends: 0, or -1 with the reason in errbuf. */
+int pkb_ring_keep_timestamping(pkb_ring *const *rings, uint32_t n, char *errbuf);
+
+/* Closes the ring, putting back the interface's timestamping configuration. */
 void pkb_ring_close(pkb_ring *r);

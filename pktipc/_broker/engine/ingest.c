@@ -1,5 +1,8 @@
 /* Broker-side ingest: capture sources into slabs, one call per chunk. */
 #define _GNU_SOURCE
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,9 +12,9 @@
 
 #include <pcap/pcap.h>
 
+#include "pktipc_linktype.h"
 #include "pktipc_shm.h"
-#include "ingest.h"
-#include "flowhash.h"
+#include "fill.h"        /* with ingest.h and flowhash.h */
 
 /* A classic pcap file in the host's byte order is read from a private
  * read-only mapping, record by record, instead of through libpcap's two
@@ -22,8 +25,10 @@
  * libpcap's own. */
 struct mapped {
     const uint8_t *base;
-    size_t len;
+    size_t len;                /* what is read of it: the mapping, or less once the file shrank */
+    size_t size;               /* the mapping */
     size_t off;                /* the next record */
+    size_t rec;                /* the last record read */
     struct pcap_pkthdr hdr;
 };
 
@@ -37,6 +42,7 @@ struct pkb_src {
     uint32_t ns_per_tick;      /* classic pcap: 1000 (microsecond files) or 1; pcapng: 0 */
     uint64_t read;             /* packets read, the pending one included */
     struct mapped *map;        /* NULL: every record through libpcap */
+    size_t mapped_to;          /* the end of the last record read from the mapping */
     char err[PKB_ERRBUF_SIZE];
 };
 
@@ -45,6 +51,39 @@ struct pkb_src {
 #define PCAPNG_MAGIC 0x0a0d0d0a
 #define LINKTYPE_USB_LINUX 189            /* libpcap rewrites these records' lengths */
 #define LINKTYPE_USB_LINUX_MMAPPED 220
+
+/* A file truncated in place while it is mapped: reading a page past its new
+ * end raises SIGBUS. Whatever reads the mapping does so under a guard, and
+ * the signal then ends that read (the stream ends with an error) instead of
+ * the broker. A SIGBUS outside a guard is handled as before the guard's
+ * handler was installed. */
+static __thread sigjmp_buf *bus_guard;
+static __thread unsigned long bus_caught;     /* reads the guard ended */
+static struct sigaction bus_before;
+static pthread_once_t bus_once = PTHREAD_ONCE_INIT;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    (void)si;
+    (void)uc;
+    if (bus_guard)
+        siglongjmp(*bus_guard, 1);
+    /* Not a read of ours: back to what was there, and the access that
+     * faulted, run again, meets it. */
+    sigaction(sig, &bus_before, NULL);
+}
+
+static void bus_install(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_sigbus;
+    /* SA_NODEFER: the signal stays unblocked, as sigsetjmp(…, 0) does not
+     * restore the mask. */
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &bus_before);
+}
 
 static struct mapped *map_file(pcap_t *p, uint32_t magic)
 {
@@ -62,22 +101,32 @@ static struct mapped *map_file(pcap_t *p, uint32_t magic)
     if (base == MAP_FAILED)
         return NULL;
     madvise(base, (size_t)st.st_size, MADV_SEQUENTIAL);
+    pthread_once(&bus_once, bus_install);
     struct mapped *m = calloc(1, sizeof(*m));
     if (!m) {
         munmap(base, (size_t)st.st_size);
         return NULL;
     }
     m->base = base;
-    m->len = (size_t)st.st_size;
+    m->len = m->size = (size_t)st.st_size;
     m->off = 24;
     return m;
 }
 
 static void unmap(pkb_src *s)
 {
-    munmap((void *)s->map->base, s->map->len);
+    munmap((void *)s->map->base, s->map->size);
     free(s->map);
     s->map = NULL;
+}
+
+/* From the record at `off` on, libpcap reads the file: -1, or -2 if it
+ * cannot seek there. */
+static int hand_over(pkb_src *s, size_t off)
+{
+    if (s->map)
+        unmap(s);
+    return fseek(pcap_file(s->p), (long)off, SEEK_SET) == 0 ? -1 : -2;
 }
 
 /* The next record from the mapping: 1 read, -1 when libpcap must read it
@@ -102,13 +151,13 @@ static int mapped_next(pkb_src *s)
             m->hdr.len = len;
             s->hdr = &m->hdr;
             s->data = r + 16;
+            m->rec = m->off;
             m->off += 16 + (size_t)caplen;
+            s->mapped_to = m->off;
             return 1;
         }
     }
-    long off = (long)m->off;
-    unmap(s);
-    return fseek(pcap_file(s->p), off, SEEK_SET) == 0 ? -1 : -2;
+    return hand_over(s, m->off);
 }
 
 pkb_src *pkb_src_open_file(const char *path, char *errbuf)
@@ -150,21 +199,10 @@ pkb_src *pkb_src_open_file(const char *path, char *errbuf)
     return s;
 }
 
-/* libpcap hands out DLT_* values; the descriptor and files carry LINKTYPE_*.
- * They differ only for these historical values (libpcap's pcap-common.c). */
-static int linktype_of(int dlt)
+int pkb_src_linktype(const pkb_src *s)
 {
-    switch (dlt) {
-    case DLT_ATM_RFC1483: return 100;
-    case DLT_RAW:         return 101;
-    case DLT_SLIP_BSDOS:  return 102;
-    case DLT_PPP_BSDOS:   return 103;
-    case DLT_ATM_CLIP:    return 106;
-    default:              return dlt;
-    }
+    return pktipc_linktype_of_dlt(pcap_datalink(s->p));
 }
-
-int pkb_src_linktype(const pkb_src *s) { return linktype_of(pcap_datalink(s->p)); }
 uint32_t pkb_src_snaplen(const pkb_src *s) { return (uint32_t)pcap_snapshot(s->p); }
 uint32_t pkb_src_ts_resolution(const pkb_src *s)
 {
@@ -253,11 +291,6 @@ static int src_advance(pkb_src *s)
     return 1;
 }
 
-int64_t pkb_src_peek_ts(pkb_src *s)
-{
-    return src_advance(s) ? s->ts : INT64_MAX;
-}
-
 void pkb_fill_begin(struct pkb_fill *f, uint8_t *slab, uint32_t slab_size, uint32_t iface)
 {
     memset(f, 0, sizeof(*f));
@@ -267,45 +300,125 @@ void pkb_fill_begin(struct pkb_fill *f, uint8_t *slab, uint32_t slab_size, uint3
     f->iface = iface;
 }
 
-int pkb_src_fill(pkb_src *s, struct pkb_fill *f, int64_t ts_limit, uint32_t max_pkts)
+static int fill(pkb_src *s, struct pkb_fill *f, int64_t ts_limit, uint32_t max_pkts)
 {
     const uint16_t linktype = (uint16_t)pkb_src_linktype(s);
-    struct pktipc_pkt *descs = (struct pktipc_pkt *)f->slab;
 
     while (f->count < max_pkts) {
         if (!src_advance(s))
             return s->done == 1 ? PKB_FILL_EOF : PKB_FILL_ERROR;
         const struct pcap_pkthdr *h = s->hdr;
-        int64_t ts = s->ts;
-        if (ts > ts_limit)
+        if (s->ts > ts_limit)
             return PKB_FILL_LIMIT;
-        uint32_t caplen = h->caplen;
-        uint64_t room = (uint64_t)caplen + (PKTIPC_FRAME_ALIGN - 1);
-        room &= ~(uint64_t)(PKTIPC_FRAME_ALIGN - 1);
-        uint64_t desc_end = (uint64_t)(f->count + 1) * sizeof(struct pktipc_pkt);
-        if (room + desc_end > f->data_low)
+        uint32_t off = pkb_fill_room(f, h->caplen);
+        if (!off)
             return f->count ? PKB_FILL_FULL : PKB_FILL_TOOBIG;
-
-        f->data_low -= (uint32_t)room;
-        memcpy(f->slab + f->data_low, s->data, caplen);
-        struct pktipc_pkt *d = &descs[f->count];
-        d->ts_ns = ts;
-        d->data_off = f->data_low;
-        d->caplen = caplen;
-        d->wirelen = h->len;
-        d->hash = pkb_flow_hash(s->data, caplen, linktype, f->hash_opts);
-        d->iface = (uint16_t)f->iface;
-        d->linktype = linktype;
-        d->vlan_tci = 0;
-        d->flags = caplen < h->len ? PKTIPC_F_TRUNCATED : 0;
-        if (f->count == 0)
-            f->first_ts_ns = ts;
-        f->last_ts_ns = ts;
-        f->bytes += caplen;
-        f->count++;
+        /* Make sure what was filled is in *f before the copy, which may
+         * fault on a truncated file: the slab then ends where it stood. */
+        __asm__ __volatile__("" ::: "memory");
+        memcpy(f->slab + off, s->data, h->caplen);
+        pkb_fill_add(f, off, s->ts, h->caplen, h->len, linktype, 0,
+                     h->caplen < h->len ? PKTIPC_F_TRUNCATED : 0);
         s->pending = 0;
     }
     return PKB_FILL_FULL;
+}
+
+/* The file's size now; SIZE_MAX if it cannot be told. */
+static size_t file_size(pkb_src *s)
+{
+    struct stat st;
+    return fstat(fileno(pcap_file(s->p)), &st) == 0 ? (size_t)st.st_size : SIZE_MAX;
+}
+
+/* The file shrank (truncated in place) under the mapping, to `size`: what
+ * this fill took from records beyond it is taken back, and libpcap reads
+ * on from the first of them, so that the stream ends as libpcap's own read
+ * of the truncated file does. `count0` packets were in the slab and the
+ * records from `first` on were this fill's. */
+static void shrank(pkb_src *s, struct pkb_fill *f, uint32_t count0, size_t first, size_t size)
+{
+    const struct pktipc_pkt *d = (const struct pktipc_pkt *)f->slab;
+    size_t off = first;
+    uint32_t i = count0;
+    for (; i < f->count && off + 16 + d[i].caplen <= size; i++)
+        off += 16 + d[i].caplen;
+    for (uint32_t j = i; j < f->count; j++)
+        f->bytes -= d[j].caplen;
+    if (i < f->count) {
+        f->data_low = i ? d[i - 1].data_off : f->slab_size;
+        f->last_ts_ns = i ? d[i - 1].ts_ns : 0;
+        f->first_ts_ns = i ? f->first_ts_ns : 0;
+        f->count = i;
+    }
+    s->pending = 0;
+    s->mapped_to = 0;
+    s->done = 0;                /* libpcap reads on, to its own end */
+    if (hand_over(s, off) == -2) {
+        s->done = 2;
+        snprintf(s->err, sizeof(s->err), "cannot seek in the file");
+    }
+}
+
+/* fill() from the mapping under the SIGBUS guard: a page past the file's
+ * new end, truncated meanwhile, ends the mapped read where it stood. */
+static int guarded_fill(pkb_src *s, struct pkb_fill *f, int64_t ts_limit, uint32_t max_pkts,
+                        uint32_t count0, size_t first)
+{
+    sigjmp_buf jb;
+    if (sigsetjmp(jb, 0)) {
+        bus_guard = NULL;
+        bus_caught++;
+        shrank(s, f, count0, first, file_size(s));
+        return fill(s, f, ts_limit, max_pkts);
+    }
+    bus_guard = &jb;
+    int r = fill(s, f, ts_limit, max_pkts);
+    bus_guard = NULL;
+    return r;
+}
+
+/* After a mapped fill that returned r: if the file shrank while it read,
+ * what it read past the end (of the last page: zeros) is not the file's. */
+static int settle(pkb_src *s, struct pkb_fill *f, int r, uint32_t count0, size_t first,
+                  int64_t ts_limit, uint32_t max_pkts)
+{
+    size_t size = file_size(s);
+    if (size >= s->mapped_to)
+        return r;
+    shrank(s, f, count0, first, size);
+    return fill(s, f, ts_limit, max_pkts);
+}
+
+int pkb_src_fill(pkb_src *s, struct pkb_fill *f, int64_t ts_limit, uint32_t max_pkts)
+{
+    if (!s->map)
+        return fill(s, f, ts_limit, max_pkts);
+    /* Records past the file's end, as it is now, are libpcap's to read. */
+    struct mapped *m = s->map;
+    size_t size = file_size(s);
+    uint32_t count0 = f->count;
+    size_t first = s->pending ? m->rec : m->off;
+    if (size < m->off) {
+        shrank(s, f, count0, first, size);
+        return fill(s, f, ts_limit, max_pkts);
+    }
+    if (size < m->len)
+        m->len = size;
+    return settle(s, f, guarded_fill(s, f, ts_limit, max_pkts, count0, first), count0, first,
+                  ts_limit, max_pkts);
+}
+
+int64_t pkb_src_peek_ts(pkb_src *s)
+{
+    if (s->map && !s->pending) {
+        /* Read into a slab of none, so that a file shrunk meanwhile is
+         * handled as pkb_src_fill handles it. */
+        struct pkb_fill none;
+        pkb_fill_begin(&none, NULL, 0, 0);
+        pkb_src_fill(s, &none, INT64_MIN, 1);
+    }
+    return src_advance(s) ? s->ts : INT64_MAX;
 }
 
 void pkb_batch_publish(struct pktipc_batch_rec *rec, uint32_t slab, uint32_t gen,

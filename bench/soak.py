@@ -28,6 +28,7 @@ bench/results/soak-<date>.json. Not a test: run it by hand (it takes minutes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -107,16 +108,26 @@ def soak(env: Env, a: argparse.Namespace) -> dict[str, Any]:
     timeline: list[dict[str, Any]] = []
     churners: list[subprocess.Popen[bytes]] = []
     started = killed = failed = 0
+    missed: list[dict[str, Any]] = []
+    last: dict[str, Any] = pktipc.broker_stats(name, timeout=10)
+    died = ""
     next_sample = t0
     i = 0
     try:
         while time.monotonic() - t0 < a.minutes * 60:
             if broker.poll() is not None:
-                raise RuntimeError(f"the broker exited {broker.returncode}: "
-                                   f"{env.stderr(name)[-2000:]}")
+                died = f"the broker exited {broker.returncode}: {env.stderr(name)[-2000:]}"
+                print(died, file=sys.stderr, flush=True)
+                break
             now = time.monotonic()
             if now >= next_sample:
-                st = pktipc.broker_stats(name, timeout=10)
+                next_sample += a.every
+                try:
+                    st = pktipc.broker_stats(name, timeout=10)
+                except pktipc.PktipcError as e:     # (a loaded machine: a missed sample)
+                    missed.append({"t": round(now - t0, 1), "error": str(e)})
+                    continue
+                last = st
                 per = {c["name"]: c for c in st["clients"]}
                 timeline.append({
                     "t": round(now - t0, 1), **memory(broker.pid),
@@ -126,7 +137,11 @@ def soak(env: Env, a: argparse.Namespace) -> dict[str, Any]:
                     "kernel_drops": sum(s.get("kernel_drops", 0) for s in st["sources"]),
                     "client_drops": st["counters"]["client_drops"],
                     "steady_drops": {n: per[n]["drops"] for n in steady_names if n in per}})
-                next_sample += a.every
+                x = timeline[-1]
+                print(f"{x['t']:7.0f} s  private {x.get('private_kb', 0) / 1024:6.1f} MiB  "
+                      f"{x['packets']:>12,} packets  {x['clients']:2} clients  "
+                      f"kernel drops {x['kernel_drops']:,}  skipped {x['client_drops']:,}  "
+                      f"started {started} killed {killed}", flush=True)
             time.sleep(a.churn)
             i += 1
             churners.append(env.start(
@@ -141,12 +156,16 @@ def soak(env: Env, a: argparse.Namespace) -> dict[str, Any]:
                 failed += rc not in (0, -9)
             churners = [p for p in churners if p.poll() is None]
         elapsed = time.monotonic() - t0
-        st = pktipc.broker_stats(name, timeout=10)
-        end_mem = memory(broker.pid)
+        end_mem = memory(broker.pid) or {k: v for k, v in timeline[-1].items()
+                                          if k.endswith("_kb")}
         if gen is not None:
             env.stop(gen)
             time.sleep(1)
-            st = pktipc.broker_stats(name, timeout=10)
+        st = last
+        for _ in range(3):
+            with contextlib.suppress(pktipc.PktipcError):
+                st = pktipc.broker_stats(name, timeout=10)
+                break
     finally:
         for p in churners:
             env.procs.kill(p)
@@ -163,7 +182,8 @@ def soak(env: Env, a: argparse.Namespace) -> dict[str, Any]:
     return {
         "source": "live veth, gen.c 64-byte frames" if a.live else "file, --loop 0 --realtime",
         "minutes": elapsed / 60, "rate_pps": a.rate, "churn_s": a.churn,
-        "broker_exit": rc, "traceback": "Traceback" in env.stderr(name),
+        "broker_exit": rc, "broker_died": died, "traceback": "Traceback" in env.stderr(name),
+        "missed_samples": missed,
         "churners": {"started": started, "killed": killed, "failed": failed},
         "clients_total": c["clients_total"], "evictions": c["evictions"],
         "packets": c["packets"], "batches": c["batches"],

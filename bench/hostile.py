@@ -53,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -831,7 +832,12 @@ def run(quick: bool, reps: int | None = None, only: list[str] | None = None,
         try:
             for part in parts:
                 print(f"hostile: {part}", flush=True)
-                res[part] = plan[part](env)
+                try:
+                    res[part] = plan[part](env)
+                except Exception:           # (the other parts still run, and are saved)
+                    res.setdefault("failed", {})[part] = traceback.format_exc()
+                    print(f"hostile: {part} failed:\n{res['failed'][part]}", flush=True)
+                    env.procs.kill_all()
         finally:
             env.close()
     return res
@@ -854,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(a.quick, a.reps, a.only.split(",") if a.only else None, a.messages)
     print("\n" + tables(res))
     save("hostile", a.out, started, **res)
-    return 0
+    return 1 if res.get("failed") else 0
 
 
 if __name__ == "__main__":

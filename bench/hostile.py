@@ -61,6 +61,7 @@ from typing import Any
 import pktipc
 from bench.live import proc_cpu
 from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, Procs, machine, save
+from pktipc._tools.netns import Namespace
 from pktipc._tools.synth import write_pcap
 
 PY = sys.executable
@@ -122,7 +123,7 @@ class Env:
         self.env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.procs = Procs()
         self.n = 0
-        self.ns: str | None = None
+        self.ns: Namespace | None = None
         self.files: list[Path] = []
 
     def shm(self, tag: str) -> Path:
@@ -181,22 +182,27 @@ class Env:
     def netns(self) -> str:
         """A namespace of the benchmark's own with a veth pair va-vb."""
         if self.ns is None:
-            ns = f"pktipc-hostile-{os.getpid()}"
-            subprocess.run(["ip", "netns", "add", ns], check=True)
+            ns = Namespace(f"pktipc-hostile-{os.getpid()}")
+            try:
+                ns.veth("va", "vb")
+            except BaseException:
+                ns.delete()
+                raise
             self.ns = ns
-            for args in (["link", "add", "va", "type", "veth", "peer", "name", "vb"],
-                         ["link", "set", "va", "up"], ["link", "set", "vb", "up"]):
-                subprocess.run(["ip", "-n", ns, *args], check=True)
-            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
-                            "net.ipv6.conf.all.disable_ipv6=1"], check=True)
-        return self.ns
+        return self.ns.name
+
+    def nsx(self) -> tuple[str, ...]:
+        """The prefix that runs a command inside that namespace."""
+        self.netns()
+        assert self.ns is not None
+        return tuple(self.ns.cmd())
 
     def close(self) -> None:
         self.procs.kill_all()
         for f in self.files:
             f.unlink(missing_ok=True)
         if self.ns is not None:
-            subprocess.run(["ip", "netns", "del", self.ns], check=False)
+            self.ns.delete()
             self.ns = None
         if self._saved_runtime is None:
             os.environ.pop("PKTIPC_RUNTIME_DIR", None)
@@ -535,8 +541,7 @@ def stalled_run(env: Env, gen: Path, stalled_n: int, seconds: float,
     """A `drop` client reads a live interface while `stalled_n` clients
     attach one after another during the first half of the traffic (so that
     each holds other slabs), take all the credit they may and never read."""
-    ns = env.netns()
-    nsx = ("ip", "netns", "exec", ns)
+    nsx = env.nsx()
     name = env.name("stall")
     broker = env.broker(name, "-i", "va", "--max-clients", "40", "--slabs", "161",
                         "--liveness", "3600", "--lease", "0", wrap=nsx)

@@ -80,8 +80,7 @@ def soak(env: Env, a: argparse.Namespace) -> dict[str, Any]:
     steady_names = {"steady-block": "block", "steady-drop": "drop"}
     gen = None
     if a.live:
-        ns = env.netns()
-        nsx: tuple[str, ...] = ("ip", "netns", "exec", ns)
+        nsx = env.nsx()
         genbin = env.tmp / "gen"
         subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(genbin),
                         str(BASELINES / "gen.c")], check=True)

@@ -522,9 +522,12 @@ class Client:
             except zmq.Again:
                 break
             try:
-                events += self._conn.receive(frame, time.monotonic())
+                new = self._conn.receive(frame, time.monotonic())
             except proto.RemoteProtocolError as e:
                 raise BrokerGone(f"broker {self.server!r} broke the protocol: {e}") from e
+            events += new
+            if any(isinstance(ev, proto.ConnectionLost) for ev in new):
+                break       # what else this connection holds is the lost broker's: dropped
         self._on_events(events)
 
     def _on_events(self, events: list[proto.ClientEvent]) -> None:

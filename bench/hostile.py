@@ -672,9 +672,9 @@ def fds_run(env: Env, pcap: Path) -> dict[str, Any]:
             s.close()
         socks.clear()
         time.sleep(1)
-        st = stats(name)
-        served = st["clients"][0]["packets"] - before if st["clients"] else 0
         alive = broker.poll() is None
+        st = stats(name) if alive else {"control": {}, "clients": []}
+        served = st["clients"][0]["packets"] - before if st["clients"] else 0
         rc = env.stop(broker)
         out = env.output(reader)
     finally:
@@ -692,10 +692,11 @@ def fds_run(env: Env, pcap: Path) -> dict[str, Any]:
         top.rmdir()
     err = env.stderr(name)
     return {"alive_during": alive_during, "alive": alive, "broker_exit": rc,
+            "stderr_tail": err[-600:],
             "control": st["control"],
             "seconds": time.monotonic() - t0, "served_meanwhile": served,
-            "good_packets": out["packets"], "good_mismatched": out["mismatched"],
-            "good_gap_packets": out["gap_packets"], "segment_left": bool(left),
+            "good_packets": out.get("packets"), "good_mismatched": out.get("mismatched"),
+            "good_gap_packets": out.get("gap_packets"), "segment_left": bool(left),
             "cap_message": next((line for line in err.splitlines() if "at most" in line), "")}
 
 
@@ -707,6 +708,9 @@ def fds(env: Env, quick: bool, reps: int) -> dict[str, Any]:
         r["rep"] = rep
         runs.append(r)
         c = r["control"]
+        if not r["alive"]:
+            print(f"  fds: broker DOWN (exit {r['broker_exit']}): {r['stderr_tail']}", flush=True)
+            continue
         print(f"  fds: broker {'up' if r['alive'] else 'DOWN'} (exit {r['broker_exit']}), "
               f"refused {c['connections_refused']} of 1100 (max {c['max_connections']}), "
               f"served {r['served_meanwhile']} packets meanwhile", flush=True)
@@ -812,7 +816,12 @@ def tables(res: dict[str, Any]) -> str:
                 "|---:|---|---:|---:|---:|---:|---|---|"]
         for i, r in enumerate(res["fds"]["runs"]):
             c = r["control"]
-            up = "up, exit 0" if r["alive"] and r["broker_exit"] == 0 else "DOWN"
+            if not r["alive"]:
+                why = r.get("stderr_tail", "").strip().splitlines()[-1:] or ["?"]
+                out.append(f"| {i + 1} | **DOWN** (exit {r['broker_exit']}: `{why[0]}`) "
+                           "| | | | | | |")
+                continue
+            up = "up, exit 0" if r["broker_exit"] == 0 else f"exit {r['broker_exit']}"
             out.append(f"| {i + 1} | {up} | {c['max_connections']} | "
                        f"{c['connections_refused']} | {c['handshakes_failed']} | "
                        f"{r['served_meanwhile']:,} | {r['good_mismatched']}, "

@@ -22,6 +22,8 @@ repetitions; medians, with the spread as min-max):
   suricata  Suricata through pktipc's capture plugin, through its own
             AF_PACKET capture and reading a FIFO, alone and with a second
             analyzer (bench/suricata.py)
+  recording pktipc record against dumpcap -b and tcpdump -C, files in
+            /dev/shm and on disk (bench/record.py)
   hostile   hostile load (bench/hostile.py): a million hostile control
             messages against two good clients, floods against none, peers
             that never read, stalled drop clients, 1,100 connections against
@@ -39,7 +41,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -51,15 +52,15 @@ from typing import Any
 
 import pktipc
 from bench import hostile as hostile_bench
+from bench import record as record_bench
 from bench import suricata as suricata_bench
 from bench.live import Bench
-from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine
+from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine, refresh_readme
 from pktipc._tools.synth import write_pcap
 
 PY = sys.executable
 CBIN = ROOT / "clients" / "c" / "build" / "bin"
 PLOTS = ROOT / "bench" / "plots"
-README = ROOT / "bench" / "README.md"
 
 
 def _med(xs: list[float]) -> float:
@@ -469,15 +470,6 @@ def plots(res: dict[str, Any]) -> list[str]:
     return made
 
 
-def refresh_readme(sections: dict[str, str]) -> None:
-    text = README.read_text()
-    for key, body in sections.items():
-        pattern = re.compile(rf"(<!-- suite:{key} -->\n).*?(\n<!-- /suite:{key} -->)", re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
-    README.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="under 2 minutes: fewer K, packets, "
@@ -519,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             res["memory"] = memory(off, a.quick)
             print("suricata", flush=True)
             res["suricata"] = suricata_bench.run(bench, a.quick)
+            print("recording", flush=True)
+            res["recording"] = record_bench.run(bench, a.quick)
         finally:
             bench.close()
     print("hostile", flush=True)
@@ -533,10 +527,12 @@ def main(argv: list[str] | None = None) -> int:
         sections["suricata"] = suricata_bench.table(res["suricata"])
     if "hostile" in res:
         sections["hostile"] = hostile_bench.tables(res["hostile"])
+    if "recording" in res:
+        sections["recording"] = record_bench.table(res["recording"])
     made = plots(res)
     if not a.no_readme:
         refresh_readme(sections)
-    for key in ("live", "messages", "latency", "memory", "suricata", "hostile"):
+    for key in ("live", "messages", "latency", "memory", "suricata", "recording", "hostile"):
         print(f"\n## {key}\n\n{sections[key]}")
     print(f"\n{res['seconds']:.0f} s; results in {out}; plots {', '.join(made)} in {PLOTS}")
     return 0

@@ -1,9 +1,11 @@
 """pktipc: capture packets once into shared memory, hand batches to named clients."""
 
 from ._client.client import Batch, Client, Packet, broker_stats, brokers, connect
+from ._client.tx import Tx
 from ._errors import (
     BrokerGone,
     BrokerNotRunning,
+    Busy,
     ClosedError,
     EndOfStream,
     LayoutError,
@@ -21,6 +23,7 @@ __all__ = [
     "Batch",
     "BrokerGone",
     "BrokerNotRunning",
+    "Busy",
     "Client",
     "ClosedError",
     "EndOfStream",
@@ -31,6 +34,7 @@ __all__ = [
     "PktipcError",
     "Refused",
     "SourceError",
+    "Tx",
     "UntrustedBroker",
     "broker_stats",
     "brokers",

@@ -3,7 +3,7 @@
 The declarations come as they are from shm/ (the layout header, the single
 source of truth for the shared-memory layout, and the real symbols of
 pktipc_shm.h's inline helpers) and from the broker's engines in
-pktipc/_broker/engine/ (the flow hash, file ingest, live capture). Nothing
+pktipc/_broker/engine/ (the flow hash, file ingest, live capture, sending). Nothing
 about the layout is written again here.
 """
 
@@ -17,7 +17,8 @@ ENGINE = "pktipc/_broker/engine"      # the broker's capture engines
 CLIENT = "pktipc/_client/engine"      # the client's capture-file writer
 
 HEADERS = [f"{SHM}/pktipc_layout.h", f"{SHM}/pktipc_shm_ffi.h", f"{ENGINE}/flowhash.h",
-           f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h", f"{CLIENT}/capwrite.h"]
+           f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h", f"{ENGINE}/tx.h",
+           f"{CLIENT}/capwrite.h"]
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef("".join((ROOT / h).read_text() for h in HEADERS))
@@ -25,8 +26,9 @@ ffibuilder.set_source(
     "pktipc._shm",
     "#include <stdint.h>\n" + "".join(f'#include "{Path(h).name}"\n' for h in HEADERS),
     # setuptools wants paths relative to setup.py
-    sources=[f"{ENGINE}/ingest.c", f"{ENGINE}/afpacket.c", f"{ENGINE}/flowhash.c",
-             f"{SHM}/pktipc_shm.c", f"{CLIENT}/capwrite.c"],
+    sources=[f"{ENGINE}/ingest.c", f"{ENGINE}/afpacket.c", f"{ENGINE}/tx.c",
+             f"{ENGINE}/sigbus.c", f"{ENGINE}/flowhash.c", f"{SHM}/pktipc_shm.c",
+             f"{CLIENT}/capwrite.c"],
     include_dirs=[SHM, ENGINE, CLIENT],
     libraries=["pcap"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],

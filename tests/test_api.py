@@ -8,10 +8,10 @@ from pktipc._errors import refusal
 
 def test_all_is_pinned() -> None:
     assert sorted(pktipc.__all__) == sorted([
-        "PKT_DTYPE", "Batch", "BrokerGone", "BrokerNotRunning", "Client", "ClosedError",
-        "EndOfStream", "LayoutError", "NameTaken", "Packet", "PermissionDenied", "PktipcError",
-        "Refused",
-        "SourceError", "UntrustedBroker", "broker_stats", "brokers", "connect",
+        "PKT_DTYPE", "Batch", "BrokerGone", "BrokerNotRunning", "Busy", "Client",
+        "ClosedError", "EndOfStream", "LayoutError", "NameTaken", "Packet", "PermissionDenied",
+        "PktipcError", "Refused",
+        "SourceError", "Tx", "UntrustedBroker", "broker_stats", "brokers", "connect",
     ])
     for name in pktipc.__all__:
         assert getattr(pktipc, name) is not None

@@ -488,7 +488,8 @@ struct opts_v1 {
     size_t sz; const char *server, *name, *group; int policy; unsigned credit;
     int timeout_ms, reconnect_ms; char *errbuf;
 };
-struct opts_next { struct opts_v1 v1; int balance; int unknown; };
+struct opts_next { struct opts_v1 v1; int balance; unsigned tx_frames, tx_frame_size;
+                   int unknown; };
 struct batch { unsigned long long seq; unsigned count; const void *pkts, *index, *base;
                unsigned long long t; void *s; };
 int pktipc_open(const void *o, struct pktipc_client **c);
@@ -514,7 +515,7 @@ int main(int argc, char **argv)
     printf("packets %llu end %d\n", packets, r);
     pktipc_close(c);
     struct opts_next n = {{sizeof(struct opts_next), argv[1], "newer", NULL, 1, 0, -1, 0, err},
-                          0, 7};
+                          0, 0, 0, 7};
     printf("unknown field set: %d\n", pktipc_open(&n, &c));
     n.unknown = 0;
     r = pktipc_open(&n, &c);
@@ -551,4 +552,5 @@ def test_a_consumer_built_against_version_1_runs(broker, tmp_path: Path) -> None
         f"pktipc_{n}@@PKTIPC_1" for n in (
             "open", "close", "fd", "next_batch", "pkt_data", "release", "release_batch",
             "dispatch", "stats", "group", "balance", "iface_count", "iface", "strerror",
-            "geterr", "linktype_to_dlt", "version")}
+            "geterr", "linktype_to_dlt", "version")} | {
+        f"pktipc_tx_{n}@@PKTIPC_1.1" for n in ("alloc", "send", "flush")}

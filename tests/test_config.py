@@ -50,6 +50,10 @@ allow-block = ["rec", "user:pktipc"]
 evict-backoff = 3
 max-connections = 200
 control-rate = 500
+tx = ["eth1"]
+allow-tx = ["ids"]
+tx-frames = 4096
+tx-qdisc-bypass = true
 """
 FILES = """\
 files = ["a.pcap", "b.pcapng"]

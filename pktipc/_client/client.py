@@ -10,7 +10,7 @@ import stat
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -35,6 +35,7 @@ from .._errors import (
 from .._layout import LAYOUT_VERSION, PKT_DTYPE, Iface, Segment, select
 from .._paths import check_name, control_endpoint, ipc_path
 from .._shm import ffi, lib
+from .tx import DEFAULT_FRAME_SIZE, DEFAULT_FRAMES, Area, Tx
 
 EVICT_WAIT = 0.5       # s: for the EVICT behind a batch whose slab was reused
 
@@ -284,6 +285,8 @@ class Client:
         self._sock: zmq.Socket[bytes] | None = None
         self._map: _Mapping | None = None
         self._conn = proto.ClientConnection(reconnect)
+        self._tx: Tx | None = None
+        self._tx_ready: tuple[int, ...] | None = None
         self._ctx = zmq.Context()
         self._closed = False
         try:
@@ -475,6 +478,82 @@ class Client:
                 copies = b._packets(map(bytes, b._make_views(b._own())))
             yield from copies
 
+    def tx(self, *, wait: bool = True, frames: int = DEFAULT_FRAMES,
+           frame_size: int = DEFAULT_FRAME_SIZE, batch: int | None = None,
+           timeout: float = proto.DEFAULT_TIMEOUT) -> Tx:
+        """This client's sending side (made at the first call, the same
+        afterwards): frames out of the interfaces the broker sends on
+        (`pktipc serve -i IFACE --tx`), through a TX area of `frames` slots
+        of `frame_size` bytes (the longest frame) that only this client
+        writes. wait: a frame allocated while every slot waits for the
+        broker waits for one (else Busy is raised). batch: frames sent in
+        one TX message once that many wait (default: an eighth of the
+        slots). Raises Refused (code "tx-refused") if this client may not
+        send (serve --allow-tx)."""
+        self._check_open()
+        if self._tx is not None:
+            self._tx.wait = wait
+            return self._tx
+        if self._sock is None or self._conn.state is not proto.State.ATTACHED:
+            raise BrokerGone(f"broker {self.server!r} {self._lost_why or 'is not attached'}")
+        path = ipc_path(self.endpoint)
+        gid = os.stat(path).st_gid if path is not None else None
+        area = Area(self.server, self.name, frames, frame_size, self._owner, gid)
+        try:
+            self._tx_ready = None
+            self._conn.tx_open(time.monotonic(), area.name)
+            self._flush()
+            deadline = time.monotonic() + timeout
+            while self._tx_ready is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._sock is None:
+                    raise BrokerGone(f"broker {self.server!r} did not answer TX_OPEN")
+                if self._sock.poll(int(left * 1000) + 1):
+                    self._receive_all()     # raises Refused for a refusal
+        except BaseException:
+            area.close()
+            raise
+        area.unlink()
+        self._tx = Tx(self, area, self._tx_ready, wait, batch or max(1, frames // 8))
+        return self._tx
+
+    def send(self, frames: Iterable[bytes], iface: int | str = 0) -> int:
+        """Sends each frame out of `iface` (see tx()), in order, and
+        flushes: the number of frames sent."""
+        n = 0
+        with self.tx() as tx:
+            for frame in frames:
+                buf = tx.allocate(len(frame), iface)
+                buf[:] = frame
+                tx.send(buf)
+                n += 1
+        return n
+
+    def _send_tx(self, first: int, n: int) -> None:
+        self._conn.tx(time.monotonic(), first, n)
+        self._flush()
+
+    def _poll_tx(self, timeout: float | None, until: Callable[[], bool] | None = None) -> None:
+        """Takes what the broker sent (TX_DONE among it) until `until()`
+        holds, or `timeout` seconds (None: no limit) pass, or the Tx broke."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._receive_all()
+            if self._tx is None or self._tx._broken is not None or (until and until()):
+                return
+            now = time.monotonic()
+            wake = self._conn.get_timer()
+            wait = 0.5 if wake is None else max(0.0, wake - now)
+            if deadline is not None:
+                if now >= deadline:
+                    return
+                wait = min(wait, deadline - now)
+            if self._sock is None:
+                return
+            self._sock.poll(int(wait * 1000) + (wait > 0))
+            self._on_events(self._conn.handle_timer(time.monotonic()))
+            self._flush()
+
     def stats(self, timeout: float = 2.0) -> dict[str, Any]:
         """The broker's STATS reply."""
         self._check_open()
@@ -523,6 +602,8 @@ class Client:
 
     def _teardown(self) -> None:
         self._closed = True
+        if self._tx is not None:
+            self._tx.close()
         maps = {id(b._map): b._map for b in self._batches}
         for batch in list(self._batches):
             batch.release()         # its views must not read slabs the broker reuses
@@ -577,6 +658,11 @@ class Client:
                 self.end_error = ev.error
             elif isinstance(ev, proto.StatsReceived):
                 self._stats = ev.stats
+            elif isinstance(ev, proto.TxReady):
+                self._tx_ready = ev.max_len
+            elif isinstance(ev, proto.FramesTaken):
+                if self._tx is not None:
+                    self._tx._taken(ev.upto, ev.refused, ev.error)
             elif isinstance(ev, proto.RequestRefused):
                 raise refusal(ev.code, f"broker {self.server!r} refused a request: {ev.text}")
             elif isinstance(ev, proto.Evicted):
@@ -584,6 +670,10 @@ class Client:
                 raise BrokerGone(f"broker {self.server!r} evicted {self.name!r}: {ev.text}")
             elif isinstance(ev, proto.ConnectionLost):
                 self._lost_why = ev.why
+                if self._tx is not None:    # its area was the lost broker's to read
+                    self._tx._lost(f"broker {self.server!r} {ev.why}; frames not taken "
+                                   "then were not sent: open client.tx() again")
+                    self._tx = None
                 self._drop_socket(linger=0)
                 self._pending.clear()
                 self._held.clear()      # their slabs are the lost broker's

@@ -155,6 +155,7 @@ static void orphan(pktipc_client *c)
 {
     struct map *m = atomic_load_explicit(&c->cur, memory_order_relaxed);
     drop_pending(c);
+    tx_lost(c);         /* its area was this broker's to read */
     if (m)
         m->orphan = 1;
     c->held = 0;
@@ -440,6 +441,10 @@ static int on_frame(pktipc_client *c, const void *data, size_t len, int more, in
         return 0;
     case PMSG_ERROR:
         return on_error(c);
+    case PMSG_TX_READY:
+        return tx_on_ready(c);
+    case PMSG_TX_DONE:
+        return tx_on_done(c);
     case PMSG_EVICT:
         text = proto_str(&c->msg, F_EVICT_TEXT, &n);
         return die(c, PKTIPC_EEVICTED, "broker '%s' evicted '%s': %.*s", c->server, c->name,
@@ -618,6 +623,8 @@ int pump(pktipc_client *c, int64_t deadline, int want)
             return r;
         if (want == WANT_BATCH && c->pend_len)
             return 1;
+        if (want >= WANT_TX_READY && tx_wanted(c, want))
+            return 1;
         if (want == WANT_WELCOME && (c->conn.state == ST_ATTACHED || c->conn.state == ST_ENDED))
             return 1;
         if (c->sticky)
@@ -729,7 +736,7 @@ static char *endpoint_of(const char *server)
 static int check_socket(pktipc_client *c)
 {
     struct stat st, d;
-    c->owner = -1;
+    c->owner = c->owner_gid = -1;
     if (!c->ipc_path)
         return 0;
     char *dir = strdup(c->ipc_path);
@@ -764,6 +771,7 @@ static int check_socket(pktipc_client *c)
         r = fail(c, PKTIPC_EPERM, "%s: " DENIED, c->ipc_path);
     } else {
         c->owner = st.st_uid;
+        c->owner_gid = st.st_gid;
     }
     free(dir);
     return r;
@@ -796,6 +804,8 @@ int setup(pktipc_client *c, const struct pktipc_opts *o)
                        : NULL;
     c->policy = o->policy == PKTIPC_POLICY_BLOCK ? PROTO_POLICY_BLOCK : PROTO_POLICY_DROP;
     c->credit_asked = o->credit;
+    c->tx_frames = o->tx_frames;
+    c->tx_frame_size = o->tx_frame_size;
     proto_conn_init(&c->conn, (o->reconnect_ms < 0 ? PROTO_DEFAULT_RECONNECT_MS
                                                    : o->reconnect_ms) * NS_PER_MS);
     c->server = strdup(o->server);
@@ -840,6 +850,7 @@ void destroy(pktipc_client *c)
         int bye = proto_bye(&c->conn, &c->out, now_ns()) == 0 && send_out(c) == 0;
         sock_close(c, bye ? LINGER_MS : 0);
     }
+    tx_lost(c);
     if (c->zctx)
         while (zmq_ctx_term(c->zctx) < 0 && errno == EINTR)
             ;

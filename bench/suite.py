@@ -1,8 +1,8 @@
 """The benchmark suite: pktipc against what users would run instead, side by
 side, with plots.
 
-    .venv/bin/python -m bench.suite            # about 12 minutes (make bench)
-    .venv/bin/python -m bench.suite --quick    # under 2 minutes
+    .venv/bin/python -m bench.suite            # about an hour (make bench)
+    .venv/bin/python -m bench.suite --quick    # about 12 minutes
 
 Sections, each run side by side in one invocation (alternating order over
 repetitions; medians, with the spread as min-max):
@@ -28,6 +28,10 @@ repetitions; medians, with the spread as min-max):
             pktipc-pong against the kernel's own replies (bench/tx.py)
   recording pktipc record against dumpcap -b and tcpdump -C, files in
             /dev/shm and on disk (bench/record.py)
+  hostile   hostile load (bench/hostile.py): a million hostile control
+            messages against two good clients, floods against none, peers
+            that never read, stalled drop clients, 1,100 connections against
+            a limit of 1,024 files
 
 Writes bench/results/<date>.json, the plots in bench/plots/, and refreshes
 the tables between the `<!-- suite:... -->` markers of bench/README.md. Needs
@@ -51,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import pktipc
+from bench import hostile as hostile_bench
 from bench import record as record_bench
 from bench import suricata as suricata_bench
 from bench import tx as tx_bench
@@ -483,7 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.report:
         res = json.loads(a.report.read_text())
-        refresh_readme(tables(res))
+        sections = tables(res)
+        if "hostile" in res:
+            sections["hostile"] = hostile_bench.tables(res["hostile"])
+        refresh_readme(sections)
         plots(res)
         return 0
     if os.geteuid() != 0:
@@ -520,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             res["recording"] = record_bench.run(bench, a.quick)
         finally:
             bench.close()
+    print("hostile", flush=True)
+    res["hostile"] = hostile_bench.run(a.quick)
     res["seconds"] = time.monotonic() - started
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = ROOT / "bench" / "results" / f"{stamp}.json"
@@ -528,12 +538,14 @@ def main(argv: list[str] | None = None) -> int:
     sections = tables(res)
     if "suricata" in res:
         sections["suricata"] = suricata_bench.table(res["suricata"])
+    if "hostile" in res:
+        sections["hostile"] = hostile_bench.tables(res["hostile"])
     if "recording" in res:
         sections["recording"] = record_bench.table(res["recording"])
     made = plots(res)
     if not a.no_readme:
         refresh_readme(sections)
-    for key in ("live", "messages", "latency", "memory", "suricata", "recording", "tx"):
+    for key in ("live", "messages", "latency", "memory", "suricata", "recording", "tx", "hostile"):
         if key not in sections:
             continue
         print(f"\n## {key}\n\n{sections[key]}")

@@ -558,6 +558,59 @@ def test_an_eviction_on_its_way_is_waited_for(runtime_dir: Path) -> None:
         posix_ipc.unlink_shared_memory(name)
 
 
+def test_a_broker_that_no_longer_knows_the_client_is_left_once(runtime_dir: Path) -> None:
+    """A broker in a lost one's place answers each HEARTBEAT that was queued
+    for its predecessor with ERROR not-attached: the first one tells the
+    client it is lost; the others, on the same connection, are the lost
+    broker's too and must not end the client (it looks for a broker anew)."""
+    import mmap
+    import threading
+
+    import posix_ipc
+    import zmq
+
+    from pktipc import _protocol as proto
+    from pktipc._layout import Geometry, Iface, Segment
+
+    name = f"/pktipc.fake2.{os.getpid():016x}"
+    g = Geometry(4096, 2, 1)
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=g.total_size)
+    mm = mmap.mmap(shm.fd, g.total_size)
+    shm.close_fd()
+    seg = Segment(mm, writable=True)
+    seg.init(g, name="fake2", epoch=7, ifaces=[Iface("eth0", 1, 65535)])
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"ipc://{runtime_dir}/fake2.ctl")
+
+    def broker() -> None:
+        assert router.poll(5000)
+        peer, _ = router.recv_multipart()                 # HELLO
+        router.send_multipart([peer, proto.encode(
+            "welcome", shm=name, epoch=7, layout=1, slot=0, credit=4, policy="block",
+            heartbeat_ms=1000, liveness_ms=30000, group="c", balance="flow")])
+        assert router.poll(5000)
+        router.recv_multipart()                           # HEARTBEAT: mapped
+        for _ in range(3):
+            router.send_multipart([peer, proto.encode(
+                "error", code="not-attached", text="heartbeat not allowed from a new peer")])
+    t = threading.Thread(target=broker)
+    t.start()
+    try:
+        with pktipc.connect("fake2", "c", reconnect=10) as c:
+            t.join()
+            time.sleep(0.3)                               # all three are there to read
+            assert c.next_batch(timeout=0.5) is None      # lost, and looking: no error
+            assert c._conn.retrying
+    finally:
+        t.join()
+        router.close(linger=0)
+        ctx.term()
+        del seg
+        mm.close()
+        posix_ipc.unlink_shared_memory(name)
+
+
 def test_a_client_at_the_end_of_the_stream_is_kept_alive(broker) -> None:
     """After end-of-stream a client goes on heartbeating (whenever it is
     called) until it closes: a lingering broker keeps it past its liveness."""

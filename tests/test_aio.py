@@ -85,8 +85,10 @@ def test_two_clients_in_one_event_loop(broker, synth: Path) -> None:
 def test_cancelled_next_batch_loses_nothing(broker, synth: Path) -> None:
     """next_batch cancelled by wait_for, over and over while batches come:
     every batch still comes, in order, once. A call cancelled while none
-    has come leaves the first one to the next call."""
-    b = broker("-r", str(synth), "--slab-size", "4k", "--wait-clients", "2")
+    has come leaves the first one to the next call. The stream is paced
+    (--speed), so that calls are cancelled while they wait, however fast the
+    machine."""
+    b = broker("-r", str(synth), "--slab-size", "4k", "--wait-clients", "2", "--speed", "2")
 
     async def main() -> tuple[Got, int, int]:
         async with pktipc.aio.connect(b.name, "c") as c:

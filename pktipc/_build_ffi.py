@@ -16,7 +16,7 @@ SHM = "shm"                           # what every reader of the segment needs
 ENGINE = "pktipc/_broker/engine"      # the broker's capture engines
 
 HEADERS = [f"{SHM}/pktipc_layout.h", f"{SHM}/pktipc_shm_ffi.h", f"{ENGINE}/flowhash.h",
-           f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h"]
+           f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h", f"{ENGINE}/remote.h"]
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef("".join((ROOT / h).read_text() for h in HEADERS))
@@ -25,6 +25,7 @@ ffibuilder.set_source(
     "#include <stdint.h>\n" + "".join(f'#include "{Path(h).name}"\n' for h in HEADERS),
     # setuptools wants paths relative to setup.py
     sources=[f"{ENGINE}/ingest.c", f"{ENGINE}/afpacket.c", f"{ENGINE}/flowhash.c",
+             f"{ENGINE}/remote.c",
              f"{SHM}/pktipc_shm.c"],
     include_dirs=[SHM, ENGINE],
     libraries=["pcap"],

@@ -25,6 +25,7 @@ from pktipc._protocol import (
     ByeReceived,
     ClientConnection,
     ConnectionLost,
+    DetachReceived,
     Evicted,
     GapReported,
     HelloReceived,
@@ -1101,6 +1102,8 @@ VALID = {
     "members": st.just([]) | st.lists(st.integers(1, U32), max_size=4, unique=True).map(
         lambda m: [0, *m]),
     "mask": st.none() | st.binary(max_size=2),
+    "server": st.sampled_from(["tap", "x.1"]), "count": st.integers(1, 16),
+    "ifaces": st.binary(max_size=8),
 }
 assert set(VALID) == set(ALL_FIELDS)
 # Where a field of the same name takes other values in another message.
@@ -1108,7 +1111,7 @@ VALID_IN = {("welcome", "credit"): st.integers(1, MAX_CREDIT),
             ("welcome", "policy"): st.sampled_from(["block", "drop"]),
             ("welcome", "group"): st.sampled_from(["ids", "g.1"]),
             ("welcome", "balance"): st.sampled_from(["flow", "round-robin"]),
-            ("batch", "n"): st.integers(1, 16)}
+            ("batch", "n"): st.integers(1, 16), ("remote_batch", "n"): st.integers(1, 16)}
 
 
 def valid(mtype: str, key: str) -> st.SearchStrategy[Any]:
@@ -1188,8 +1191,8 @@ def test_broker_receive_gives_events_or_remote_error(attached: bool, draw: st.Da
         assert b.state(b"p") is (State.ATTACHED if attached else State.NEW)
         return
     assert type(events) is list
-    assert all(isinstance(ev, HelloReceived | ReleaseReceived | StatsRequested | ByeReceived)
-               for ev in events)
+    assert all(isinstance(ev, HelloReceived | ReleaseReceived | StatsRequested | ByeReceived
+                          | DetachReceived) for ev in events)
     assert all(ev.peer == b"p" for ev in events)
     assert b.errors == errors
     assert b.frames_to_send() == []

@@ -404,6 +404,12 @@ class Broker:
             c = d.by_peer.get(ev.peer)
             if c is not None:
                 self._drop(c, now, None)
+        elif isinstance(ev, proto.DetachReceived):
+            c = d.by_peer.get(ev.peer)
+            if c is not None:      # a gateway's client whose remote end was lost
+                kept = f", its place kept for {self.opts.grace:g} s" if self.opts.grace else ""
+                print(f"pktipc: client {c.name!r} detached{kept}", file=self.log, flush=True)
+                self._drop(c, now, None, resume=True)
         elif isinstance(ev, proto.PeerTimedOut):
             c = d.by_peer.get(ev.peer)
             if c is not None:      # the protocol has told it already

@@ -132,39 +132,35 @@ class Batch:
     raises ValueError. `descriptors` is this batch's own copy of the slab's
     descriptors, checked (every frame within the slab) when the batch is
     made: what is read is what was checked, whatever the broker writes.
+
+    A remote client's batch (tcp://) holds only its own packets, carried in
+    the message: `descriptors` are theirs alone and `mine` all of them; their
+    sequence numbers are still their places in the broker's batch of `n`.
     """
 
-    __slots__ = ("seq", "slab", "gen", "n", "count", "_client", "_map", "_desc", "_mine",
-                 "_views", "_released", "__weakref__")
+    __slots__ = ("seq", "slab", "gen", "n", "count", "_client", "_origin", "_desc", "_mine",
+                 "_pos", "_view", "_base", "_taken_back", "_views", "_released", "__weakref__")
 
-    def __init__(self, client: Client, mapping: _Mapping, b: proto.BatchAnnounced,
-                 slot: int) -> None:
-        self.seq = b.seq
-        self.slab = b.slab
-        self.gen = b.gen
-        self.n = b.n
+    def __init__(self, client: Client, origin: object, seq: int, n: int,
+                 desc: np.ndarray[Any, Any], view: memoryview, base: int = 0, *,
+                 mine: np.ndarray[Any, Any] | None = None,
+                 pos: np.ndarray[Any, Any] | None = None, slab: int = -1, gen: int = 0,
+                 taken_back: Any = None) -> None:
+        self.seq = seq
+        self.slab = slab
+        self.gen = gen
+        self.n = n
         self._client = client
-        self._map = mapping
-        self._mine: np.ndarray[Any, Any] | None = None
+        self._origin = origin           # what the batch came through: a segment, a connection
+        self._desc = desc               # checked, read-only
+        self._mine = mine               # rows of desc that are this client's (None: all)
+        self._pos = pos                 # the place in the broker's batch of each row (None: row)
+        self._view = view               # frames at data_off + base
+        self._base = base
+        self._taken_back = taken_back   # raises BrokerGone once the broker reused the slab
         self._views: list[memoryview] = []
         self._released = False
-        seg = mapping.seg
-        rec = seg.batch_rec(self.slab)
-        if ((rec.gen, rec.seq, rec.count, rec.slab) != (self.gen, self.seq, self.n, self.slab)
-                or self.n * PKT_DTYPE.itemsize > mapping.slab_size):
-            raise BrokerGone(f"broker {client.server!r} broke the protocol: batch {self.seq} "
-                             "does not match its record in the segment")
-        self._desc = seg.descriptors(self.slab, self.n).copy()
-        good = lib.pktipc_pkts_check(ffi.from_buffer("struct pktipc_pkt[]", self._desc),
-                                     self.n, mapping.slab_size)
-        if good < self.n:
-            raise BrokerGone(f"broker {client.server!r} broke the protocol: packet {good} of "
-                             f"batch {self.seq} lies outside its slab")
-        self._desc.flags.writeable = False
-        if b.members or b.mask is not None:
-            # One C pass over the hashes (pktipc_select), not a Python loop.
-            self._mine = select(self._desc, b.mask, b.members, slot)
-        self.count = self.n if self._mine is None else len(self._mine)
+        self.count = len(desc) if mine is None else len(mine)
 
     def __len__(self) -> int:
         return self.count
@@ -173,7 +169,7 @@ class Batch:
     def mine(self) -> np.ndarray[Any, Any]:
         """Indexes (uint32, ascending) in `descriptors` of this client's packets."""
         self._check()
-        return np.arange(self.n, dtype=np.uint32) if self._mine is None else self._mine
+        return np.arange(len(self._desc), dtype=np.uint32) if self._mine is None else self._mine
 
     def __repr__(self) -> str:
         state = "released" if self._released else "held"
@@ -190,8 +186,8 @@ class Batch:
         """Structured array (dtype pktipc.PKT_DTYPE) of all the slab's
         descriptors, this client's packets or not (see `mine`): a copy."""
         self._check()
-        if self._map.seg.batch_rec(self.slab).gen != self.gen:
-            raise BrokerGone(f"batch {self.seq} was taken back by the broker")
+        if self._taken_back is not None:
+            self._taken_back(self)
         return self._desc
 
     def _own(self) -> np.ndarray[Any, Any]:
@@ -204,8 +200,8 @@ class Batch:
             return self._make_views(self._own())
 
     def _make_views(self, d: np.ndarray[Any, Any]) -> list[memoryview]:
-        starts = (d["data_off"].astype(np.int64) + self._map.slab_base(self.slab)).tolist()
-        view = self._map.view
+        starts = (d["data_off"].astype(np.int64) + self._base).tolist()
+        view = self._view
         views = [view[s : s + n] for s, n in zip(starts, d["caplen"].tolist(), strict=True)]
         self._views.extend(views)
         return views
@@ -217,8 +213,12 @@ class Batch:
 
     def _packets(self, data: Iterable[memoryview | bytes]) -> list[Packet]:
         d = self._own()
-        seqs = (range(self.seq, self.seq + self.n) if self._mine is None
-                else (self._mine.astype(np.int64) + self.seq).tolist())
+        rows = self._mine
+        if rows is None and self._pos is None:
+            seqs: Iterable[int] = range(self.seq, self.seq + len(d))
+        else:
+            places = self._pos if rows is None else rows if self._pos is None else self._pos[rows]
+            seqs = (places.astype(np.int64) + self.seq).tolist()
         return list(map(_make_packet, zip(
             data, d["ts_ns"].tolist(), d["caplen"].tolist(), d["wirelen"].tolist(),
             d["linktype"].tolist(), d["iface"].tolist(), seqs, d["flags"].tolist(),
@@ -241,6 +241,36 @@ class Batch:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _taken_back(batch: Batch) -> None:
+    m = batch._origin
+    assert isinstance(m, _Mapping)
+    if m.seg.batch_rec(batch.slab).gen != batch.gen:
+        raise BrokerGone(f"batch {batch.seq} was taken back by the broker")
+
+
+def _local_batch(client: Client, mapping: _Mapping, b: proto.BatchAnnounced,
+                 slot: int) -> Batch:
+    """A batch read in place from the segment: its record and descriptors
+    checked, its share selected."""
+    seg = mapping.seg
+    rec = seg.batch_rec(b.slab)
+    if ((rec.gen, rec.seq, rec.count, rec.slab) != (b.gen, b.seq, b.n, b.slab)
+            or b.n * PKT_DTYPE.itemsize > mapping.slab_size):
+        raise BrokerGone(f"broker {client.server!r} broke the protocol: batch {b.seq} "
+                         "does not match its record in the segment")
+    desc = seg.descriptors(b.slab, b.n).copy()
+    good = lib.pktipc_pkts_check(ffi.from_buffer("struct pktipc_pkt[]", desc),
+                                 b.n, mapping.slab_size)
+    if good < b.n:
+        raise BrokerGone(f"broker {client.server!r} broke the protocol: packet {good} of "
+                         f"batch {b.seq} lies outside its slab")
+    desc.flags.writeable = False
+    # One C pass over the hashes (pktipc_select), not a Python loop.
+    mine = select(desc, b.mask, b.members, slot) if b.members or b.mask is not None else None
+    return Batch(client, mapping, b.seq, b.n, desc, mapping.view, mapping.slab_base(b.slab),
+                 mine=mine, slab=b.slab, gen=b.gen, taken_back=_taken_back)
 
 
 class Client:
@@ -269,12 +299,13 @@ class Client:
         self._group, self._balance = group, balance
         self._ended = False
         self._lost_why = ""
-        self._pending: deque[proto.BatchAnnounced] = deque()
+        self._pending: deque[proto.BatchAnnounced | proto.BatchReceived] = deque()
         self._held: set[int] = set()
         self._batches: weakref.WeakSet[Batch] = weakref.WeakSet()
         self._sock: zmq.Socket[bytes] | None = None
         self._map: _Mapping | None = None
-        self._conn = proto.ClientConnection(reconnect)
+        self._origin: object = None     # what batches come through now (see Batch)
+        self._conn = self._connection(reconnect)
         self._ctx = zmq.Context()
         self._closed = False
         try:
@@ -282,6 +313,9 @@ class Client:
         except BaseException:
             self._teardown()
             raise
+
+    def _connection(self, reconnect: float) -> proto.ClientConnection:
+        return proto.ClientConnection(reconnect)
 
     @property
     def reconnects(self) -> int:
@@ -318,16 +352,18 @@ class Client:
                 self._drop_socket()
                 raise BrokerNotRunning(
                     f"broker {self.server!r} did not answer within {timeout:g} s")
-            if not self._sock.poll(int(left * 1000) + 1):
+            if not self._wait(left):
                 continue
             try:
-                events = self._conn.receive(self._sock.recv(), time.monotonic())
+                events = self._conn.receive(*self._recv(), time.monotonic())
             except proto.RemoteProtocolError as e:
                 self._drop_socket()
                 raise BrokerNotRunning(f"{self.endpoint} is not a pktipc broker: {e}") from e
             for ev in events:
                 if isinstance(ev, proto.RequestRefused):
                     self._drop_socket()
+                    if ev.code == "not-running":        # behind a gateway
+                        raise BrokerNotRunning(ev.text)
                     raise refusal(ev.code, f"broker {self.server!r} refused {self.name!r}: "
                                   f"{ev.text}")
                 if isinstance(ev, proto.Welcomed):
@@ -338,12 +374,23 @@ class Client:
                         self._drop_socket()
                         raise
 
+    def _wait(self, timeout: float) -> bool:
+        """Whether a message waits, within `timeout` seconds, attaching."""
+        assert self._sock is not None
+        return bool(self._sock.poll(int(timeout * 1000) + 1))
+
+    def _recv(self, flags: int = 0) -> tuple[bytes, tuple[Any, ...]]:
+        """One message: its first frame, and the frames after it."""
+        assert self._sock is not None
+        first, *more = self._sock.recv_multipart(flags)
+        return first, tuple(more)
+
     def _use(self, w: proto.Welcomed) -> None:
         """Maps the segment WELCOME named, and says so."""
         mapping = _Mapping(w, self.server, self._owner)
-        if self._map is not None and not any(b._map is self._map for b in self._batches):
+        if self._map is not None and not any(b._origin is self._map for b in self._batches):
             self._map.close()
-        self._map = mapping
+        self._map = self._origin = mapping
         self.welcome = w
         self._ended = False
         self._conn.mapped(time.monotonic())
@@ -393,9 +440,8 @@ class Client:
         # behind queued batches means their slabs are no longer ours.
         self._receive_all()
         if self._pending:
-            assert self._map is not None
             b = self._pending.popleft()
-            batch = Batch(self, self._map, b, self.welcome.slot)   # may raise BrokerGone
+            batch = self._batch(b)      # may raise BrokerGone
             self._held.add(b.seq)
             self._batches.add(batch)
             if not batch.count:
@@ -421,6 +467,10 @@ class Client:
         self._on_events(self._conn.handle_timer(time.monotonic()))
         self._flush()
         return False
+
+    def _batch(self, b: Any) -> Batch:
+        assert self._map is not None
+        return _local_batch(self, self._map, b, self.welcome.slot)
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches until end-of-stream."""
@@ -495,7 +545,8 @@ class Client:
 
     def _teardown(self) -> None:
         self._closed = True
-        maps = {id(b._map): b._map for b in self._batches}
+        maps = {id(b._origin): b._origin for b in self._batches
+                if isinstance(b._origin, _Mapping)}
         for batch in list(self._batches):
             batch.release()         # its views must not read slabs the broker reuses
         if self._sock is not None:
@@ -508,7 +559,7 @@ class Client:
             m.close()
 
     def _release(self, batch: Batch) -> None:
-        if self._closed or batch._map is not self._map or batch.seq not in self._held:
+        if self._closed or batch._origin is not self._origin or batch.seq not in self._held:
             return          # a batch of a broker that is gone: nobody to tell
         self._held.discard(batch.seq)
         self._conn.release(time.monotonic(), [batch.seq])
@@ -518,11 +569,11 @@ class Client:
         events: list[proto.ClientEvent] = []
         while self._sock is not None:
             try:
-                frame = self._sock.recv(zmq.NOBLOCK)
+                message = self._recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
             try:
-                events += self._conn.receive(frame, time.monotonic())
+                events += self._conn.receive(*message, time.monotonic())
             except proto.RemoteProtocolError as e:
                 raise BrokerGone(f"broker {self.server!r} broke the protocol: {e}") from e
         self._on_events(events)
@@ -537,6 +588,8 @@ class Client:
                 assert m is not None
                 if ev.slab >= m.slab_count or m.seg.batch_rec(ev.slab).gen != ev.gen:
                     self._mismatch(ev)
+                self._pending.append(ev)
+            elif isinstance(ev, proto.BatchReceived):
                 self._pending.append(ev)
             elif isinstance(ev, proto.GapReported):
                 self.gaps.append((ev.start, ev.end))
@@ -581,7 +634,7 @@ class Client:
         deadline = time.monotonic() + EVICT_WAIT
         while (left := deadline - time.monotonic()) > 0 and self._sock.poll(int(left * 1000) + 1):
             try:
-                events = self._conn.receive(self._sock.recv(), time.monotonic())
+                events = self._conn.receive(*self._recv(), time.monotonic())
             except proto.RemoteProtocolError:
                 break
             for e in events:
@@ -643,9 +696,16 @@ def _check_socket(server: str, path: Path | None) -> int | None:
 def connect(server: str, client: str, *, group: str | None = None, balance: str | None = None,
             policy: str | None = None, credit: int | None = None,
             timeout: float = proto.DEFAULT_TIMEOUT,
-            reconnect: float = proto.DEFAULT_RECONNECT) -> Client:
-    """Attaches to broker `server` (a name or "ipc://..."/"tcp://..." endpoint)
-    as `client`, a name unique on that broker.
+            reconnect: float = proto.DEFAULT_RECONNECT, key: str | None = None,
+            server_key: str | None = None, insecure: bool = False) -> Client:
+    """Attaches to broker `server` as `client`, a name unique on that broker.
+    `server` is a broker of this host (its name, or "ipc://..."), or one of
+    another host, "tcp://HOST:PORT/NAME", through the gateway listening there
+    (pktipc gateway): the same client, its batches holding their packets'
+    bytes. Over TCP, `key` is this client's key file (.key_secret, from
+    pktipc keygen) and `server_key` the gateway's public key file (.key):
+    CURVE encrypts and authenticates both ends; insecure=True instead speaks
+    plain TCP, unauthenticated and in clear.
 
     group: every group receives every packet; the members of a group share
     its packets (default: a group of its own, named as the client). balance:
@@ -660,6 +720,12 @@ def connect(server: str, client: str, *, group: str | None = None, balance: str 
     first attachment. reconnect: if the broker dies, how long to keep trying
     to attach to the one that takes its place (0: raise BrokerGone at once).
     """
+    if server.startswith("tcp://"):
+        from .remote import RemoteClient
+
+        return RemoteClient(server, client, key=key, server_key=server_key, insecure=insecure,
+                            group=group, balance=balance, policy=policy, credit=credit,
+                            timeout=timeout, reconnect=reconnect)
     return Client(server, client, group=group, balance=balance, policy=policy, credit=credit,
                   timeout=timeout, reconnect=reconnect)
 

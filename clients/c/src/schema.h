@@ -31,6 +31,7 @@ enum proto_msg_type {
     PMSG_RELEASE,
     PMSG_STATS,
     PMSG_BYE,
+    PMSG_DETACH,
     PMSG_WELCOME,
     PMSG_BATCH,
     PMSG_GAP,
@@ -39,6 +40,9 @@ enum proto_msg_type {
     PMSG_EVICT,
     PMSG_STATS_REPLY,
     PMSG_HEARTBEAT,
+    PMSG_REMOTE_HELLO,
+    PMSG_REMOTE_WELCOME,
+    PMSG_REMOTE_BATCH,
     PMSG_COUNT
 };
 
@@ -84,6 +88,26 @@ enum {
     F_EVICT_CODE = 0,
     F_EVICT_TEXT = 1,
     F_STATS_REPLY_STATS = 0,
+    F_REMOTE_HELLO_SERVER = 0,
+    F_REMOTE_HELLO_NAME = 1,
+    F_REMOTE_HELLO_GROUP = 2,
+    F_REMOTE_HELLO_POLICY = 3,
+    F_REMOTE_HELLO_CREDIT = 4,
+    F_REMOTE_HELLO_BALANCE = 5,
+    F_REMOTE_WELCOME_EPOCH = 0,
+    F_REMOTE_WELCOME_LAYOUT = 1,
+    F_REMOTE_WELCOME_SLOT = 2,
+    F_REMOTE_WELCOME_CREDIT = 3,
+    F_REMOTE_WELCOME_POLICY = 4,
+    F_REMOTE_WELCOME_HEARTBEAT_MS = 5,
+    F_REMOTE_WELCOME_LIVENESS_MS = 6,
+    F_REMOTE_WELCOME_GROUP = 7,
+    F_REMOTE_WELCOME_BALANCE = 8,
+    F_REMOTE_WELCOME_IFACES = 9,
+    F_REMOTE_BATCH_SEQ = 0,
+    F_REMOTE_BATCH_N = 1,
+    F_REMOTE_BATCH_COUNT = 2,
+    F_REMOTE_BATCH_MASK = 3,
     PROTO_MAX_FIELDS = 10
 };
 
@@ -93,6 +117,10 @@ static const char *const values_hello_policy[] = {"block", "drop", NULL};
 static const char *const values_hello_balance[] = {"flow", "round-robin", NULL};
 static const char *const values_welcome_policy[] = {"block", "drop", NULL};
 static const char *const values_welcome_balance[] = {"flow", "round-robin", NULL};
+static const char *const values_remote_hello_policy[] = {"block", "drop", NULL};
+static const char *const values_remote_hello_balance[] = {"flow", "round-robin", NULL};
+static const char *const values_remote_welcome_policy[] = {"block", "drop", NULL};
+static const char *const values_remote_welcome_balance[] = {"flow", "round-robin", NULL};
 
 static const struct proto_rule rules_hello[] = {
     {"name", CK_NAME, 0, UINT64_C(0), UINT64_C(0), NULL},
@@ -143,12 +171,39 @@ static const struct proto_rule rules_evict[] = {
 static const struct proto_rule rules_stats_reply[] = {
     {"stats", CK_MAP, 0, UINT64_C(0), UINT64_C(0), NULL},
 };
+static const struct proto_rule rules_remote_hello[] = {
+    {"server", CK_NAME, 0, UINT64_C(0), UINT64_C(0), NULL},
+    {"name", CK_NAME, 0, UINT64_C(0), UINT64_C(0), NULL},
+    {"group", CK_NAME, 1, UINT64_C(0), UINT64_C(0), NULL},
+    {"policy", CK_ONE_OF, 1, UINT64_C(0), UINT64_C(0), values_remote_hello_policy},
+    {"credit", CK_INT, 1, UINT64_C(1), UINT64_C(4096), NULL},
+    {"balance", CK_ONE_OF, 1, UINT64_C(0), UINT64_C(0), values_remote_hello_balance},
+};
+static const struct proto_rule rules_remote_welcome[] = {
+    {"epoch", CK_INT, 0, UINT64_C(0), UINT64_C(18446744073709551615), NULL},
+    {"layout", CK_INT, 0, UINT64_C(0), UINT64_C(4294967295), NULL},
+    {"slot", CK_INT, 0, UINT64_C(0), UINT64_C(4294967295), NULL},
+    {"credit", CK_INT, 0, UINT64_C(1), UINT64_C(4096), NULL},
+    {"policy", CK_ONE_OF, 0, UINT64_C(0), UINT64_C(0), values_remote_welcome_policy},
+    {"heartbeat_ms", CK_INT, 0, UINT64_C(1), UINT64_C(4294967295), NULL},
+    {"liveness_ms", CK_INT, 0, UINT64_C(1), UINT64_C(4294967295), NULL},
+    {"group", CK_NAME, 0, UINT64_C(0), UINT64_C(0), NULL},
+    {"balance", CK_ONE_OF, 0, UINT64_C(0), UINT64_C(0), values_remote_welcome_balance},
+    {"ifaces", CK_BYTES, 0, UINT64_C(0), UINT64_C(0), NULL},
+};
+static const struct proto_rule rules_remote_batch[] = {
+    {"seq", CK_INT, 0, UINT64_C(0), UINT64_C(18446744073709551615), NULL},
+    {"n", CK_INT, 0, UINT64_C(1), UINT64_C(4294967295), NULL},
+    {"count", CK_INT, 0, UINT64_C(1), UINT64_C(4294967295), NULL},
+    {"mask", CK_BYTES, 1, UINT64_C(0), UINT64_C(0), NULL},
+};
 
 static const struct proto_schema SCHEMAS[PMSG_COUNT] = {
     [PMSG_HELLO] = {"hello", 6, rules_hello},
     [PMSG_RELEASE] = {"release", 1, rules_release},
     [PMSG_STATS] = {"stats", 0, NULL},
     [PMSG_BYE] = {"bye", 0, NULL},
+    [PMSG_DETACH] = {"detach", 0, NULL},
     [PMSG_WELCOME] = {"welcome", 10, rules_welcome},
     [PMSG_BATCH] = {"batch", 6, rules_batch},
     [PMSG_GAP] = {"gap", 2, rules_gap},
@@ -157,10 +212,14 @@ static const struct proto_schema SCHEMAS[PMSG_COUNT] = {
     [PMSG_EVICT] = {"evict", 2, rules_evict},
     [PMSG_STATS_REPLY] = {"stats_reply", 1, rules_stats_reply},
     [PMSG_HEARTBEAT] = {"heartbeat", 0, NULL},
+    [PMSG_REMOTE_HELLO] = {"remote_hello", 6, rules_remote_hello},
+    [PMSG_REMOTE_WELCOME] = {"remote_welcome", 10, rules_remote_welcome},
+    [PMSG_REMOTE_BATCH] = {"remote_batch", 4, rules_remote_batch},
 };
 
 static const struct proto_bitmap BITMAPS[] = {
     {PMSG_BATCH, F_BATCH_MASK, F_BATCH_N},
+    {PMSG_REMOTE_BATCH, F_REMOTE_BATCH_MASK, F_REMOTE_BATCH_N},
 };
 
 static const char *const STATE_NAMES[] = {"new", "hello-sent", "attached", "ended", "lost", "closed"};

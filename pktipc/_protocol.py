@@ -646,7 +646,7 @@ class BrokerConnection:
 
     def send_gap(self, peer: bytes, now: float, start: int, end: int) -> None:
         self._attached(peer)
-        self._send(peer, "gap", now, **{"from": start, "to": end})
+        self._send(peer, "gap", now, (), **{"from": start, "to": end})
 
     def send_eos(self, peer: bytes, now: float, error: str | None = None) -> None:
         self._attached(peer)

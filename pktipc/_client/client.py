@@ -217,7 +217,8 @@ class Batch:
         if rows is None and self._pos is None:
             seqs: Iterable[int] = range(self.seq, self.seq + len(d))
         else:
-            places = self._pos if rows is None else rows if self._pos is None else self._pos[rows]
+            places = rows if self._pos is None else self._pos if rows is None else self._pos[rows]
+            assert places is not None
             seqs = (places.astype(np.int64) + self.seq).tolist()
         return list(map(_make_packet, zip(
             data, d["ts_ns"].tolist(), d["caplen"].tolist(), d["wirelen"].tolist(),
@@ -355,7 +356,8 @@ class Client:
             if not self._wait(left):
                 continue
             try:
-                events = self._conn.receive(*self._recv(), time.monotonic())
+                frame, more = self._recv()
+                events = self._conn.receive(frame, time.monotonic(), more)
             except proto.RemoteProtocolError as e:
                 self._drop_socket()
                 raise BrokerNotRunning(f"{self.endpoint} is not a pktipc broker: {e}") from e
@@ -573,7 +575,7 @@ class Client:
             except zmq.Again:
                 break
             try:
-                events += self._conn.receive(*message, time.monotonic())
+                events += self._conn.receive(message[0], time.monotonic(), message[1])
             except proto.RemoteProtocolError as e:
                 raise BrokerGone(f"broker {self.server!r} broke the protocol: {e}") from e
         self._on_events(events)
@@ -634,7 +636,8 @@ class Client:
         deadline = time.monotonic() + EVICT_WAIT
         while (left := deadline - time.monotonic()) > 0 and self._sock.poll(int(left * 1000) + 1):
             try:
-                events = self._conn.receive(*self._recv(), time.monotonic())
+                frame, more = self._recv()
+                events = self._conn.receive(frame, time.monotonic(), more)
             except proto.RemoteProtocolError:
                 break
             for e in events:

@@ -141,8 +141,8 @@ class RemoteClient(Client):
         if self._monitor is not None:
             poller.register(self._monitor, zmq.POLLIN)
         ready = dict(poller.poll(int(timeout * 1000) + 1))
-        if self._monitor in ready:
-            self._handshake(parse_monitor_message(self._monitor.recv_multipart()))
+        if self._monitor is not None and self._monitor in ready:
+            self._handshake(dict(parse_monitor_message(self._monitor.recv_multipart())))
         return self._sock in ready
 
     def _handshake(self, ev: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
-"""pktipc command line: serve, dump, status, top, exporter, demo. No logic of its own:
-each command is a few lines over the package's API."""
+"""pktipc command line: serve, dump, status, top, exporter, demo, gateway, keygen,
+relay, pcap-over-ip. No logic of its own: each command is a few lines over the
+package's API."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .._broker import service as _service
 from .._client.client import broker_stats, brokers, connect
 from .._client.writer import CaptureWriter
 from .._errors import EndOfStream, PktipcError
+from .._net import gateway as _gateway
 from . import config as _config
 from . import demo as _demo
 from . import exporter as _exporter
@@ -37,6 +39,25 @@ def _size(text: str) -> int:
         return int(t[:-1] if mult > 1 else t) * mult
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _remote_keys(p: argparse.ArgumentParser) -> None:
+    """The options of a client of a broker behind a gateway (tcp://)."""
+    p.add_argument("--key", default=os.environ.get("PKTIPC_KEY"), metavar="FILE",
+                   help="tcp://: this client's key pair, the .key_secret file of pktipc keygen "
+                        "(default: $PKTIPC_KEY)")
+    p.add_argument("--server-key", default=os.environ.get("PKTIPC_SERVER_KEY"), metavar="FILE",
+                   help="tcp://: the gateway's public key, its .key file (default: "
+                        "$PKTIPC_SERVER_KEY)")
+    p.add_argument("--insecure", action="store_true",
+                   help="tcp://: plain TCP to a gateway run with --insecure: no encryption, "
+                        "no authentication of either end")
+
+
+def _keys(a: argparse.Namespace) -> dict[str, Any]:
+    if not a.server.startswith("tcp://"):
+        return {}
+    return {"key": a.key, "server_key": a.server_key, "insecure": a.insecure}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,7 +160,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: 30)")
 
     d = sub.add_parser("dump", help="write what a client receives to a capture file")
-    d.add_argument("--server", default="default", help="broker name or endpoint")
+    d.add_argument("--server", default="default",
+                   help="broker name or endpoint; tcp://HOST:PORT/NAME: broker NAME of another "
+                        "host, through its gateway")
     d.add_argument("--client", default=f"dump-{os.getpid()}", help="client name")
     d.add_argument("--group", help="share the packets of this group with its other members "
                                    "(default: a group of its own)")
@@ -154,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--credit", type=int, metavar="N")
     d.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
                    help="for connecting (default: 5)")
+    _remote_keys(d)
 
     st = sub.add_parser("status", help="list brokers, their counters and clients")
     st.add_argument("names", nargs="*", help="brokers (default: every one running)")
@@ -173,6 +197,37 @@ def _parser() -> argparse.ArgumentParser:
                     help="where /metrics is served (default: %(default)s)")
     ex.add_argument("--timeout", type=float, default=1.0, metavar="SEC",
                     help="for each broker's answer, within a scrape (default: 1)")
+
+    gw = sub.add_parser("gateway", help="serve a broker's clients on other hosts, over TCP "
+                        "(CURVE-encrypted and authenticated)")
+    gw.add_argument("--server", default="default", help="the broker's name (default: "
+                    "%(default)s)")
+    gw.add_argument("--listen", default=f"127.0.0.1:{_gateway.DEFAULT_PORT}",
+                    metavar="ADDR:PORT",
+                    help="where remote clients connect (default: %(default)s, loopback only; "
+                         "0.0.0.0:PORT listens on every address)")
+    gw.add_argument("--key", metavar="FILE",
+                    help="the gateway's key pair, a .key_secret file of pktipc keygen; its "
+                         ".key is what clients give as --server-key")
+    gw.add_argument("--keys", metavar="DIR",
+                    help="the client public keys (.key files) admitted; read again when it "
+                         "changes")
+    gw.add_argument("--insecure", action="store_true",
+                    help="plain TCP: packets in clear and any peer admitted; only on a "
+                         "network that is already trusted (or through a tunnel)")
+    gw.add_argument("--heartbeat", type=float, default=1.0, metavar="SEC",
+                    help="heartbeat interval to remote clients (default: 1)")
+    gw.add_argument("--liveness", type=float, default=10.0, metavar="SEC",
+                    help="a remote client silent this long is lost; the broker keeps its "
+                         "place for its --grace (default: 10)")
+    gw.add_argument("--max-clients", type=int, default=_gateway.MAX_SESSIONS, metavar="N",
+                    help="remote clients at most (default: %(default)s)")
+
+    kg = sub.add_parser("keygen", help="write a CURVE key pair: NAME.key (public) and "
+                        "NAME.key_secret")
+    kg.add_argument("dir", help="directory to write them in")
+    kg.add_argument("name", nargs="?", default="pktipc", help="file name (default: "
+                    "%(default)s)")
 
     de = sub.add_parser("demo", help="a broker, two clients, a live status line: live on a "
                         "veth pair of its own (as root), else from a capture file")
@@ -232,7 +287,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
     if a.count is not None and a.count < 1:
         raise ValueError("-c COUNT must be at least 1")
     with connect(a.server, a.client, group=a.group, balance=a.balance, policy=a.policy,
-                 credit=a.credit, timeout=a.timeout) as client:
+                 credit=a.credit, timeout=a.timeout, **_keys(a)) as client:
         out = sys.stdout.buffer if a.out == "-" else open(a.out, "wb")  # noqa: SIM115
         try:
             writer = CaptureWriter(out, client.ifaces, a.format)
@@ -318,6 +373,22 @@ def cmd_exporter(a: argparse.Namespace) -> int:
                            log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
+def cmd_gateway(a: argparse.Namespace) -> int:
+    opts = _gateway.GatewayOptions(
+        server=a.server, listen=_gateway.listen_endpoint(a.listen, _gateway.DEFAULT_PORT),
+        keys=a.keys, key=a.key, insecure=a.insecure, heartbeat=a.heartbeat,
+        liveness=a.liveness, max_clients=a.max_clients)
+    sys.stderr = _service.journal_stderr(sys.stderr)
+    return _gateway.Gateway(opts, log=sys.stderr).serve()
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    public, secret = _gateway.keygen(a.dir, a.name)
+    print(f"{public}: the public key, to give to the other end")
+    print(f"{secret}: the key pair, to keep (readable by you only)")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     return _demo.run(a.file, a.clients, a.speed, a.packets, a.rate)
 
@@ -325,7 +396,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = _config.parse(_parser, argv)
     run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status,
-           "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top}[a.cmd]
+           "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top,
+           "gateway": cmd_gateway, "keygen": cmd_keygen}[a.cmd]
     try:
         return run(a)
     except KeyboardInterrupt:

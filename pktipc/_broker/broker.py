@@ -32,6 +32,7 @@ from .control import MAX_MESSAGE, ControlSocket, Sent
 from .dispatch import ClientState, Dispatcher, SlabPool
 from .files import FileSource
 from .live import LiveOptions, LiveSource
+from .relay import RelayOptions, RemoteSource
 from .sources import Source, Status
 
 DEFAULT_SLAB_SIZE = 1 << 20
@@ -48,6 +49,7 @@ class ServeOptions:
     name: str
     files: list[str] = field(default_factory=list)
     live: LiveOptions | None = None     # capture from interfaces instead of files
+    relay: RelayOptions | None = None   # relay a remote broker instead
     loops: int = 1
     speed: float | None = None          # None: as fast as the slowest client allows
     wait_clients: int | None = None     # None: 1 for files, 0 for interfaces
@@ -131,10 +133,14 @@ class Broker:
         self.gid = runtime.group_id(opts.unix_group) if opts.unix_group is not None else None
         self.may_block = block_rule(opts.allow_block)
         self.geometry = Geometry(opts.slab_size, opts.slab_count,
-                                 len(opts.live.interfaces) if opts.live else len(opts.files))
+                                 len(opts.live.interfaces) if opts.live
+                                 else 1 if opts.relay else len(opts.files))
         self.source: Source = (LiveSource(opts.live) if opts.live is not None
+                               else RemoteSource(opts.relay) if opts.relay is not None
                                else FileSource(opts.files, opts.loops, opts.speed))
         self.ifaces = self.source.ifaces
+        if len(self.ifaces) != self.geometry.iface_count:       # a relay's: the remote's
+            self.geometry = Geometry(opts.slab_size, opts.slab_count, len(self.ifaces))
         self.wait_clients = (opts.wait_clients if opts.wait_clients is not None
                              else self.source.default_wait_clients)
         self.endpoint = control_endpoint(opts.name)
@@ -149,7 +155,7 @@ class Broker:
         self._fill = ffi.new("struct pkb_fill *")
         self._open_slab: int | None = None
         self._starved = False       # no slab for what the source holds
-        self._fds_polled = False
+        self._fds_polled: list[Any] = []
         self._next_stats = 0.0
         self._kernel_drops = 0      # as of the previous batch, for its record
         self._stats: dict[str, Any] | None = None     # answer to the STATS of this turn
@@ -310,14 +316,14 @@ class Broker:
         announce: a ready block that cannot be read would wake the loop for
         nothing. Meanwhile the kernel holds packets, then drops them (counted
         as kernel drops)."""
-        if on == self._fds_polled:
+        want = list(self.source.fds) if on else []
+        if want == self._fds_polled:
             return
-        for fd in self.source.fds:
-            if on:
-                self.poller.register(fd, zmq.POLLIN | zmq.POLLERR)
-            else:
-                self.poller.unregister(fd)
-        self._fds_polled = on
+        for fd in self._fds_polled:
+            self.poller.unregister(fd)
+        for fd in want:
+            self.poller.register(fd, zmq.POLLIN | zmq.POLLERR)
+        self._fds_polled = want
 
     def _fd_events(self, ready: dict[Any, int], now: float) -> None:
         for i, fd in enumerate(self.source.fds):

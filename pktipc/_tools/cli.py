@@ -15,6 +15,7 @@ import zmq
 from .. import _protocol as proto
 from .._broker import broker as _broker
 from .._broker import live as _live
+from .._broker import relay as _relay
 from .._broker import service as _service
 from .._client.client import broker_stats, brokers, connect
 from .._client.writer import CaptureWriter
@@ -58,6 +59,55 @@ def _keys(a: argparse.Namespace) -> dict[str, Any]:
     if not a.server.startswith("tcp://"):
         return {}
     return {"key": a.key, "server_key": a.server_key, "insecure": a.insecure}
+
+
+def _clients_options(s: argparse.ArgumentParser) -> None:
+    """A broker's options of its ring and its clients (serve, relay)."""
+    s.add_argument("--wait-clients", type=int, metavar="N",
+                   help="start reading once N clients are attached (default: 1 for files, "
+                        "0 for interfaces)")
+    s.add_argument("--linger", action="store_true",
+                   help="keep running after the end of the stream")
+    s.add_argument("--slab-size", type=_size, default=_broker.DEFAULT_SLAB_SIZE,
+                   metavar="BYTES", help="bytes per slab (batch), e.g. 1M (default: 1M)")
+    s.add_argument("--slabs", type=int, default=_broker.DEFAULT_SLAB_COUNT, metavar="N",
+                   help=f"slabs in the ring (default: {_broker.DEFAULT_SLAB_COUNT})")
+    s.add_argument("--credit", type=int, default=_broker.DEFAULT_CREDIT, metavar="N",
+                   help="default batches a client may hold at once "
+                        f"(default: {_broker.DEFAULT_CREDIT})")
+    s.add_argument("--max-clients", type=int, default=_broker.MAX_CLIENTS, metavar="N",
+                   help="clients attached at most; a drop client holds at most "
+                        "(slabs - 1) / N batches (default: %(default)s)")
+    s.add_argument("--allow-block", metavar="WHO", action="append", default=[],
+                   help="interfaces: let WHO ask for the block policy, which lets one client "
+                        "stall the capture for all: a client name or pattern (suricata-*), or "
+                        "user:NAME; repeat, or separate with commas (files: anyone may)")
+    s.add_argument("--max-connections", type=int, metavar="N",
+                   help="control connections at most, the rest refused (default: 4 per "
+                        "client, and 64 more)")
+    s.add_argument("--control-rate", type=float, default=proto.CONTROL_RATE, metavar="N",
+                   help="control messages a second a client (or a process not attached) may "
+                        "send beyond one per batch, in bursts of 4 s worth; more are dropped, "
+                        "and who keeps on is cut off (default: %(default)g)")
+    s.add_argument("--evict-backoff", type=float, default=_broker.EVICT_BACKOFF, metavar="SEC",
+                   help="a client evicted for holding a batch too long is refused this long "
+                        "(default: %(default)s)")
+    s.add_argument("--heartbeat", type=float, default=1.0, metavar="SEC",
+                   help="heartbeat interval (default: 1)")
+    s.add_argument("--liveness", type=float, default=30.0, metavar="SEC",
+                   help="a client silent this long is dropped (default: 30)")
+    s.add_argument("--allow-group", metavar="GROUP",
+                   help="admit clients of this Unix group too (socket 0660, segment readable "
+                        "by the group); default: the broker's user only")
+    s.add_argument("--grace", type=float, default=0.0, metavar="SEC",
+                   help="keep a lost client's place this long: back under its name, it "
+                        "resumes where it stopped (default: 0)")
+
+
+def _lease_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--lease", type=float, default=30.0, metavar="SEC",
+                   help="a client holding a batch this long is evicted, 0: never "
+                        "(default: 30)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,50 +164,34 @@ def _parser() -> argparse.ArgumentParser:
                       help="pace by the files' timestamps (same as --speed 1)")
     s.add_argument("--loop", type=int, default=1, metavar="N",
                    help="serve the files N times, 0 for ever (default: 1)")
-    s.add_argument("--wait-clients", type=int, metavar="N",
-                   help="start reading once N clients are attached (default: 1 for files, "
-                        "0 for interfaces)")
-    s.add_argument("--linger", action="store_true",
-                   help="keep running after the end of the stream")
-    s.add_argument("--slab-size", type=_size, default=_broker.DEFAULT_SLAB_SIZE,
-                   metavar="BYTES", help="bytes per slab (batch), e.g. 1M (default: 1M)")
-    s.add_argument("--slabs", type=int, default=_broker.DEFAULT_SLAB_COUNT, metavar="N",
-                   help=f"slabs in the ring (default: {_broker.DEFAULT_SLAB_COUNT})")
-    s.add_argument("--credit", type=int, default=_broker.DEFAULT_CREDIT, metavar="N",
-                   help="default batches a client may hold at once "
-                        f"(default: {_broker.DEFAULT_CREDIT})")
-    s.add_argument("--max-clients", type=int, default=_broker.MAX_CLIENTS, metavar="N",
-                   help="clients attached at most; a drop client holds at most "
-                        "(slabs - 1) / N batches (default: %(default)s)")
-    s.add_argument("--allow-block", metavar="WHO", action="append", default=[],
-                   help="interfaces: let WHO ask for the block policy, which lets one client "
-                        "stall the capture for all: a client name or pattern (suricata-*), or "
-                        "user:NAME; repeat, or separate with commas (files: anyone may)")
-    s.add_argument("--max-connections", type=int, metavar="N",
-                   help="control connections at most, the rest refused (default: 4 per "
-                        "client, and 64 more)")
-    s.add_argument("--control-rate", type=float, default=proto.CONTROL_RATE, metavar="N",
-                   help="control messages a second a client (or a process not attached) may "
-                        "send beyond one per batch, in bursts of 4 s worth; more are dropped, "
-                        "and who keeps on is cut off (default: %(default)g)")
-    s.add_argument("--evict-backoff", type=float, default=_broker.EVICT_BACKOFF, metavar="SEC",
-                   help="a client evicted for holding a batch too long is refused this long "
-                        "(default: %(default)s)")
-    s.add_argument("--heartbeat", type=float, default=1.0, metavar="SEC",
-                   help="heartbeat interval (default: 1)")
-    s.add_argument("--liveness", type=float, default=30.0, metavar="SEC",
-                   help="a client silent this long is dropped (default: 30)")
-    s.add_argument("--allow-group", metavar="GROUP",
-                   help="admit clients of this Unix group too (socket 0660, segment readable "
-                        "by the group); default: the broker's user only")
-    s.add_argument("--grace", type=float, default=0.0, metavar="SEC",
-                   help="keep a lost client's place this long: back under its name, it "
-                        "resumes where it stopped (default: 0)")
+    _clients_options(s)
     s.add_argument("--tunnel-hash", action="store_true",
                    help="balance GRE, IP-in-IP, VXLAN and GTP-U traffic on the inner flow")
-    s.add_argument("--lease", type=float, default=30.0, metavar="SEC",
-                   help="a client holding a batch this long is evicted, 0: never "
-                        "(default: 30)")
+    _lease_option(s)
+
+    r = sub.add_parser("relay", help="re-serve a broker of another host here: a broker whose "
+                       "source is a remote broker")
+    r.add_argument("--from", dest="source", required=True, metavar="tcp://HOST:PORT/NAME",
+                   help="the remote broker, through its gateway")
+    r.add_argument("--name", required=True, help="this broker's name, for local clients")
+    r.add_argument("--client", help="the relay's name on the remote broker (default: "
+                   "relay-NAME)")
+    r.add_argument("--group", help="a group of the remote broker to be a member of")
+    r.add_argument("--balance", choices=("flow", "round-robin"),
+                   help="the group's mode, if the relay is its first member")
+    r.add_argument("--policy", choices=("block", "drop"),
+                   help="the relay's policy on the remote broker (default: the remote "
+                        "broker's); local clients get it by default")
+    r.add_argument("--remote-credit", type=int, metavar="N",
+                   help="batches the relay holds at most on the remote broker")
+    r.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
+                   help="for attaching to the remote broker (default: 5)")
+    r.add_argument("--reconnect", type=float, default=proto.DEFAULT_RECONNECT, metavar="SEC",
+                   help="if the remote broker or the link is lost, how long to look for it "
+                        "(default: %(default)g)")
+    _remote_keys(r)
+    _clients_options(r)
+    _lease_option(r)
 
     d = sub.add_parser("dump", help="write what a client receives to a capture file")
     d.add_argument("--server", default="default",
@@ -273,13 +307,28 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise ValueError("a capture filter applies to interfaces (-i), not to files")
     opts = _broker.ServeOptions(
         name=a.name, files=a.files or [], live=live, loops=a.loop, speed=a.speed, user=a.user,
+        tunnel_hash=a.tunnel_hash, **_clients_args(a))
+    sys.stderr = _service.journal_stderr(sys.stderr)   # levels, under systemd
+    return _broker.Broker(opts, log=sys.stderr).serve()
+
+
+def _clients_args(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(
         wait_clients=a.wait_clients, linger=a.linger, slab_size=a.slab_size,
         slab_count=a.slabs, credit=a.credit, max_clients=a.max_clients,
         heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, unix_group=a.allow_group,
-        grace=a.grace, tunnel_hash=a.tunnel_hash, evict_backoff=a.evict_backoff,
+        grace=a.grace, evict_backoff=a.evict_backoff,
         max_connections=a.max_connections, control_rate=a.control_rate,
         allow_block=[w for arg in a.allow_block for w in arg.split(",") if w])
-    sys.stderr = _service.journal_stderr(sys.stderr)   # levels, under systemd
+
+
+def cmd_relay(a: argparse.Namespace) -> int:
+    relay = _relay.RelayOptions(
+        url=a.source, client=a.client or f"relay-{a.name}", group=a.group, balance=a.balance,
+        policy=a.policy, credit=a.remote_credit, key=a.key, server_key=a.server_key,
+        insecure=a.insecure, timeout=a.timeout, reconnect=a.reconnect)
+    opts = _broker.ServeOptions(name=a.name, relay=relay, **_clients_args(a))
+    sys.stderr = _service.journal_stderr(sys.stderr)
     return _broker.Broker(opts, log=sys.stderr).serve()
 
 
@@ -397,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     a = _config.parse(_parser, argv)
     run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status,
            "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top,
-           "gateway": cmd_gateway, "keygen": cmd_keygen}[a.cmd]
+           "gateway": cmd_gateway, "keygen": cmd_keygen, "relay": cmd_relay}[a.cmd]
     try:
         return run(a)
     except KeyboardInterrupt:

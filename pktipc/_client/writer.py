@@ -13,10 +13,37 @@ from .._errors import PktipcError
 from .._layout import Iface
 
 PCAP_NS_MAGIC = 0xA1B23C4D
+PCAP_US_MAGIC = 0xA1B2C3D4
 _PCAP_REC = np.dtype([("sec", "<u4"), ("nsec", "<u4"), ("incl", "<u4"), ("orig", "<u4")])
 PCAP_TS_END = (1 << 32) * 1_000_000_000   # pcap seconds are an unsigned 32-bit count
 _EPB_HEAD = np.dtype([("type", "<u4"), ("size", "<u4"), ("ifid", "<u4"), ("ts_hi", "<u4"),
                       ("ts_lo", "<u4"), ("caplen", "<u4"), ("wirelen", "<u4")])
+
+
+def pcap_header(linktype: int, snaplen: int, micro: bool = False) -> bytes:
+    """A classic pcap file header, little-endian, of nanosecond (or
+    microsecond) timestamps."""
+    return struct.pack("<IHHiIII", PCAP_US_MAGIC if micro else PCAP_NS_MAGIC, 2, 4, 0, 0,
+                       snaplen, linktype)
+
+
+def pcap_records(desc: np.ndarray[Any, Any], views: list[memoryview], micro: bool = False,
+                 snaplen: int | None = None) -> bytes:
+    """Classic pcap records of packets (times checked by the caller to lie
+    within 1970-2106): nanosecond or microsecond timestamps; with `snaplen`,
+    at most that many bytes of each, the wire length kept."""
+    n = len(desc)
+    rec = np.empty(n, dtype=_PCAP_REC)
+    rec["sec"] = desc["ts_ns"] // 1_000_000_000
+    sub = desc["ts_ns"] % 1_000_000_000
+    rec["nsec"] = sub // 1000 if micro else sub
+    rec["incl"] = desc["caplen"] if snaplen is None else np.minimum(desc["caplen"], snaplen)
+    rec["orig"] = desc["wirelen"]
+    if snaplen is not None and (desc["caplen"] > snaplen).any():
+        views = [v[:snaplen] for v in views]
+    raw = memoryview(rec.tobytes())
+    heads = map(raw.__getitem__, map(slice, range(0, 16 * n, 16), range(16, 16 * n + 1, 16)))
+    return b"".join(chain.from_iterable(zip(heads, views, strict=True)))
 
 
 def _when(ts_ns: int) -> str:
@@ -56,7 +83,7 @@ class CaptureWriter:
             linktype = self.ifaces[0].linktype if self.ifaces else 1
         self._linktype = linktype
         snaplen = max((i.snaplen for i in self.ifaces if i.linktype == linktype), default=262144)
-        self.out.write(struct.pack("<IHHiIII", PCAP_NS_MAGIC, 2, 4, 0, 0, snaplen, linktype))
+        self.out.write(pcap_header(linktype, snaplen))
 
     def write(self, desc: np.ndarray[Any, Any], views: list[memoryview]) -> None:
         """Writes packets: their descriptors and their bytes, in order. A
@@ -87,15 +114,7 @@ class CaptureWriter:
             lt = int(desc["linktype"][np.argmax(other)])
             raise PktipcError(f"a packet of link type {lt} cannot go into a pcap file of "
                               f"link type {self._linktype}; use --format pcapng")
-        rec = np.empty(len(desc), dtype=_PCAP_REC)
-        rec["sec"] = desc["ts_ns"] // 1_000_000_000
-        rec["nsec"] = desc["ts_ns"] % 1_000_000_000
-        rec["incl"] = desc["caplen"]
-        rec["orig"] = desc["wirelen"]
-        raw = memoryview(rec.tobytes())
-        n = len(desc)
-        heads = map(raw.__getitem__, map(slice, range(0, 16 * n, 16), range(16, 16 * n + 1, 16)))
-        self.out.write(b"".join(chain.from_iterable(zip(heads, views, strict=True))))
+        self.out.write(pcap_records(desc, views))
 
     def _interface_id(self, iface: int, linktype: int, parts: list[bytes | memoryview]) -> int:
         idb = self._idb.get((iface, linktype))

@@ -21,6 +21,7 @@ from .._client.client import broker_stats, brokers, connect
 from .._client.writer import CaptureWriter
 from .._errors import EndOfStream, PktipcError
 from .._net import gateway as _gateway
+from .._net import pcapoverip as _poip
 from . import config as _config
 from . import demo as _demo
 from . import exporter as _exporter
@@ -257,6 +258,30 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--max-clients", type=int, default=_gateway.MAX_SESSIONS, metavar="N",
                     help="remote clients at most (default: %(default)s)")
 
+    po = sub.add_parser(
+        "pcap-over-ip", help="serve a broker's packets as pcap streams on TCP (tshark -i "
+        "TCP@HOST:PORT, Arkime, Zeek's PcapOverTcp): every connection a client",
+        description="PCAP-over-IP has no authentication and no encryption: keep it on "
+        "loopback (the default) or a trusted network; across others, use remote clients "
+        "(pktipc gateway, CURVE) or a TLS tunnel.")
+    po.add_argument("--server", default="default", help="the broker's name (default: "
+                    "%(default)s)")
+    po.add_argument("--listen", action="append", metavar="ADDR:PORT",
+                    help=f"where readers connect (default: 127.0.0.1:{_poip.DEFAULT_PORT} "
+                         "unless --connect is given; 0.0.0.0:PORT for every address); repeat "
+                         "for several")
+    po.add_argument("--connect", action="append", metavar="HOST:PORT", default=[],
+                    help="send to a reader that listens (Arkime's server mode, NetworkMiner), "
+                         "dialling it again when it goes away; repeat for several")
+    po.add_argument("--group", help="the connections are members of this flow group: "
+                    "each flow, whole, to one of them (default: each gets everything)")
+    po.add_argument("--balance", choices=("flow", "round-robin"),
+                    help="the group's mode, if its first member (default: flow)")
+    po.add_argument("--policy", choices=("block", "drop"),
+                    help="each connection's (default: the broker's)")
+    po.add_argument("--credit", type=int, metavar="N",
+                    help="batches a connection holds while they are written")
+
     kg = sub.add_parser("keygen", help="write a CURVE key pair: NAME.key (public) and "
                         "NAME.key_secret")
     kg.add_argument("dir", help="directory to write them in")
@@ -431,6 +456,16 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     return _gateway.Gateway(opts, log=sys.stderr).serve()
 
 
+def cmd_pcap_over_ip(a: argparse.Namespace) -> int:
+    listen = a.listen or ([] if a.connect else [f"127.0.0.1:{_poip.DEFAULT_PORT}"])
+    opts = _poip.PcapOverIpOptions(
+        server=a.server, listen=[_poip.host_port(x, "127.0.0.1") for x in listen],
+        connect=[_poip.host_port(x, None) for x in a.connect], group=a.group,
+        balance=a.balance, policy=a.policy, credit=a.credit)
+    sys.stderr = _service.journal_stderr(sys.stderr)
+    return _poip.PcapOverIp(opts, log=sys.stderr).serve()
+
+
 def cmd_keygen(a: argparse.Namespace) -> int:
     public, secret = _gateway.keygen(a.dir, a.name)
     print(f"{public}: the public key, to give to the other end")
@@ -446,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     a = _config.parse(_parser, argv)
     run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status,
            "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top,
-           "gateway": cmd_gateway, "keygen": cmd_keygen, "relay": cmd_relay}[a.cmd]
+           "gateway": cmd_gateway, "keygen": cmd_keygen, "relay": cmd_relay,
+           "pcap-over-ip": cmd_pcap_over_ip}[a.cmd]
     try:
         return run(a)
     except KeyboardInterrupt:

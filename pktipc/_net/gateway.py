@@ -58,9 +58,10 @@ _LISTEN = re.compile(r"(?:tcp://)?(?:(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.*-]+):)?(\d{
 def listen_endpoint(text: str, default_port: int) -> str:
     """tcp://ADDR:PORT of "ADDR:PORT", "PORT" (on loopback) or "tcp://ADDR:PORT"."""
     m = _LISTEN.fullmatch(text.strip())
-    if m is None or not 0 < int(m[2]) < 65536:
+    if m is None or not 0 <= int(m[2]) < 65536:
         raise ValueError(f"--listen {text}: give ADDR:PORT (ADDR 127.0.0.1 by default, "
-                         "0.0.0.0 or * for every address, [::1] for IPv6), PORT 1-65535")
+                         "0.0.0.0 or * for every address, [::1] for IPv6; PORT 0: any free "
+                         "one)")
     return f"tcp://{m[1] or '127.0.0.1'}:{m[2]}"
 
 
@@ -224,6 +225,7 @@ class Gateway:
             r.bind(o.listen)
         except zmq.ZMQError as e:
             raise PktipcError(f"cannot listen on {o.listen}: {e}") from None
+        self.listening = r.last_endpoint.decode()
 
     def close(self) -> None:
         for s in list(self.sessions.values()):
@@ -248,7 +250,7 @@ class Gateway:
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         what = "in clear, unauthenticated (--insecure)" if self.opts.insecure else \
             f"CURVE, admitting the keys in {self.opts.keys}"
-        self._say(f"pktipc gateway: broker {self.opts.server!r} on {self.opts.listen}, {what}")
+        self._say(f"pktipc gateway: broker {self.opts.server!r} on {self.listening}, {what}")
         try:
             while not self.stopping:
                 self._turn()
@@ -687,7 +689,7 @@ class Gateway:
     def stats(self) -> dict[str, Any]:
         keys = self._keys
         return {
-            "listen": self.opts.listen, "pid": os.getpid(), "curve": not self.opts.insecure,
+            "listen": self.listening, "pid": os.getpid(), "curve": not self.opts.insecure,
             **self.counters,
             "keys_refused": keys.refused if keys is not None else 0,
             "refused": dict(self.refused),

@@ -61,8 +61,8 @@ def host_port(text: str, default_host: str | None) -> tuple[str, int]:
     if not sep:
         host = default_host or ""
     host = host.strip("[]") or (default_host or "")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text}: give HOST:PORT (PORT 1-65535)")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{text}: give HOST:PORT (PORT 0 to listen on any free one)")
     return host, int(port)
 
 
@@ -135,7 +135,7 @@ class PcapOverIp:
     def serve(self) -> int:
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT,
                                                                     signal.SIGTERM)}
-        where = ", ".join(f"{h}:{p}" for h, p in self.opts.listen)
+        where = ", ".join("{}:{}".format(*s.getsockname()[:2]) for s in self.listeners)
         to = ", ".join(f"{h}:{p}" for h, p in self.opts.connect)
         self._say(f"broker {self.opts.server!r}" + (f", listening on {where}" if where else "")
                   + (f", sending to {to}" if to else ""))

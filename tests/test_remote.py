@@ -3,17 +3,20 @@ namespaces joined by veth pairs for the network in between."""
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Netns, all_captures, run_pktipc
+from conftest import Netns, all_captures, run_pktipc, segments
 from opshelp import synth_file, wait_for
+from pcapref import read_pcap
 from pktipc._shm import lib
 from remotehelp import (
     Keys,
@@ -25,8 +28,10 @@ from remotehelp import (
     make_keys,
     procs,
     script_result,
+    start,
     two_hosts,
 )
+from test_cclient import BIN
 from test_live import BCAST, frame, receive, serve_live, udp4
 from test_replay import collect, reference
 
@@ -227,7 +232,6 @@ def test_link_cut_mid_stream(broker: Any, keys: Keys, tmp_path: Path) -> None:
     what it missed; the broker's local client loses nothing meanwhile."""
     total = 30000
     path = synth_file(tmp_path / "long.pcap", total, 1e6)
-    from pcapref import read_pcap
     expected = [digest(d, ts, cap, wire) for ts, cap, wire, d in read_pcap(str(path)).packets]
     with two_hosts("10.79") as hosts, procs() as started:
         for policy in ("block", "drop"):
@@ -307,3 +311,40 @@ def test_bad_input_is_one_line(broker: Any, keys: Keys, tmp_path: Path) -> None:
              want="no gateway answers at tcp://127.0.0.1:1")
     one_line("dump", "--server", "tcp://127.0.0.1:1/x", "-w", "-", "--key", "/nonexistent",
              "--server-key", keys.server_public, want="/nonexistent")
+
+
+def test_relay_between_two_hosts(broker: Any, keys: Keys, tmp_path: Path,
+                                 runtime_dir: Path) -> None:
+    """Two hosts: a file broker and its gateway on one, `pktipc relay` on the
+    other; there, a C client (pktipc-pcap) and a Python one (pktipc dump) of
+    the relay each write exactly what the broker served: times in ns,
+    lengths, link type, bytes, in order."""
+    subprocess.run(["make", "-s", "-C", str(BIN.parent.parent), "all"], check=True,
+                   capture_output=True)
+    path = synth_file(tmp_path / "src.pcap", 20000, 1e6)
+    expected = read_pcap(str(path))
+    local = f"relay{os.getpid()}-{time.monotonic_ns() % 100000}"
+    with two_hosts("10.80") as (a, bns, addr_a, _), procs() as started:
+        bk = broker("-r", str(path), "--slab-size", "64k", netns=a)
+        _, where = gateway(started, bk.name, keys, listen=f"{addr_a}:0", netns=a)
+        relay = start(started, "relay", "--from", f"tcp://{where}/{bk.name}", "--name", local,
+                      "--wait-clients", "2", "--slab-size", "64k", *curve_args(keys),
+                      netns=bns)
+        wait_for("the relay's control socket", lambda: (runtime_dir / f"{local}.ctl").exists()
+                 or relay.p.poll() is not None)
+        c_out, py_out = tmp_path / "c.pcap", tmp_path / "py.pcap"
+        with open(c_out, "wb") as f:
+            cproc = subprocess.Popen(bns.cmd(str(BIN / "pktipc-pcap"), "-n", "c", local),
+                                     stdout=f, stderr=subprocess.PIPE)
+        py = start(started, "dump", "--server", local, "--client", "py", "-w", str(py_out),
+                   netns=bns)
+        _, cerr = cproc.communicate(timeout=120)
+        assert cproc.returncode == 0, cerr
+        assert py.wait(120) == 0, py.text()
+        assert relay.wait(120) == 0, relay.text()
+        assert bk.wait() == 0
+    for out in (c_out, py_out):
+        got = read_pcap(str(out))
+        assert got.error is None and got.linktype == expected.linktype, out.name
+        assert got.packets == expected.packets, out.name
+    assert segments(local) == [] and not (runtime_dir / f"{local}.ctl").exists()

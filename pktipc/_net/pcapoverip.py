@@ -315,7 +315,9 @@ class PcapOverIp:
             extra = f"; {c.skipped} not sent (link type or time)" if c.skipped else ""
             gaps = c.client.gaps if c.client is not None else []
             if gaps:
-                extra += f"; {len(gaps)} gaps: the broker skipped it while it lagged"
+                lost = sum(hi - lo for lo, hi in gaps)
+                extra += (f"; {lost} packets in {len(gaps)} gaps: the broker skipped it "
+                          "while it lagged")
             self._say(f"{c.peer[0]}:{c.peer[1]}: {why}{extra}")
         for batch, _ in c.out:
             if batch is not None:

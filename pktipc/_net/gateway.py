@@ -225,7 +225,7 @@ class Gateway:
             r.bind(o.listen)
         except zmq.ZMQError as e:
             raise PktipcError(f"cannot listen on {o.listen}: {e}") from None
-        self.listening = r.last_endpoint.decode()
+        self.listening = r.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def close(self) -> None:
         for s in list(self.sessions.values()):

@@ -22,6 +22,9 @@ repetitions; medians, with the spread as min-max):
   suricata  Suricata through pktipc's capture plugin, through its own
             AF_PACKET capture and reading a FIFO, alone and with a second
             analyzer (bench/suricata.py)
+  remote    over loopback TCP: a remote client with CURVE and --insecure,
+            PCAP-over-IP through pktipc and `tcpdump -w - | nc`, and a local
+            client with and without a remote one beside it (bench/remote.py)
 
 Writes bench/results/<date>.json, the plots in bench/plots/, and refreshes
 the tables between the `<!-- suite:... -->` markers of bench/README.md. Needs
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import pktipc
+from bench import remote as remote_bench
 from bench import suricata as suricata_bench
 from bench.live import Bench
 from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine
@@ -511,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             res["memory"] = memory(off, a.quick)
             print("suricata", flush=True)
             res["suricata"] = suricata_bench.run(bench, a.quick)
+            print("remote", flush=True)
+            res["remote"] = remote_bench.run(a.quick, reps)
         finally:
             bench.close()
     res["seconds"] = time.monotonic() - started
@@ -521,10 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     sections = tables(res)
     if "suricata" in res:
         sections["suricata"] = suricata_bench.table(res["suricata"])
+    if "remote" in res:
+        sections["remote"] = remote_bench.table(res["remote"])
     made = plots(res)
     if not a.no_readme:
         refresh_readme(sections)
-    for key in ("live", "messages", "latency", "memory", "suricata"):
+    for key in ("live", "messages", "latency", "memory", "suricata", "remote"):
         print(f"\n## {key}\n\n{sections[key]}")
     print(f"\n{res['seconds']:.0f} s; results in {out}; plots {', '.join(made)} in {PLOTS}")
     return 0

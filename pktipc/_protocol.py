@@ -823,6 +823,8 @@ class ClientConnection:
         """Events for one message: its msgpack frame, and the frames after
         it (REMOTE_BATCH's two; none for any other message)."""
         mtype, f = decode(frame, MAX_BROKER_FRAME)
+        if self.state is State.LOST:
+            return []           # still on the connection given up: moot
         key = (self.state, mtype)
         if key not in self.transitions:
             raise RemoteProtocolError("unexpected", f"{mtype} while {self.state.value}")

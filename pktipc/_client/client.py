@@ -295,6 +295,8 @@ class Client:
         self.endpoint = control_endpoint(server)
         self.reconnect = reconnect
         self.gaps: list[tuple[int, int]] = []
+        self._seen_end = 0      # past the last packet seq announced by this broker
+        self._seen_epoch: int | None = None
         self.end_error: str | None = None
         self._policy, self._credit = policy, credit
         self._group, self._balance = group, balance
@@ -390,6 +392,8 @@ class Client:
     def _use(self, w: proto.Welcomed) -> None:
         """Maps the segment WELCOME named, and says so."""
         mapping = _Mapping(w, self.server, self._owner)
+        if w.epoch != self._seen_epoch:
+            self._seen_end, self._seen_epoch = 0, w.epoch   # another broker: seqs anew
         if self._map is not None and not any(b._origin is self._map for b in self._batches):
             self._map.close()
         self._map = self._origin = mapping
@@ -585,6 +589,8 @@ class Client:
         # already hold other packets), so it is handled first.
         events.sort(key=lambda ev: not isinstance(ev, proto.Evicted))
         for ev in events:
+            if isinstance(ev, (proto.BatchAnnounced, proto.BatchReceived)):
+                self._seen_end = max(self._seen_end, ev.seq + ev.n)
             if isinstance(ev, proto.BatchAnnounced):
                 m = self._map
                 assert m is not None
@@ -594,7 +600,10 @@ class Client:
             elif isinstance(ev, proto.BatchReceived):
                 self._pending.append(ev)
             elif isinstance(ev, proto.GapReported):
-                self.gaps.append((ev.start, ev.end))
+                # A batch that came but whose RELEASE was lost with the
+                # connection may be reported skipped on resuming: not a gap.
+                if max(ev.start, self._seen_end) < ev.end:
+                    self.gaps.append((max(ev.start, self._seen_end), ev.end))
             elif isinstance(ev, proto.StreamEnded):
                 self._ended = True
                 self.end_error = ev.error

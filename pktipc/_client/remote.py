@@ -178,6 +178,8 @@ class RemoteClient(Client):
             raise LayoutError(f"broker uses layout {w.layout}, this client reads "
                               f"{LAYOUT_VERSION}")
         self._ifaces = parse_ifaces(w.ifaces)
+        if w.epoch != self._seen_epoch:
+            self._seen_end, self._seen_epoch = 0, w.epoch   # another broker: seqs anew
         self._epoch = w.epoch
         self._origin = object()     # batches of an earlier attachment are not released here
         self.welcome = w

@@ -193,8 +193,9 @@ def test_nothing_in_clear_between_hosts(broker: Any, keys: Keys, tmp_path: Path)
             bk = broker("-r", str(tmp_path / "marked.pcap"), netns=a)
             _, where = gateway(started, bk.name, k, listen=f"{addr_a}:0", netns=a)
             wire = tmp_path / f"wire-{secure}.pcap"
-            tcpdump = subprocess.Popen(bns.cmd("tcpdump", "-i", "eb", "-U", "-w", str(wire),
-                                               "tcp"), stderr=subprocess.PIPE, text=True)
+            tcpdump = subprocess.Popen(bns.cmd("tcpdump", "-i", "eb", "--immediate-mode", "-U",
+                                               "-w", str(wire), "tcp"),
+                                       stderr=subprocess.PIPE, text=True)
             try:
                 assert tcpdump.stderr is not None
                 assert "listening" in tcpdump.stderr.readline()
@@ -202,6 +203,9 @@ def test_nothing_in_clear_between_hosts(broker: Any, keys: Keys, tmp_path: Path)
                 c = client_script(started, f"tcp://{where}/{bk.name}", "far", "block", k, out,
                                   netns=bns)
                 got = script_result(c, out)
+                # what tcpdump saw, written out before it is stopped
+                wait_for("the stream in the capture",
+                         lambda w=wire: w.stat().st_size > 200 * 100)  # type: ignore[misc]
             finally:
                 tcpdump.terminate()
                 tcpdump.wait(timeout=10)

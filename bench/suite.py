@@ -22,6 +22,8 @@ repetitions; medians, with the spread as min-max):
   suricata  Suricata through pktipc's capture plugin, through its own
             AF_PACKET capture and reading a FIFO, alone and with a second
             analyzer (bench/suricata.py)
+  recording pktipc record against dumpcap -b and tcpdump -C, files in
+            /dev/shm and on disk (bench/record.py)
   remote    over loopback TCP: a remote client with CURVE and --insecure,
             PCAP-over-IP through pktipc and `tcpdump -w - | nc`, and a local
             client with and without a remote one beside it (bench/remote.py)
@@ -38,7 +40,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -49,16 +50,16 @@ from pathlib import Path
 from typing import Any
 
 import pktipc
+from bench import record as record_bench
 from bench import remote as remote_bench
 from bench import suricata as suricata_bench
 from bench.live import Bench
-from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine
+from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine, refresh_readme
 from pktipc._tools.synth import write_pcap
 
 PY = sys.executable
 CBIN = ROOT / "clients" / "c" / "build" / "bin"
 PLOTS = ROOT / "bench" / "plots"
-README = ROOT / "bench" / "README.md"
 
 
 def _med(xs: list[float]) -> float:
@@ -468,15 +469,6 @@ def plots(res: dict[str, Any]) -> list[str]:
     return made
 
 
-def refresh_readme(sections: dict[str, str]) -> None:
-    text = README.read_text()
-    for key, body in sections.items():
-        pattern = re.compile(rf"(<!-- suite:{key} -->\n).*?(\n<!-- /suite:{key} -->)", re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
-    README.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="under 2 minutes: fewer K, packets, "
@@ -515,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             res["memory"] = memory(off, a.quick)
             print("suricata", flush=True)
             res["suricata"] = suricata_bench.run(bench, a.quick)
+            print("recording", flush=True)
+            res["recording"] = record_bench.run(bench, a.quick)
             print("remote", flush=True)
             res["remote"] = remote_bench.run(a.quick, reps)
         finally:
@@ -527,12 +521,15 @@ def main(argv: list[str] | None = None) -> int:
     sections = tables(res)
     if "suricata" in res:
         sections["suricata"] = suricata_bench.table(res["suricata"])
+    if "recording" in res:
+        sections["recording"] = record_bench.table(res["recording"])
     if "remote" in res:
         sections["remote"] = remote_bench.table(res["remote"])
     made = plots(res)
     if not a.no_readme:
         refresh_readme(sections)
-    for key in ("live", "messages", "latency", "memory", "suricata", "remote"):
+    for key in ("live", "messages", "latency", "memory", "suricata", "recording",
+                "remote"):
         print(f"\n## {key}\n\n{sections[key]}")
     print(f"\n{res['seconds']:.0f} s; results in {out}; plots {', '.join(made)} in {PLOTS}")
     return 0

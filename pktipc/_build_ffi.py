@@ -14,9 +14,11 @@ import cffi
 ROOT = Path(__file__).resolve().parent.parent
 SHM = "shm"                           # what every reader of the segment needs
 ENGINE = "pktipc/_broker/engine"      # the broker's capture engines
+CLIENT = "pktipc/_client/engine"      # the client's capture-file writer
 
 HEADERS = [f"{SHM}/pktipc_layout.h", f"{SHM}/pktipc_shm_ffi.h", f"{ENGINE}/flowhash.h",
-           f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h", f"{ENGINE}/remote.h"]
+           f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h", f"{ENGINE}/remote.h",
+           f"{CLIENT}/capwrite.h"]
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef("".join((ROOT / h).read_text() for h in HEADERS))
@@ -26,8 +28,8 @@ ffibuilder.set_source(
     # setuptools wants paths relative to setup.py
     sources=[f"{ENGINE}/ingest.c", f"{ENGINE}/afpacket.c", f"{ENGINE}/flowhash.c",
              f"{ENGINE}/remote.c",
-             f"{SHM}/pktipc_shm.c"],
-    include_dirs=[SHM, ENGINE],
+             f"{SHM}/pktipc_shm.c", f"{CLIENT}/capwrite.c"],
+    include_dirs=[SHM, ENGINE, CLIENT],
     libraries=["pcap"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],
 )

@@ -206,6 +206,17 @@ class Batch:
         self._views.extend(views)
         return views
 
+    def buffer(self) -> memoryview:
+        """The whole slab (a remote batch: the bytes its message carried),
+        read-only and in place: a descriptor's `data_off` indexes it.
+        Released with the batch, as views() are."""
+        self._check()
+        m = self._origin
+        end = self._base + m.slab_size if isinstance(m, _Mapping) else len(self._view)
+        view = self._view[self._base : end]
+        self._views.append(view)
+        return view
+
     def packets(self) -> list[Packet]:
         """This client's packets of the batch, in order; built column by column."""
         with _no_gc():
@@ -427,6 +438,25 @@ class Client:
         assert self._map is not None
         return self._map.seg.ifaces()
 
+    def counters(self) -> dict[str, Any]:
+        """The broker's monotonic counters as its segment holds them now,
+        read in place, no message sent: `epoch`, `broker` (packets,
+        broker_drops, client_drops, ...) and `sources`, a dict per source
+        (packets, bytes, kernel_packets, kernel_drops, kernel_freezes,
+        `live`). They start from 0 with a new broker (a new `epoch`)."""
+        self._check_open()
+        assert self._map is not None
+        seg = self._map.seg
+        sources = []
+        for i in range(int(seg.header.iface_count)):
+            e = seg.iface(i)
+            sources.append({"packets": int(e.packets), "bytes": int(e.bytes),
+                            "kernel_packets": int(e.kernel_packets),
+                            "kernel_drops": int(e.kernel_drops),
+                            "kernel_freezes": int(e.kernel_freezes),
+                            "live": int(e.kind) == lib.PKTIPC_IFACE_LIVE})
+        return {"epoch": self._map.epoch, "broker": seg.counters(), "sources": sources}
+
     def next_batch(self, timeout: float | None = None) -> Batch | None:
         """The next batch; None if none came within `timeout` seconds (None:
         wait for ever). Raises EndOfStream after the broker's last batch.
@@ -582,6 +612,10 @@ class Client:
                 events += self._conn.receive(message[0], time.monotonic(), message[1])
             except proto.RemoteProtocolError as e:
                 raise BrokerGone(f"broker {self.server!r} broke the protocol: {e}") from e
+            if self._conn.state is proto.State.LOST:
+                # This connection is over (its broker is lost, or the attempt
+                # failed): what else came on it is not read, and it is closed.
+                break
         self._on_events(events)
 
     def _on_events(self, events: list[proto.ClientEvent]) -> None:

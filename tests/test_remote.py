@@ -142,7 +142,7 @@ def test_keys_and_insecure(broker: Any, keys: Keys, tmp_path: Path) -> None:
     the client's side, counted on the gateway's; plain TCP only when both
     ends say --insecure."""
     path = synth_file(tmp_path / "x.pcap", 10, 1e3)
-    b = broker("-r", str(path))
+    b = broker("-r", str(path), "--wait-clients", "2")
     with procs() as started:
         g, where = gateway(started, b.name, keys)
         url = f"tcp://{where}/{b.name}"
@@ -162,6 +162,10 @@ def test_keys_and_insecure(broker: Any, keys: Keys, tmp_path: Path) -> None:
         assert r.stderr.startswith("pktipc: error: the gateway at ") and "Traceback" not in r.stderr
         with pktipc.connect(url, "x", **curve(keys)) as c:
             stats = c.stats()
+            r = run_pktipc("dump", "--server", url, "--client", "d", "-w",
+                           str(tmp_path / "d.pcap"), *curve_args(keys))   # the second client
+            assert r.returncode == 0, r.stderr
+            assert read_pcap(str(tmp_path / "d.pcap")).packets == read_pcap(str(path)).packets
             assert sum(len(batch) for batch in c) == 10
         assert stats["gateway"]["keys_refused"] == 2      # connect() and dump
         assert stats["gateway"]["handshakes_failed"] >= 2

@@ -448,10 +448,12 @@ def cmd_dump(a: argparse.Namespace) -> int:
                  credit=a.credit, timeout=a.timeout, **_keys(a)) as client:
         files = TcpdumpFiles(a.out, by_size=a.file_size is not None, every=a.rotate_seconds,
                              ring=a.file_count)
-        tally = ClientTally(client)
+        # the broker's counters are read from its segment: not across hosts
+        tally = None if a.server.startswith("tcp://") else ClientTally(client)
         rw = RollingWriter(_stdout if a.out == "-" else files.open, client.ifaces, a.format,
                            max_size=a.file_size, max_age=a.rotate_seconds,
-                           statistics=tally.statistics, opened=tally.opened)
+                           statistics=tally.statistics if tally else None,
+                           opened=tally.opened if tally else None)
         try:
             rw.start()
             while a.count is None or rw.packets < a.count:
@@ -465,7 +467,8 @@ def cmd_dump(a: argparse.Namespace) -> int:
                 with batch:
                     idx = batch.mine if a.count is None else batch.mine[:a.count - rw.packets]
                     rw.write(batch.descriptors, batch.buffer(), idx)
-                tally.seen()
+                if tally is not None:
+                    tally.seen()
         except RotationLimit as e:
             print(f"pktipc: {e}", file=sys.stderr)
             return 0

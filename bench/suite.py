@@ -22,6 +22,10 @@ repetitions; medians, with the spread as min-max):
   suricata  Suricata through pktipc's capture plugin, through its own
             AF_PACKET capture and reading a FIFO, alone and with a second
             analyzer (bench/suricata.py)
+  tx        sending out of a veth: pktipc's C and Python clients and pktipc
+            replay against a raw TPACKET_V2 TX writer (the ceiling) and
+            tcpreplay --topspeed, 64- and 1400-byte frames; ping RTT of
+            pktipc-pong against the kernel's own replies (bench/tx.py)
   recording pktipc record against dumpcap -b and tcpdump -C, files in
             /dev/shm and on disk (bench/record.py)
   remote    over loopback TCP: a remote client with CURVE and --insecure,
@@ -53,6 +57,7 @@ import pktipc
 from bench import record as record_bench
 from bench import remote as remote_bench
 from bench import suricata as suricata_bench
+from bench import tx as tx_bench
 from bench.live import Bench
 from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine, refresh_readme
 from pktipc._tools.synth import write_pcap
@@ -89,7 +94,7 @@ def _wait_clients(name: str, k: int, broker: subprocess.Popen[str]) -> float:
     while True:
         start = time.monotonic()
         try:
-            if len(pktipc.broker_stats(name)["clients"]) >= k:
+            if len(pktipc.broker_stats(name).clients) >= k:
                 return time.monotonic()
         except pktipc.BrokerNotRunning:
             broker.wait(timeout=10)
@@ -373,6 +378,8 @@ def tables(res: dict[str, Any]) -> dict[str, str]:
                       f"{m['python']}, libzmq {m['libzmq']}; commit {m['commit'][:10]}"
                       f"{' (uncommitted changes)' if m['dirty'] else ''}; {res['date']}; "
                       f"{'--quick' if res['quick'] else 'full run'}, {res['reps']} repetitions")
+    if "tx" in res:
+        out["tx"] = tx_bench.table(res["tx"])
     return out
 
 
@@ -507,6 +514,12 @@ def main(argv: list[str] | None = None) -> int:
             res["memory"] = memory(off, a.quick)
             print("suricata", flush=True)
             res["suricata"] = suricata_bench.run(bench, a.quick)
+            print("tx", flush=True)
+            txb = tx_bench.TxBench(tmp, bench.runtime)
+            try:
+                res["tx"] = tx_bench.run(txb, a.quick, reps)
+            finally:
+                txb.close()
             print("recording", flush=True)
             res["recording"] = record_bench.run(bench, a.quick)
             print("remote", flush=True)
@@ -528,8 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     made = plots(res)
     if not a.no_readme:
         refresh_readme(sections)
-    for key in ("live", "messages", "latency", "memory", "suricata", "recording",
+    for key in ("live", "messages", "latency", "memory", "suricata", "recording", "tx",
                 "remote"):
+        if key not in sections:
+            continue
         print(f"\n## {key}\n\n{sections[key]}")
     print(f"\n{res['seconds']:.0f} s; results in {out}; plots {', '.join(made)} in {PLOTS}")
     return 0

@@ -61,6 +61,44 @@ def test_every_capture_to_a_remote_client(broker: Any, keys: Keys) -> None:
     assert b.wait() == 0
 
 
+def test_asyncio_client_filter_and_no_sending_over_tcp(broker: Any, keys: Keys) -> None:
+    """pktipc.aio over tcp:// gets every packet as the blocking client does;
+    a filter over tcp:// keeps what it keeps locally; tx() over tcp:// is
+    refused in one line."""
+    import asyncio
+
+    import pktipc.aio
+
+    f = all_captures()[0]
+    b = broker("-r", str(f), "--loop", "3", "--wait-clients", "4")
+    with procs() as started:
+        _, where = gateway(started, b.name, keys)
+        url = f"tcp://{where}/{b.name}"
+        with pktipc.connect(url, "far", **curve(keys)) as blocking, \
+                pktipc.connect(url, "udp", filter="udp", **curve(keys)) as filtered, \
+                pktipc.connect(b.name, "near-udp", filter="udp") as local:
+            with pytest.raises(pktipc.PktipcError, match="tcp://") as e:
+                blocking.tx()
+            assert "\n" not in str(e.value)
+
+            async def run() -> list[tuple[int, bytes]]:
+                got: list[tuple[int, bytes]] = []
+                async with pktipc.aio.connect(url, "aio", **curve(keys)) as c:
+                    assert [i.name for i in c.ifaces] == [f.name]
+                    async for batch in c:
+                        with batch:
+                            got.extend((p.seq, bytes(p.data)) for p in batch)
+                return got
+
+            got = asyncio.run(run())
+            want = [(p.seq, bytes(p.data)) for p in blocking.packets()]
+            kept = [(p.seq, bytes(p.data)) for p in filtered.packets()]
+            assert filtered.counters.filtered == len(want) - len(kept)
+            assert kept == [(p.seq, bytes(p.data)) for p in local.packets()]
+    assert got == want and len(want) > 0
+    assert b.wait() == 0
+
+
 def test_remote_client_of_a_live_broker(netns: Netns, broker: Any, keys: Keys) -> None:
     """A live broker on a veth, a remote client through the gateway: the
     frames as they were sent, in order."""
@@ -170,8 +208,9 @@ def test_keys_and_insecure(broker: Any, keys: Keys, tmp_path: Path) -> None:
             assert r.returncode == 0, r.stderr
             assert read_pcap(str(tmp_path / "d.pcap")).packets == read_pcap(str(path)).packets
             assert sum(len(batch) for batch in c) == 10
-        assert stats["gateway"]["keys_refused"] == 2      # connect() and dump
-        assert stats["gateway"]["handshakes_failed"] >= 2
+        assert stats.gateway is not None
+        assert stats.gateway.keys_refused == 2      # connect() and dump
+        assert stats.gateway.handshakes_failed >= 2
     r = run_pktipc("gateway", "--server", b.name, "--listen", "127.0.0.1:0")
     assert r.returncode == 1 and "--insecure" in r.stderr and r.stderr.count("\n") == 1
 
@@ -230,8 +269,8 @@ def _cut_and_back(a: Netns, b_name: str, client: str, until: Any) -> None:
     a.ip("link", "set", "ea", "down")
     try:
         wait_for("the client detached", lambda: next(
-            (c for c in pktipc.broker_stats(b_name)["clients"]
-             if c["name"] == client and not c["attached"]), None), timeout=60)
+            (c for c in pktipc.broker_stats(b_name).clients
+             if c.name == client and not c.attached), None), timeout=60)
         until()
     finally:
         a.ip("link", "set", "ea", "up")
@@ -272,7 +311,7 @@ def _cut_phase(broker: Any, keys: Keys, tmp_path: Path, hosts: tuple[Netns, Netn
                 seqs.extend(p.seq for p in batch)
     take(2)
     wait_for("packets to the remote client", lambda: next(
-        c["packets"] for c in pktipc.broker_stats(bk.name)["clients"] if c["name"] == "far"))
+        c.packets for c in pktipc.broker_stats(bk.name).clients if c.name == "far"))
     # While it is away: a block client holds the replay back; a drop client
     # is skipped as the local one goes on.
     _cut_and_back(a, bk.name, "far", lambda: take(40 if policy == "drop" else 1))

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import _protocol as proto
 from .._client.client import Batch, Client, connect
+from .._client.session import _CarriedBatch
 from .._errors import EndOfStream, PktipcError, SourceError
 from .._layout import Iface
 from .._shm import ffi, lib
@@ -104,8 +105,8 @@ class RemoteSource:
             return self._produced(Status.FULL, added)
 
     def _place(self, fill: Any) -> int:
-        assert self._batch is not None
-        data = self._batch._view
+        assert isinstance(self._batch, _CarriedBatch)
+        data = self._batch._data           # the bytes its message carried
         rest = self._desc[self._at :]
         if any(rest["iface"] >= len(self.ifaces)):
             raise SourceError(f"{self.url}: a packet names a source the broker does not have")

@@ -5,20 +5,28 @@ packets come in the messages (one per batch), not from a segment."""
 from __future__ import annotations
 
 import re
+import select
 import time
 from typing import Any
 
-import numpy as np
 import zmq
 import zmq.auth
 from zmq.utils.monitor import parse_monitor_message
 
 from .. import _protocol as proto
-from .._errors import BrokerGone, BrokerNotRunning, LayoutError, PermissionDenied, UntrustedBroker
-from .._layout import IFACE_SIZE, LAYOUT_VERSION, MAX_IFACES, PKT_DTYPE, Iface
+from .._errors import (
+    BrokerNotRunning,
+    LayoutError,
+    PermissionDenied,
+    PktipcError,
+    UntrustedBroker,
+)
+from .._layout import IFACE_SIZE, LAYOUT_VERSION, MAX_IFACES, Iface
 from .._paths import check_name
 from .._shm import ffi
-from .client import Batch, Client
+from .aio import AsyncClient
+from .client import Client
+from .session import SEND_TIMEOUT_MS, Batch, _Carried, _CarriedBatch, _Filter
 
 # tcp://HOST:PORT/NAME, HOST a name, an IPv4 address or [an IPv6 one]
 _URL = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})/([^/]*)")
@@ -79,9 +87,25 @@ def parse_ifaces(table: bytes) -> list[Iface]:
                   ts_resolution=int(e.ts_resolution)) for e in entries[0:n]]
 
 
-class RemoteClient(Client):
-    """A client of broker NAME behind the gateway at tcp://HOST:PORT/NAME:
-    the same API as a local one; batches hold their packets' bytes."""
+class _Remote:
+    """What makes a client's session (session.py) one of broker NAME behind
+    the gateway at tcp://HOST:PORT/NAME, for either edge: the CURVE socket
+    and its handshake, REMOTE_WELCOME's interface table in place of a
+    segment, batches built from the REMOTE_BATCH message (_CarriedBatch).
+    Sending (tx()) is not offered over TCP."""
+
+    # Set by _Session; declared for the type checker.
+    _sock: zmq.Socket[bytes] | None
+    _sock_fd: int
+    _epoll: Any
+    _ctx: zmq.Context[Any]
+    _conn: proto.ClientConnection
+    _map: Any
+    _filter: str | None
+    _seen_epoch: int | None
+    _seen_end: int
+    _owner: int | None
+    name: str
 
     def __init__(self, url: str, client: str, *, key: str | None = None,
                  server_key: str | None = None, insecure: bool = False,
@@ -98,52 +122,55 @@ class RemoteClient(Client):
         else:
             self._keys = Keys(key, server_key)
         self._monitor: zmq.Socket[bytes] | None = None
-        self._ifaces: list[Iface] = []
-        super().__init__(url, client, **kw)
+        self._monitor_fd = -1
+        super().__init__(url, client, **kw)     # type: ignore[call-arg]
 
     def _connection(self, reconnect: float) -> proto.ClientConnection:
         return proto.ClientConnection(reconnect, server=self._broker)
 
     def _open(self) -> None:
-        self._sock = sock = self._ctx.socket(zmq.DEALER)
+        self._owner = None
+        sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
         secure(sock, self._keys)
         if self._conn.state is proto.State.NEW:
             # The first attachment says why it fails: a key refused, a
             # handshake that fails, nobody listening.
             self._monitor = sock.get_monitor_socket(_HANDSHAKE)
+            self._monitor_fd = self._monitor.fileno()
+            self._epoll.register(self._monitor_fd, select.EPOLLIN)
         sock.connect(self._endpoint)
-        self._conn.hello(time.monotonic(), name=self.name, group=self._group,
-                         policy=self._policy, credit=self._credit, balance=self._balance)
-        self._flush()
+        self._sock, self._sock_fd = sock, sock.fileno()
+        self._epoll.register(self._sock_fd, select.EPOLLIN)
+        self._conn.hello(time.monotonic(), name=self.name, group=self._group,  # type: ignore[attr-defined]
+                         policy=self._policy, credit=self._credit,  # type: ignore[attr-defined]
+                         balance=self._balance)  # type: ignore[attr-defined]
+        self._flush()  # type: ignore[attr-defined]
 
     def _end_monitor(self) -> None:
         if self._monitor is not None:
-            assert self._sock is not None
-            self._sock.disable_monitor()
+            self._epoll.unregister(self._monitor_fd)
+            if self._sock is not None:
+                self._sock.disable_monitor()
             self._monitor.close(linger=0)
-            self._monitor = None
+            self._monitor, self._monitor_fd = None, -1
 
     def _drop_socket(self, linger: int = 100) -> None:
         self._end_monitor()
-        super()._drop_socket(linger)
+        super()._drop_socket(linger)  # type: ignore[misc]
 
     def _teardown(self) -> None:
-        if self._sock is not None:
+        epoll = getattr(self, "_epoll", None)
+        if epoll is not None and not epoll.closed:
             self._end_monitor()
-        super()._teardown()
+        super()._teardown()  # type: ignore[misc]
 
-    def _wait(self, timeout: float) -> bool:
-        assert self._sock is not None
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
-        ready = dict(poller.poll(int(timeout * 1000) + 1))
-        if self._monitor is not None and self._monitor in ready:
+    def _service(self) -> None:
+        while self._monitor is not None and self._monitor.poll(0):
             self._handshake(dict(parse_monitor_message(self._monitor.recv_multipart())))
-        return self._sock in ready
+        super()._service()  # type: ignore[misc]
 
     def _handshake(self, ev: dict[str, Any]) -> None:
         """Raises what a failed connection or handshake means."""
@@ -177,42 +204,35 @@ class RemoteClient(Client):
         if w.layout != LAYOUT_VERSION:
             raise LayoutError(f"broker uses layout {w.layout}, this client reads "
                               f"{LAYOUT_VERSION}")
-        self._ifaces = parse_ifaces(w.ifaces)
+        carried = _Carried(w.epoch, parse_ifaces(w.ifaces))
+        if self._filter is not None:
+            carried.filter = _Filter(self._filter, carried.ifaces)
         if w.epoch != self._seen_epoch:
             self._seen_end, self._seen_epoch = 0, w.epoch   # another broker: seqs anew
-        self._epoch = w.epoch
-        self._origin = object()     # batches of an earlier attachment are not released here
+        # A new one at each attachment: batches of an earlier one are not
+        # released to this one.
+        self._map = carried
         self.welcome = w
         self._ended = False
         self._conn.mapped(time.monotonic())
-        self._flush()
+        self._flush()  # type: ignore[attr-defined]
 
-    def _batch(self, b: Any) -> Batch:
-        assert isinstance(b, proto.BatchReceived)
-        desc_buf, data = memoryview(b.desc), memoryview(b.data)
-        if desc_buf.nbytes != b.count * PKT_DTYPE.itemsize:
-            raise BrokerGone(f"gateway {self.url} broke the protocol: batch {b.seq} has "
-                             f"{desc_buf.nbytes} bytes of descriptors for {b.count} packets")
-        desc = np.frombuffer(desc_buf, dtype=PKT_DTYPE).copy()     # aligned, checked
-        if (desc["data_off"].astype(np.uint64) + desc["caplen"] > data.nbytes).any():
-            raise BrokerGone(f"gateway {self.url} broke the protocol: a packet of batch "
-                             f"{b.seq} lies outside its bytes")
-        desc.flags.writeable = False
-        pos = None
-        if b.mask is not None:
-            bits = np.unpackbits(np.frombuffer(b.mask, dtype=np.uint8), bitorder="little")
-            pos = np.flatnonzero(bits[: b.n]).astype(np.uint32)
-        return Batch(self, self._origin, b.seq, b.n, desc, data.cast("B"), pos=pos)
+    def _batch(self, b: proto.BatchAnnounced | proto.BatchReceived) -> Batch:
+        assert isinstance(b, proto.BatchReceived) and isinstance(self._map, _Carried)
+        return _CarriedBatch(self, self._map, b)  # type: ignore[arg-type]
 
-    @property
-    def ifaces(self) -> list[Iface]:
-        self._check_open()
-        return self._ifaces
+    def _tx_area(self, frames: int, frame_size: int) -> Any:
+        raise PktipcError(f"{self.url}: sending (tx()) goes through a broker of this host only, "
+                          "not through a gateway over tcp://")
 
-    @property
-    def epoch(self) -> int:
-        self._check_open()
-        return self._epoch
+
+class RemoteClient(_Remote, Client):
+    """A client of broker NAME behind the gateway at tcp://HOST:PORT/NAME:
+    the same API as a local one; batches hold their packets' bytes."""
+
+
+class AsyncRemoteClient(_Remote, AsyncClient):
+    """pktipc.aio's client of a broker behind a gateway (tcp://)."""
 
 
 def remote_stats(url: str, *, key: str | None = None, server_key: str | None = None,

@@ -43,7 +43,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from .. import _protocol as proto
-from .._client.client import _check_socket, _Mapping
+from .._client.session import _check_socket, _Mapping
 from .._errors import PktipcError
 from .._layout import IFACE_SIZE, LAYOUT_VERSION, PKT_DTYPE, select
 from .._paths import check_name, control_endpoint, ipc_path

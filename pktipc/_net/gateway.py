@@ -183,6 +183,7 @@ class Gateway:
         self.counters = {"connections": 0, "handshakes_failed": 0, "attachments": 0,
                          "batches": 0, "packets": 0, "bytes": 0, "cut": 0}
         self.refused: dict[str, int] = {}
+        self._backs: list[tuple[proto.HelloReceived, str | None]] = []
         self._mapping: _Mapping | None = None
         self._broker_pidfd: int | None = None
         self._stats_sock: zmq.Socket[bytes] | None = None
@@ -310,11 +311,20 @@ class Gateway:
 
     # -- remote clients --
     def _from_remotes(self) -> None:
+        if self._read_remotes():
+            # HELLOs of clients back on a new connection, taken once what
+            # came on the old one is read (see _hello).
+            backs, self._backs = self._backs, []
+            for ev, key in backs:
+                self._hello(ev, key, time.monotonic(), back=True)
+
+    def _read_remotes(self) -> bool:
+        """Whether every message that had come is read."""
         for _ in range(512):
             try:
                 parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return True
             peer = parts[0].bytes
             now = time.monotonic()
             if peer not in self.fds:
@@ -335,12 +345,14 @@ class Gateway:
                     self._hello(ev, key, now)
                 else:
                     self._remote_event(ev, now)
+        return False
 
     def _refuse(self, peer: bytes, now: float, code: str, text: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
         self.conn.refuse(peer, now, code, text)
 
-    def _hello(self, ev: proto.HelloReceived, key: str | None, now: float) -> None:
+    def _hello(self, ev: proto.HelloReceived, key: str | None, now: float,
+               back: bool = False) -> None:
         if ev.server != self.opts.server:
             self._refuse(ev.peer, now, "no-such-broker",
                          f"this gateway serves broker {self.opts.server!r}, not {ev.server!r}")
@@ -351,6 +363,15 @@ class Gateway:
                 self._refuse(ev.peer, now, "name-taken",
                              f"a remote client named {ev.name!r} is attached"
                              + (" with another key" if s.key != key else ""))
+                return
+            if not back:
+                # Its old connection may still hold messages the router has
+                # not handed over (it takes one from each connection in
+                # turn): its RELEASEs, its BYE. Taken over now, they would
+                # be dropped with it, and the broker, resuming the place,
+                # would send again batches the client gave back. So the
+                # HELLO waits for the end of this read of the router.
+                self._backs.append((ev, key))
                 return
             self._take_over(s, ev, now)
             return

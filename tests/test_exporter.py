@@ -112,7 +112,7 @@ def _stats(**over: Any) -> dict[str, Any]:
                       "reconnections": 1, "lag_packets": 5, "lag_s": 0.25}],
          "groups": [{"name": "ids", "balance": "flow", "shared": False, "members": ["ids"],
                      "changes": 1, "packets": 7}],
-         "refused": {"backoff": 2, "group-private": 1},
+         "refused": {"backoff": 2, "group-private": 1}, "tx_refused": {},
          "control": {"connections": 3, "max_connections": 128, "connections_refused": 4,
                      "handshakes_failed": 0, "connections_cut": 1,
                      "messages_over_budget": 9, "connections_dropped": 0}}

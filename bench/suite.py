@@ -28,6 +28,9 @@ repetitions; medians, with the spread as min-max):
             pktipc-pong against the kernel's own replies (bench/tx.py)
   recording pktipc record against dumpcap -b and tcpdump -C, files in
             /dev/shm and on disk (bench/record.py)
+  remote    over loopback TCP: a remote client with CURVE and --insecure,
+            PCAP-over-IP through pktipc and `tcpdump -w - | nc`, and a local
+            client with and without a remote one beside it (bench/remote.py)
   hostile   hostile load (bench/hostile.py): a million hostile control
             messages against two good clients, floods against none, peers
             that never read, stalled drop clients, 1,100 connections against
@@ -57,6 +60,7 @@ from typing import Any
 import pktipc
 from bench import hostile as hostile_bench
 from bench import record as record_bench
+from bench import remote as remote_bench
 from bench import suricata as suricata_bench
 from bench import tx as tx_bench
 from bench.live import Bench
@@ -526,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                 txb.close()
             print("recording", flush=True)
             res["recording"] = record_bench.run(bench, a.quick)
+            print("remote", flush=True)
+            res["remote"] = remote_bench.run(a.quick, reps)
         finally:
             bench.close()
     print("hostile", flush=True)
@@ -542,10 +548,13 @@ def main(argv: list[str] | None = None) -> int:
         sections["hostile"] = hostile_bench.tables(res["hostile"])
     if "recording" in res:
         sections["recording"] = record_bench.table(res["recording"])
+    if "remote" in res:
+        sections["remote"] = remote_bench.table(res["remote"])
     made = plots(res)
     if not a.no_readme:
         refresh_readme(sections)
-    for key in ("live", "messages", "latency", "memory", "suricata", "recording", "tx", "hostile"):
+    for key in ("live", "messages", "latency", "memory", "suricata", "recording", "tx",
+                "remote", "hostile"):
         if key not in sections:
             continue
         print(f"\n## {key}\n\n{sections[key]}")

@@ -18,7 +18,7 @@ CLIENT = "pktipc/_client/engine"      # the client's capture-file writer
 
 HEADERS = [f"{SHM}/pktipc_layout.h", f"{SHM}/pktipc_shm_ffi.h", f"{SHM}/pktipc_filter.h",
            f"{ENGINE}/flowhash.h", f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h",
-           f"{ENGINE}/tx.h", f"{CLIENT}/capwrite.h"]
+           f"{ENGINE}/tx.h", f"{ENGINE}/remote.h", f"{CLIENT}/capwrite.h"]
 
 # The Python client's pollable descriptor holds a timer: timerfd, which
 # Python's os module offers only from 3.13.
@@ -42,8 +42,8 @@ ffibuilder.set_source(
     + "".join(f'#include "{Path(h).name}"\n' for h in HEADERS),
     # setuptools wants paths relative to setup.py
     sources=[f"{ENGINE}/ingest.c", f"{ENGINE}/afpacket.c", f"{ENGINE}/tx.c",
-             f"{ENGINE}/sigbus.c", f"{ENGINE}/flowhash.c", f"{SHM}/pktipc_shm.c",
-             f"{SHM}/pktipc_filter.c", f"{CLIENT}/capwrite.c"],
+             f"{ENGINE}/sigbus.c", f"{ENGINE}/flowhash.c", f"{ENGINE}/remote.c",
+             f"{SHM}/pktipc_shm.c", f"{SHM}/pktipc_filter.c", f"{CLIENT}/capwrite.c"],
     include_dirs=[SHM, ENGINE, CLIENT],
     libraries=["pcap"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],

@@ -33,6 +33,11 @@ The rules it keeps:
 - Every field of every incoming frame is checked. On the broker a bad frame
   queues an ERROR reply and raises RemoteProtocolError; nothing else may
   escape the receive path.
+- Over TCP a client speaks to a gateway, which attaches to the broker for
+  it as a local client: the same messages, but REMOTE_HELLO (naming the
+  broker), REMOTE_WELCOME (the interface table instead of a segment) and
+  REMOTE_BATCH (the client's packets: descriptors and bytes, in two more
+  frames of the message) in place of HELLO, WELCOME and BATCH.
 
 No I/O and no clock here: callers hand in frames and `now` (seconds, any
 monotonic origin), and take out frames to send and events.
@@ -169,6 +174,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "release": {"seqs": _seqs},
     "stats": {},
     "bye": {},
+    "detach": {},       # leaving, its place to be kept for --grace (a gateway's client)
     "tx_open": {"shm": _str(255)},
     "tx": {"first": _int(0, U64), "n": _int(1, MAX_TX)},
     # broker -> client
@@ -187,7 +193,25 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "tx_done": {"upto": _int(0, U64), "refused": _int(0, MAX_TX), "error": _opt(_str(MAX_TEXT))},
     # both ways
     "heartbeat": {},
+    # over TCP, through a gateway: client -> gateway
+    "remote_hello": {"server": _name, "name": _name, "group": _opt(_name),
+                     "policy": _opt(_one_of(*POLICIES)), "credit": _opt(_int(1, MAX_CREDIT)),
+                     "balance": _opt(_one_of(*BALANCES))},
+    # gateway -> client. `ifaces`: the broker's interface table, as its
+    # segment holds it; REMOTE_BATCH is followed by two frames, the `count`
+    # descriptors of the client's packets (their data_off counted from the
+    # start of the next frame) and their bytes.
+    "remote_welcome": {"epoch": _int(0, U64), "layout": _int(0, U32), "slot": _int(0, U32),
+                       "credit": _int(1, MAX_CREDIT), "policy": _one_of(*POLICIES),
+                       "heartbeat_ms": _int(1, U32), "liveness_ms": _int(1, U32),
+                       "group": _name, "balance": _one_of(*BALANCES), "ifaces": _bytes},
+    "remote_batch": {"seq": _int(0, U64), "n": _int(1, U32), "count": _int(1, U32),
+                     "mask": _opt(_bytes)},
 }
+# The messages a gateway's peers send and get in place of the local ones.
+REMOTE = {"hello": "remote_hello", "welcome": "remote_welcome", "batch": "remote_batch"}
+PAYLOAD_FRAMES = {"remote_batch": 2}    # frames that follow the msgpack one
+TX_MESSAGES = ("tx_open", "tx", "tx_ready", "tx_done")     # local only
 
 
 @dataclass(frozen=True)
@@ -207,6 +231,7 @@ class Bitmap:
 # Rules across the fields of one message, after each field passed SCHEMAS.
 CROSS_CHECKS: dict[str, tuple[Bitmap, ...]] = {
     "batch": (Bitmap("mask", "n"),),      # one bit per packet of the slab
+    "remote_batch": (Bitmap("mask", "n"),),
 }
 
 
@@ -283,6 +308,14 @@ class HelloReceived:
     pid: int                        # as claimed; the edge puts the kernel's in its place
     balance: str | None = None
     uid: int | None = None          # the kernel's, for local peers (set by the edge)
+    server: str | None = None       # REMOTE_HELLO: the broker asked for
+
+
+@dataclass(frozen=True)
+class DetachReceived:
+    """The client leaves, asking that its place be kept (for --grace)."""
+
+    peer: bytes
 
 
 @dataclass(frozen=True)
@@ -342,6 +375,7 @@ class Welcomed:
     liveness_ms: int
     group: str
     balance: str
+    ifaces: bytes = b""             # REMOTE_WELCOME: the interface table (shm is "")
 
 
 @dataclass(frozen=True)
@@ -355,6 +389,20 @@ class BatchAnnounced:
     n: int
     members: tuple[int, ...] = ()
     mask: bytes | None = None
+
+
+@dataclass(frozen=True)
+class BatchReceived:
+    """A batch's packets that are the client's, carried in the message
+    (REMOTE_BATCH): `count` descriptors in `desc`, their bytes in `data`;
+    `mask` says which of the slab's `n` packets they are (None: all)."""
+
+    seq: int
+    n: int
+    count: int
+    mask: bytes | None
+    desc: Any
+    data: Any
 
 
 @dataclass(frozen=True)
@@ -431,11 +479,11 @@ class ReconnectAbandoned:
     why: str
 
 
-BrokerEvent = (HelloReceived | ReleaseReceived | StatsRequested | ByeReceived | PeerTimedOut
-               | PeerFlooding | TxAreaOffered | FramesSubmitted)
-ClientEvent = (Welcomed | BatchAnnounced | GapReported | StreamEnded | RequestRefused | Evicted
-               | StatsReceived | ConnectionLost | RetryDue | AttemptFailed
-               | ReconnectAbandoned | TxReady | FramesTaken)
+BrokerEvent = (HelloReceived | ReleaseReceived | StatsRequested | ByeReceived | DetachReceived
+               | PeerTimedOut | PeerFlooding | TxAreaOffered | FramesSubmitted)
+ClientEvent = (Welcomed | BatchAnnounced | BatchReceived | GapReported | StreamEnded
+               | RequestRefused | Evicted | StatsReceived | ConnectionLost | RetryDue
+               | AttemptFailed | ReconnectAbandoned | TxReady | FramesTaken)
 
 
 # --- states ----------------------------------------------------------------
@@ -459,6 +507,7 @@ BROKER_TRANSITIONS: dict[tuple[State, str], State] = {
     (State.ATTACHED, "heartbeat"): State.ATTACHED,
     (State.ATTACHED, "stats"): State.ATTACHED,
     (State.ATTACHED, "bye"): State.CLOSED,
+    (State.ATTACHED, "detach"): State.CLOSED,
     (State.ATTACHED, "tx_open"): State.ATTACHED,
     (State.ATTACHED, "tx"): State.ATTACHED,
 }
@@ -485,6 +534,20 @@ CLIENT_TRANSITIONS: dict[tuple[State, str], State] = {
     (State.ENDED, "tx_ready"): State.ENDED,
     (State.ENDED, "tx_done"): State.ENDED,
 }
+
+
+def _remote(table: dict[tuple[State, str], State]) -> dict[tuple[State, str], State]:
+    # No sending over TCP: a TX area is shared memory on the broker's host.
+    return {(state, REMOTE.get(mtype, mtype)): to for (state, mtype), to in table.items()
+            if mtype not in TX_MESSAGES}
+
+
+# A gateway's transitions (TCP): the same, with the REMOTE messages.
+REMOTE_BROKER_TRANSITIONS = _remote(BROKER_TRANSITIONS)
+REMOTE_CLIENT_TRANSITIONS = _remote(CLIENT_TRANSITIONS)
+# Refusals that, on an attempt to reattach, mean "not yet": the old self of
+# the client lingers under its name, or (behind a gateway) no broker runs.
+RETRY_CODES = ("name-taken", "not-running")
 
 
 @dataclass
@@ -518,20 +581,23 @@ class _Peer:
 
 
 class BrokerConnection:
-    """The broker's side: any number of peers, keyed by routing id."""
+    """The broker's side: any number of peers, keyed by routing id; a
+    gateway's side with `remote` (its peers speak the REMOTE messages)."""
 
     def __init__(self, *, heartbeat: float = 1.0, liveness: float = 30.0,
-                 rate: float = CONTROL_RATE) -> None:
+                 rate: float = CONTROL_RATE, remote: bool = False) -> None:
         if not 0 < heartbeat < liveness:
             raise ValueError("heartbeat interval must be positive and below the liveness")
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.rate = rate
+        self.remote = remote
+        self.transitions = REMOTE_BROKER_TRANSITIONS if remote else BROKER_TRANSITIONS
         self.peers: dict[bytes, _Peer] = {}
         self.strangers: dict[object, _Budget] = {}  # by key, oldest first
         self.errors = 0
         self.dropped = 0            # messages beyond a peer's budget
-        self._out: list[tuple[bytes, bytes]] = []
+        self._out: list[tuple[bytes, bytes, tuple[Any, ...]]] = []
 
     def state(self, peer: bytes) -> State:
         return State.ATTACHED if peer in self.peers else State.NEW
@@ -572,7 +638,7 @@ class BrokerConnection:
         try:
             mtype, f = decode(frame)
             state = self.state(peer)
-            if (state, mtype) not in BROKER_TRANSITIONS:
+            if (state, mtype) not in self.transitions:
                 code = "not-attached" if state is State.NEW else "unexpected"
                 raise RemoteProtocolError(code, f"{mtype} not allowed from a {state.value} peer")
         except RemoteProtocolError as e:
@@ -583,11 +649,13 @@ class BrokerConnection:
         if p is not None:
             p.last_recv = now
             p.heard = True
-        if BROKER_TRANSITIONS[(state, mtype)] is State.CLOSED:
+        if self.transitions[(state, mtype)] is State.CLOSED:
             del self.peers[peer]
-        if mtype == "hello":
+        if mtype in ("hello", "remote_hello"):
             return [HelloReceived(peer, f["name"], f["group"], f["policy"], f["credit"],
-                                  f["pid"], f["balance"])]
+                                  f.get("pid", 0), f["balance"], server=f.get("server"))]
+        if mtype == "detach":
+            return [DetachReceived(peer)]
         if mtype == "release":
             return [ReleaseReceived(peer, f["seqs"])]
         if mtype == "stats":
@@ -601,15 +669,18 @@ class BrokerConnection:
         return []  # heartbeat
 
     # -- decisions and sends --
-    def accept(self, peer: bytes, now: float, *, shm: str, epoch: int, layout: int,
-               slot: int, credit: int, policy: str, group: str, balance: str) -> None:
+    def accept(self, peer: bytes, now: float, *, slot: int, credit: int, policy: str,
+               group: str, balance: str, **source: Any) -> None:
+        """WELCOME: `source` is shm, epoch and layout; for a gateway's peer
+        (REMOTE_WELCOME), epoch, layout and ifaces."""
         if peer in self.peers:
             raise LocalProtocolError("unexpected", "peer already attached")
-        frame = encode("welcome", shm=shm, epoch=epoch, layout=layout, slot=slot,
+        frame = encode(REMOTE["welcome"] if self.remote else "welcome", slot=slot,
                        credit=credit, policy=policy, heartbeat_ms=round(self.heartbeat * 1000),
-                       liveness_ms=round(self.liveness * 1000), group=group, balance=balance)
+                       liveness_ms=round(self.liveness * 1000), group=group, balance=balance,
+                       **source)
         self.peers[peer] = _Peer(last_recv=now, last_sent=now, budget=self._new_budget(now))
-        self._out.append((peer, frame))
+        self._out.append((peer, frame, ()))
 
     def refuse(self, peer: bytes, now: float, code: str, text: str) -> None:
         """Refuses one message; an attached peer stays attached."""
@@ -622,6 +693,16 @@ class BrokerConnection:
         budget = self.peers[peer].budget
         budget.tokens = min(budget.tokens + 1, budget.burst + MAX_CREDIT)  # for its RELEASE
         self._send(peer, "batch", now, seq=seq, slab=slab, gen=gen, n=n, members=list(members),
+                   mask=mask)
+
+    def send_remote_batch(self, peer: bytes, now: float, seq: int, n: int, count: int,
+                          mask: bytes | None, desc: Any, data: Any) -> None:
+        """A batch's packets for a gateway's peer: `count` descriptors
+        (`desc`) and their bytes (`data`), sent as the message's next frames."""
+        self._attached(peer)
+        budget = self.peers[peer].budget
+        budget.tokens = min(budget.tokens + 1, budget.burst + MAX_CREDIT)  # for its RELEASE
+        self._send(peer, "remote_batch", now, (desc, data), seq=seq, n=n, count=count,
                    mask=mask)
 
     def send_tx_ready(self, peer: bytes, now: float, max_len: list[int]) -> None:
@@ -638,7 +719,7 @@ class BrokerConnection:
 
     def send_gap(self, peer: bytes, now: float, start: int, end: int) -> None:
         self._attached(peer)
-        self._send(peer, "gap", now, **{"from": start, "to": end})
+        self._send(peer, "gap", now, (), **{"from": start, "to": end})
 
     def send_eos(self, peer: bytes, now: float, error: str | None = None) -> None:
         self._attached(peer)
@@ -661,13 +742,22 @@ class BrokerConnection:
         if peer not in self.peers:
             raise LocalProtocolError("not-attached", "peer is not attached")
 
-    def _send(self, peer: bytes, mtype: str, now: float, **fields: Any) -> None:
-        self._out.append((peer, encode(mtype, **fields)))
+    def _send(self, peer: bytes, mtype: str, now: float, payload: tuple[Any, ...] = (),
+              **fields: Any) -> None:
+        self._out.append((peer, encode(mtype, **fields), payload))
         p = self.peers.get(peer)
         if p is not None:
             p.last_sent = now
 
     def frames_to_send(self) -> list[tuple[bytes, bytes]]:
+        """(peer, frame) of each message queued (no message of the broker's
+        has more than one frame)."""
+        out, self._out = self._out, []
+        assert not any(payload for _, _, payload in out), "use messages_to_send"
+        return [(peer, frame) for peer, frame, _ in out]
+
+    def messages_to_send(self) -> list[tuple[bytes, bytes, tuple[Any, ...]]]:
+        """(peer, frame, the frames that follow it) of each message queued."""
         out, self._out = self._out, []
         return out
 
@@ -699,8 +789,10 @@ class ClientConnection:
     place (`reconnect` seconds in all; 0: never). Each attempt is a new
     connection the edge opens when RetryDue says so, with hello()."""
 
-    def __init__(self, reconnect: float = 0.0) -> None:
+    def __init__(self, reconnect: float = 0.0, server: str | None = None) -> None:
         self.reconnect = reconnect
+        self.server = server                # a gateway's broker: the REMOTE messages
+        self.transitions = CLIENT_TRANSITIONS if server is None else REMOTE_CLIENT_TRANSITIONS
         self.state = State.NEW
         self.slot: int | None = None       # from WELCOME
         self.heartbeat = 1.0
@@ -723,8 +815,12 @@ class ClientConnection:
         elif self.state is not State.NEW:
             raise LocalProtocolError("unexpected", "HELLO already sent")
         self._out.clear()
-        self._send("hello", now, name=name, group=group, policy=policy, credit=credit, pid=pid,
-                   balance=balance)
+        if self.server is None:
+            self._send("hello", now, name=name, group=group, policy=policy, credit=credit,
+                       pid=pid, balance=balance)
+        else:
+            self._send("remote_hello", now, server=self.server, name=name, group=group,
+                       policy=policy, credit=credit, balance=balance)
         self.state = State.HELLO_SENT
 
     def mapped(self, now: float) -> None:
@@ -778,6 +874,13 @@ class ClientConnection:
             self._send("bye", now)
         self.state = State.CLOSED
 
+    def detach(self, now: float) -> None:
+        """Leaves without giving anything back: the broker keeps the place
+        (what is held and owed) for --grace, for the name to resume."""
+        if self.state in (State.ATTACHED, State.ENDED):
+            self._send("detach", now)
+        self.state = State.CLOSED
+
     def lost(self, now: float, why: str) -> list[ClientEvent]:
         """The broker is gone: the edge saw its connection end, or this
         machine did (liveness, a broker that does not know us)."""
@@ -803,21 +906,31 @@ class ClientConnection:
         self._backoff = min(2 * self._backoff, BACKOFF_MAX)
         return [AttemptFailed()]
 
-    def receive(self, frame: bytes, now: float) -> list[ClientEvent]:
+    def receive(self, frame: bytes, now: float, payload: tuple[Any, ...] = ()) -> list[ClientEvent]:
+        """Events for one message: its msgpack frame, and the frames after
+        it (REMOTE_BATCH's two; none for any other message)."""
         mtype, f = decode(frame, MAX_BROKER_FRAME)
+        if self.state is State.LOST:
+            return []           # still on the connection given up: moot
         key = (self.state, mtype)
-        if key not in CLIENT_TRANSITIONS:
+        if key not in self.transitions:
             raise RemoteProtocolError("unexpected", f"{mtype} while {self.state.value}")
+        if len(payload) != PAYLOAD_FRAMES.get(mtype, 0):
+            raise RemoteProtocolError("bad-field", f"{mtype} with {len(payload)} more frames")
         if mtype == "batch" and f["members"] and self.slot not in f["members"]:
             raise RemoteProtocolError("bad-field", f"batch: slot {self.slot} not among members")
-        if mtype == "error" and self.retrying and f["code"] == "name-taken":
-            # Our old self may linger under our name a while: try again later.
+        if mtype == "remote_batch" and f["count"] != (
+                f["n"] if f["mask"] is None else int.from_bytes(f["mask"], "little").bit_count()):
+            raise RemoteProtocolError("bad-field", "remote_batch: count is not the mask's")
+        if mtype == "error" and self.retrying and f["code"] in RETRY_CODES:
+            # Our old self may linger under our name a while, or the broker
+            # behind a gateway is not back yet: try again later.
             return self._failed(now)
         if mtype == "error" and self.state is State.ATTACHED and f["code"] == "not-attached":
             return self.lost(now, "restarted and no longer knows this client")
-        self.state = CLIENT_TRANSITIONS[key]
+        self.state = self.transitions[key]
         self._last_recv = now
-        if mtype == "welcome":
+        if mtype in ("welcome", "remote_welcome"):
             # The broker's loop never blocks for long, so it is declared lost
             # after a few missed heartbeats; liveness_ms is how long the broker
             # waits for us, which our heartbeat interval keeps well inside.
@@ -825,10 +938,12 @@ class ClientConnection:
             self.liveness = BROKER_MISSED_HEARTBEATS * f["heartbeat_ms"] / 1000
             self._last_sent = now
             self.slot = f["slot"]
-            return [Welcomed(**f)]
+            return [Welcomed(**f) if mtype == "welcome" else Welcomed(shm="", **f)]
         if mtype == "batch":
             return [BatchAnnounced(f["seq"], f["slab"], f["gen"], f["n"], tuple(f["members"]),
                                    f["mask"])]
+        if mtype == "remote_batch":
+            return [BatchReceived(f["seq"], f["n"], f["count"], f["mask"], *payload)]
         if mtype == "gap":
             return [GapReported(f["from"], f["to"])]
         if mtype == "eos":

@@ -183,6 +183,54 @@ class ControlStats:
 
 
 @dataclass(frozen=True)
+class GatewayClientStats:
+    """A remote client of a gateway: its name, its CURVE public key ("" with
+    --insecure), whether it is connected now, and what was forwarded to it."""
+
+    name: str
+    key: str
+    attached: bool
+    batches: int
+    packets: int
+    bytes: int
+
+    @classmethod
+    def from_reply(cls, d: Mapping[str, Any]) -> GatewayClientStats:
+        return cls(name=str(d["name"]), key=str(d["key"] or ""), attached=bool(d["attached"]),
+                   batches=int(d["batches"]), packets=int(d["packets"]), bytes=int(d["bytes"]))
+
+
+@dataclass(frozen=True)
+class GatewayStats:
+    """The gateway a STATS reply came through (tcp://): where it listens,
+    whether it speaks CURVE, its connections and handshakes, and what it
+    forwarded; HELLOs it refused by code."""
+
+    listen: str
+    pid: int
+    curve: bool
+    connections: int
+    handshakes_failed: int
+    attachments: int
+    batches: int
+    packets: int
+    bytes: int
+    cut: int
+    keys_refused: int
+    refused: Mapping[str, int]
+    clients: tuple[GatewayClientStats, ...]
+
+    @classmethod
+    def from_reply(cls, d: Mapping[str, Any]) -> GatewayStats:
+        return cls(listen=str(d["listen"]), pid=int(d["pid"]), curve=bool(d["curve"]),
+                   **{k: int(d[k]) for k in ("connections", "handshakes_failed",
+                                             "attachments", "batches", "packets", "bytes",
+                                             "cut", "keys_refused")},
+                   refused={str(k): int(v) for k, v in d["refused"].items()},
+                   clients=tuple(map(GatewayClientStats.from_reply, d["clients"])))
+
+
+@dataclass(frozen=True)
 class BrokerStats:
     """A broker's STATS reply. Counters are the broker run's own (a broker
     that takes a lost one's place starts again from 0: compare `epoch`)."""
@@ -204,6 +252,7 @@ class BrokerStats:
     tx_refused: Mapping[str, int]   # TX_OPEN and TX refused, by code
     control: ControlStats
     reply: Mapping[str, Any] = field(repr=False, compare=False)
+    gateway: GatewayStats | None = None     # a reply through a gateway (tcp://)
 
     @classmethod
     def from_reply(cls, d: Mapping[str, Any]) -> BrokerStats:
@@ -220,7 +269,9 @@ class BrokerStats:
                 groups=tuple(map(GroupStats.from_reply, d["groups"])),
                 refused={str(k): int(v) for k, v in d["refused"].items()},
                 tx_refused={str(k): int(v) for k, v in d["tx_refused"].items()},
-                control=ControlStats.from_reply(d["control"]), reply=d)
+                control=ControlStats.from_reply(d["control"]), reply=d,
+                gateway=None if d.get("gateway") is None
+                else GatewayStats.from_reply(d["gateway"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PktipcError(f"a STATS reply this version does not read "
                               f"({type(e).__name__}: {e})") from None

@@ -25,6 +25,7 @@ from pktipc._protocol import (
     ByeReceived,
     ClientConnection,
     ConnectionLost,
+    DetachReceived,
     Evicted,
     FramesSubmitted,
     FramesTaken,
@@ -1105,6 +1106,8 @@ VALID = {
     "members": st.just([]) | st.lists(st.integers(1, U32), max_size=4, unique=True).map(
         lambda m: [0, *m]),
     "mask": st.none() | st.binary(max_size=2),
+    "server": st.sampled_from(["tap", "x.1"]), "count": st.integers(1, 16),
+    "ifaces": st.binary(max_size=8),
     "first": st.integers(0, U64), "max_len": st.lists(st.integers(0, U64), min_size=1,
                                                        max_size=4),
     "upto": st.integers(0, U64), "refused": st.integers(0, 8),
@@ -1115,7 +1118,8 @@ VALID_IN = {("welcome", "credit"): st.integers(1, MAX_CREDIT),
             ("welcome", "policy"): st.sampled_from(["block", "drop"]),
             ("welcome", "group"): st.sampled_from(["ids", "g.1"]),
             ("welcome", "balance"): st.sampled_from(["flow", "round-robin"]),
-            ("batch", "n"): st.integers(1, 16), ("tx", "n"): st.integers(1, 1 << 16)}
+            ("batch", "n"): st.integers(1, 16), ("remote_batch", "n"): st.integers(1, 16),
+            ("tx", "n"): st.integers(1, 1 << 16)}
 
 
 def valid(mtype: str, key: str) -> st.SearchStrategy[Any]:
@@ -1196,7 +1200,7 @@ def test_broker_receive_gives_events_or_remote_error(attached: bool, draw: st.Da
         return
     assert type(events) is list
     assert all(isinstance(ev, HelloReceived | ReleaseReceived | StatsRequested | ByeReceived
-                          | TxAreaOffered | FramesSubmitted) for ev in events)
+                          | DetachReceived | TxAreaOffered | FramesSubmitted) for ev in events)
     assert all(ev.peer == b"p" for ev in events)
     assert b.errors == errors
     assert b.frames_to_send() == []

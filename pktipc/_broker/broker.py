@@ -33,6 +33,7 @@ from .control import MAX_MESSAGE, ControlSocket, Sent
 from .dispatch import ClientState, Dispatcher, SlabPool
 from .files import FileSource
 from .live import LiveOptions, LiveSource
+from .relay import RelayOptions, RemoteSource
 from .sources import Source, Status
 from .tx import DEFAULT_FRAMES, Transmitter, TxRefused, allow_rule
 
@@ -51,6 +52,7 @@ class ServeOptions:
     name: str
     files: list[str] = field(default_factory=list)
     live: LiveOptions | None = None     # capture from interfaces instead of files
+    relay: RelayOptions | None = None   # relay a remote broker instead
     loops: int = 1
     speed: float | None = None          # None: as fast as the slowest client allows
     wait_clients: int | None = None     # None: 1 for files, 0 for interfaces
@@ -144,10 +146,14 @@ class Broker:
         self.gid = runtime.group_id(opts.unix_group) if opts.unix_group is not None else None
         self.may_block = block_rule(opts.allow_block)
         self.geometry = Geometry(opts.slab_size, opts.slab_count,
-                                 len(opts.live.interfaces) if opts.live else len(opts.files))
+                                 len(opts.live.interfaces) if opts.live
+                                 else 1 if opts.relay else len(opts.files))
         self.source: Source = (LiveSource(opts.live) if opts.live is not None
+                               else RemoteSource(opts.relay) if opts.relay is not None
                                else FileSource(opts.files, opts.loops, opts.speed))
         self.ifaces = self.source.ifaces
+        if len(self.ifaces) != self.geometry.iface_count:       # a relay's: the remote's
+            self.geometry = Geometry(opts.slab_size, opts.slab_count, len(self.ifaces))
         self.tx: Transmitter | None = None
         if opts.tx:
             assert opts.live is not None
@@ -174,7 +180,7 @@ class Broker:
         self._fill = ffi.new("struct pkb_fill *")
         self._open_slab: int | None = None
         self._starved = False       # no slab for what the source holds
-        self._fds_polled = False
+        self._fds_polled: list[Any] = []
         self._next_stats = 0.0
         self._kernel_drops = 0      # as of the previous batch, for its record
         self._stats: dict[str, Any] | None = None     # answer to the STATS of this turn
@@ -337,14 +343,14 @@ class Broker:
         announce: a ready block that cannot be read would wake the loop for
         nothing. Meanwhile the kernel holds packets, then drops them (counted
         as kernel drops)."""
-        if on == self._fds_polled:
+        want = list(self.source.fds) if on else []
+        if want == self._fds_polled:
             return
-        for fd in self.source.fds:
-            if on:
-                self.poller.register(fd, zmq.POLLIN | zmq.POLLERR)
-            else:
-                self.poller.unregister(fd)
-        self._fds_polled = on
+        for fd in self._fds_polled:
+            self.poller.unregister(fd)
+        for fd in want:
+            self.poller.register(fd, zmq.POLLIN | zmq.POLLERR)
+        self._fds_polled = want
 
     def _fd_events(self, ready: dict[Any, int], now: float) -> None:
         for i, fd in enumerate(self.source.fds):
@@ -436,6 +442,12 @@ class Broker:
             c = d.by_peer.get(ev.peer)
             if c is not None:
                 self._drop(c, now, None)
+        elif isinstance(ev, proto.DetachReceived):
+            c = d.by_peer.get(ev.peer)
+            if c is not None:      # a gateway's client whose remote end was lost
+                kept = f", its place kept for {self.opts.grace:g} s" if self.opts.grace else ""
+                print(f"pktipc: client {c.name!r} detached{kept}", file=self.log, flush=True)
+                self._drop(c, now, None, resume=True)
         elif isinstance(ev, proto.PeerTimedOut):
             c = d.by_peer.get(ev.peer)
             if c is not None:      # the protocol has told it already

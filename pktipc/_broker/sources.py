@@ -29,10 +29,14 @@ class Produced:
 
 class Source(Protocol):
     ifaces: list[Iface]
-    fds: list[int]                  # readable when packets wait (none for files)
     default_policy: str             # for clients that ask for none
     default_wait_clients: int       # clients to wait for before reading
     pauses_without_clients: bool    # nothing is read while no client is attached
+
+    @property
+    def fds(self) -> list[Any]:
+        """Readable when packets wait (none for files): descriptors, or ZeroMQ
+        sockets (the relay's), read again at each turn of the loop."""
 
     def produce(self, fill: Any, now: float) -> Produced:
         """Adds packets to `fill`'s slab (struct pkb_fill), in C."""

@@ -191,7 +191,13 @@ class _Connecting:
 
     async def _connect(self) -> AsyncClient:
         server, client, timeout, options = self._args
-        c = AsyncClient(server, client, **options)
+        c: AsyncClient
+        if server.startswith("tcp://"):
+            from .remote import AsyncRemoteClient
+
+            c = AsyncRemoteClient(server, client, **options)
+        else:
+            c = AsyncClient(server, client, **options)
         await c._attach(timeout)
         return c
 
@@ -211,9 +217,12 @@ class _Connecting:
 def connect(server: str, client: str, *, group: str | None = None,
             balance: str | None = None, policy: str | None = None, credit: int | None = None,
             timeout: float = proto.DEFAULT_TIMEOUT, reconnect: float = proto.DEFAULT_RECONNECT,
-            filter: str | None = None) -> _Connecting:
+            filter: str | None = None, key: str | None = None, server_key: str | None = None,
+            insecure: bool = False) -> _Connecting:
     """pktipc.connect for asyncio: `c = await connect(...)`, or
-    `async with connect(...) as c:`. Options and errors as pktipc.connect's.
+    `async with connect(...) as c:`. Options and errors as pktipc.connect's
+    (a broker behind a gateway, tcp://HOST:PORT/NAME, with key, server_key
+    or insecure, too).
 
     While it is attached, the event loop keeps the client alive (heartbeats)
     and reads the broker's messages, whether or not a coroutine is waiting
@@ -223,4 +232,6 @@ def connect(server: str, client: str, *, group: str | None = None,
     """
     options: dict[str, Any] = dict(group=group, balance=balance, policy=policy, credit=credit,
                                    reconnect=reconnect, filter=filter)
+    if server.startswith("tcp://"):
+        options.update(key=key, server_key=server_key, insecure=insecure)
     return _Connecting(server, client, timeout, options)

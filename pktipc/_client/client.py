@@ -224,9 +224,17 @@ class Client(_Session):
 def connect(server: str, client: str, *, group: str | None = None, balance: str | None = None,
             policy: str | None = None, credit: int | None = None,
             timeout: float = proto.DEFAULT_TIMEOUT,
-            reconnect: float = proto.DEFAULT_RECONNECT, filter: str | None = None) -> Client:
-    """Attaches to broker `server` (a name or "ipc://..."/"tcp://..." endpoint)
-    as `client`, a name unique on that broker.
+            reconnect: float = proto.DEFAULT_RECONNECT, filter: str | None = None,
+            key: str | None = None, server_key: str | None = None,
+            insecure: bool = False) -> Client:
+    """Attaches to broker `server` as `client`, a name unique on that broker.
+    `server` is a broker of this host (its name, or "ipc://..."), or one of
+    another host, "tcp://HOST:PORT/NAME", through the gateway listening there
+    (pktipc gateway): the same client, its batches holding their packets'
+    bytes (no sending: tx() is refused). Over TCP, `key` is this client's key
+    file (.key_secret, from pktipc keygen) and `server_key` the gateway's
+    public key file (.key): CURVE encrypts and authenticates both ends;
+    insecure=True instead speaks plain TCP, unauthenticated and in clear.
 
     group: every group receives every packet; the members of a group share
     its packets (default: a group of its own, named as the client). balance:
@@ -248,6 +256,12 @@ def connect(server: str, client: str, *, group: str | None = None, balance: str 
     Refused (NameTaken, ...) if the broker refuses the client,
     PermissionDenied, UntrustedBroker, LayoutError.
     """
+    if server.startswith("tcp://"):
+        from .remote import RemoteClient
+
+        return RemoteClient(server, client, key=key, server_key=server_key, insecure=insecure,
+                            group=group, balance=balance, policy=policy, credit=credit,
+                            timeout=timeout, reconnect=reconnect, filter=filter)
     return Client(server, client, group=group, balance=balance, policy=policy, credit=credit,
                   timeout=timeout, reconnect=reconnect, filter=filter)
 

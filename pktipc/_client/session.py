@@ -315,6 +315,103 @@ class Batch:
         self.release()
 
 
+class _Carried:
+    """What a remote client's batches come through (one per attachment to a
+    gateway, in place of a _Mapping): the broker's epoch and sources, from
+    REMOTE_WELCOME; the filter compiled for them. No segment."""
+
+    seg: Any = None
+
+    def __init__(self, epoch: int, ifaces: list[Iface]) -> None:
+        self.epoch = epoch
+        self.ifaces = ifaces
+        self.filter: _Filter | None = None
+
+    def close(self) -> None:
+        self.filter = None
+
+
+class _CarriedBatch(Batch):
+    """A remote client's batch (tcp://): only its own packets, carried in
+    the REMOTE_BATCH message: `descriptors` are theirs alone (their
+    `data_off` counted in the message's bytes) and `mine` those its filter
+    keeps; their sequence numbers are still their places in the broker's
+    batch of `n`. buffer() is the bytes the message carried."""
+
+    __slots__ = ("_pos", "_data")
+
+    def __init__(self, client: _Session, carried: _Carried, b: proto.BatchReceived) -> None:
+        self.seq = b.seq
+        self.slab = -1
+        self.gen = 0
+        self.n = b.n
+        self._client = client
+        self._map = carried     # type: ignore[assignment]
+        self._views = []
+        self._released = False
+        desc_buf, data = memoryview(b.desc), memoryview(b.data)
+        if desc_buf.nbytes != b.count * PKT_DTYPE.itemsize:
+            raise BrokerGone(f"gateway of {client.server} broke the protocol: batch {b.seq} "
+                             f"has {desc_buf.nbytes} bytes of descriptors for {b.count} packets")
+        desc = np.frombuffer(desc_buf, dtype=PKT_DTYPE).copy()     # aligned, checked
+        if (desc["data_off"].astype(np.uint64) + desc["caplen"] > data.nbytes).any():
+            raise BrokerGone(f"gateway of {client.server} broke the protocol: a packet of "
+                             f"batch {b.seq} lies outside its bytes")
+        desc.flags.writeable = False
+        self._desc = desc
+        self._data = data.cast("B")
+        self._pos: np.ndarray[Any, Any] | None = None
+        if b.mask is not None:
+            bits = np.unpackbits(np.frombuffer(b.mask, dtype=np.uint8), bitorder="little")
+            self._pos = np.flatnonzero(bits[: b.n]).astype(np.uint32)
+        mine = None
+        if carried.filter is not None and len(desc):
+            mine = carried.filter.run(ffi.from_buffer("uint8_t[]", self._data), desc, None)
+        self._mine = None if mine is None or len(mine) == len(desc) else mine
+        self.count = len(desc) if self._mine is None else len(self._mine)
+        self.filtered = len(desc) - self.count
+
+    @property
+    def mine(self) -> np.ndarray[Any, Any]:
+        self._check()
+        return (np.arange(len(self._desc), dtype=np.uint32) if self._mine is None
+                else self._mine)
+
+    @property
+    def descriptors(self) -> np.ndarray[Any, Any]:
+        """This client's descriptors (dtype pktipc.PKT_DTYPE), as the
+        message carried them: a copy."""
+        self._check()
+        return self._desc
+
+    def _make_views(self, d: np.ndarray[Any, Any]) -> list[memoryview]:
+        view = self._data
+        views = [view[s : s + n] for s, n in zip(d["data_off"].tolist(), d["caplen"].tolist(),
+                                                  strict=True)]
+        self._views.extend(views)
+        return views
+
+    def buffer(self) -> memoryview:
+        self._check()
+        view = self._data[:]
+        self._views.append(view)
+        return view
+
+    def _packets(self, data: Iterable[memoryview | bytes]) -> list[Packet]:
+        d = self._own()
+        rows, pos = self._mine, self._pos
+        if rows is None and pos is None:
+            seqs: Iterable[int] = range(self.seq, self.seq + len(d))
+        else:
+            places = rows if pos is None else pos if rows is None else pos[rows]
+            assert places is not None
+            seqs = (places.astype(np.int64) + self.seq).tolist()
+        return list(map(_make_packet, zip(
+            data, d["ts_ns"].tolist(), d["caplen"].tolist(), d["wirelen"].tolist(),
+            d["linktype"].tolist(), d["iface"].tolist(), seqs, d["flags"].tolist(),
+            strict=True)))
+
+
 Callback = Callable[..., object]
 
 
@@ -356,13 +453,15 @@ class _Session:
         self._group, self._balance = group, balance
         self._ended = False
         self._lost_why = ""
-        self._pending: deque[proto.BatchAnnounced] = deque()
+        self._pending: deque[proto.BatchAnnounced | proto.BatchReceived] = deque()
         self._held: set[int] = set()
         self._batches: weakref.WeakSet[Batch] = weakref.WeakSet()
         self._sock: zmq.Socket[bytes] | None = None
         self._sock_fd = -1
-        self._map: _Mapping | None = None
-        self._conn = proto.ClientConnection(reconnect)
+        self._map: _Mapping | _Carried | None = None
+        self._seen_end = 0      # past the last packet seq announced by this broker
+        self._seen_epoch: int | None = None
+        self._conn = self._connection(reconnect)
         self._failure: PktipcError | None = None
         self._suspect: tuple[float, int] | None = None   # (until, seq): see _mismatch
         self._stats: dict[str, Any] | None = None
@@ -461,6 +560,9 @@ class _Session:
         (packets, bytes, kernel_packets, kernel_drops, kernel_freezes,
         `live`). They start from 0 with a new broker (a new `epoch`)."""
         seg = self._mapping().seg
+        if seg is None:
+            raise PktipcError(f"broker {self.server}: its segment's counters are read on its "
+                              "own host only (stats() asks it over the connection)")
         sources = []
         for i in range(int(seg.header.iface_count)):
             e = seg.iface(i)
@@ -472,6 +574,9 @@ class _Session:
         return {"epoch": self.epoch, "broker": seg.counters(), "sources": sources}
 
     # -- attaching --
+    def _connection(self, reconnect: float) -> proto.ClientConnection:
+        return proto.ClientConnection(reconnect)
+
     def _open(self) -> None:
         """A new connection to the broker, and HELLO on it."""
         self._owner = _check_socket(self.server, ipc_path(self.endpoint))
@@ -508,6 +613,8 @@ class _Session:
         """Maps the segment WELCOME named, compiles the filter for its
         sources, and says so."""
         mapping = _Mapping(w, self.server, self._owner)
+        if w.epoch != self._seen_epoch:
+            self._seen_end, self._seen_epoch = 0, w.epoch   # another broker: seqs anew
         if self._filter is not None:
             mapping.filter = _Filter(self._filter, mapping.ifaces)
         if self._map is not None and not any(b._map is self._map for b in self._batches):
@@ -576,7 +683,7 @@ class _Session:
             assert self._map is not None
             b = self._pending.popleft()
             try:
-                batch = Batch(self, self._map, b, self.welcome.slot)
+                batch = self._batch(b)
             except BrokerGone as e:
                 self._fail(e)
                 raise
@@ -606,6 +713,10 @@ class _Session:
         if self._stats is None and (self._sock is None or self._conn.retrying):
             raise BrokerGone(f"broker {self.server!r} {self._lost_why}")
         return self._stats
+
+    def _batch(self, b: proto.BatchAnnounced | proto.BatchReceived) -> Batch:
+        assert isinstance(self._map, _Mapping) and isinstance(b, proto.BatchAnnounced)
+        return Batch(self, self._map, b, self.welcome.slot)
 
     # -- pcap-style --
     def _dispatch(self, cnt: int, callback: Callback, interpret: bool, packets: bool) -> int:
@@ -637,7 +748,7 @@ class _Session:
             decode.require()
 
     # -- internals --
-    def _mapping(self) -> _Mapping:
+    def _mapping(self) -> _Mapping | _Carried:
         self._check_open()
         assert self._map is not None
         return self._map
@@ -685,7 +796,7 @@ class _Session:
         if (tx := getattr(self, "_tx", None)) is not None:
             tx.close()
         self._hand = None
-        maps = {id(b._map): b._map for b in self._batches}
+        maps: dict[int, _Mapping | _Carried] = {id(b._map): b._map for b in self._batches}
         for batch in list(self._batches):
             batch.release()         # its views must not read slabs the broker reuses
         if self._sock is not None:
@@ -712,11 +823,11 @@ class _Session:
         events: list[proto.ClientEvent] = []
         while self._sock is not None:
             try:
-                frame = self._sock.recv(zmq.NOBLOCK)
+                frame, more = self._recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
             try:
-                events += self._conn.receive(frame, time.monotonic())
+                events += self._conn.receive(frame, time.monotonic(), more)
             except proto.RemoteProtocolError as e:
                 if self._map is None and self._conn.lost_at is None:
                     self._drop_socket()
@@ -730,21 +841,34 @@ class _Session:
                 break
         self._on_events(events)
 
+    def _recv(self, flags: int = 0) -> tuple[bytes, tuple[Any, ...]]:
+        """One message: its first frame, and the frames after it (none
+        from a local broker)."""
+        assert self._sock is not None
+        return self._sock.recv(flags), ()
+
     def _on_events(self, events: list[proto.ClientEvent]) -> None:
         # An eviction voids the batches announced before it (their slabs may
         # already hold other packets), so it is handled first.
         events.sort(key=lambda ev: not isinstance(ev, proto.Evicted))
         for ev in events:
-            if isinstance(ev, proto.BatchAnnounced):
+            if isinstance(ev, proto.BatchAnnounced | proto.BatchReceived):
+                self._seen_end = max(self._seen_end, ev.seq + ev.n)
+            if isinstance(ev, proto.BatchReceived):
+                self._pending.append(ev)
+            elif isinstance(ev, proto.BatchAnnounced):
                 m = self._map
-                assert m is not None
+                assert isinstance(m, _Mapping)
                 if (self._suspect is not None or ev.slab >= m.slab_count
                         or m.seg.batch_rec(ev.slab).gen != ev.gen):
                     self._mismatch(ev)
                 else:
                     self._pending.append(ev)
             elif isinstance(ev, proto.GapReported):
-                self.gaps.append((ev.start, ev.end))
+                # A batch that came but whose RELEASE was lost with the
+                # connection may be reported skipped on resuming: not a gap.
+                if max(ev.start, self._seen_end) < ev.end:
+                    self.gaps.append((max(ev.start, self._seen_end), ev.end))
             elif isinstance(ev, proto.StreamEnded):
                 self._ended = True
                 self.end_error = ev.error
@@ -758,6 +882,8 @@ class _Session:
             elif isinstance(ev, proto.RequestRefused):
                 if self._map is None:       # our HELLO
                     self._drop_socket()
+                    if ev.code == "not-running":        # behind a gateway
+                        raise BrokerNotRunning(ev.text)
                     raise refusal(ev.code, f"broker {self.server!r} refused {self.name!r}: "
                                   f"{ev.text}")
                 raise refusal(ev.code, f"broker {self.server!r} refused a request: {ev.text}")

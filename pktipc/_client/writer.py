@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
+from itertools import chain
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -21,6 +22,8 @@ from .._layout import Iface
 from .._shm import ffi, lib
 
 PCAP_NS_MAGIC = 0xA1B23C4D
+PCAP_US_MAGIC = 0xA1B2C3D4
+_PCAP_REC = np.dtype([("sec", "<u4"), ("nsec", "<u4"), ("incl", "<u4"), ("orig", "<u4")])
 PCAP_TS_END = (1 << 32) * 1_000_000_000   # pcap seconds are an unsigned 32-bit count
 MAX_COMMENT = 256                  # bytes of a block's comment kept
 _DIR_MASK, _DIR_SHIFT = lib.PKTIPC_F_DIR_MASK, lib.PKTIPC_F_DIR_SHIFT
@@ -35,6 +38,32 @@ _ISB_FILTERACCEPT, _ISB_OSDROP, _ISB_USRDELIV = 6, 7, 8
 # An interface statistics block at its largest: header, interface, time,
 # a comment, two times, five counters, end of options, trailer.
 ISB_MAX = 8 + 12 + 4 + MAX_COMMENT + 2 * 12 + 5 * 12 + 4 + 4
+
+
+def pcap_header(linktype: int, snaplen: int, micro: bool = False) -> bytes:
+    """A classic pcap file header, little-endian, of nanosecond (or
+    microsecond) timestamps."""
+    return struct.pack("<IHHiIII", PCAP_US_MAGIC if micro else PCAP_NS_MAGIC, 2, 4, 0, 0,
+                       snaplen, linktype)
+
+
+def pcap_records(desc: np.ndarray[Any, Any], views: list[memoryview], micro: bool = False,
+                 snaplen: int | None = None) -> bytes:
+    """Classic pcap records of packets (times checked by the caller to lie
+    within 1970-2106): nanosecond or microsecond timestamps; with `snaplen`,
+    at most that many bytes of each, the wire length kept."""
+    n = len(desc)
+    rec = np.empty(n, dtype=_PCAP_REC)
+    rec["sec"] = desc["ts_ns"] // 1_000_000_000
+    sub = desc["ts_ns"] % 1_000_000_000
+    rec["nsec"] = sub // 1000 if micro else sub
+    rec["incl"] = desc["caplen"] if snaplen is None else np.minimum(desc["caplen"], snaplen)
+    rec["orig"] = desc["wirelen"]
+    if snaplen is not None and (desc["caplen"] > snaplen).any():
+        views = [v[:snaplen] for v in views]
+    raw = memoryview(rec.tobytes())
+    heads = map(raw.__getitem__, map(slice, range(0, 16 * n, 16), range(16, 16 * n + 1, 16)))
+    return b"".join(chain.from_iterable(zip(heads, views, strict=True)))
 
 
 def _when(ts_ns: int) -> str:
@@ -165,7 +194,7 @@ class CaptureWriter:
         if linktype is None:
             linktype = self.ifaces[0].linktype if self.ifaces else 1
         snaplen = max((i.snaplen for i in self.ifaces if i.linktype == linktype), default=262144)
-        return struct.pack("<IHHiIII", PCAP_NS_MAGIC, 2, 4, 0, 0, snaplen, linktype)
+        return pcap_header(linktype, snaplen)
 
     def _idb_block(self, iface: int, linktype: int, idb: dict[int, int]) -> bytes:
         src = self.ifaces[iface] if iface < len(self.ifaces) else None

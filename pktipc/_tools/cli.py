@@ -1,5 +1,6 @@
-"""pktipc command line: serve, dump, record, status, top, exporter, demo. No logic of its own:
-each command is a few lines over the package's API."""
+"""pktipc command line: serve, dump, record, status, top, exporter, demo, gateway,
+keygen, relay, pcap-over-ip. No logic of its own: each command is a few lines over the
+package's API."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ import zmq
 from .. import _protocol as proto
 from .._broker import broker as _broker
 from .._broker import live as _live
+from .._broker import relay as _relay
 from .._broker import service as _service
 from .._broker import tx as _tx
 from .._client import recording as _recording
 from .._client.client import broker_stats, brokers, connect
 from .._client.writer import ClientTally, RollingWriter, RotationLimit, TcpdumpFiles
 from .._errors import EndOfStream, PktipcError
+from .._net import gateway as _gateway
+from .._net import pcapoverip as _poip
 from .._stats import BrokerStats
 from . import config as _config
 from . import demo as _demo
@@ -57,6 +61,77 @@ def _size(text: str) -> int:
         return int(t[:-1] if mult > 1 else t) * mult
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _remote_keys(p: argparse.ArgumentParser) -> None:
+    """The options of a client of a broker behind a gateway (tcp://)."""
+    p.add_argument("--key", default=os.environ.get("PKTIPC_KEY"), metavar="FILE",
+                   help="tcp://: this client's key pair, the .key_secret file of pktipc keygen "
+                        "(default: $PKTIPC_KEY)")
+    p.add_argument("--server-key", default=os.environ.get("PKTIPC_SERVER_KEY"), metavar="FILE",
+                   help="tcp://: the gateway's public key, its .key file (default: "
+                        "$PKTIPC_SERVER_KEY)")
+    p.add_argument("--insecure", action="store_true",
+                   help="tcp://: plain TCP to a gateway run with --insecure: no encryption, "
+                        "no authentication of either end")
+
+
+def _keys(a: argparse.Namespace) -> dict[str, Any]:
+    if not a.server.startswith("tcp://"):
+        return {}
+    return {"key": a.key, "server_key": a.server_key, "insecure": a.insecure}
+
+
+def _clients_options(s: argparse.ArgumentParser) -> None:
+    """A broker's options of its ring and its clients (serve, relay)."""
+    s.add_argument("--wait-clients", type=int, metavar="N",
+                   help="start reading once N clients are attached (default: 1 for files, "
+                        "0 for interfaces)")
+    s.add_argument("--linger", action="store_true",
+                   help="keep running after the end of the stream")
+    s.add_argument("--slab-size", type=_size, default=_broker.DEFAULT_SLAB_SIZE,
+                   metavar="BYTES", help="bytes per slab (batch), e.g. 1M (default: 1M)")
+    s.add_argument("--slabs", type=int, default=_broker.DEFAULT_SLAB_COUNT, metavar="N",
+                   help=f"slabs in the ring (default: {_broker.DEFAULT_SLAB_COUNT})")
+    s.add_argument("--credit", type=int, default=_broker.DEFAULT_CREDIT, metavar="N",
+                   help="default batches a client may hold at once "
+                        f"(default: {_broker.DEFAULT_CREDIT})")
+    s.add_argument("--max-clients", type=int, default=_broker.MAX_CLIENTS, metavar="N",
+                   help="clients attached at most; a drop client holds at most "
+                        "(slabs - 1) / N batches (default: %(default)s)")
+    s.add_argument("--max-recordings", type=int, default=_broker.MAX_RECORDINGS, metavar="N",
+                   help="recordings (pktipc record) running at once at most, 0: none "
+                        "(default: %(default)s)")
+    s.add_argument("--allow-block", metavar="WHO", action="append", default=[],
+                   help="interfaces: let WHO ask for the block policy, which lets one client "
+                        "stall the capture for all: a client name or pattern (suricata-*), or "
+                        "user:NAME; repeat, or separate with commas (files: anyone may)")
+    s.add_argument("--max-connections", type=int, metavar="N",
+                   help="control connections at most, the rest refused (default: 4 per "
+                        "client, and 64 more)")
+    s.add_argument("--control-rate", type=float, default=proto.CONTROL_RATE, metavar="N",
+                   help="control messages a second a client (or a process not attached) may "
+                        "send beyond one per batch, in bursts of 4 s worth; more are dropped, "
+                        "and who keeps on is cut off (default: %(default)g)")
+    s.add_argument("--evict-backoff", type=float, default=_broker.EVICT_BACKOFF, metavar="SEC",
+                   help="a client evicted for holding a batch too long is refused this long "
+                        "(default: %(default)s)")
+    s.add_argument("--heartbeat", type=float, default=1.0, metavar="SEC",
+                   help="heartbeat interval (default: 1)")
+    s.add_argument("--liveness", type=float, default=30.0, metavar="SEC",
+                   help="a client silent this long is dropped (default: 30)")
+    s.add_argument("--allow-group", metavar="GROUP",
+                   help="admit clients of this Unix group too (socket 0660, segment readable "
+                        "by the group); default: the broker's user only")
+    s.add_argument("--grace", type=float, default=0.0, metavar="SEC",
+                   help="keep a lost client's place this long: back under its name, it "
+                        "resumes where it stopped (default: 0)")
+
+
+def _lease_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--lease", type=float, default=30.0, metavar="SEC",
+                   help="a client holding a batch this long is evicted, 0: never "
+                        "(default: 30)")
 
 
 def _mbytes(text: str) -> int:
@@ -135,56 +210,39 @@ def _parser() -> argparse.ArgumentParser:
                       help="pace by the files' timestamps (same as --speed 1)")
     s.add_argument("--loop", type=int, default=1, metavar="N",
                    help="serve the files N times, 0 for ever (default: 1)")
-    s.add_argument("--wait-clients", type=int, metavar="N",
-                   help="start reading once N clients are attached (default: 1 for files, "
-                        "0 for interfaces)")
-    s.add_argument("--linger", action="store_true",
-                   help="keep running after the end of the stream")
-    s.add_argument("--slab-size", type=_size, default=_broker.DEFAULT_SLAB_SIZE,
-                   metavar="BYTES", help="bytes per slab (batch), e.g. 1M (default: 1M)")
-    s.add_argument("--slabs", type=int, default=_broker.DEFAULT_SLAB_COUNT, metavar="N",
-                   help=f"slabs in the ring (default: {_broker.DEFAULT_SLAB_COUNT})")
-    s.add_argument("--credit", type=int, default=_broker.DEFAULT_CREDIT, metavar="N",
-                   help="default batches a client may hold at once "
-                        f"(default: {_broker.DEFAULT_CREDIT})")
-    s.add_argument("--max-clients", type=int, default=_broker.MAX_CLIENTS, metavar="N",
-                   help="clients attached at most; a drop client holds at most "
-                        "(slabs - 1) / N batches (default: %(default)s)")
-    s.add_argument("--max-recordings", type=int, default=_broker.MAX_RECORDINGS, metavar="N",
-                   help="recordings (pktipc record) running at once at most, 0: none "
-                        "(default: %(default)s)")
-    s.add_argument("--allow-block", metavar="WHO", action="append", default=[],
-                   help="interfaces: let WHO ask for the block policy, which lets one client "
-                        "stall the capture for all: a client name or pattern (suricata-*), or "
-                        "user:NAME; repeat, or separate with commas (files: anyone may)")
-    s.add_argument("--max-connections", type=int, metavar="N",
-                   help="control connections at most, the rest refused (default: 4 per "
-                        "client, and 64 more)")
-    s.add_argument("--control-rate", type=float, default=proto.CONTROL_RATE, metavar="N",
-                   help="control messages a second a client (or a process not attached) may "
-                        "send beyond one per batch, in bursts of 4 s worth; more are dropped, "
-                        "and who keeps on is cut off (default: %(default)g)")
-    s.add_argument("--evict-backoff", type=float, default=_broker.EVICT_BACKOFF, metavar="SEC",
-                   help="a client evicted for holding a batch too long is refused this long "
-                        "(default: %(default)s)")
-    s.add_argument("--heartbeat", type=float, default=1.0, metavar="SEC",
-                   help="heartbeat interval (default: 1)")
-    s.add_argument("--liveness", type=float, default=30.0, metavar="SEC",
-                   help="a client silent this long is dropped (default: 30)")
-    s.add_argument("--allow-group", metavar="GROUP",
-                   help="admit clients of this Unix group too (socket 0660, segment readable "
-                        "by the group); default: the broker's user only")
-    s.add_argument("--grace", type=float, default=0.0, metavar="SEC",
-                   help="keep a lost client's place this long: back under its name, it "
-                        "resumes where it stopped (default: 0)")
+    _clients_options(s)
     s.add_argument("--tunnel-hash", action="store_true",
                    help="balance GRE, IP-in-IP, VXLAN and GTP-U traffic on the inner flow")
-    s.add_argument("--lease", type=float, default=30.0, metavar="SEC",
-                   help="a client holding a batch this long is evicted, 0: never "
-                        "(default: 30)")
+    _lease_option(s)
+
+    r = sub.add_parser("relay", help="re-serve a broker of another host here: a broker whose "
+                       "source is a remote broker")
+    r.add_argument("--from", dest="source", required=True, metavar="tcp://HOST:PORT/NAME",
+                   help="the remote broker, through its gateway")
+    r.add_argument("--name", required=True, help="this broker's name, for local clients")
+    r.add_argument("--client", help="the relay's name on the remote broker (default: "
+                   "relay-NAME)")
+    r.add_argument("--group", help="a group of the remote broker to be a member of")
+    r.add_argument("--balance", choices=("flow", "round-robin"),
+                   help="the group's mode, if the relay is its first member")
+    r.add_argument("--policy", choices=("block", "drop"),
+                   help="the relay's policy on the remote broker (default: the remote "
+                        "broker's); local clients get it by default")
+    r.add_argument("--remote-credit", type=int, metavar="N",
+                   help="batches the relay holds at most on the remote broker")
+    r.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
+                   help="for attaching to the remote broker (default: 5)")
+    r.add_argument("--reconnect", type=float, default=proto.DEFAULT_RECONNECT, metavar="SEC",
+                   help="if the remote broker or the link is lost, how long to look for it "
+                        "(default: %(default)g)")
+    _remote_keys(r)
+    _clients_options(r)
+    _lease_option(r)
 
     d = sub.add_parser("dump", help="write what a client receives to a capture file")
-    d.add_argument("--server", default="default", help="broker name or endpoint")
+    d.add_argument("--server", default="default",
+                   help="broker name or endpoint; tcp://HOST:PORT/NAME: broker NAME of another "
+                        "host, through its gateway")
     d.add_argument("--client", default=f"dump-{os.getpid()}", help="client name")
     d.add_argument("--group", help="share the packets of this group with its other members "
                                    "(default: a group of its own)")
@@ -208,6 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--credit", type=int, metavar="N")
     d.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
                    help="for connecting (default: 5)")
+    _remote_keys(d)
     d.add_argument("expression", nargs="*",
                    help="keep only the packets this filter (tcpdump's syntax) matches")
 
@@ -288,6 +347,61 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--timeout", type=float, default=1.0, metavar="SEC",
                     help="for each broker's answer, within a scrape (default: 1)")
 
+    gw = sub.add_parser("gateway", help="serve a broker's clients on other hosts, over TCP "
+                        "(CURVE-encrypted and authenticated)")
+    gw.add_argument("--server", default="default", help="the broker's name (default: "
+                    "%(default)s)")
+    gw.add_argument("--listen", default=f"127.0.0.1:{_gateway.DEFAULT_PORT}",
+                    metavar="ADDR:PORT",
+                    help="where remote clients connect (default: %(default)s, loopback only; "
+                         "0.0.0.0:PORT listens on every address)")
+    gw.add_argument("--key", metavar="FILE",
+                    help="the gateway's key pair, a .key_secret file of pktipc keygen; its "
+                         ".key is what clients give as --server-key")
+    gw.add_argument("--keys", metavar="DIR",
+                    help="the client public keys (.key files) admitted; read again when it "
+                         "changes")
+    gw.add_argument("--insecure", action="store_true",
+                    help="plain TCP: packets in clear and any peer admitted; only on a "
+                         "network that is already trusted (or through a tunnel)")
+    gw.add_argument("--heartbeat", type=float, default=1.0, metavar="SEC",
+                    help="heartbeat interval to remote clients (default: 1)")
+    gw.add_argument("--liveness", type=float, default=10.0, metavar="SEC",
+                    help="a remote client silent this long is lost; the broker keeps its "
+                         "place for its --grace (default: 10)")
+    gw.add_argument("--max-clients", type=int, default=_gateway.MAX_SESSIONS, metavar="N",
+                    help="remote clients at most (default: %(default)s)")
+
+    po = sub.add_parser(
+        "pcap-over-ip", help="serve a broker's packets as pcap streams on TCP (tshark -i "
+        "TCP@HOST:PORT, Arkime, Zeek's PcapOverTcp): every connection a client",
+        description="PCAP-over-IP has no authentication and no encryption: keep it on "
+        "loopback (the default) or a trusted network; across others, use remote clients "
+        "(pktipc gateway, CURVE) or a TLS tunnel.")
+    po.add_argument("--server", default="default", help="the broker's name (default: "
+                    "%(default)s)")
+    po.add_argument("--listen", action="append", metavar="ADDR:PORT",
+                    help=f"where readers connect (default: 127.0.0.1:{_poip.DEFAULT_PORT} "
+                         "unless --connect is given; 0.0.0.0:PORT for every address); repeat "
+                         "for several")
+    po.add_argument("--connect", action="append", metavar="HOST:PORT", default=[],
+                    help="send to a reader that listens (Arkime's server mode, NetworkMiner), "
+                         "dialling it again when it goes away; repeat for several")
+    po.add_argument("--group", help="the connections are members of this flow group: "
+                    "each flow, whole, to one of them (default: each gets everything)")
+    po.add_argument("--balance", choices=("flow", "round-robin"),
+                    help="the group's mode, if its first member (default: flow)")
+    po.add_argument("--policy", choices=("block", "drop"),
+                    help="each connection's (default: the broker's)")
+    po.add_argument("--credit", type=int, metavar="N",
+                    help="batches a connection holds while they are written")
+
+    kg = sub.add_parser("keygen", help="write a CURVE key pair: NAME.key (public) and "
+                        "NAME.key_secret")
+    kg.add_argument("dir", help="directory to write them in")
+    kg.add_argument("name", nargs="?", default="pktipc", help="file name (default: "
+                    "%(default)s)")
+
     de = sub.add_parser("demo", help="a broker, two clients, a live status line: live on a "
                         "veth pair of its own (as root), else from a capture file")
     de.add_argument("-r", dest="file", metavar="FILE",
@@ -332,17 +446,32 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise ValueError("a capture filter applies to interfaces (-i), not to files")
     opts = _broker.ServeOptions(
         name=a.name, files=a.files or [], live=live, loops=a.loop, speed=a.speed, user=a.user,
+        tunnel_hash=a.tunnel_hash,
+        tx=[w for arg in a.tx or [] for w in arg.split(",") if w],
+        allow_tx=[w for arg in a.allow_tx for w in arg.split(",") if w],
+        tx_frames=a.tx_frames, tx_qdisc_bypass=a.tx_qdisc_bypass, **_clients_args(a))
+    sys.stderr = _service.journal_stderr(sys.stderr)   # levels, under systemd
+    return _broker.Broker(opts, log=sys.stderr).serve()
+
+
+def _clients_args(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(
         wait_clients=a.wait_clients, linger=a.linger, slab_size=a.slab_size,
         slab_count=a.slabs, credit=a.credit, max_clients=a.max_clients,
         max_recordings=a.max_recordings,
         heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, unix_group=a.allow_group,
-        grace=a.grace, tunnel_hash=a.tunnel_hash, evict_backoff=a.evict_backoff,
+        grace=a.grace, evict_backoff=a.evict_backoff,
         max_connections=a.max_connections, control_rate=a.control_rate,
-        allow_block=[w for arg in a.allow_block for w in arg.split(",") if w],
-        tx=[w for arg in a.tx or [] for w in arg.split(",") if w],
-        allow_tx=[w for arg in a.allow_tx for w in arg.split(",") if w],
-        tx_frames=a.tx_frames, tx_qdisc_bypass=a.tx_qdisc_bypass)
-    sys.stderr = _service.journal_stderr(sys.stderr)   # levels, under systemd
+        allow_block=[w for arg in a.allow_block for w in arg.split(",") if w])
+
+
+def cmd_relay(a: argparse.Namespace) -> int:
+    relay = _relay.RelayOptions(
+        url=a.source, client=a.client or f"relay-{a.name}", group=a.group, balance=a.balance,
+        policy=a.policy, credit=a.remote_credit, key=a.key, server_key=a.server_key,
+        insecure=a.insecure, timeout=a.timeout, reconnect=a.reconnect)
+    opts = _broker.ServeOptions(name=a.name, relay=relay, **_clients_args(a))
+    sys.stderr = _service.journal_stderr(sys.stderr)
     return _broker.Broker(opts, log=sys.stderr).serve()
 
 
@@ -351,13 +480,16 @@ def cmd_dump(a: argparse.Namespace) -> int:
         raise ValueError("-c COUNT must be at least 1")
     rolling = _rolling_options(a)
     with connect(a.server, a.client, group=a.group, balance=a.balance, policy=a.policy,
-                 credit=a.credit, timeout=a.timeout, filter=" ".join(a.expression)) as client:
+                 credit=a.credit, timeout=a.timeout, filter=" ".join(a.expression),
+                 **_keys(a)) as client:
         files = TcpdumpFiles(a.out, by_size=a.file_size is not None, every=a.rotate_seconds,
                              ring=a.file_count)
-        tally = ClientTally(client)
+        # the broker's counters are read from its segment: not across hosts
+        tally = None if a.server.startswith("tcp://") else ClientTally(client)
         rw = RollingWriter(_stdout if a.out == "-" else files.open, client.ifaces, a.format,
                            max_size=a.file_size, max_age=a.rotate_seconds,
-                           statistics=tally.statistics, opened=tally.opened)
+                           statistics=tally.statistics if tally else None,
+                           opened=tally.opened if tally else None)
         try:
             rw.start()
             while a.count is None or rw.packets < a.count:
@@ -371,7 +503,8 @@ def cmd_dump(a: argparse.Namespace) -> int:
                 with batch:
                     idx = batch.mine if a.count is None else batch.mine[:a.count - rw.packets]
                     rw.write(batch.descriptors, batch.buffer(), idx)
-                tally.seen()
+                if tally is not None:
+                    tally.seen()
         except RotationLimit as e:
             print(f"pktipc: {e}", file=sys.stderr)
             return 0
@@ -504,6 +637,32 @@ def cmd_exporter(a: argparse.Namespace) -> int:
                            log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
+def cmd_gateway(a: argparse.Namespace) -> int:
+    opts = _gateway.GatewayOptions(
+        server=a.server, listen=_gateway.listen_endpoint(a.listen, _gateway.DEFAULT_PORT),
+        keys=a.keys, key=a.key, insecure=a.insecure, heartbeat=a.heartbeat,
+        liveness=a.liveness, max_clients=a.max_clients)
+    sys.stderr = _service.journal_stderr(sys.stderr)
+    return _gateway.Gateway(opts, log=sys.stderr).serve()
+
+
+def cmd_pcap_over_ip(a: argparse.Namespace) -> int:
+    listen = a.listen or ([] if a.connect else [f"127.0.0.1:{_poip.DEFAULT_PORT}"])
+    opts = _poip.PcapOverIpOptions(
+        server=a.server, listen=[_poip.host_port(x, "127.0.0.1") for x in listen],
+        connect=[_poip.host_port(x, None) for x in a.connect], group=a.group,
+        balance=a.balance, policy=a.policy, credit=a.credit)
+    sys.stderr = _service.journal_stderr(sys.stderr)
+    return _poip.PcapOverIp(opts, log=sys.stderr).serve()
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    public, secret = _gateway.keygen(a.dir, a.name)
+    print(f"{public}: the public key, to give to the other end")
+    print(f"{secret}: the key pair, to keep (readable by you only)")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     return _demo.run(a.file, a.clients, a.speed, a.packets, a.rate)
 
@@ -512,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     a = _config.parse(_parser, argv)
     run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status, "record": cmd_record,
            "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top,
-           "replay": cmd_replay}[a.cmd]
+           "gateway": cmd_gateway, "keygen": cmd_keygen, "relay": cmd_relay,
+           "pcap-over-ip": cmd_pcap_over_ip, "replay": cmd_replay}[a.cmd]
     try:
         return run(a)
     except KeyboardInterrupt:

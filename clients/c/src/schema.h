@@ -32,6 +32,7 @@ enum proto_msg_type {
     PMSG_RELEASE,
     PMSG_STATS,
     PMSG_BYE,
+    PMSG_DETACH,
     PMSG_TX_OPEN,
     PMSG_TX,
     PMSG_WELCOME,
@@ -44,6 +45,9 @@ enum proto_msg_type {
     PMSG_TX_READY,
     PMSG_TX_DONE,
     PMSG_HEARTBEAT,
+    PMSG_REMOTE_HELLO,
+    PMSG_REMOTE_WELCOME,
+    PMSG_REMOTE_BATCH,
     PMSG_COUNT
 };
 
@@ -96,6 +100,26 @@ enum {
     F_TX_DONE_UPTO = 0,
     F_TX_DONE_REFUSED = 1,
     F_TX_DONE_ERROR = 2,
+    F_REMOTE_HELLO_SERVER = 0,
+    F_REMOTE_HELLO_NAME = 1,
+    F_REMOTE_HELLO_GROUP = 2,
+    F_REMOTE_HELLO_POLICY = 3,
+    F_REMOTE_HELLO_CREDIT = 4,
+    F_REMOTE_HELLO_BALANCE = 5,
+    F_REMOTE_WELCOME_EPOCH = 0,
+    F_REMOTE_WELCOME_LAYOUT = 1,
+    F_REMOTE_WELCOME_SLOT = 2,
+    F_REMOTE_WELCOME_CREDIT = 3,
+    F_REMOTE_WELCOME_POLICY = 4,
+    F_REMOTE_WELCOME_HEARTBEAT_MS = 5,
+    F_REMOTE_WELCOME_LIVENESS_MS = 6,
+    F_REMOTE_WELCOME_GROUP = 7,
+    F_REMOTE_WELCOME_BALANCE = 8,
+    F_REMOTE_WELCOME_IFACES = 9,
+    F_REMOTE_BATCH_SEQ = 0,
+    F_REMOTE_BATCH_N = 1,
+    F_REMOTE_BATCH_COUNT = 2,
+    F_REMOTE_BATCH_MASK = 3,
     PROTO_MAX_FIELDS = 10
 };
 
@@ -105,6 +129,10 @@ static const char *const values_hello_policy[] = {"block", "drop", NULL};
 static const char *const values_hello_balance[] = {"flow", "round-robin", NULL};
 static const char *const values_welcome_policy[] = {"block", "drop", NULL};
 static const char *const values_welcome_balance[] = {"flow", "round-robin", NULL};
+static const char *const values_remote_hello_policy[] = {"block", "drop", NULL};
+static const char *const values_remote_hello_balance[] = {"flow", "round-robin", NULL};
+static const char *const values_remote_welcome_policy[] = {"block", "drop", NULL};
+static const char *const values_remote_welcome_balance[] = {"flow", "round-robin", NULL};
 
 static const struct proto_rule rules_hello[] = {
     {"name", CK_NAME, 0, UINT64_C(0), UINT64_C(0), NULL},
@@ -170,12 +198,39 @@ static const struct proto_rule rules_tx_done[] = {
     {"refused", CK_INT, 0, UINT64_C(0), UINT64_C(65536), NULL},
     {"error", CK_STR, 1, UINT64_C(0), UINT64_C(1024), NULL},
 };
+static const struct proto_rule rules_remote_hello[] = {
+    {"server", CK_NAME, 0, UINT64_C(0), UINT64_C(0), NULL},
+    {"name", CK_NAME, 0, UINT64_C(0), UINT64_C(0), NULL},
+    {"group", CK_NAME, 1, UINT64_C(0), UINT64_C(0), NULL},
+    {"policy", CK_ONE_OF, 1, UINT64_C(0), UINT64_C(0), values_remote_hello_policy},
+    {"credit", CK_INT, 1, UINT64_C(1), UINT64_C(4096), NULL},
+    {"balance", CK_ONE_OF, 1, UINT64_C(0), UINT64_C(0), values_remote_hello_balance},
+};
+static const struct proto_rule rules_remote_welcome[] = {
+    {"epoch", CK_INT, 0, UINT64_C(0), UINT64_C(18446744073709551615), NULL},
+    {"layout", CK_INT, 0, UINT64_C(0), UINT64_C(4294967295), NULL},
+    {"slot", CK_INT, 0, UINT64_C(0), UINT64_C(4294967295), NULL},
+    {"credit", CK_INT, 0, UINT64_C(1), UINT64_C(4096), NULL},
+    {"policy", CK_ONE_OF, 0, UINT64_C(0), UINT64_C(0), values_remote_welcome_policy},
+    {"heartbeat_ms", CK_INT, 0, UINT64_C(1), UINT64_C(4294967295), NULL},
+    {"liveness_ms", CK_INT, 0, UINT64_C(1), UINT64_C(4294967295), NULL},
+    {"group", CK_NAME, 0, UINT64_C(0), UINT64_C(0), NULL},
+    {"balance", CK_ONE_OF, 0, UINT64_C(0), UINT64_C(0), values_remote_welcome_balance},
+    {"ifaces", CK_BYTES, 0, UINT64_C(0), UINT64_C(0), NULL},
+};
+static const struct proto_rule rules_remote_batch[] = {
+    {"seq", CK_INT, 0, UINT64_C(0), UINT64_C(18446744073709551615), NULL},
+    {"n", CK_INT, 0, UINT64_C(1), UINT64_C(4294967295), NULL},
+    {"count", CK_INT, 0, UINT64_C(1), UINT64_C(4294967295), NULL},
+    {"mask", CK_BYTES, 1, UINT64_C(0), UINT64_C(0), NULL},
+};
 
 static const struct proto_schema SCHEMAS[PMSG_COUNT] = {
     [PMSG_HELLO] = {"hello", 6, rules_hello},
     [PMSG_RELEASE] = {"release", 1, rules_release},
     [PMSG_STATS] = {"stats", 0, NULL},
     [PMSG_BYE] = {"bye", 0, NULL},
+    [PMSG_DETACH] = {"detach", 0, NULL},
     [PMSG_TX_OPEN] = {"tx_open", 1, rules_tx_open},
     [PMSG_TX] = {"tx", 2, rules_tx},
     [PMSG_WELCOME] = {"welcome", 10, rules_welcome},
@@ -188,10 +243,14 @@ static const struct proto_schema SCHEMAS[PMSG_COUNT] = {
     [PMSG_TX_READY] = {"tx_ready", 1, rules_tx_ready},
     [PMSG_TX_DONE] = {"tx_done", 3, rules_tx_done},
     [PMSG_HEARTBEAT] = {"heartbeat", 0, NULL},
+    [PMSG_REMOTE_HELLO] = {"remote_hello", 6, rules_remote_hello},
+    [PMSG_REMOTE_WELCOME] = {"remote_welcome", 10, rules_remote_welcome},
+    [PMSG_REMOTE_BATCH] = {"remote_batch", 4, rules_remote_batch},
 };
 
 static const struct proto_bitmap BITMAPS[] = {
     {PMSG_BATCH, F_BATCH_MASK, F_BATCH_N},
+    {PMSG_REMOTE_BATCH, F_REMOTE_BATCH_MASK, F_REMOTE_BATCH_N},
 };
 
 static const char *const STATE_NAMES[] = {"new", "hello-sent", "attached", "ended", "lost", "closed"};

@@ -1,0 +1,1 @@
+"""Beyond one host: the gateway for remote clients, PCAP-over-IP."""

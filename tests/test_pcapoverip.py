@@ -1,0 +1,201 @@
+"""PCAP-over-IP: real brokers, `pktipc pcap-over-ip`, and the readers on the
+other end of the TCP connection: tshark reading -i TCP@HOST:PORT, plain
+sockets reading the stream, a listening reader that pktipc dials."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from opshelp import synth_file
+from pcapref import read_pcap
+from remotehelp import Proc, procs, start
+from test_groups import flow_of
+
+from pktipc._tools.synth import write_pcap
+
+Record = tuple[int, int, int, bytes]        # ts in µs, caplen, wirelen, bytes
+
+
+def pcap_over_ip(started: list[Proc], server: str, *extra: str) -> tuple[Proc, int]:
+    p = start(started, "pcap-over-ip", "--server", server, *extra)
+    m = p.wait_line(r"listening on 127\.0\.0\.1:(\d+)" if "--connect" not in extra
+                    else r"sending to")
+    return p, int(m[1]) if m.groups() else 0
+
+
+def parse(stream: bytes) -> tuple[int, list[Record]]:
+    """The link type and records of a classic little-endian µs pcap stream,
+    which must end on a record's end."""
+    magic, major, minor, _, _, snap, linktype = struct.unpack_from("<IHHiIII", stream)
+    assert (magic, major, minor, snap) == (0xA1B2C3D4, 2, 4, 65535)
+    out: list[Record] = []
+    at = 24
+    while at < len(stream):
+        sec, usec, incl, orig = struct.unpack_from("<IIII", stream, at)
+        assert usec < 1_000_000 and incl <= 65535
+        out.append((sec * 1_000_000 + usec, incl, orig, stream[at + 16:at + 16 + incl]))
+        at += 16 + incl
+    assert at == len(stream), "a record cut short"
+    return linktype, out
+
+
+def expected(path: Path) -> list[Record]:
+    return [(ts // 1000, cap, wire, data) for ts, cap, wire, data in
+            read_pcap(str(path)).packets]
+
+
+def in_order(want: list[Record], got: list[Record]) -> list[Record]:
+    """The records of `want` that are in `got`, in the order of `want`."""
+    have = set(got)
+    return [r for r in want if r in have]
+
+
+def read_all(port: int, rcvbuf: int | None = None) -> tuple[socket.socket, bytearray]:
+    s = socket.socket()
+    if rcvbuf is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(("127.0.0.1", port))
+    return s, bytearray()
+
+
+def drain(s: socket.socket, buf: bytearray) -> bytes:
+    """Everything until the server closes the connection."""
+    with s:
+        while chunk := s.recv(1 << 20):
+            buf += chunk
+    return bytes(buf)
+
+
+def test_tshark_reads_every_packet(broker: Any, tmp_path: Path) -> None:
+    """tshark -i TCP@127.0.0.1:PORT captures the stream live: every packet,
+    decoded as tshark decodes the file itself, times to the µs."""
+    path = synth_file(tmp_path / "src.pcap", 5000, 1e5)
+    b = broker("-r", str(path))
+    fields = ["-T", "fields", "-e", "frame.time_epoch", "-e", "frame.len", "-e",
+              "frame.cap_len", "-e", "frame.protocols", "-e", "ip.src", "-e", "ip.dst",
+              "-e", "tcp.srcport", "-e", "udp.srcport", "-e", "vlan.id"]
+    env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}   # where tshark keeps its file
+    with procs() as started:
+        poi, port = pcap_over_ip(started, b.name)
+        live = subprocess.run(["tshark", "-i", f"TCP@127.0.0.1:{port}", *fields],
+                              capture_output=True, text=True, timeout=120, env=env)
+        poi.wait_line(r"end of the stream, after 5000 packets")
+    assert live.returncode == 0, live.stderr
+    assert "5000 packets captured" in live.stderr
+    ref = subprocess.run(["tshark", "-r", str(path), *fields], capture_output=True, text=True,
+                         timeout=120, env=env, check=True).stdout
+    got_lines = live.stdout.splitlines()
+    ref_lines = ref.splitlines()
+    assert len(got_lines) == len(ref_lines) == 5000
+
+    def us(line: str) -> list[str]:         # ns to µs: the last three digits cut
+        t, *rest = line.split("\t")
+        return [t[:-3], *rest]
+    assert [us(x) for x in got_lines] == [us(x) for x in ref_lines]
+    assert b.wait() == 0
+
+
+def test_two_connections_of_a_group_split_the_flows(broker: Any, tmp_path: Path) -> None:
+    """Two readers on one port, --group: every packet exactly once between
+    them, each flow (both directions) whole to one of them."""
+    path = tmp_path / "flows.pcap"
+    with open(path, "wb") as f:
+        write_pcap(f, 20000, flows=300, seed=5, sizes=(64, 128, 700), skew=None)
+    want = expected(path)
+    b = broker("-r", str(path), "--wait-clients", "2", "--slab-size", "64k")
+    with procs() as started:
+        poi, port = pcap_over_ip(started, b.name, "--group", "zeek")
+        streams: list[bytes] = [b"", b""]
+        conns = [read_all(port), read_all(port)]
+
+        def reader(i: int) -> None:
+            streams[i] = drain(*conns[i])
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert poi.text().count("of group 'zeek'") == 2
+    parts = [parse(s) for s in streams]
+    assert all(lt == 1 for lt, _ in parts)
+    a, z = parts[0][1], parts[1][1]
+    assert a and z
+    assert Counter(a) + Counter(z) == Counter(want)              # exactly once
+    for got in (a, z):                                            # in order
+        assert got == in_order(want, got)
+    flows_a = {flow_of(r[3]) for r in a}
+    flows_z = {flow_of(r[3]) for r in z}
+    assert not flows_a & flows_z                                  # each flow whole
+    assert b.wait() == 0
+
+
+def test_a_stalled_reader_under_drop_costs_the_other_nothing(broker: Any,
+                                                             tmp_path: Path) -> None:
+    """A reader that reads nothing, its connection a `drop` client: the broker
+    skips it and ends the stream while it still stalls, the other connection
+    having had every packet; once it reads, it gets a valid stream whose
+    packets and counted gaps make up the whole."""
+    path = synth_file(tmp_path / "src.pcap", 20000, 1e6)
+    want = expected(path)
+    b = broker("-r", str(path), "--wait-clients", "2", "--slab-size", "64k", "--slabs", "8")
+    with procs() as started:
+        stalled_poi, sport = pcap_over_ip(started, b.name, "--listen", "127.0.0.1:0",
+                                          "--policy", "drop", "--credit", "1")
+        good_poi, gport = pcap_over_ip(started, b.name, "--listen", "127.0.0.1:0",
+                                       "--policy", "block")
+        stalled = read_all(sport, rcvbuf=4096)
+        stalled_poi.wait_line("attached as client")
+        good = drain(*read_all(gport))          # to its end: the whole stream served
+        assert stalled_poi.text().count("end of the stream") == 0   # while this one stalls
+        late = drain(*stalled)
+        m = stalled_poi.wait_line(r"end of the stream, after (\d+) packets; (\d+) packets in "
+                                  r"(\d+) gaps")
+    assert parse(good)[1] == want
+    got = parse(late)[1]
+    assert int(m[1]) == len(got) and int(m[2]) > 0
+    assert len(got) + int(m[2]) == len(want)
+    assert got == in_order(want, got)
+    assert b.wait() == 0
+
+
+def test_connect_to_a_listening_reader(broker: Any, tmp_path: Path) -> None:
+    """--connect HOST:PORT: nobody listens at first, so pktipc dials again;
+    then a reader listens and gets the whole stream."""
+    path = synth_file(tmp_path / "src.pcap", 3000, 1e5)
+    b = broker("-r", str(path))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]            # reserved, not yet listening: refused
+    with listener, procs() as started:
+        poi, _ = pcap_over_ip(started, b.name, "--connect", f"127.0.0.1:{port}")
+        poi.wait_line(rf"127\.0\.0\.1:{port}: ECONNREFUSED; trying again")
+        listener.listen(1)
+        conn, _ = listener.accept()
+        got = drain(conn, bytearray())
+        poi.wait_line(r"end of the stream, after 3000 packets")
+    linktype, records = parse(got)
+    assert linktype == 1 and records == expected(path)
+    assert b.wait() == 0
+
+
+def test_bad_input_is_one_line() -> None:
+    from conftest import run_pktipc
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    with taken:
+        port = taken.getsockname()[1]
+        for args, want in ((["--listen", f"127.0.0.1:{port}"], "Address already in use"),
+                           (["--listen", "127.0.0.1:99999"], "give HOST:PORT"),
+                           (["--connect", "nohost"], "give HOST:PORT")):
+            r = run_pktipc("pcap-over-ip", "--server", "x", *args)
+            assert r.returncode != 0, args
+            assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+            assert want in r.stderr, r.stderr

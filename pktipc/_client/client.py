@@ -35,7 +35,6 @@ from .._errors import (
 )
 from .._layout import LAYOUT_VERSION, PKT_DTYPE, Iface, Segment, select
 from .._paths import check_name, control_endpoint, ipc_path
-from .._shm import ffi, lib
 
 EVICT_WAIT = 0.5       # s: for the EVICT behind a batch whose slab was reused
 
@@ -155,8 +154,7 @@ class Batch:
             raise BrokerGone(f"broker {client.server!r} broke the protocol: batch {self.seq} "
                              "does not match its record in the segment")
         self._desc = seg.descriptors(self.slab, self.n).copy()
-        good = lib.pktipc_pkts_check(ffi.from_buffer("struct pktipc_pkt[]", self._desc),
-                                     self.n, mapping.slab_size)
+        good = seg.pkts_check(self.slab, self._desc)
         if good < self.n:
             raise BrokerGone(f"broker {client.server!r} broke the protocol: packet {good} of "
                              f"batch {self.seq} lies outside its slab")

@@ -1027,7 +1027,7 @@ static int hand_out(pktipc_client *c, struct pktipc_batch *b)
         memcpy(copy, d, (size_t)pb.count * sizeof(*d));
     }
     /* Checked once copied: what the user reads is what was checked. */
-    uint32_t good = pktipc_pkts_check(copy, pb.count, m->slab_size);
+    uint32_t good = pktipc_pkts_check(&m->hdr, pb.slab, copy, pb.count);
     if (good < pb.count) {
         s->state = SLOT_FREE;
         c->held--;

@@ -29,7 +29,8 @@ Got = dict[int, tuple[int, int, bytes]]     # seq -> (iface, hash, bytes)
 
 class Member(threading.Thread):
     """One client consuming until end-of-stream (or `stop_after` packets),
-    recording what it released: seq -> (iface, descriptor hash, bytes)."""
+    recording what it released: seq -> (iface, descriptor hash, bytes); the
+    hash of the bytes where the descriptor has none (NO_HASH)."""
 
     def __init__(self, server: str, name: str, group: str | None = None,
                  balance: str | None = None, stop_after: int | None = None,
@@ -58,6 +59,8 @@ class Member(threading.Thread):
                         hashes = d["hash"][mine].tolist()
                         for p, h in zip(batch, hashes, strict=True):
                             assert p.seq not in self.got, f"{self.client_name}: {p.seq} twice"
+                            if p.flags & lib.PKTIPC_F_NO_HASH:     # no group needed one
+                                h = lib.pkb_flow_hash(bytes(p.data), p.caplen, p.linktype, 0)
                             self.got[p.seq] = (p.iface, h, bytes(p.data))
                     if self.stop_after is not None and len(self.got) >= self.stop_after:
                         return

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any, TextIO
 
+import numpy as np
 import posix_ipc
 import zmq
 
@@ -135,6 +136,7 @@ class Broker:
         self.source: Source = (LiveSource(opts.live) if opts.live is not None
                                else FileSource(opts.files, opts.loops, opts.speed))
         self.ifaces = self.source.ifaces
+        self._hash_opts = lib.PKB_HASH_TUNNELS if opts.tunnel_hash else 0
         self.wait_clients = (opts.wait_clients if opts.wait_clients is not None
                              else self.source.default_wait_clients)
         self.endpoint = control_endpoint(opts.name)
@@ -237,8 +239,7 @@ class Broker:
                                    default_policy=self.source.default_policy,
                                    default_credit=self.opts.credit,
                                    max_clients=self.max_clients, lease=self.opts.lease,
-                                   # late-bound: the segment must be closable
-                                   descriptors=lambda slab, n: self.seg.descriptors(slab, n),
+                                   descriptors=self._descriptors,
                                    may_block=(self.may_block
                                               if self.source.default_policy == "drop" else None),
                                    backoff=self.opts.evict_backoff)
@@ -495,7 +496,8 @@ class Broker:
         if slab is not None:
             lib.pkb_fill_begin(self._fill, self.seg.slab_ptr(slab),
                                self.geometry.slab_size, 0)
-            self._fill.hash_opts = lib.PKB_HASH_TUNNELS if self.opts.tunnel_hash else 0
+            self._fill.hash_opts = self._hash_opts
+            self._fill.no_hash = not self.disp.needs_hash   # decided again at publish
             self._open_slab = slab
         return slab
 
@@ -526,6 +528,8 @@ class Broker:
         slab, fill = self._open_slab, self._fill
         assert slab is not None
         self._open_slab = None
+        if fill.no_hash and self.disp.needs_hash:
+            lib.pkb_fill_hash(fill)     # a group balances by flow since the slab was begun
         seq, b = self.disp.publish(slab, fill.count, now)
         self._read_counters()
         total = sum(int(self.seg.iface(i).kernel_drops) for i in range(len(self.ifaces)))
@@ -551,6 +555,16 @@ class Broker:
             self.exit_status = 1
         self.disp.end(now, error, abandon=stopped)
         self.seg.header.state = lib.PKTIPC_STATE_ENDED
+
+    def _descriptors(self, slab: int, n: int) -> np.ndarray[Any, Any]:
+        """A published slab's descriptors, with flow hashes: those of a slab
+        filled without (PKTIPC_F_NO_HASH) are computed into a copy."""
+        d = self.seg.descriptors(slab, n)
+        if n and d["flags"][0] & lib.PKTIPC_F_NO_HASH:
+            d = d.copy()
+            lib.pkb_pkts_hash(self.seg.slab_ptr(slab), ffi.from_buffer("struct pktipc_pkt[]", d),
+                              n, self._hash_opts)
+        return d
 
     def _sync_counters(self) -> None:
         c = self.seg.header.counters

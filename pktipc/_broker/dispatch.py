@@ -178,6 +178,11 @@ class Dispatcher:
     last holder let go. `descriptors(slab, n)` reads a published slab's
     descriptors, for the flow hashes.
 
+    Flow hashes are computed only while a group balances by flow among two or
+    more members (needs_hash); `descriptors` gives hashes for a slab filled
+    without them too (flag PKTIPC_F_NO_HASH kept), and its shares then name
+    each member's packets, since the members could not find them.
+
     Admission: a `drop` client holds at most its own part of the ring,
     (slabs - 1) / max_clients, so that any number of them stalled leave the
     others theirs, and the source a slab; `block`, which lets one client
@@ -301,6 +306,13 @@ class Dispatcher:
         self.pump(c, now)
         return c
 
+    @property
+    def needs_hash(self) -> bool:
+        """Whether a group balances by flow among two or more members (kept
+        ones too): batches published now must have flow hashes."""
+        counts = Counter(c.group for c in self.clients.values())
+        return any(g.balance == "flow" and counts[name] > 1 for name, g in self.groups.items())
+
     def members(self, group: str) -> list[ClientState]:
         """The members of a group, attached or kept for --grace, by slot."""
         return sorted((c for c in self.clients.values() if c.group == group),
@@ -413,7 +425,13 @@ class Dispatcher:
             g.last = m.slot
             return [(m, Share(packets, (), mask))]
         slots = tuple(m.slot for m in members)
-        counts = share_counts(self._descriptors(b), mask, slots)
+        desc = self._descriptors(b)
+        counts = share_counts(desc, mask, slots)
+        if b.n and desc["flags"][0] & lib.PKTIPC_F_NO_HASH:
+            # Filled before anyone balanced by flow: its members cannot see
+            # the hashes, so each is told which packets are its own.
+            return [(m, Share(k, (), mask_of(select(desc, mask, slots, m.slot), b.n)))
+                    for m, k in zip(members, counts, strict=True) if k]
         return [(m, Share(k, slots, mask)) for m, k in zip(members, counts, strict=True) if k]
 
     def _enqueue(self, c: ClientState, seq: int, share: Share) -> None:

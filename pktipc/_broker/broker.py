@@ -34,6 +34,7 @@ from .dispatch import ClientState, Dispatcher, SlabPool
 from .files import FileSource
 from .live import LiveOptions, LiveSource
 from .sources import Source, Status
+from .xdp import XdpOptions, XdpSource
 
 DEFAULT_SLAB_SIZE = 1 << 20
 DEFAULT_SLAB_COUNT = 64
@@ -49,6 +50,7 @@ class ServeOptions:
     name: str
     files: list[str] = field(default_factory=list)
     live: LiveOptions | None = None     # capture from interfaces instead of files
+    xdp: XdpOptions | None = None       # capture from an interface through AF_XDP
     loops: int = 1
     speed: float | None = None          # None: as fast as the slowest client allows
     wait_clients: int | None = None     # None: 1 for files, 0 for interfaces
@@ -118,6 +120,10 @@ def _check(opts: ServeOptions) -> None:
     if opts.live is not None and opts.slab_size < opts.live.block_size:
         raise ValueError("--slab-size must be at least --block-size, so that a block always "
                          "fits in a slab")
+    if opts.xdp is not None and opts.user is not None:
+        raise ValueError("--user: --xdp binds its sockets once the segment exists, which "
+                         "needs the privileges --user would have dropped; run as a user with "
+                         "CAP_NET_RAW, CAP_NET_ADMIN and CAP_BPF instead")
 
 
 class Broker:
@@ -131,11 +137,16 @@ class Broker:
             raise ValueError(f"--user {opts.user}: no such user") from None
         self.gid = runtime.group_id(opts.unix_group) if opts.unix_group is not None else None
         self.may_block = block_rule(opts.allow_block)
-        self.geometry = Geometry(opts.slab_size, opts.slab_count,
-                                 len(opts.live.interfaces) if opts.live else len(opts.files))
         self.source: Source = (LiveSource(opts.live) if opts.live is not None
+                               else XdpSource(opts.xdp) if opts.xdp is not None
                                else FileSource(opts.files, opts.loops, opts.speed))
         self.ifaces = self.source.ifaces
+        try:
+            self.geometry = Geometry(opts.slab_size, opts.slab_count, len(self.ifaces),
+                                     self.source.frame_size, self.source.frame_count)
+        except ValueError:
+            self.source.close()
+            raise
         self._hash_opts = lib.PKB_HASH_TUNNELS if opts.tunnel_hash else 0
         self.wait_clients = (opts.wait_clients if opts.wait_clients is not None
                              else self.source.default_wait_clients)
@@ -146,7 +157,7 @@ class Broker:
         self._stop_by = 0.0         # stopping: when to stop waiting for clients to map
         self.exit_status = 0
         self._cleanup: list[Any] = [self.source.close]
-        self._wake = 0.0            # paced source: when the next packet is due
+        self._wake = 0.0            # produce again then, not before (paced files, HOLD)
         self._started = self.wait_clients == 0
         self._fill = ffi.new("struct pkb_fill *")
         self._open_slab: int | None = None
@@ -197,6 +208,7 @@ class Broker:
             mm.close()
         self._cleanup.append(unmap)
         self.seg.init(self.geometry, name=self.opts.name, epoch=self.epoch, ifaces=self.ifaces)
+        self.source.bind(self.seg)
         self.control = ControlSocket(
             self.endpoint, group_access=self.gid is not None,
             max_connections=self.max_connections,
@@ -234,7 +246,7 @@ class Broker:
             self.conn = proto.BrokerConnection(heartbeat=self.opts.heartbeat,
                                                liveness=self.opts.liveness,
                                                rate=self.opts.control_rate)
-            self.pool = SlabPool(self.geometry.slab_count)
+            self.pool = SlabPool(self.geometry.slab_count, freed=self.source.recycle)
             self.disp = Dispatcher(self.conn, self.pool,
                                    default_policy=self.source.default_policy,
                                    default_credit=self.opts.credit,
@@ -278,7 +290,7 @@ class Broker:
                     now >= self._stop_by or all(map(self.disp.mapped, self.disp.clients.values()))):
                 break
             timeout = 0.0 if busy else self._timeout(now)
-            self._poll_fds(self._reading() and not self._starved)
+            self._poll_fds(self._reading() and not self._starved and now >= self._wake)
             ready = dict(poller.poll(int(timeout * 1000 + 0.999)))
             now = time.monotonic()
             if self.control.monitor in ready:
@@ -513,8 +525,14 @@ class Broker:
             entry = self.seg.iface(i)
             entry.packets += n
             entry.bytes += nbytes
+        while self.source.short and (slab := self.disp.reclaim()) is not None:
+            self.pool.give_back(slab)       # what it named went back to the source
         if res.status is Status.MORE:
             return True
+        if res.status is Status.HOLD:
+            assert res.wake is not None
+            self._wake = res.wake
+            return False
         if self._fill.count:
             self._publish(now)
         if res.status is Status.END:

@@ -43,14 +43,16 @@ def mask_of(indexes: np.ndarray[Any, Any], n: int) -> bytes:
 class SlabPool:
     """Which slabs are free, and how many holders each published slab has.
 
-    A slab returns to the free list only when its last holder lets it go;
-    its generation counts how many times it was published.
+    A slab returns to the free list only when its last holder lets it go
+    (and `freed(slab)` is told, at that moment); its generation counts how
+    many times it was published.
     """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, freed: Callable[[int], None] | None = None) -> None:
         self.free: deque[int] = deque(range(count))
         self.refs = [0] * count
         self.gen = [0] * count
+        self.freed = freed
 
     def take(self) -> int | None:
         return self.free.popleft() if self.free else None
@@ -61,7 +63,7 @@ class SlabPool:
         if holders:
             self.refs[slab] = holders
         else:
-            self.free.append(slab)
+            self._free(slab)
         return self.gen[slab]
 
     def unref(self, slab: int) -> bool:
@@ -70,9 +72,14 @@ class SlabPool:
             raise ValueError(f"slab {slab} has no holder")
         self.refs[slab] -= 1
         if self.refs[slab] == 0:
-            self.free.append(slab)
+            self._free(slab)
             return True
         return False
+
+    def _free(self, slab: int) -> None:
+        self.free.append(slab)
+        if self.freed is not None:
+            self.freed(slab)
 
     def ref(self, slab: int, more: int) -> None:
         """Adds holders to a published slab that has some."""

@@ -9,6 +9,7 @@
 #define PKB_FILL_LIMIT   3   /* the next packet is later than ts_limit; it stays pending */
 #define PKB_FILL_ERROR   4   /* the source failed: pkb_src_error() says why */
 #define PKB_FILL_TOOBIG  5   /* the next packet does not fit even an empty slab */
+#define PKB_FILL_EMPTY   6   /* live: nothing waits in the kernel's rings: poll their fds */
 
 #define PKB_ERRBUF_SIZE  512
 

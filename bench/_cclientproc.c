@@ -88,7 +88,7 @@ int main(int argc, char **argv)
     }
     double t_end = mono(), cpu_stream = cpu() - cpu0;
     struct pktipc_stats st;
-    pktipc_stats(t.c, &st);
+    pktipc_stats(t.c, &st, sizeof(st));
     const char *end_error = r == -PKTIPC_EEOS ? pktipc_geterr(t.c) : pktipc_strerror(r);
     printf("{\"name\": \"%s\", \"mode\": \"%s\", \"packets\": %llu, \"caplen_sum\": %llu, "
            "\"last_ts\": %lld, \"t_start\": %.6f, \"t_attached\": %.6f, \"t_first\": %.6f, "

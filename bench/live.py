@@ -34,6 +34,7 @@ from typing import Any
 
 import pktipc
 from bench.offline import BASELINES, CLIENT, ROOT, machine
+from pktipc._tools.netns import Namespace
 
 PY = sys.executable
 CCOUNT = ROOT / "clients" / "c" / "build" / "bin" / "pktipc-count"
@@ -67,28 +68,24 @@ def _comm(p: Path) -> str:
 class Bench:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.ns = f"pktipc-bench-{os.getpid()}"
         for name in ("gen", "tpacket_read"):
             subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp / name),
                             str(BASELINES / f"{name}.c")], check=True)
-        subprocess.run(["ip", "netns", "add", self.ns], check=True)
-        self._ip("link", "add", "va", "type", "veth", "peer", "name", "vb")
-        self._ip("link", "set", "va", "up")
-        self._ip("link", "set", "vb", "up")
-        subprocess.run(self.nsx("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"),
-                       check=True)
+        self.ns = Namespace(f"pktipc-bench-{os.getpid()}")
+        try:
+            self.ns.veth("va", "vb")
+        except BaseException:
+            self.ns.delete()
+            raise
         self.runtime = tmp / "run"
         self.runtime.mkdir()
         os.environ["PKTIPC_RUNTIME_DIR"] = str(self.runtime)
 
-    def _ip(self, *args: str) -> None:
-        subprocess.run(["ip", "-n", self.ns, *args], check=True)
-
     def nsx(self, *cmd: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, *cmd]
+        return self.ns.cmd(*cmd)
 
     def close(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.ns], check=False)
+        self.ns.delete()
 
     def generate(self, count: int, size: int, rate: float = 0,
                  consumers: tuple[int, ...] = ()) -> dict[str, Any]:

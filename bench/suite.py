@@ -74,13 +74,25 @@ def _wait_socket(runtime: Path, name: str, proc: subprocess.Popen[str]) -> None:
         time.sleep(0.01)
 
 
-def _wait_clients(name: str, k: int) -> float:
+def _wait_clients(name: str, k: int, broker: subprocess.Popen[str]) -> float:
+    """When the k clients were all attached (the broker starts reading then).
+    A short stream may be served whole between two looks, the broker gone
+    before the second: the time of the last look that saw fewer is taken,
+    which undercounts the rate by at most one look."""
     deadline = time.monotonic() + 30
-    while len(pktipc.broker_stats(name)["clients"]) < k:
+    looked = time.monotonic()       # the start of the last look that saw fewer
+    while True:
+        start = time.monotonic()
+        try:
+            if len(pktipc.broker_stats(name)["clients"]) >= k:
+                return time.monotonic()
+        except pktipc.BrokerNotRunning:
+            broker.wait(timeout=10)
+            return looked
+        looked = start
         if time.monotonic() > deadline:
             raise RuntimeError("clients did not attach")
         time.sleep(0.005)
-    return time.monotonic()
 
 
 # --- messages: a capture in memory, pktipc against copying through ZeroMQ --------------
@@ -115,7 +127,7 @@ class Offline:
         procs = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True, cwd=ROOT) for c in cmds]
         cmem = MemSampler(procs[0].pid)
         cmem.start()
-        t0 = _wait_clients(name, k)
+        t0 = _wait_clients(name, k, broker)
         packets, ends = [], []
         for p in procs:
             out = p.communicate(timeout=600)[0]

@@ -7,6 +7,12 @@ from pathlib import Path
 from ._errors import PktipcError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")   # use with fullmatch
+# The runtime directory: $RUNTIME_ENV, else ROOT_RUNTIME_DIR as root, else
+# $XDG_RUNTIME_DIR/USER_RUNTIME_SUBDIR; a broker's socket is NAME + CONTROL_SUFFIX.
+RUNTIME_ENV = "PKTIPC_RUNTIME_DIR"
+ROOT_RUNTIME_DIR = "/run/pktipc"
+USER_RUNTIME_SUBDIR = "pktipc"
+CONTROL_SUFFIX = ".ctl"
 
 
 def check_name(kind: str, name: str) -> str:
@@ -21,16 +27,16 @@ def check_name(kind: str, name: str) -> str:
 def runtime_dir() -> Path:
     """$PKTIPC_RUNTIME_DIR, else /run/pktipc as root, else
     $XDG_RUNTIME_DIR/pktipc; never a place anyone could have made first."""
-    env = os.environ.get("PKTIPC_RUNTIME_DIR")
+    env = os.environ.get(RUNTIME_ENV)
     if env:
         return Path(os.path.abspath(env))
     if os.geteuid() == 0:
-        return Path("/run/pktipc")
+        return Path(ROOT_RUNTIME_DIR)
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if not xdg:
         raise PktipcError("no runtime directory: XDG_RUNTIME_DIR is not set; set "
-                          "PKTIPC_RUNTIME_DIR to a directory of your own")
-    return Path(xdg) / "pktipc"
+                          f"{RUNTIME_ENV} to a directory of your own")
+    return Path(xdg) / USER_RUNTIME_SUBDIR
 
 
 def control_endpoint(server: str) -> str:
@@ -38,7 +44,7 @@ def control_endpoint(server: str) -> str:
     if "://" in server:
         return server
     check_name("broker", server)
-    return f"ipc://{runtime_dir() / server}.ctl"
+    return f"ipc://{runtime_dir() / server}{CONTROL_SUFFIX}"
 
 
 def ipc_path(endpoint: str) -> Path | None:

@@ -18,6 +18,10 @@ The rules it keeps:
 - Both sides send HEARTBEAT when they have been quiet for an interval (a
   client until BYE, after END-OF-STREAM too); a peer not heard from for its
   liveness is lost (but a broker that has sent END-OF-STREAM).
+- A client that lost its broker (silent for its liveness, or a new broker
+  that does not know it) is LOST: it tries again, on a new connection, at
+  times get_timer() gives (RetryDue), until WELCOME or its `reconnect`
+  window is over (ReconnectAbandoned). Every deadline is in get_timer().
 - A client says something (HEARTBEAT) as soon as it has mapped the segment
   WELCOME named; the broker keeps its segment until it has heard from every
   client it welcomed.
@@ -55,6 +59,13 @@ CONTROL_RATE = 50.0
 BURST_SECONDS = 4.0
 FLOOD_RUN = 100
 MAX_STRANGERS = 1024              # budgets kept for peers not attached
+# A client that lost its broker looks for the one that takes its place: an
+# attempt (HELLO on a new connection) every BACKOFF_MIN seconds, twice as
+# long after each failed one up to BACKOFF_MAX, each given ATTEMPT_MAX for
+# its WELCOME, for `reconnect` seconds in all (DEFAULT_RECONNECT).
+BACKOFF_MIN, BACKOFF_MAX, ATTEMPT_MAX = 0.05, 1.0, 1.0
+DEFAULT_TIMEOUT = 5.0             # for a client's first attachment
+DEFAULT_RECONNECT = 30.0
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
 
@@ -251,7 +262,7 @@ def decode(frame: bytes, limit: int = MAX_FRAME) -> tuple[str, dict[str, Any]]:
 
 
 @dataclass(frozen=True)
-class Hello:
+class HelloReceived:
     peer: bytes
     name: str
     group: str | None
@@ -263,23 +274,23 @@ class Hello:
 
 
 @dataclass(frozen=True)
-class Release:
+class ReleaseReceived:
     peer: bytes
     seqs: list[int]
 
 
 @dataclass(frozen=True)
-class StatsRequest:
+class StatsRequested:
     peer: bytes
 
 
 @dataclass(frozen=True)
-class Bye:
+class ByeReceived:
     peer: bytes
 
 
 @dataclass(frozen=True)
-class PeerLost:
+class PeerTimedOut:
     peer: bytes
 
 
@@ -291,7 +302,7 @@ class PeerFlooding:
 
 
 @dataclass(frozen=True)
-class Welcome:
+class Welcomed:
     shm: str
     epoch: int
     layout: int
@@ -305,7 +316,7 @@ class Welcome:
 
 
 @dataclass(frozen=True)
-class Batch:
+class BatchAnnounced:
     """A slab handed to a client; its share is the packets set in `mask`
     (None: all) that `members`, if any, give to the client's slot."""
 
@@ -318,18 +329,18 @@ class Batch:
 
 
 @dataclass(frozen=True)
-class Gap:
+class GapReported:
     start: int
     end: int
 
 
 @dataclass(frozen=True)
-class EndOfStream:
+class StreamEnded:
     error: str | None
 
 
 @dataclass(frozen=True)
-class ErrorReply:
+class RequestRefused:
     code: str
     text: str
 
@@ -341,18 +352,42 @@ class Evicted:
 
 
 @dataclass(frozen=True)
-class StatsReply:
+class StatsReceived:
     stats: dict[str, Any]
 
 
 @dataclass(frozen=True)
-class BrokerLost:
-    pass
+class ConnectionLost:
+    """The broker is gone (silent for its liveness, or a new one that does
+    not know us): `retrying` if a broker taking its place is looked for."""
+
+    why: str
+    retrying: bool
 
 
-BrokerEvent = Hello | Release | StatsRequest | Bye | PeerLost | PeerFlooding
-ClientEvent = (Welcome | Batch | Gap | EndOfStream | ErrorReply | Evicted | StatsReply
-               | BrokerLost)
+@dataclass(frozen=True)
+class RetryDue:
+    """Time to attach again: a new connection, then hello()."""
+
+
+@dataclass(frozen=True)
+class AttemptFailed:
+    """An attempt got no WELCOME in time, or was turned away: its
+    connection is to be closed; the next is due later."""
+
+
+@dataclass(frozen=True)
+class ReconnectAbandoned:
+    """No broker took the lost one's place within `reconnect` seconds."""
+
+    why: str
+
+
+BrokerEvent = (HelloReceived | ReleaseReceived | StatsRequested | ByeReceived | PeerTimedOut
+               | PeerFlooding)
+ClientEvent = (Welcomed | BatchAnnounced | GapReported | StreamEnded | RequestRefused | Evicted
+               | StatsReceived | ConnectionLost | RetryDue | AttemptFailed
+               | ReconnectAbandoned)
 
 
 # --- states ----------------------------------------------------------------
@@ -363,6 +398,7 @@ class State(enum.Enum):
     HELLO_SENT = "hello-sent"  # client: waiting for WELCOME
     ATTACHED = "attached"
     ENDED = "ended"            # client: END-OF-STREAM received
+    LOST = "lost"              # client: the broker is lost; a new attempt is due at a time
     CLOSED = "closed"
 
 
@@ -496,14 +532,14 @@ class BrokerConnection:
         if BROKER_TRANSITIONS[(state, mtype)] is State.CLOSED:
             del self.peers[peer]
         if mtype == "hello":
-            return [Hello(peer, f["name"], f["group"], f["policy"], f["credit"], f["pid"],
-                          f["balance"])]
+            return [HelloReceived(peer, f["name"], f["group"], f["policy"], f["credit"],
+                                  f["pid"], f["balance"])]
         if mtype == "release":
-            return [Release(peer, f["seqs"])]
+            return [ReleaseReceived(peer, f["seqs"])]
         if mtype == "stats":
-            return [StatsRequest(peer)]
+            return [StatsRequested(peer)]
         if mtype == "bye":
-            return [Bye(peer)] if state is State.ATTACHED else []
+            return [ByeReceived(peer)] if state is State.ATTACHED else []
         return []  # heartbeat
 
     # -- decisions and sends --
@@ -581,29 +617,42 @@ class BrokerConnection:
                 self._send(peer, "evict", now, code="timeout",
                            text=f"nothing heard for {self.liveness:g} s")
                 del self.peers[peer]
-                lost.append(PeerLost(peer))
+                lost.append(PeerTimedOut(peer))
             elif p.last_sent + self.heartbeat <= now:
                 self._send(peer, "heartbeat", now)
         return lost
 
 
 class ClientConnection:
-    """A client's side of one broker connection."""
+    """A client's side of its broker connections: one attachment, and, once
+    the broker is lost, the attempts to attach to the one that takes its
+    place (`reconnect` seconds in all; 0: never). Each attempt is a new
+    connection the edge opens when RetryDue says so, with hello()."""
 
-    def __init__(self) -> None:
+    def __init__(self, reconnect: float = 0.0) -> None:
+        self.reconnect = reconnect
         self.state = State.NEW
         self.slot: int | None = None       # from WELCOME
         self.heartbeat = 1.0
         self.liveness = 30.0
+        self.reconnects = 0                # attachments to a broker that took a lost one's place
+        self.lost_at: float | None = None  # the broker was lost then (None: it was not)
         self._last_recv = 0.0
         self._last_sent = 0.0
+        self._retry_at = 0.0
+        self._attempt_end = 0.0
+        self._backoff = BACKOFF_MIN
         self._out: list[bytes] = []
 
     def hello(self, now: float, *, name: str, group: str | None = None,
               policy: str | None = None, credit: int | None = None, pid: int = 0,
               balance: str | None = None) -> None:
-        if self.state is not State.NEW:
+        """The first message of an attachment, or of an attempt after RetryDue."""
+        if self.state is State.LOST and self.lost_at is not None:
+            self._attempt_end = min(now + ATTEMPT_MAX, self.lost_at + self.reconnect)
+        elif self.state is not State.NEW:
             raise LocalProtocolError("unexpected", "HELLO already sent")
+        self._out.clear()
         self._send("hello", now, name=name, group=group, policy=policy, credit=credit, pid=pid,
                    balance=balance)
         self.state = State.HELLO_SENT
@@ -615,6 +664,21 @@ class ClientConnection:
         if self.state not in (State.ATTACHED, State.ENDED):
             raise LocalProtocolError("not-attached", f"mapped while {self.state.value}")
         self._send("heartbeat", now)
+        if self.lost_at is not None:
+            self.reconnects += 1
+            self.lost_at = None
+
+    def failed(self, now: float) -> list[ClientEvent]:
+        """The edge could not make the attempt (no broker's socket there) or
+        use its WELCOME (the segment is gone, or of a layout it does not
+        read): BYE if welcomed, and, while looking for a broker to take a
+        lost one's place, a later attempt (AttemptFailed); else CLOSED."""
+        if self.state in (State.ATTACHED, State.ENDED):
+            self._send("bye", now)
+        if self.lost_at is None:
+            self.state = State.CLOSED
+            return []
+        return self._failed(now)
 
     def request_stats(self, now: float) -> None:
         self._send("stats", now)
@@ -630,6 +694,31 @@ class ClientConnection:
             self._send("bye", now)
         self.state = State.CLOSED
 
+    def lost(self, now: float, why: str) -> list[ClientEvent]:
+        """The broker is gone: the edge saw its connection end, or this
+        machine did (liveness, a broker that does not know us)."""
+        self._out.clear()
+        if not self.reconnect:
+            self.state = State.CLOSED
+            return [ConnectionLost(why, retrying=False)]
+        if self.lost_at is None:
+            self.lost_at = now
+            self._backoff = BACKOFF_MIN
+        self.state = State.LOST
+        self._retry_at = now
+        return [ConnectionLost(why, retrying=True)]
+
+    @property
+    def retrying(self) -> bool:
+        """Looking for a broker that takes a lost one's place."""
+        return self.lost_at is not None and self.state in (State.LOST, State.HELLO_SENT)
+
+    def _failed(self, now: float) -> list[ClientEvent]:
+        self.state = State.LOST
+        self._retry_at = now + self._backoff
+        self._backoff = min(2 * self._backoff, BACKOFF_MAX)
+        return [AttemptFailed()]
+
     def receive(self, frame: bytes, now: float) -> list[ClientEvent]:
         mtype, f = decode(frame, MAX_BROKER_FRAME)
         key = (self.state, mtype)
@@ -637,6 +726,11 @@ class ClientConnection:
             raise RemoteProtocolError("unexpected", f"{mtype} while {self.state.value}")
         if mtype == "batch" and f["members"] and self.slot not in f["members"]:
             raise RemoteProtocolError("bad-field", f"batch: slot {self.slot} not among members")
+        if mtype == "error" and self.retrying and f["code"] == "name-taken":
+            # Our old self may linger under our name a while: try again later.
+            return self._failed(now)
+        if mtype == "error" and self.state is State.ATTACHED and f["code"] == "not-attached":
+            return self.lost(now, "restarted and no longer knows this client")
         self.state = CLIENT_TRANSITIONS[key]
         self._last_recv = now
         if mtype == "welcome":
@@ -647,19 +741,20 @@ class ClientConnection:
             self.liveness = BROKER_MISSED_HEARTBEATS * f["heartbeat_ms"] / 1000
             self._last_sent = now
             self.slot = f["slot"]
-            return [Welcome(**f)]
+            return [Welcomed(**f)]
         if mtype == "batch":
-            return [Batch(f["seq"], f["slab"], f["gen"], f["n"], tuple(f["members"]), f["mask"])]
+            return [BatchAnnounced(f["seq"], f["slab"], f["gen"], f["n"], tuple(f["members"]),
+                                   f["mask"])]
         if mtype == "gap":
-            return [Gap(f["from"], f["to"])]
+            return [GapReported(f["from"], f["to"])]
         if mtype == "eos":
-            return [EndOfStream(f["error"])]
+            return [StreamEnded(f["error"])]
         if mtype == "error":
-            return [ErrorReply(f["code"], f["text"])]
+            return [RequestRefused(f["code"], f["text"])]
         if mtype == "evict":
             return [Evicted(f["code"], f["text"])]
         if mtype == "stats_reply":
-            return [StatsReply(f["stats"])]
+            return [StatsReceived(f["stats"])]
         return []  # heartbeat
 
     def _send(self, mtype: str, now: float, **fields: Any) -> None:
@@ -676,16 +771,28 @@ class ClientConnection:
         # once it has sent END-OF-STREAM, so it is never lost then.
         if self.state is State.ENDED:
             return self._last_sent + self.heartbeat
-        if self.state is not State.ATTACHED:
-            return None
-        return min(self._last_sent + self.heartbeat, self._last_recv + self.liveness)
+        if self.state is State.ATTACHED:
+            return min(self._last_sent + self.heartbeat, self._last_recv + self.liveness)
+        if self.retrying:
+            assert self.lost_at is not None
+            due = self._retry_at if self.state is State.LOST else self._attempt_end
+            return min(due, self.lost_at + self.reconnect)
+        return None
 
     def handle_timer(self, now: float) -> list[ClientEvent]:
+        if self.retrying:
+            assert self.lost_at is not None
+            if now >= self.lost_at + self.reconnect:
+                self.state = State.CLOSED
+                return [ReconnectAbandoned(f"no broker took its place within "
+                                           f"{self.reconnect:g} s")]
+            if self.state is State.LOST:
+                return [RetryDue()] if now >= self._retry_at else []
+            return self._failed(now) if now >= self._attempt_end else []
         if self.state not in (State.ATTACHED, State.ENDED):
             return []
         if self.state is State.ATTACHED and self._last_recv + self.liveness <= now:
-            self.state = State.CLOSED
-            return [BrokerLost()]
+            return self.lost(now, "stopped answering")
         if self._last_sent + self.heartbeat <= now:
             self._send("heartbeat", now)
         return []

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -14,6 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pktipc._errors import PktipcError
+from pktipc._tools import traffic
+from pktipc._tools.netns import Namespace
 
 ROOT = Path(__file__).resolve().parent.parent
 PCAPS = ROOT.parent / "shared" / "pcaps" / "tcpdump-tests"
@@ -47,47 +50,29 @@ def runtime_dir(tmp_path_factory: pytest.TempPathFactory,
     return d
 
 
-class Netns:
-    """A network namespace of the test's own, holding veth pairs; frames are
-    sent from inside it with tests/sendframes.py."""
+class Netns(Namespace):
+    """The tests' namespace: a failing command fails the test."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        # No IPv6, no addresses: the kernel sends nothing of its own.
-        self.exec("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                  "net.ipv6.conf.default.disable_ipv6=1")
-
-    def cmd(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *args]
-
-    def exec(self, *args: str) -> str:
-        r = subprocess.run(self.cmd(*args), capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, f"{args}: {r.stderr}"
-        return r.stdout
+    def exec(self, *args: str, timeout: float = 60) -> str:
+        try:
+            return super().exec(*args, timeout=timeout)
+        except PktipcError as e:
+            pytest.fail(str(e))
 
     def ip(self, *args: str) -> None:
-        r = subprocess.run(["ip", "-n", self.name, *args], capture_output=True, text=True)
-        assert r.returncode == 0, f"ip {args}: {r.stderr}"
-
-    def veth(self, a: str, b: str, up: bool = True) -> None:
-        self.ip("link", "add", a, "type", "veth", "peer", "name", b)
-        for i in (a, b) if up else ():
-            self.ip("link", "set", i, "up")
-
-    def mac(self, iface: str) -> bytes:
-        return bytes.fromhex(self.exec("cat", f"/sys/class/net/{iface}/address")
-                             .strip().replace(":", ""))
+        try:
+            super().ip(*args)
+        except PktipcError as e:
+            pytest.fail(str(e))
 
     def send(self, iface: str, frames: list[bytes], tmp: Path) -> int:
+        """Sends `frames` on `iface`, exactly as given: how many were sent."""
         path = tmp / f"frames-{next(_names)}"
-        path.write_bytes(b"".join(struct.pack("<I", len(f)) + f for f in frames))
-        out = self.exec(sys.executable, str(ROOT / "tests" / "sendframes.py"), iface, str(path))
+        path.write_bytes(traffic.pack(frames))
+        out = self.exec(sys.executable, "-m", "pktipc._tools.traffic", "-i", iface,
+                        "--frames", str(path))
         path.unlink()
         return int(out)
-
-    def delete(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], check=True)
 
 
 @pytest.fixture

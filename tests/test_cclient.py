@@ -473,3 +473,82 @@ def test_install_and_pkg_config(broker, tmp_path: Path) -> None:
         rc, out, err = finish(p)
         assert rc == 0, err
         assert fields(out.decode().splitlines()[-1].removeprefix("total "))["packets"] == "139"
+
+
+# --- the ABI ----------------------------------------------------------------------------
+
+# A consumer built against version 1's pktipc_opts (before `balance`), and
+# one built against a newer header, with a field this library does not know.
+OLD_CONSUMER = r"""
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+struct pktipc_client;
+struct opts_v1 {
+    size_t sz; const char *server, *name, *group; int policy; unsigned credit;
+    int timeout_ms, reconnect_ms; char *errbuf;
+};
+struct opts_next { struct opts_v1 v1; int balance; int unknown; };
+struct batch { unsigned long long seq; unsigned count; const void *pkts, *index, *base;
+               unsigned long long t; void *s; };
+int pktipc_open(const void *o, struct pktipc_client **c);
+int pktipc_next_batch(struct pktipc_client *c, struct batch *b, int timeout_ms);
+int pktipc_release_batch(struct pktipc_client *c, struct batch *b);
+void pktipc_close(struct pktipc_client *c);
+const char *pktipc_version(void);
+int main(int argc, char **argv)
+{
+    char err[256] = "";
+    struct pktipc_client *c;
+    struct opts_v1 o = {sizeof(o), argv[1], "old", NULL, 1, 0, -1, 0, err};
+    int r = pktipc_open(&o, &c);
+    printf("version %s, open %d %s\n", pktipc_version(), r, err);
+    if (r)
+        return 1;
+    unsigned long long packets = 0;
+    struct batch b;
+    while ((r = pktipc_next_batch(c, &b, 10000)) > 0) {
+        packets += (unsigned)r;
+        pktipc_release_batch(c, &b);
+    }
+    printf("packets %llu end %d\n", packets, r);
+    pktipc_close(c);
+    struct opts_next n = {{sizeof(struct opts_next), argv[1], "newer", NULL, 1, 0, -1, 0, err},
+                          0, 7};
+    printf("unknown field set: %d\n", pktipc_open(&n, &c));
+    n.unknown = 0;
+    r = pktipc_open(&n, &c);
+    printf("newer: %d\n", r);
+    if (r == 0)
+        pktipc_close(c);
+    return 0;
+}
+"""
+
+
+def test_a_consumer_built_against_version_1_runs(broker, tmp_path: Path) -> None:
+    """A program built against version 1's pktipc_opts (smaller) runs
+    against this library, which defaults what it did not pass; one built
+    against a newer, larger one runs too, if what is new is zero."""
+    src, exe = tmp_path / "old.c", tmp_path / "old"
+    src.write_text(OLD_CONSUMER)
+    lib = BUILD / "lib"
+    r = subprocess.run(["gcc", "-o", str(exe), str(src), "-L", str(lib), "-lpktipc",
+                        f"-Wl,-rpath,{lib}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    f = PCAPS / "dns_udp.pcap"
+    b = broker("-r", str(f), "--wait-clients", "1", "--linger")
+    out = subprocess.run([str(exe), b.name], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines() == [
+        "version 0.1.0, open 0 ", "packets 2 end -10", "unknown field set: -1", "newer: 0"]
+    dyn = subprocess.run(["readelf", "-d", str(lib / "libpktipc.so")], capture_output=True,
+                         text=True).stdout
+    assert "Library soname: [libpktipc.so.1]" in dyn
+    syms = subprocess.run(["nm", "-D", "--defined-only", str(lib / "libpktipc.so")],
+                          capture_output=True, text=True).stdout.split()
+    assert {s for s in syms if s.startswith("pktipc_")} == {
+        f"pktipc_{n}@@PKTIPC_1" for n in (
+            "open", "close", "fd", "next_batch", "pkt_data", "release", "release_batch",
+            "dispatch", "stats", "group", "balance", "iface_count", "iface", "strerror",
+            "geterr", "linktype_to_dlt", "version")}

@@ -17,19 +17,19 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from pktipc._broker.dispatch import Dispatcher, SlabPool, slot_of
 from pktipc._layout import PKT_DTYPE, select
 from pktipc._protocol import (
-    Batch,
+    BatchAnnounced,
     BrokerConnection,
-    Bye,
+    ByeReceived,
     ClientConnection,
-    EndOfStream,
-    ErrorReply,
-    Gap,
-    Hello,
-    PeerLost,
-    Release,
+    GapReported,
+    HelloReceived,
+    PeerTimedOut,
+    ReleaseReceived,
     RemoteProtocolError,
+    RequestRefused,
     State,
-    Welcome,
+    StreamEnded,
+    Welcomed,
 )
 
 WELCOME = dict(shm="/pktipc.test.0000000000000001", epoch=1, layout=1)
@@ -71,13 +71,13 @@ class World:
     def handle(self, ev: Any) -> None:
         """What Broker._handle does with each event, minus the I/O."""
         d = self.disp
-        if isinstance(ev, Hello):
+        if isinstance(ev, HelloReceived):
             d.hello(replace(ev, uid=self.uids.get(ev.peer)), self.now, dict(WELCOME))
-        elif isinstance(ev, Release):
+        elif isinstance(ev, ReleaseReceived):
             c = d.by_peer.get(ev.peer)
             if c is not None:
                 d.release(c, ev.seqs, self.now)
-        elif isinstance(ev, Bye | PeerLost):
+        elif isinstance(ev, ByeReceived | PeerTimedOut):
             c = d.by_peer.get(ev.peer)
             if c is not None:
                 d.remove(c, self.now)
@@ -104,13 +104,13 @@ class World:
                     continue
                 self.log[peer] += events
                 for e in events:
-                    if isinstance(e, Welcome) and self.maps:
+                    if isinstance(e, Welcomed) and self.maps:
                         self.clients[peer].mapped(self.now)     # as a client does
-                    if isinstance(e, Batch):
+                    if isinstance(e, BatchAnnounced):
                         self.share[peer][e.seq] = self.select(peer, e)
                         self.shares_log[peer].append(self.share[peer][e.seq])
 
-    def select(self, peer: bytes, b: Batch) -> list[int]:
+    def select(self, peer: bytes, b: BatchAnnounced) -> list[int]:
         """The packets of a BATCH that are the client's, as a client computes them."""
         slot = self.clients[peer].slot
         assert slot is not None
@@ -152,14 +152,14 @@ class World:
         self.disp.end(self.now, error)
         self.flush()
 
-    def batches(self, peer: bytes) -> list[Batch]:
-        return [e for e in self.log[peer] if isinstance(e, Batch)]
+    def batches(self, peer: bytes) -> list[BatchAnnounced]:
+        return [e for e in self.log[peer] if isinstance(e, BatchAnnounced)]
 
     def seqs(self, peer: bytes) -> list[int]:
         return [b.seq for b in self.batches(peer)]
 
     def after_welcome(self, peer: bytes) -> list[Any]:
-        assert isinstance(self.log[peer][0], Welcome)
+        assert isinstance(self.log[peer][0], Welcomed)
         return self.log[peer][1:]
 
     def state(self, peer: bytes) -> Any:
@@ -196,7 +196,7 @@ def test_name_taken() -> None:
     a = w.connect("ids", pid=100)
     dup = w.connect("ids", pid=200)
     [err] = w.log[dup]
-    assert isinstance(err, ErrorReply) and err.code == "name-taken"
+    assert isinstance(err, RequestRefused) and err.code == "name-taken"
     assert "100" in err.text            # says who holds the name
     assert w.clients[dup].state is State.CLOSED
     assert w.conn.state(dup) is State.NEW
@@ -208,7 +208,7 @@ def test_name_taken() -> None:
     # Once the holder is gone the name is free again.
     w.bye(a)
     again = w.connect("ids")
-    assert isinstance(w.log[again][0], Welcome)
+    assert isinstance(w.log[again][0], Welcomed)
 
 
 def test_too_many_clients() -> None:
@@ -217,11 +217,11 @@ def test_too_many_clients() -> None:
     w.connect("b")
     c = w.connect("c")
     [err] = w.log[c]
-    assert isinstance(err, ErrorReply) and err.code == "too-many-clients"
+    assert isinstance(err, RequestRefused) and err.code == "too-many-clients"
     assert set(w.disp.clients) == {"a", "b"}
     w.bye(a)
     d = w.connect("d")
-    assert isinstance(w.log[d][0], Welcome)
+    assert isinstance(w.log[d][0], Welcomed)
     assert set(w.disp.clients) == {"b", "d"}
 
 
@@ -233,8 +233,10 @@ def test_fan_out_to_two_clients_in_order() -> None:
     a, b = w.connect("ids"), w.connect("rec")
     seqs = [w.publish(n) for n in (3, 5, 2, 7)]
     assert seqs == [0, 3, 8, 10]
-    expected = [Batch(seq=0, slab=0, gen=1, n=3), Batch(seq=3, slab=1, gen=1, n=5),
-                Batch(seq=8, slab=2, gen=1, n=2), Batch(seq=10, slab=3, gen=1, n=7)]
+    expected = [BatchAnnounced(seq=0, slab=0, gen=1, n=3),
+                BatchAnnounced(seq=3, slab=1, gen=1, n=5),
+                BatchAnnounced(seq=8, slab=2, gen=1, n=2),
+                BatchAnnounced(seq=10, slab=3, gen=1, n=7)]
     assert w.after_welcome(a) == expected
     assert w.after_welcome(b) == expected
     assert [w.pool.refs[s] for s in range(4)] == [2, 2, 2, 2]
@@ -304,7 +306,7 @@ def test_slab_free_only_when_every_client_released() -> None:
     # The slab comes back with a new generation.
     w.publish()
     again = w.publish()
-    assert w.batches(a)[-1] == Batch(seq=again, slab=batch.slab, gen=2, n=1)
+    assert w.batches(a)[-1] == BatchAnnounced(seq=again, slab=batch.slab, gen=2, n=1)
 
 
 def test_bad_release() -> None:
@@ -313,7 +315,7 @@ def test_bad_release() -> None:
     s0, s1, s2 = w.publish(), w.publish(), w.publish()   # s2 is queued, not sent
     slab0 = w.batches(a)[0].slab
     w.release(a, s0, 99, s2)
-    [err] = [e for e in w.log[a] if isinstance(e, ErrorReply)]
+    [err] = [e for e in w.log[a] if isinstance(e, RequestRefused)]
     assert err.code == "bad-release"
     assert "99" in err.text and str(s2) in err.text
     assert w.conn.errors == 1
@@ -325,7 +327,7 @@ def test_bad_release() -> None:
     assert w.conn.state(a) is State.ATTACHED
     # Releasing twice is refused too, and does not unref the slab again.
     w.release(a, s0)
-    assert isinstance(w.log[a][-1], ErrorReply)
+    assert isinstance(w.log[a][-1], RequestRefused)
     assert w.conn.errors == 2
     assert all(r >= 0 for r in w.pool.refs)
     w.release(a, s1, s2)
@@ -377,12 +379,13 @@ def test_end_sends_eos_after_queued_batches() -> None:
     a = w.connect("a")
     seqs = [w.publish(n) for n in (1, 2, 3)]
     w.end()
-    assert w.after_welcome(a) == [Batch(seqs[0], 0, 1, 1)]
+    assert w.after_welcome(a) == [BatchAnnounced(seqs[0], 0, 1, 1)]
     assert not w.disp.finished
     w.release(a, seqs[0])
     w.release(a, seqs[1])
-    assert w.after_welcome(a) == [Batch(seqs[0], 0, 1, 1), Batch(seqs[1], 1, 1, 2),
-                                  Batch(seqs[2], 2, 1, 3), EndOfStream(None)]
+    assert w.after_welcome(a) == [BatchAnnounced(seqs[0], 0, 1, 1),
+                                  BatchAnnounced(seqs[1], 1, 1, 2),
+                                  BatchAnnounced(seqs[2], 2, 1, 3), StreamEnded(None)]
     assert w.clients[a].state is State.ENDED
     # Finished once everything sent was also given back.
     assert not w.disp.finished
@@ -397,13 +400,13 @@ def test_end_with_error_and_several_clients() -> None:
     w.publish()
     w.publish()
     w.end("x.pcap: truncated dump file")
-    assert w.log[a][-1] == EndOfStream("x.pcap: truncated dump file")
-    assert not any(isinstance(e, EndOfStream) for e in w.log[b])
+    assert w.log[a][-1] == StreamEnded("x.pcap: truncated dump file")
+    assert not any(isinstance(e, StreamEnded) for e in w.log[b])
     w.release(b, 0)
-    assert w.log[b][-2:] == [Batch(1, 1, 1, 1), EndOfStream("x.pcap: truncated dump file")]
+    assert w.log[b][-2:] == [BatchAnnounced(1, 1, 1, 1), StreamEnded("x.pcap: truncated dump file")]
     # Each client is told once.
     w.end("again")
-    assert sum(isinstance(e, EndOfStream) for e in w.log[a]) == 1
+    assert sum(isinstance(e, StreamEnded) for e in w.log[a]) == 1
 
 
 def test_the_segment_stays_until_every_welcomed_client_mapped_it() -> None:
@@ -414,7 +417,7 @@ def test_the_segment_stays_until_every_welcomed_client_mapped_it() -> None:
     w.maps = False
     a = w.connect("a", group="g")
     w.end()
-    assert w.after_welcome(a) == [EndOfStream(None)]
+    assert w.after_welcome(a) == [StreamEnded(None)]
     assert not w.disp.finished
     w.clients[a].mapped(w.now)
     w.flush()
@@ -426,7 +429,7 @@ def test_client_arriving_after_the_end_is_told_at_once() -> None:
     w.end()
     assert w.disp.finished
     a = w.connect("late")
-    assert w.after_welcome(a) == [EndOfStream(None)]
+    assert w.after_welcome(a) == [StreamEnded(None)]
     assert w.disp.finished
 
 
@@ -461,7 +464,8 @@ def test_reclaim_skips_the_drop_client_and_records_a_gap() -> None:
     w.publish(2, slab=slab)
     assert w.seqs(b) == [0, 2, 4, 6]
     w.release(d, 0)
-    assert w.after_welcome(d) == [Batch(0, 0, 1, 2), Gap(2, 4), Batch(4, 2, 1, 2)]
+    assert w.after_welcome(d) == [BatchAnnounced(0, 0, 1, 2), GapReported(2, 4),
+                                  BatchAnnounced(4, 2, 1, 2)]
     assert w.state(d).gaps == []
 
 
@@ -475,9 +479,9 @@ def test_consecutive_reclaims_make_one_gap() -> None:
     assert w.state(d).gaps == [(2, 6)]
     assert w.state(d).drops == 4
     w.release(d, 0)
-    assert w.after_welcome(d)[1:] == [Gap(2, 6), Batch(6, 3, 1, 2)]
+    assert w.after_welcome(d)[1:] == [GapReported(2, 6), BatchAnnounced(6, 3, 1, 2)]
     w.release(d, 6)
-    assert w.after_welcome(d)[3:] == [Batch(8, 1, 2, 2)]
+    assert w.after_welcome(d)[3:] == [BatchAnnounced(8, 1, 2, 2)]
 
 
 def test_reclaim_never_skips_a_block_client() -> None:
@@ -537,11 +541,11 @@ def accounted_in_order(events: list[Any], start: int = 0) -> bool:
     """Batches and gaps, read in order, account for every seq exactly once."""
     cursor = start
     for e in events:
-        if isinstance(e, Batch):
+        if isinstance(e, BatchAnnounced):
             if e.seq != cursor:
                 return False
             cursor += e.n
-        elif isinstance(e, Gap):
+        elif isinstance(e, GapReported):
             if e.start != cursor or e.end <= e.start:
                 return False
             cursor = e.end
@@ -558,7 +562,7 @@ def test_gap_pending_at_the_end_is_told_before_eos() -> None:
     w.pool.give_back(slab)           # the source had nothing more
     w.end()
     w.release(d, 0)
-    assert w.after_welcome(d) == [Batch(0, 0, 1, 1), Gap(1, 2), EndOfStream(None)]
+    assert w.after_welcome(d) == [BatchAnnounced(0, 0, 1, 1), GapReported(1, 2), StreamEnded(None)]
 
 
 def test_gaps_and_batches_account_for_every_seq_in_order() -> None:
@@ -601,7 +605,7 @@ class DispatcherMachine(RuleBasedStateMachine):
             self.seen[peer] += len(events)
             for e in events:
                 assert not isinstance(e, RemoteProtocolError), e
-                if isinstance(e, Batch):
+                if isinstance(e, BatchAnnounced):
                     assert not self.held[peer] or e.seq > max(self.held[peer])
                     self.held[peer].append(e.seq)
 
@@ -697,11 +701,11 @@ def test_detached_client_resumes_from_what_it_never_released() -> None:
     assert w.pool.in_use == 3        # nothing it was owed is given away
     back = w.connect("a", credit=2)
     assert w.state(back) is kept
-    sent = [e.seq for e in w.after_welcome(back) if isinstance(e, Batch)]
+    sent = [e.seq for e in w.after_welcome(back) if isinstance(e, BatchAnnounced)]
     assert sent == [1, 2]            # re-sent first, then the rest as credit allows
     w.release(back, 1)
     w.release(back, 2)
-    assert [e.seq for e in w.after_welcome(back) if isinstance(e, Batch)] == [1, 2, 3]
+    assert [e.seq for e in w.after_welcome(back) if isinstance(e, BatchAnnounced)] == [1, 2, 3]
 
 
 def test_stalled_drop_clients_leave_the_others_their_part() -> None:
@@ -813,10 +817,10 @@ def test_another_balance_mode_is_refused() -> None:
     a = w.connect("a", group="ids", balance="flow")
     bad = w.connect("b", group="ids", balance="round-robin")
     [err] = w.log[bad]
-    assert isinstance(err, ErrorReply) and err.code == "balance-mismatch"
+    assert isinstance(err, RequestRefused) and err.code == "balance-mismatch"
     assert "flow" in err.text and "round-robin" in err.text
     assert set(w.disp.clients) == {"a"}
-    assert isinstance(w.log[a][0], Welcome) and w.log[a][0].group == "ids"
+    assert isinstance(w.log[a][0], Welcomed) and w.log[a][0].group == "ids"
     # Once the group is empty, its next first member sets the mode again.
     w.bye(a)
     again = w.connect("b", group="ids", balance="round-robin")
@@ -922,11 +926,11 @@ def test_end_of_stream_waits_for_the_whole_group() -> None:
     w.end()
     w.release(a, 0)                    # a now holds 30; b still owes 30
     w.release(a, 30)
-    assert not any(isinstance(e, EndOfStream) for e in w.log[a])
+    assert not any(isinstance(e, StreamEnded) for e in w.log[a])
     w.bye(b)                           # what b owed goes to a, then the end
     while w.state(a).held:
         w.release(a, *w.state(a).held)
-    assert isinstance(w.log[a][-1], EndOfStream)
+    assert isinstance(w.log[a][-1], StreamEnded)
     assert sorted(consumed(w, a)) == list(range(60))
 
 
@@ -965,7 +969,7 @@ class GroupMachine(RuleBasedStateMachine):
         for peer in self.peers.values():
             events = self.w.log[peer]
             shares = self.w.shares_log[peer]
-            batches = [e for e in events if isinstance(e, Batch)]
+            batches = [e for e in events if isinstance(e, BatchAnnounced)]
             for b, share in list(zip(batches, shares, strict=True))[self.seen[peer]:]:
                 assert b.seq not in self.held[peer], "a second share of a seq it holds"
                 self.held[peer][b.seq] = share
@@ -1039,7 +1043,7 @@ class GroupMachine(RuleBasedStateMachine):
             self._sync()
         assert sorted(self.done) == list(range(self.first, self.w.disp.next_seq))
         for peer in self.peers.values():
-            assert isinstance(self.w.log[peer][-1], EndOfStream)
+            assert isinstance(self.w.log[peer][-1], StreamEnded)
         assert self.w.pool.in_use == 0
 
 
@@ -1055,13 +1059,13 @@ def test_a_kept_member_comes_back_only_to_its_group() -> None:
     w.disp.detach(w.state(a), 0.0)
     other = w.connect("a", group="h")
     [err] = w.log[other]
-    assert isinstance(err, ErrorReply) and err.code == "group-mismatch"
+    assert isinstance(err, RequestRefused) and err.code == "group-mismatch"
     assert "'g'" in err.text and "'h'" in err.text
     mode = w.connect("a", group="g", balance="round-robin")
     [err] = w.log[mode]
-    assert isinstance(err, ErrorReply) and err.code == "balance-mismatch"
+    assert isinstance(err, RequestRefused) and err.code == "balance-mismatch"
     back = w.connect("a", group="g")
-    assert isinstance(w.log[back][0], Welcome) and w.log[back][0].group == "g"
+    assert isinstance(w.log[back][0], Welcomed) and w.log[back][0].group == "g"
     assert w.disp.clients["a"].peer == back
 
 
@@ -1075,21 +1079,21 @@ def test_a_client_s_own_group_is_not_joinable() -> None:
     w.connect("rec")
     evil = w.connect("evil", group="rec")
     [err] = w.log[evil]
-    assert isinstance(err, ErrorReply) and err.code == "group-private"
+    assert isinstance(err, RequestRefused) and err.code == "group-private"
     assert err.text == ("group 'rec' is client 'rec''s own (a client shares its group only "
                         "if it asks for it by name)")
     assert set(w.disp.clients) == {"rec"} and w.disp.refused["group-private"] == 1
     w.connect("ids", group="ids")                    # asked for by name: shared
     other = w.connect("ids2", group="ids")
-    assert isinstance(w.log[other][0], Welcome)
+    assert isinstance(w.log[other][0], Welcomed)
     # A client with a group of its own may not slip into a shared one by name.
     sneak = w.connect("ids2x", group=None)
-    assert isinstance(w.log[sneak][0], Welcome) and w.state(sneak).group == "ids2x"
+    assert isinstance(w.log[sneak][0], Welcomed) and w.state(sneak).group == "ids2x"
     taken = World(slabs=4)
     taken.connect("a", group="g")
     g = taken.connect("g")
     [err] = taken.log[g]
-    assert isinstance(err, ErrorReply) and err.code == "group-taken"
+    assert isinstance(err, RequestRefused) and err.code == "group-taken"
 
 
 def test_membership_changes_are_counted() -> None:
@@ -1107,21 +1111,21 @@ def test_a_kept_place_resumes_only_for_its_user() -> None:
     w.disp.detach(w.state(a), 0.0)
     thief = w.connect("rec", uid=65534)
     [err] = w.log[thief]
-    assert isinstance(err, ErrorReply) and err.code == "name-taken"
+    assert isinstance(err, RequestRefused) and err.code == "name-taken"
     assert err.text == "'rec' is kept for the user it belongs to (uid 1000)"
     back = w.connect("rec", uid=1000)
-    assert isinstance(w.log[back][0], Welcome)
+    assert isinstance(w.log[back][0], Welcomed)
 
 
 def test_block_only_for_whom_the_operator_allows() -> None:
     w = World(slabs=4, policy="drop", may_block=lambda name, uid: name == "ids" or uid == 7)
     refused = w.connect("rec", policy="block")
     [err] = w.log[refused]
-    assert isinstance(err, ErrorReply) and err.code == "block-refused"
+    assert isinstance(err, RequestRefused) and err.code == "block-refused"
     assert "serve --allow-block" in err.text
     for peer in (w.connect("ids", policy="block"), w.connect("x", uid=7, policy="block"),
                  w.connect("rec", policy="drop"), w.connect("y")):
-        assert isinstance(w.log[peer][0], Welcome)
+        assert isinstance(w.log[peer][0], Welcomed)
     assert w.disp.refused == {"block-refused": 1}
 
 
@@ -1134,10 +1138,10 @@ def test_an_evicted_client_waits_out_its_backoff() -> None:
     w.now = 9.0
     again = w.connect("greedy")
     [err] = w.log[again]
-    assert isinstance(err, ErrorReply) and err.code == "backoff"
+    assert isinstance(err, RequestRefused) and err.code == "backoff"
     assert err.text == "'greedy' was evicted; it may come back in 1.0 s"
     w.now = 10.0
-    assert isinstance(w.log[w.connect("greedy")][0], Welcome)
+    assert isinstance(w.log[w.connect("greedy")][0], Welcomed)
     assert w.disp.refused == {"backoff": 1}
 
 

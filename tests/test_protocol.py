@@ -19,28 +19,32 @@ from pktipc._protocol import (
     SCHEMAS,
     U32,
     U64,
-    Batch,
+    AttemptFailed,
+    BatchAnnounced,
     BrokerConnection,
-    BrokerLost,
-    Bye,
+    ByeReceived,
     ClientConnection,
-    EndOfStream,
-    ErrorReply,
+    ConnectionLost,
     Evicted,
-    Gap,
-    Hello,
+    GapReported,
+    HelloReceived,
     LocalProtocolError,
-    PeerLost,
-    Release,
+    PeerTimedOut,
+    ReconnectAbandoned,
+    ReleaseReceived,
     RemoteProtocolError,
+    RequestRefused,
+    RetryDue,
     State,
-    StatsReply,
-    StatsRequest,
-    Welcome,
+    StatsReceived,
+    StatsRequested,
+    StreamEnded,
+    Welcomed,
 )
 
 WELCOME = dict(shm="/pktipc.test.0000000000000001", epoch=7, layout=1, group="g",
                balance="flow")
+LOST = ConnectionLost("stopped answering", retrying=False)
 BATCH0 = proto.encode("batch", seq=0, slab=0, gen=0, n=1, members=[], mask=None)
 
 
@@ -58,8 +62,8 @@ class Pair:
         self.broker = BrokerConnection(heartbeat=heartbeat, liveness=liveness)
         self.clients: dict[bytes, ClientConnection] = {}
 
-    def client(self, peer: bytes = b"c1") -> ClientConnection:
-        c = self.clients[peer] = ClientConnection()
+    def client(self, peer: bytes = b"c1", reconnect: float = 0.0) -> ClientConnection:
+        c = self.clients[peer] = ClientConnection(reconnect)
         return c
 
     def to_broker(self, now: float) -> list[proto.BrokerEvent]:
@@ -75,15 +79,16 @@ class Pair:
             out[peer] += self.clients[peer].receive(f, now)
         return out
 
-    def attach(self, peer: bytes = b"c1", now: float = 0.0, **hello: Any) -> ClientConnection:
-        c = self.client(peer)
+    def attach(self, peer: bytes = b"c1", now: float = 0.0, reconnect: float = 0.0,
+               **hello: Any) -> ClientConnection:
+        c = self.client(peer, reconnect)
         c.hello(now, name=hello.pop("name", peer.decode()), **hello)
         [ev] = self.to_broker(now)
-        assert isinstance(ev, Hello)
+        assert isinstance(ev, HelloReceived)
         self.broker.accept(peer, now, slot=0, credit=ev.credit or 4,
                            policy=ev.policy or "block", **WELCOME)
         [w] = self.to_clients(now)[peer]
-        assert isinstance(w, Welcome)
+        assert isinstance(w, Welcomed)
         return c
 
 
@@ -96,13 +101,13 @@ def test_hello_welcome() -> None:
     assert c.state is State.NEW
     c.hello(10.0, name="ids", policy="drop", credit=4, pid=1234, group="g", balance="flow")
     assert c.state is State.HELLO_SENT
-    assert pair.to_broker(10.0) == [Hello(b"peer-1", "ids", "g", "drop", 4, 1234, "flow")]
+    assert pair.to_broker(10.0) == [HelloReceived(b"peer-1", "ids", "g", "drop", 4, 1234, "flow")]
     # Attached only once the broker accepts.
     assert pair.broker.state(b"peer-1") is State.NEW
     assert pair.broker.get_timer() is None
     pair.broker.accept(b"peer-1", 10.5, slot=3, credit=4, policy="drop", **WELCOME)
     assert pair.broker.state(b"peer-1") is State.ATTACHED
-    assert pair.to_clients(10.5) == {b"peer-1": [Welcome(
+    assert pair.to_clients(10.5) == {b"peer-1": [Welcomed(
         shm=WELCOME["shm"], epoch=7, layout=1, slot=3, credit=4, policy="drop",
         heartbeat_ms=2000, liveness_ms=20000, group="g", balance="flow")]}
     assert c.state is State.ATTACHED
@@ -116,7 +121,7 @@ def test_hello_defaults_travel_as_none() -> None:
     pair = Pair()
     c = pair.client()
     c.hello(0.0, name="rec")
-    assert pair.to_broker(0.0) == [Hello(b"c1", "rec", None, None, None, 0)]
+    assert pair.to_broker(0.0) == [HelloReceived(b"c1", "rec", None, None, None, 0)]
 
 
 def test_second_hello_is_a_local_error() -> None:
@@ -136,7 +141,7 @@ def test_refuse_reaches_client_as_error_reply() -> None:
     pair.broker.refuse(b"c1", 0.0, "name-taken", "a client named 'ids' is attached")
     assert pair.broker.errors == 1
     assert pair.to_clients(0.0)[b"c1"] == [
-        ErrorReply("name-taken", "a client named 'ids' is attached")]
+        RequestRefused("name-taken", "a client named 'ids' is attached")]
     assert c.state is State.CLOSED
     assert pair.broker.state(b"c1") is State.NEW
     assert c.get_timer() is None
@@ -176,8 +181,8 @@ def test_batch_names_the_share() -> None:
     pair.broker.send_batch(b"c1", 1.0, 10, 3, 1, 10, mask=b"\x01\x02")
     pair.broker.send_batch(b"c1", 1.0, 20, 4, 1, 9, members=(0, 9), mask=b"\xff\x01")
     assert pair.to_clients(1.0)[b"c1"] == [
-        Batch(0, 2, 1, 10, (4, 0, 9), None), Batch(10, 3, 1, 10, (), b"\x01\x02"),
-        Batch(20, 4, 1, 9, (0, 9), b"\xff\x01")]
+        BatchAnnounced(0, 2, 1, 10, (4, 0, 9), None), BatchAnnounced(10, 3, 1, 10, (), b"\x01\x02"),
+        BatchAnnounced(20, 4, 1, 9, (0, 9), b"\xff\x01")]
     with pytest.raises(LocalProtocolError):
         pair.broker.send_batch(b"c1", 1.0, 0, 2, 1, 10, mask=b"\x01")     # one bit per packet
     with pytest.raises(LocalProtocolError):
@@ -192,15 +197,16 @@ def test_batch_gap_release_eos() -> None:
     b.send_gap(b"c1", 1.0, 10, 25)
     b.send_batch(b"c1", 1.0, seq=25, slab=0, gen=2, n=5)
     assert pair.to_clients(1.0)[b"c1"] == [
-        Batch(seq=0, slab=3, gen=1, n=10), Gap(10, 25), Batch(seq=25, slab=0, gen=2, n=5)]
+        BatchAnnounced(seq=0, slab=3, gen=1, n=10), GapReported(10, 25),
+        BatchAnnounced(seq=25, slab=0, gen=2, n=5)]
     c.release(2.0, [0])
-    assert pair.to_broker(2.0) == [Release(b"c1", [0])]
+    assert pair.to_broker(2.0) == [ReleaseReceived(b"c1", [0])]
     b.send_eos(b"c1", 3.0)
-    assert pair.to_clients(3.0)[b"c1"] == [EndOfStream(None)]
+    assert pair.to_clients(3.0)[b"c1"] == [StreamEnded(None)]
     assert c.state is State.ENDED
     # Batches still held after END-OF-STREAM are given back as usual.
     c.release(4.0, [25])
-    assert pair.to_broker(4.0) == [Release(b"c1", [25])]
+    assert pair.to_broker(4.0) == [ReleaseReceived(b"c1", [25])]
     assert b.errors == 0
     # Heartbeats go on until BYE (a lingering broker keeps the client); the
     # broker, free to exit once it has sent END-OF-STREAM, is never lost.
@@ -227,7 +233,7 @@ def test_eos_carries_the_error() -> None:
     pair = Pair()
     pair.attach()
     pair.broker.send_eos(b"c1", 1.0, "x.pcap: truncated dump file")
-    assert pair.to_clients(1.0)[b"c1"] == [EndOfStream("x.pcap: truncated dump file")]
+    assert pair.to_clients(1.0)[b"c1"] == [StreamEnded("x.pcap: truncated dump file")]
 
 
 def test_long_release_is_split_into_frames() -> None:
@@ -238,9 +244,9 @@ def test_long_release_is_split_into_frames() -> None:
     frames = pair.clients[b"c1"]._out
     assert len(frames) == 3
     events = pair.to_broker(1.0)
-    assert [len(e.seqs) for e in events if isinstance(e, Release)] == [
+    assert [len(e.seqs) for e in events if isinstance(e, ReleaseReceived)] == [
         MAX_RELEASE, MAX_RELEASE, 3]
-    assert [s for e in events if isinstance(e, Release) for s in e.seqs] == seqs
+    assert [s for e in events if isinstance(e, ReleaseReceived) for s in e.seqs] == seqs
 
 
 def test_empty_release_sends_nothing() -> None:
@@ -289,7 +295,7 @@ def test_evict_after_eos() -> None:
     c = pair.attach()
     pair.broker.send_eos(b"c1", 1.0)
     pair.broker.evict(b"c1", 2.0, "lease-expired", "x")
-    assert pair.to_clients(2.0)[b"c1"] == [EndOfStream(None), Evicted("lease-expired", "x")]
+    assert pair.to_clients(2.0)[b"c1"] == [StreamEnded(None), Evicted("lease-expired", "x")]
     assert c.state is State.CLOSED
 
 
@@ -300,11 +306,11 @@ def test_stats_without_hello() -> None:
     pair = Pair()
     c = pair.client()
     c.request_stats(0.0)
-    assert pair.to_broker(0.0) == [StatsRequest(b"c1")]
+    assert pair.to_broker(0.0) == [StatsRequested(b"c1")]
     assert pair.broker.state(b"c1") is State.NEW
     stats = {"name": "b", "counters": {"packets": 3}, "clients": [{"name": "x"}]}
     pair.broker.send_stats(b"c1", 0.0, stats)
-    assert pair.to_clients(0.0)[b"c1"] == [StatsReply(stats)]
+    assert pair.to_clients(0.0)[b"c1"] == [StatsReceived(stats)]
     assert c.state is State.NEW
     # A peer that only asked for stats is not tracked: no timers, no heartbeats.
     assert pair.broker.get_timer() is None
@@ -316,9 +322,9 @@ def test_stats_while_attached() -> None:
     pair = Pair()
     c = pair.attach()
     c.request_stats(1.0)
-    assert pair.to_broker(1.0) == [StatsRequest(b"c1")]
+    assert pair.to_broker(1.0) == [StatsRequested(b"c1")]
     pair.broker.send_stats(b"c1", 1.0, {"a": 1})
-    assert pair.to_clients(1.0)[b"c1"] == [StatsReply({"a": 1})]
+    assert pair.to_clients(1.0)[b"c1"] == [StatsReceived({"a": 1})]
     assert c.state is State.ATTACHED
 
 
@@ -327,7 +333,7 @@ def test_bye() -> None:
     c = pair.attach()
     c.bye(1.0)
     assert c.state is State.CLOSED
-    assert pair.to_broker(1.0) == [Bye(b"c1")]
+    assert pair.to_broker(1.0) == [ByeReceived(b"c1")]
     assert pair.broker.state(b"c1") is State.NEW
     assert pair.broker.get_timer() is None
     c.bye(2.0)   # idempotent, says nothing more
@@ -391,7 +397,7 @@ def test_peer_lost_after_liveness() -> None:
     assert len(b.frames_to_send()) == 29
     assert b.get_timer() == 30.0
     assert b.handle_timer(29.999) == []
-    assert b.handle_timer(30.0) == [PeerLost(b"c1")]
+    assert b.handle_timer(30.0) == [PeerTimedOut(b"c1")]
     assert b.state(b"c1") is State.NEW
     assert b.get_timer() is None
     # A lost peer must say HELLO again.
@@ -412,7 +418,7 @@ def test_client_heartbeat_keeps_the_peer() -> None:
     # The broker heard from the peer at 1.0: it is lost at 31.0, not 30.0.
     pair.broker.handle_timer(30.5)
     assert pair.broker.state(b"c1") is State.ATTACHED
-    assert pair.broker.handle_timer(31.0) == [PeerLost(b"c1")]
+    assert pair.broker.handle_timer(31.0) == [PeerTimedOut(b"c1")]
 
 
 def test_broker_lost_after_missed_heartbeats() -> None:
@@ -424,7 +430,7 @@ def test_broker_lost_after_missed_heartbeats() -> None:
         assert c.handle_timer(t) == []
     assert len(c.frames_to_send()) == 4
     assert c.handle_timer(4.999) == []
-    assert c.handle_timer(5.0) == [BrokerLost()]
+    assert c.handle_timer(5.0) == [ConnectionLost("stopped answering", retrying=False)]
     assert c.state is State.CLOSED
     assert c.get_timer() is None
     assert c.handle_timer(100.0) == []
@@ -441,7 +447,7 @@ def test_any_broker_frame_keeps_the_client_alive() -> None:
     assert c.get_timer() == 6.0
     for t in (6.0, 7.0, 8.0):
         assert c.handle_timer(t) == []
-    assert c.handle_timer(9.0) == [BrokerLost()]   # five seconds after the batch
+    assert c.handle_timer(9.0) == [LOST]   # five seconds after the batch
 
 
 def test_idle_pair_stays_alive_for_a_long_time() -> None:
@@ -457,6 +463,144 @@ def test_idle_pair_stays_alive_for_a_long_time() -> None:
         assert all(ev == [] for ev in pair.to_clients(t).values())
     assert c.state is State.ATTACHED
     assert pair.broker.state(b"c1") is State.ATTACHED
+
+
+# --- a lost broker, and the one that takes its place ------------------------------
+
+
+def lose(pair: Pair, reconnect: float = 10.0) -> ClientConnection:
+    """A client attached at 0.0 that finds its broker silent at 5.0."""
+    c = pair.attach(now=0.0, reconnect=reconnect)
+    assert c.get_timer() == 1.0
+    for t in (1.0, 2.0, 3.0, 4.0):
+        c.handle_timer(t)
+    c.frames_to_send()
+    assert c.handle_timer(5.0) == [ConnectionLost("stopped answering", retrying=True)]
+    assert c.state is State.LOST and c.retrying and c.lost_at == 5.0
+    assert c.frames_to_send() == []
+    return c
+
+
+def test_a_lost_broker_is_looked_for_with_backoff_until_the_window_ends() -> None:
+    c = lose(Pair(), reconnect=10.0)
+    attempts: list[float] = []
+    failures: list[float] = []
+    t = 5.0
+    while True:
+        due = c.get_timer()
+        assert due is not None and due >= t
+        t = due
+        events = c.handle_timer(t)
+        if events == [RetryDue()]:
+            attempts.append(t)
+            c.hello(t, name="c1")
+            assert [proto.decode(f)[0] for f in c.frames_to_send()] == ["hello"]
+        elif events == [AttemptFailed()]:
+            failures.append(t)
+            assert c.state is State.LOST
+        else:
+            assert events == [ReconnectAbandoned("no broker took its place within 10 s")]
+            break
+    assert t == 15.0 and c.state is State.CLOSED and not c.retrying
+    assert c.get_timer() is None and c.handle_timer(1e9) == []
+    # At once, then each attempt given ATTEMPT_MAX, the pause doubling to BACKOFF_MAX.
+    assert attempts[0] == 5.0
+    pauses = [round(a - f, 9) for f, a in zip(failures, attempts[1:], strict=False)]
+    assert pauses[:5] == [0.05, 0.1, 0.2, 0.4, 0.8]
+    assert set(pauses[5:]) == {proto.BACKOFF_MAX}
+    assert all(round(f - a, 9) == proto.ATTEMPT_MAX for a, f in zip(attempts, failures,
+                                                                  strict=False))
+    assert c.reconnects == 0
+
+
+def test_an_attempt_ends_with_the_window() -> None:
+    c = lose(Pair(), reconnect=0.5)
+    assert c.handle_timer(5.0) == [RetryDue()]
+    c.hello(5.0, name="c1")
+    assert c.get_timer() == 5.5            # not 5.0 + ATTEMPT_MAX
+    assert c.handle_timer(5.5) == [ReconnectAbandoned("no broker took its place within 0.5 s")]
+
+
+def test_the_broker_that_takes_the_place_welcomes_the_client() -> None:
+    pair = Pair()
+    c = lose(pair, reconnect=10.0)
+    assert c.handle_timer(5.0) == [RetryDue()]
+    c.hello(5.0, name="c1")
+    c.frames_to_send()                     # the attempt went to nobody
+    assert c.handle_timer(6.0) == [AttemptFailed()]
+    assert c.handle_timer(6.05) == [RetryDue()]
+    pair.broker = BrokerConnection()       # a new broker, a new connection
+    c.hello(6.05, name="c1")
+    [ev] = pair.to_broker(6.05)
+    assert isinstance(ev, HelloReceived)
+    pair.broker.accept(b"c1", 6.1, slot=2, credit=4, policy="block", **WELCOME)
+    [w] = pair.to_clients(6.1)[b"c1"]
+    assert isinstance(w, Welcomed) and c.state is State.ATTACHED and c.slot == 2
+    assert c.reconnects == 0               # not until the segment is mapped
+    c.mapped(6.2)
+    assert c.reconnects == 1 and c.lost_at is None and not c.retrying
+    assert pair.to_broker(6.2) == []       # the heartbeat that says so
+    # A later loss starts a whole new window.
+    t = 6.2
+    while not (events := c.handle_timer(t)):
+        t = c.get_timer() or t
+    assert events == [ConnectionLost("stopped answering", retrying=True)]
+    assert c.lost_at == t and t == pytest.approx(6.1 + c.liveness)
+
+
+def test_a_name_still_taken_is_tried_again() -> None:
+    """After a broker restart, the old connection's name may linger a
+    while: name-taken is a failed attempt, not a refusal."""
+    c = lose(Pair(), reconnect=10.0)
+    c.handle_timer(5.0)
+    c.hello(5.0, name="c1")
+    assert c.receive(proto.encode("error", code="name-taken", text="in use"), 5.1) == \
+        [AttemptFailed()]
+    assert c.state is State.LOST and c.get_timer() == pytest.approx(5.15)
+    # Refusals other than name-taken are refusals.
+    assert c.handle_timer(5.15) == [RetryDue()]
+    c.hello(5.15, name="c1")
+    assert c.receive(proto.encode("error", code="group-private", text="no"), 5.2) == \
+        [RequestRefused("group-private", "no")]
+    assert c.state is State.CLOSED
+
+
+def test_name_taken_on_a_first_attachment_is_a_refusal() -> None:
+    c = ClientConnection(reconnect=10.0)
+    c.hello(0.0, name="a")
+    assert c.receive(proto.encode("error", code="name-taken", text="in use"), 0.1) == \
+        [RequestRefused("name-taken", "in use")]
+    assert c.state is State.CLOSED and c.get_timer() is None
+
+
+@pytest.mark.parametrize("reconnect", [0.0, 10.0])
+def test_a_broker_that_does_not_know_the_client_is_a_lost_one(reconnect: float) -> None:
+    c = Pair().attach(now=0.0, reconnect=reconnect)
+    events = c.receive(proto.encode("error", code="not-attached", text="who?"), 1.0)
+    assert events == [ConnectionLost("restarted and no longer knows this client",
+                                     retrying=bool(reconnect))]
+    assert c.state is (State.LOST if reconnect else State.CLOSED)
+    assert c.get_timer() == (1.0 if reconnect else None)
+
+
+def test_a_welcome_that_cannot_be_used_is_a_failed_attempt() -> None:
+    pair = Pair()
+    c = lose(pair, reconnect=10.0)
+    c.handle_timer(5.0)
+    c.hello(5.0, name="c1")
+    pair.broker = BrokerConnection()
+    pair.to_broker(5.0)
+    pair.broker.accept(b"c1", 5.0, slot=0, credit=4, policy="block", **WELCOME)
+    pair.to_clients(5.0)
+    assert c.failed(5.1) == [AttemptFailed()]       # say, its segment is gone already
+    assert [proto.decode(f)[0] for f in c.frames_to_send()] == ["bye"]
+    assert c.state is State.LOST and c.get_timer() == pytest.approx(5.15)
+    assert c.failed(5.15) == [AttemptFailed()]      # no socket there: no BYE
+    assert c.frames_to_send() == [] and c.get_timer() == pytest.approx(5.25)
+    # On a first attachment, it is the end.
+    d = Pair().attach(now=0.0, reconnect=10.0)
+    assert d.failed(0.1) == [] and d.state is State.CLOSED
+    assert [proto.decode(f)[0] for f in d.frames_to_send()] == ["bye"]
 
 
 def test_client_timer_only_when_attached() -> None:
@@ -634,11 +778,11 @@ def test_broker_keeps_counting_errors() -> None:
 
 def test_valid_frames_from_new_peer() -> None:
     b = BrokerConnection()
-    assert b.receive(b"x", hello_with(), 0.0) == [Hello(b"x", "ids", None, None, None, 1)]
+    assert b.receive(b"x", hello_with(), 0.0) == [HelloReceived(b"x", "ids", None, None, None, 1)]
     assert b.receive(b"x", hello_with(name="a" * 48, group="g.1-x_y", policy="block",
                                       credit=MAX_CREDIT, pid=U32), 0.0) == [
-        Hello(b"x", "a" * 48, "g.1-x_y", "block", MAX_CREDIT, U32)]
-    assert b.receive(b"x", proto.encode("stats"), 0.0) == [StatsRequest(b"x")]
+        HelloReceived(b"x", "a" * 48, "g.1-x_y", "block", MAX_CREDIT, U32)]
+    assert b.receive(b"x", proto.encode("stats"), 0.0) == [StatsRequested(b"x")]
     assert b.errors == 0
     assert b.frames_to_send() == []
 
@@ -648,7 +792,7 @@ def test_release_accepts_u64_seqs() -> None:
     pair.attach()
     seqs = [0, U64, *range(1, MAX_RELEASE - 1)]
     assert pair.broker.receive(b"c1", frame(t="release", v=2, seqs=seqs), 1.0) == [
-        Release(b"c1", seqs)]
+        ReleaseReceived(b"c1", seqs)]
 
 
 # --- the client validates what the broker sends -------------------------------
@@ -787,7 +931,7 @@ def test_client_transitions_after_eos() -> None:
     _client_refuses(c, proto.encode("eos", error=None), "unexpected")
     # An ERROR refuses one message (a release, say) and changes nothing else.
     assert c.receive(proto.encode("error", code="bad-release", text="x"), 3.0) == [
-        ErrorReply("bad-release", "x")]
+        RequestRefused("bad-release", "x")]
     assert c.state is State.ENDED
     c.release(3.0, [4])
     assert c.receive(proto.encode("evict", code="lease-expired", text="y"), 3.0) == [
@@ -893,7 +1037,7 @@ def test_refusal_text_is_bounded() -> None:
     pair.broker.refuse(b"c1", 1.0, "bad-release", "x" * 5000)
     pair.broker.evict(b"c1", 1.0, "lease-expired", "y" * 5000)
     [err, ev] = pair.to_clients(1.0)[b"c1"]
-    assert err == ErrorReply("bad-release", "x" * 1024)
+    assert err == RequestRefused("bad-release", "x" * 1024)
     assert ev == Evicted("lease-expired", "y" * 1024)
     assert c.state is State.CLOSED
 
@@ -913,14 +1057,14 @@ def test_error_to_attached_peer_leaves_both_sides_attached() -> None:
         pair.broker.receive(b"c1", frame(t="release", v=2, seqs=[]), 1.0)
     pair.broker.refuse(b"c1", 1.0, "bad-release", "batch 7 is not held")
     [e1, e2] = pair.to_clients(1.0)[b"c1"]
-    assert isinstance(e1, ErrorReply) and e1.code == "bad-field"
-    assert e2 == ErrorReply("bad-release", "batch 7 is not held")
+    assert isinstance(e1, RequestRefused) and e1.code == "bad-field"
+    assert e2 == RequestRefused("bad-release", "batch 7 is not held")
     assert c.state is State.ATTACHED
     assert pair.broker.state(b"c1") is State.ATTACHED
     pair.broker.send_batch(b"c1", 2.0, 0, 0, 1, 1)
-    assert pair.to_clients(2.0)[b"c1"] == [Batch(0, 0, 1, 1)]
+    assert pair.to_clients(2.0)[b"c1"] == [BatchAnnounced(0, 0, 1, 1)]
     c.release(2.0, [0])
-    assert pair.to_broker(2.0) == [Release(b"c1", [0])]
+    assert pair.to_broker(2.0) == [ReleaseReceived(b"c1", [0])]
 
 
 # --- arbitrary input -----------------------------------------------------------
@@ -1044,7 +1188,8 @@ def test_broker_receive_gives_events_or_remote_error(attached: bool, draw: st.Da
         assert b.state(b"p") is (State.ATTACHED if attached else State.NEW)
         return
     assert type(events) is list
-    assert all(isinstance(ev, Hello | Release | StatsRequest | Bye) for ev in events)
+    assert all(isinstance(ev, HelloReceived | ReleaseReceived | StatsRequested | ByeReceived)
+               for ev in events)
     assert all(ev.peer == b"p" for ev in events)
     assert b.errors == errors
     assert b.frames_to_send() == []
@@ -1081,6 +1226,6 @@ def test_client_receive_gives_events_or_remote_error(state: str, draw: st.DataOb
         assert c.state.value == state
         return
     assert type(events) is list
-    assert all(isinstance(ev, Welcome | Batch | Gap | EndOfStream | ErrorReply | Evicted
-                          | StatsReply) for ev in events)
+    assert all(isinstance(ev, Welcomed | BatchAnnounced | GapReported | StreamEnded
+                          | RequestRefused | Evicted | StatsReceived) for ev in events)
     assert c.frames_to_send() == []

@@ -346,16 +346,18 @@ def test_stalled_drop_clients_cost_only_themselves(ns: Any, broker: Any, tmp_pat
                         batch.release()
             reader = threading.Thread(target=read)
             reader.start()
-            sent = 0
-            for k in range(10):             # 20,000 frames in ten bursts, 400 batches or so
-                sent += ns.send("vb", [frame(OTHER, udp4(1, 2, 100, a=k * 20 + i % 20))
-                                       for i in range(2000)], tmp_path)
-                time.sleep(0.05)
-            deadline = time.monotonic() + 20
-            while got[0] < sent and time.monotonic() < deadline:
-                time.sleep(0.05)
-            done.set()
-            reader.join()
+            try:
+                sent = 0
+                for k in range(10):         # 20,000 frames in ten bursts, 400 batches or so
+                    sent += ns.send("vb", [frame(OTHER, udp4(1, 2, 100, a=k * 20 + i % 20))
+                                           for i in range(2000)], tmp_path)
+                    time.sleep(0.05)
+                deadline = time.monotonic() + 20
+                while got[0] < sent and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            finally:
+                done.set()
+                reader.join()
             assert (got[0], good.gaps) == (sent, [])
             st = pktipc.broker_stats(b.name)
         per = {c["name"]: c for c in st["clients"]}

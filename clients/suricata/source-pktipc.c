@@ -119,7 +119,7 @@ static void ReleasePacket(Packet *p)
 static void UpdateCounters(PktipcThread *ptv)
 {
     struct pktipc_stats st;
-    if (pktipc_stats(ptv->c, &st) < 0)
+    if (pktipc_stats(ptv->c, &st, sizeof(st)) < 0)
         return;
     if (ptv->index == 0) {
         /* The broker's counters are the current broker's own: a new one
@@ -239,7 +239,7 @@ static void Reattach(PktipcThread *ptv, int err)
         if (suricata_ctl_flags & SURICATA_STOP)
             return;
     struct pktipc_stats st;
-    if (pktipc_stats(ptv->c, &st) == 0) {
+    if (pktipc_stats(ptv->c, &st, sizeof(st)) == 0) {
         ptv->base_packets += st.packets;
         ptv->base_drops += st.drops;
         ptv->base_reconnects += st.reconnects + 1;

@@ -386,7 +386,7 @@ class Broker:
             except proto.RemoteProtocolError:
                 continue    # the ERROR reply is queued and counted
             for ev in events:
-                if isinstance(ev, proto.Hello) and creds is not None:
+                if isinstance(ev, proto.HelloReceived) and creds is not None:
                     # Who it is, as the kernel says, not as it says.
                     ev = replace(ev, pid=creds.pid, uid=creds.uid)
                 if isinstance(ev, proto.PeerFlooding):
@@ -397,7 +397,7 @@ class Broker:
 
     def _handle(self, ev: proto.BrokerEvent, now: float) -> None:
         d = self.disp
-        if isinstance(ev, proto.Hello):
+        if isinstance(ev, proto.HelloReceived):
             welcome = dict(shm=self.shm_name, epoch=self.epoch,
                            layout=lib.PKTIPC_LAYOUT_VERSION)
             c = d.hello(ev, now, welcome)
@@ -405,19 +405,19 @@ class Broker:
                 self._watch(c)
                 if not self._started:
                     self._started = len(d.clients) >= self.wait_clients
-        elif isinstance(ev, proto.Release):
+        elif isinstance(ev, proto.ReleaseReceived):
             c = d.by_peer.get(ev.peer)
             if c is not None:
                 d.release(c, ev.seqs, now)
-        elif isinstance(ev, proto.StatsRequest):
+        elif isinstance(ev, proto.StatsRequested):
             if self._stats is None:
                 self._stats = self.stats()
             self.conn.send_stats(ev.peer, now, self._stats)
-        elif isinstance(ev, proto.Bye):
+        elif isinstance(ev, proto.ByeReceived):
             c = d.by_peer.get(ev.peer)
             if c is not None:
                 self._drop(c, now, None)
-        elif isinstance(ev, proto.PeerLost):
+        elif isinstance(ev, proto.PeerTimedOut):
             c = d.by_peer.get(ev.peer)
             if c is not None:      # the protocol has told it already
                 self._drop(c, now, "nothing heard from it within the liveness", resume=True)

@@ -225,11 +225,12 @@ class Dispatcher:
         self.clients_total = 0
 
     # -- clients --
-    def _refuse(self, ev: proto.Hello, now: float, code: str, text: str) -> None:
+    def _refuse(self, ev: proto.HelloReceived, now: float, code: str, text: str) -> None:
         self.refused[code] += 1
         self.conn.refuse(ev.peer, now, code, text)
 
-    def hello(self, ev: proto.Hello, now: float, welcome: dict[str, Any]) -> ClientState | None:
+    def hello(self, ev: proto.HelloReceived, now: float,
+              welcome: dict[str, Any]) -> ClientState | None:
         group = ev.group or ev.name
         other = self.clients.get(ev.name)
         if other is not None and other.peer is not None:
@@ -300,7 +301,7 @@ class Dispatcher:
         if self.backoff > 0:
             self.banned[c.name] = now + self.backoff
 
-    def _resume(self, c: ClientState, ev: proto.Hello, now: float,
+    def _resume(self, c: ClientState, ev: proto.HelloReceived, now: float,
                 welcome: dict[str, Any]) -> ClientState:
         """A detached client is back under its name: it continues where it
         stopped, from the batches it never released."""

@@ -28,7 +28,6 @@ from .._errors import (
     ClosedError,
     EndOfStream,
     LayoutError,
-    NameTaken,
     PermissionDenied,
     UntrustedBroker,
     refusal,
@@ -75,7 +74,7 @@ class _Mapping:
     """One broker's segment, mapped read-only. Batches keep theirs: after a
     broker restart, batches of the old one still read the old segment."""
 
-    def __init__(self, w: proto.Welcome, server: str, owner: int | None) -> None:
+    def __init__(self, w: proto.Welcomed, server: str, owner: int | None) -> None:
         if w.layout != LAYOUT_VERSION:
             raise LayoutError(f"broker uses layout {w.layout}, this client reads "
                               f"{LAYOUT_VERSION}")
@@ -137,7 +136,8 @@ class Batch:
     __slots__ = ("seq", "slab", "gen", "n", "count", "_client", "_map", "_desc", "_mine",
                  "_views", "_released", "__weakref__")
 
-    def __init__(self, client: Client, mapping: _Mapping, b: proto.Batch, slot: int) -> None:
+    def __init__(self, client: Client, mapping: _Mapping, b: proto.BatchAnnounced,
+                 slot: int) -> None:
         self.seq = b.seq
         self.slab = b.slab
         self.gen = b.gen
@@ -241,17 +241,13 @@ class Batch:
         self.release()
 
 
-class _Lost(Exception):
-    """The broker stopped answering, or no longer knows this client."""
-
-
 class Client:
     """One named client of one broker. See connect()."""
 
     def __init__(self, server: str, client: str, *, group: str | None = None,
                  balance: str | None = None, policy: str | None = None,
-                 credit: int | None = None, timeout: float = 5.0,
-                 reconnect: float = 30.0) -> None:
+                 credit: int | None = None, timeout: float = proto.DEFAULT_TIMEOUT,
+                 reconnect: float = proto.DEFAULT_RECONNECT) -> None:
         check_name("client", client)
         if group is not None:
             check_name("group", group)
@@ -265,19 +261,18 @@ class Client:
         self.server = server
         self.endpoint = control_endpoint(server)
         self.reconnect = reconnect
-        self.reconnects = 0
         self.gaps: list[tuple[int, int]] = []
         self.end_error: str | None = None
         self._policy, self._credit = policy, credit
         self._group, self._balance = group, balance
         self._ended = False
-        self._lost_at: float | None = None
-        self._pending: deque[proto.Batch] = deque()
+        self._lost_why = ""
+        self._pending: deque[proto.BatchAnnounced] = deque()
         self._held: set[int] = set()
         self._batches: weakref.WeakSet[Batch] = weakref.WeakSet()
         self._sock: zmq.Socket[bytes] | None = None
         self._map: _Mapping | None = None
-        self._owner = _check_socket(server, ipc_path(self.endpoint))
+        self._conn = proto.ClientConnection(reconnect)
         self._ctx = zmq.Context()
         self._closed = False
         try:
@@ -286,80 +281,71 @@ class Client:
             self._teardown()
             raise
 
-    def _attach(self, timeout: float) -> None:
-        """HELLO, WELCOME, and the broker's segment mapped."""
+    @property
+    def reconnects(self) -> int:
+        """How many times this client attached to a broker that took a lost one's place."""
+        return self._conn.reconnects
+
+    def _open(self) -> None:
+        """A new connection to the broker, and HELLO on it."""
         self._owner = _check_socket(self.server, ipc_path(self.endpoint))
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.connect(self.endpoint)
-        self._conn = proto.ClientConnection()
         self._conn.hello(time.monotonic(), name=self.name, group=self._group,
                          policy=self._policy, credit=self._credit, pid=os.getpid(),
                          balance=self._balance)
-        try:
-            self.welcome = self._await_welcome(timeout)
-            mapping = _Mapping(self.welcome, self.server, self._owner)
-        except BaseException:
-            self._conn.bye(time.monotonic())    # BYE only if it was attached
-            self._flush()
-            self._sock.close(linger=100)
-            self._sock = None
-            raise
-        if self._map is not None and not any(b._map is self._map for b in self._batches):
-            self._map.close()
-        self._map = mapping
-        self._conn.mapped(time.monotonic())
         self._flush()
 
-    def _await_welcome(self, timeout: float) -> proto.Welcome:
-        assert self._sock is not None
+    def _drop_socket(self, linger: int = 100) -> None:
+        """Closes the connection, once what is to be said on it is sent."""
         self._flush()
+        if self._sock is not None:
+            self._sock.close(linger=linger)
+            self._sock = None
+
+    def _attach(self, timeout: float) -> None:
+        """The first attachment: HELLO, WELCOME, and the broker's segment
+        mapped, within `timeout` seconds; raises why not."""
+        self._open()
+        assert self._sock is not None
         deadline = time.monotonic() + timeout
-        while True:
+        while self._conn.state is proto.State.HELLO_SENT:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
-                if time.monotonic() >= deadline:
-                    raise BrokerNotRunning(
-                        f"broker {self.server!r} did not answer within {timeout:g} s")
+            if left <= 0:
+                self._drop_socket()
+                raise BrokerNotRunning(
+                    f"broker {self.server!r} did not answer within {timeout:g} s")
+            if not self._sock.poll(int(left * 1000) + 1):
                 continue
             try:
                 events = self._conn.receive(self._sock.recv(), time.monotonic())
             except proto.RemoteProtocolError as e:
+                self._drop_socket()
                 raise BrokerNotRunning(f"{self.endpoint} is not a pktipc broker: {e}") from e
             for ev in events:
-                if isinstance(ev, proto.Welcome):
-                    return ev
-                if isinstance(ev, proto.ErrorReply):
+                if isinstance(ev, proto.RequestRefused):
+                    self._drop_socket()
                     raise refusal(ev.code, f"broker {self.server!r} refused {self.name!r}: "
                                   f"{ev.text}")
+                if isinstance(ev, proto.Welcomed):
+                    try:
+                        self._use(ev)
+                    except BaseException:
+                        self._conn.failed(time.monotonic())
+                        self._drop_socket()
+                        raise
 
-    def _reattach(self, deadline: float | None) -> bool:
-        """After the broker was lost: attaches again, with backoff, to the
-        broker that takes its place. False when `deadline` comes first;
-        BrokerGone once `reconnect` seconds have passed in vain."""
-        assert self._lost_at is not None
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-        delay = 0.05
-        while True:
-            now = time.monotonic()
-            give_up = self._lost_at + self.reconnect
-            if now >= give_up:
-                raise BrokerGone(f"broker {self.server!r} stopped answering and did not "
-                                 f"come back within {self.reconnect:g} s")
-            if deadline is not None and now >= deadline:
-                return False
-            try:
-                self._attach(min(1.0, give_up - now))
-            except (BrokerNotRunning, BrokerGone, LayoutError, NameTaken):
-                end = min(give_up, deadline if deadline is not None else give_up)
-                time.sleep(max(0.0, min(delay, end - time.monotonic())))
-                delay = min(2 * delay, 1.0)
-                continue
-            self._lost_at = None
-            self.reconnects += 1
-            return True
+    def _use(self, w: proto.Welcomed) -> None:
+        """Maps the segment WELCOME named, and says so."""
+        mapping = _Mapping(w, self.server, self._owner)
+        if self._map is not None and not any(b._map is self._map for b in self._batches):
+            self._map.close()
+        self._map = mapping
+        self.welcome = w
+        self._ended = False
+        self._conn.mapped(time.monotonic())
+        self._flush()
 
     @property
     def group(self) -> str:
@@ -395,28 +381,17 @@ class Client:
         broker evicted this client."""
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._lost_at is not None and not self._reattach(deadline):
-                return None
-            try:
-                batch = self._next(deadline)
-            except _Lost as e:
-                if not self.reconnect:
-                    raise BrokerGone(str(e)) from None
-                self._lost_at = time.monotonic()
-                self._pending.clear()
-                self._held.clear()
-                continue
-            if batch is not False:
-                return batch
+        while (batch := self._next(deadline)) is False:
+            pass
+        return batch
 
     def _next(self, deadline: float | None) -> Batch | None | Literal[False]:
         """A batch, None at the deadline, False to go round again."""
-        assert self._sock is not None and self._map is not None
         # Read what has come before handing out what was queued: an EVICT
         # behind queued batches means their slabs are no longer ours.
         self._receive_all()
         if self._pending:
+            assert self._map is not None
             b = self._pending.popleft()
             batch = Batch(self, self._map, b, self.welcome.slot)   # may raise BrokerGone
             self._held.add(b.seq)
@@ -437,7 +412,9 @@ class Client:
             if now >= deadline:
                 return None
             wait = min(wait, deadline - now)
-        if self._sock.poll(int(wait * 1000) + (wait > 0)):
+        if self._sock is None:
+            time.sleep(wait)        # the broker is lost: nothing to hear until the next attempt
+        elif self._sock.poll(int(wait * 1000) + (wait > 0)):
             self._receive_all()
         self._on_events(self._conn.handle_timer(time.monotonic()))
         self._flush()
@@ -471,8 +448,8 @@ class Client:
     def stats(self, timeout: float = 2.0) -> dict[str, Any]:
         """The broker's STATS reply."""
         self._check_open()
-        if self._sock is None:
-            raise BrokerGone(f"broker {self.server!r} is gone")
+        if self._sock is None or self._conn.retrying:
+            raise BrokerGone(f"broker {self.server!r} {self._lost_why}")
         self._conn.request_stats(time.monotonic())
         self._flush()
         deadline = time.monotonic() + timeout
@@ -481,11 +458,10 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BrokerGone(f"broker {self.server!r} did not answer STATS")
+            if self._sock is None or self._conn.retrying:
+                raise BrokerGone(f"broker {self.server!r} {self._lost_why}")
             if self._sock.poll(int(left * 1000) + 1):
-                try:
-                    self._receive_all()
-                except _Lost as e:
-                    raise BrokerGone(str(e)) from None
+                self._receive_all()
         return self._stats
 
     def close(self) -> None:
@@ -537,9 +513,8 @@ class Client:
         self._flush()
 
     def _receive_all(self) -> None:
-        assert self._sock is not None
         events: list[proto.ClientEvent] = []
-        while True:
+        while self._sock is not None:
             try:
                 frame = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -555,31 +530,47 @@ class Client:
         # already hold other packets), so it is handled first.
         events.sort(key=lambda ev: not isinstance(ev, proto.Evicted))
         for ev in events:
-            if isinstance(ev, proto.Batch):
+            if isinstance(ev, proto.BatchAnnounced):
                 m = self._map
                 assert m is not None
                 if ev.slab >= m.slab_count or m.seg.batch_rec(ev.slab).gen != ev.gen:
                     self._mismatch(ev)
                 self._pending.append(ev)
-            elif isinstance(ev, proto.Gap):
+            elif isinstance(ev, proto.GapReported):
                 self.gaps.append((ev.start, ev.end))
-            elif isinstance(ev, proto.EndOfStream):
+            elif isinstance(ev, proto.StreamEnded):
                 self._ended = True
                 self.end_error = ev.error
-            elif isinstance(ev, proto.StatsReply):
+            elif isinstance(ev, proto.StatsReceived):
                 self._stats = ev.stats
-            elif isinstance(ev, proto.ErrorReply):
-                if ev.code == "not-attached":
-                    # A broker that does not know us: it restarted.
-                    raise _Lost(f"broker {self.server!r} restarted")
+            elif isinstance(ev, proto.RequestRefused):
                 raise refusal(ev.code, f"broker {self.server!r} refused a request: {ev.text}")
             elif isinstance(ev, proto.Evicted):
                 self._pending.clear()
                 raise BrokerGone(f"broker {self.server!r} evicted {self.name!r}: {ev.text}")
-            elif isinstance(ev, proto.BrokerLost):
-                raise _Lost(f"broker {self.server!r} stopped answering")
+            elif isinstance(ev, proto.ConnectionLost):
+                self._lost_why = ev.why
+                self._drop_socket(linger=0)
+                self._pending.clear()
+                self._held.clear()      # their slabs are the lost broker's
+                if not ev.retrying:
+                    raise BrokerGone(f"broker {self.server!r} {ev.why}")
+            elif isinstance(ev, proto.RetryDue):
+                try:
+                    self._open()
+                except BrokerNotRunning:        # no socket there (yet)
+                    self._on_events(self._conn.failed(time.monotonic()))
+            elif isinstance(ev, proto.Welcomed):         # after RetryDue
+                try:
+                    self._use(ev)
+                except (BrokerGone, LayoutError):
+                    self._on_events(self._conn.failed(time.monotonic()))
+            elif isinstance(ev, proto.AttemptFailed):
+                self._drop_socket()     # after its BYE, if it was welcomed
+            elif isinstance(ev, proto.ReconnectAbandoned):
+                raise BrokerGone(f"broker {self.server!r} {self._lost_why}, and {ev.why}")
 
-    def _mismatch(self, ev: proto.Batch) -> None:
+    def _mismatch(self, ev: proto.BatchAnnounced) -> None:
         """A batch that does not match its slab: the broker broke the
         protocol, unless it evicted us meanwhile and reused the slab; its
         EVICT, sent before the slab was reused, is then on its way: it is
@@ -597,9 +588,10 @@ class Client:
         raise BrokerGone(f"batch {ev.seq} does not match the segment")
 
     def _flush(self) -> None:
-        assert self._sock is not None
-        for frame in self._conn.frames_to_send():
-            self._sock.send(frame)
+        frames = self._conn.frames_to_send()
+        if self._sock is not None:
+            for frame in frames:
+                self._sock.send(frame)
 
 
 def _who(uid: int) -> str:
@@ -647,8 +639,9 @@ def _check_socket(server: str, path: Path | None) -> int | None:
 
 
 def connect(server: str, client: str, *, group: str | None = None, balance: str | None = None,
-            policy: str | None = None, credit: int | None = None, timeout: float = 5.0,
-            reconnect: float = 30.0) -> Client:
+            policy: str | None = None, credit: int | None = None,
+            timeout: float = proto.DEFAULT_TIMEOUT,
+            reconnect: float = proto.DEFAULT_RECONNECT) -> Client:
     """Attaches to broker `server` (a name or "ipc://..."/"tcp://..." endpoint)
     as `client`, a name unique on that broker.
 
@@ -685,7 +678,7 @@ def broker_stats(server: str, timeout: float = 2.0) -> dict[str, Any]:
         if not sock.poll(int(timeout * 1000)):
             raise BrokerNotRunning(f"broker {server!r} did not answer within {timeout:g} s")
         for ev in conn.receive(sock.recv(), time.monotonic()):
-            if isinstance(ev, proto.StatsReply):
+            if isinstance(ev, proto.StatsReceived):
                 return ev.stats
         raise BrokerNotRunning(f"{endpoint} did not answer STATS")
     except proto.RemoteProtocolError as e:

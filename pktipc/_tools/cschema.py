@@ -1,6 +1,6 @@
 """The C client's copy of the protocol's rules, generated from their sources:
 SCHEMAS, CROSS_CHECKS, the constants and CLIENT_TRANSITIONS of _protocol.py,
-and the name rule of _paths.py.
+and the name and runtime-directory rules of _paths.py.
 
     .venv/bin/python -m pktipc._tools.cschema > clients/c/src/schema.h
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import string
 
+from .. import _paths as paths
 from .. import _protocol as proto
 from .._paths import NAME_RE
 
@@ -52,6 +53,14 @@ def render() -> str:
         f"#define PROTO_MAX_MEMBERS        {proto.MAX_MEMBERS}",
         f"#define PROTO_MISSED_HEARTBEATS  {proto.BROKER_MISSED_HEARTBEATS}",
     ]
+    for name in ("BACKOFF_MIN", "BACKOFF_MAX", "ATTEMPT_MAX", "DEFAULT_TIMEOUT",
+                 "DEFAULT_RECONNECT"):
+        ms = getattr(proto, name) * 1000
+        assert ms == int(ms), name
+        out.append(f"#define {'PROTO_' + name + '_MS':<24} {int(ms)}")
+    out += [f"#define {'PROTO_' + name:<24} {_c_str(getattr(paths, name))}"
+            for name in ("RUNTIME_ENV", "ROOT_RUNTIME_DIR", "USER_RUNTIME_SUBDIR",
+                         "CONTROL_SUFFIX")]
     first, rest, longest = _name_rule()
     out += [
         f"#define PROTO_NAME_MAX           {longest}",

@@ -21,6 +21,7 @@ from pathlib import Path
 from .._client.client import broker_stats, connect
 from .._errors import PktipcError
 from .._paths import control_endpoint, ipc_path
+from .netns import Namespace
 
 CLIENT_NAMES = ("ids", "recorder", "flows", "metrics")
 TAP, PEER = "pktipc0", "pktipc1"
@@ -70,35 +71,6 @@ def _live_unavailable() -> str | None:
     return None
 
 
-class _Namespace:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._run("ip", "netns", "add", name)
-        try:
-            self._run("ip", "-n", name, "link", "add", TAP, "type", "veth", "peer", "name",
-                      PEER)
-            for iface in (TAP, PEER):
-                self._run("ip", "-n", name, "link", "set", iface, "up")
-            # No IPv6 and no addresses: only the generator's frames cross the pair.
-            self._run("ip", "netns", "exec", name, "sysctl", "-qw",
-                      "net.ipv6.conf.all.disable_ipv6=1")
-        except PktipcError:
-            self.delete()
-            raise
-
-    @staticmethod
-    def _run(*cmd: str) -> None:
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise PktipcError(f"{' '.join(cmd)}: {r.stderr.strip() or r.returncode}")
-
-    def cmd(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *args]
-
-    def delete(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
-
-
 def run(capture: str | None, clients: int, speed: float, packets: int, rate: float) -> int:
     if not 1 <= clients <= len(CLIENT_NAMES):
         raise ValueError(f"--clients must be between 1 and {len(CLIENT_NAMES)}")
@@ -137,9 +109,10 @@ def _run_file(path: str, clients: int, speed: float) -> int:
 
 def _run_live(clients: int, packets: int, rate: float) -> int:
     name = f"demo-{os.getpid()}"
-    ns = _Namespace(f"pktipc-demo-{os.getpid()}")
+    ns = Namespace(f"pktipc-demo-{os.getpid()}")
     broker = gen = None
     try:
+        ns.veth(TAP, PEER)
         cmd = [sys.executable, "-m", "pktipc", "serve", "--name", name, "-i", TAP,
                "--block-timeout", "5"]
         print(f"pktipc demo: broker {name!r} captures on {TAP}, a veth in namespace "

@@ -102,7 +102,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                                ? 1 : 1000;
     CHECK(pkb_src_ts_resolution(s) == (ns_per_tick ? 1000000000 / ns_per_tick : 0),
           "%u ticks a second", pkb_src_ts_resolution(s));
-    const uint32_t linktype = (uint32_t)linktype_of(pcap_datalink(ref));
+    const uint32_t linktype = (uint32_t)pktipc_linktype_of_dlt(pcap_datalink(ref));
     CHECK((uint32_t)pkb_src_linktype(s) == linktype, "link type %d", pkb_src_linktype(s));
     CHECK(pkb_src_snaplen(s) == (uint32_t)pcap_snapshot(ref), "snap length %u",
           pkb_src_snaplen(s));

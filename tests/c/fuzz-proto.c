@@ -112,15 +112,22 @@ static void check_states(const struct proto_msg *m)
         for (int k = 0; k < 2; k++) {
             struct proto_conn p;
             char why[256] = "";
-            proto_conn_init(&p);
+            proto_conn_init(&p, 0);
             p.state = state;            /* a connection that just heard and spoke */
             p.slot = slots[k];
             p.last_recv = p.last_sent = NOW - 1;
             const struct proto_transition *t = transition(state, m->type);
             int want = t && (m->type != PMSG_BATCH || names_slot(m, p.slot));
             int r = proto_receive(&p, m, NOW, why, sizeof(why));
-            CHECK((r == 0) == want, "%s while %s: %s", SCHEMAS[m->type].type,
-                  STATE_NAMES[state], r ? why : "taken");
+            CHECK((r >= 0) == want, "%s while %s: %s", SCHEMAS[m->type].type,
+                  STATE_NAMES[state], r < 0 ? why : "taken");
+            if (r == PROTO_RX_LOST) {   /* a broker that does not know us; no reconnecting */
+                CHECK(p.state == ST_CLOSED && state == ST_ATTACHED, "lost while %s",
+                      STATE_NAMES[state]);
+                continue;
+            }
+            CHECK(r <= PROTO_RX_OK, "%s while %s: %d", SCHEMAS[m->type].type,
+                  STATE_NAMES[state], r);
             CHECK(p.state == (want ? t->to : state), "%s while %s: now %s",
                   SCHEMAS[m->type].type, STATE_NAMES[state], STATE_NAMES[p.state]);
             if (!want)

@@ -127,7 +127,7 @@ int main(int argc, char **argv)
         double t = now();
         if (t - last >= interval) {
             struct pktipc_stats st;
-            pktipc_stats(c, &st);
+            pktipc_stats(c, &st, sizeof(st));
             printf("t %.1f pkt/s %.0f Mbit/s %.2f packets %llu drops %llu reconnects %llu\n",
                    t - start, (packets - last_packets) / (t - last),
                    (bytes - last_bytes) * 8 / (t - last) / 1e6, packets,
@@ -139,7 +139,7 @@ int main(int argc, char **argv)
         }
     }
     struct pktipc_stats st;
-    pktipc_stats(c, &st);
+    pktipc_stats(c, &st, sizeof(st));
     double secs = now() - start;
     printf("total packets %llu bytes %llu seconds %.3f drops %llu reconnects %llu group %s "
            "balance %s\n", packets, bytes, secs, (unsigned long long)st.drops,

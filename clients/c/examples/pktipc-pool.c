@@ -242,7 +242,7 @@ int main(int argc, char **argv)
 
     /* The worker's last releases go out with this call. */
     struct pktipc_stats st;
-    pktipc_stats(w.c, &st);
+    pktipc_stats(w.c, &st, sizeof(st));
     printf("packets %llu bytes %llu checksum %08x released %llu release_errors %llu "
            "batches %llu batches_released %llu release_msgs %llu held %llu drops %llu\n",
            w.packets, w.bytes, w.checksum, w.released, w.errors,

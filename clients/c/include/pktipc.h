@@ -86,6 +86,15 @@
 extern "C" {
 #endif
 
+/* What the library exports; a result that must not be ignored. */
+#if defined(__GNUC__) || defined(__clang__)
+#define PKTIPC_API __attribute__((visibility("default")))
+#define PKTIPC_WARN_UNUSED_RESULT __attribute__((warn_unused_result))
+#else
+#define PKTIPC_API
+#define PKTIPC_WARN_UNUSED_RESULT
+#endif
+
 #define PKTIPC_EINVAL      1   /* an argument is invalid (NULL, wrong sz, name, policy, ...) */
 #define PKTIPC_ENOBROKER   2   /* no broker answers at that name or endpoint */
 #define PKTIPC_EPERM       3   /* the broker's socket or segment is not ours to use */
@@ -118,6 +127,11 @@ extern "C" {
 
 typedef struct pktipc_client pktipc_client;            /* opaque */
 
+/* Options, as libbpf's: sz first, sizeof(struct pktipc_opts) of the
+ * headers built against. The structure only grows at its end: a program
+ * built with fewer fields gets the library's defaults for the others, and
+ * one built with more (a newer header) is accepted if what this library
+ * does not know is zero. Zero is every field's default. */
 struct pktipc_opts {
     size_t sz;              /* sizeof(struct pktipc_opts) */
     const char *server;     /* broker name, or a control endpoint "ipc://..." / "tcp://..." */
@@ -129,6 +143,7 @@ struct pktipc_opts {
     int reconnect_ms;       /* how long to look for a broker that takes the place of a
                                lost one; <0: default (30000); 0: never (-PKTIPC_EGONE) */
     char *errbuf;           /* NULL, or PKTIPC_ERRBUF_SIZE bytes: why pktipc_open failed */
+    /* --- version 1 ends here --- */
     int balance;            /* PKTIPC_BALANCE_*: how the group divides its packets; asking
                                for another mode than the group's is refused (-PKTIPC_EBALANCE) */
 };
@@ -146,7 +161,9 @@ struct pktipc_batch {       /* filled by pktipc_next_batch */
 };
 
 /* Counters since pktipc_open, monotonic; the broker's are the current
- * broker's own (a broker that takes the place of a lost one starts at 0). */
+ * broker's own (a broker that takes the place of a lost one starts at 0).
+ * It only grows at its end: pktipc_stats fills as much of it as the caller
+ * says it has. */
 struct pktipc_stats {
     uint64_t packets;           /* packets received */
     uint64_t bytes;             /* their captured bytes */
@@ -172,11 +189,12 @@ struct pktipc_stats {
 
 /* Attaches to a broker: 0 with *out set, or -PKTIPC_E* with *out NULL (and
  * the reason in opts->errbuf if given). */
+PKTIPC_API PKTIPC_WARN_UNUSED_RESULT
 int pktipc_open(const struct pktipc_opts *opts, pktipc_client **out);
 
 /* Detaches (BYE) and frees everything, NULL-safe. Packets still held are
  * unmapped with it: no thread may use them any more. */
-void pktipc_close(pktipc_client *c);
+PKTIPC_API void pktipc_close(pktipc_client *c);
 
 /* A descriptor to poll (for reading) in one's own event loop. It becomes
  * readable when the client has something to do: a message came from the
@@ -186,17 +204,18 @@ void pktipc_close(pktipc_client *c);
  * timeout 0) until it returns 0, -PKTIPC_EINTR or an error; only then is
  * waiting on it again safe. The descriptor stays the same across broker
  * restarts. */
-int pktipc_fd(const pktipc_client *c);
+PKTIPC_API int pktipc_fd(const pktipc_client *c);
 
 /* The next batch, waiting at most timeout_ms (<0: for ever): its packet
  * count (>0), 0 if none came in time, or -PKTIPC_E* (-PKTIPC_EEOS after
  * the last batch). The batch is the caller's until released, as a whole
  * or packet by packet. */
+PKTIPC_API PKTIPC_WARN_UNUSED_RESULT
 int pktipc_next_batch(pktipc_client *c, struct pktipc_batch *b, int timeout_ms);
 
 /* The bytes (caplen of them) of a packet given to this client; NULL for a
  * pointer that is not one. Valid until the packet is released. */
-const uint8_t *pktipc_pkt_data(const pktipc_client *c, const struct pktipc_pkt *p);
+PKTIPC_API const uint8_t *pktipc_pkt_data(const pktipc_client *c, const struct pktipc_pkt *p);
 
 /* The bytes of a packet of batch b: pktipc_pkt_data without the lookup,
  * for loops over a batch. */
@@ -216,11 +235,11 @@ static inline uint64_t pktipc_batch_seq(const struct pktipc_batch *b, uint32_t i
  * any thread. A packet is known by the address it was given at (&b.pkts[i],
  * a copy for a share), so a packet released twice is seen as such only
  * until its slab comes back to this client with new packets. */
-int pktipc_release(pktipc_client *c, const struct pktipc_pkt *p);
+PKTIPC_API int pktipc_release(pktipc_client *c, const struct pktipc_pkt *p);
 
 /* Gives back every packet of the batch not released yet: 0,
  * -PKTIPC_EALREADY (nothing was left), -PKTIPC_EFOREIGN. Any thread. */
-int pktipc_release_batch(pktipc_client *c, struct pktipc_batch *b);
+PKTIPC_API int pktipc_release_batch(pktipc_client *c, struct pktipc_batch *b);
 
 typedef void (*pktipc_handler)(void *user, const struct pktipc_pkt *p, const uint8_t *data);
 
@@ -230,36 +249,41 @@ typedef void (*pktipc_handler)(void *user, const struct pktipc_pkt *p, const uin
  * the callback returns; they are released by the library (do not release
  * them). Returns the packets handled (>0), 0 if none came in time, or
  * -PKTIPC_E*. */
+PKTIPC_API PKTIPC_WARN_UNUSED_RESULT
 int pktipc_dispatch(pktipc_client *c, int max, pktipc_handler cb, void *user, int timeout_ms);
 
-/* This client's counters, and the broker's from its segment. Never waits:
- * it only reads what has arrived. 0, or -PKTIPC_EINVAL, -PKTIPC_EBUSY. */
-int pktipc_stats(pktipc_client *c, struct pktipc_stats *st);
-
+/* This client's counters, and the broker's from its segment, into the
+ * first `sz` bytes of *st (sizeof(struct pktipc_stats) of the headers built
+ * against). Never waits: it only reads what has arrived. 0, or
+ * -PKTIPC_EINVAL, -PKTIPC_EBUSY. */
+PKTIPC_API int pktipc_stats(pktipc_client *c, struct pktipc_stats *st, size_t sz);
 /* The group this client is a member of, as the broker named it (NULL for
  * NULL), and how the group divides its packets: PKTIPC_BALANCE_FLOW or
  * PKTIPC_BALANCE_ROUND_ROBIN, as its first member chose (with
  * PKTIPC_BALANCE_DEFAULT, a broker that takes the place of a lost one may
  * have the other), or -PKTIPC_EINVAL for NULL. For the consuming thread. */
-const char *pktipc_group(const pktipc_client *c);
-int pktipc_balance(const pktipc_client *c);
+PKTIPC_API const char *pktipc_group(const pktipc_client *c);
+PKTIPC_API int pktipc_balance(const pktipc_client *c);
 
 /* The current broker's sources (capture files, interfaces), which a
  * packet's iface indexes: their number, and each (NULL past the end). */
-unsigned pktipc_iface_count(const pktipc_client *c);
-const struct pktipc_iface *pktipc_iface(const pktipc_client *c, unsigned i);
+PKTIPC_API unsigned pktipc_iface_count(const pktipc_client *c);
+PKTIPC_API const struct pktipc_iface *pktipc_iface(const pktipc_client *c, unsigned i);
 
 /* One line for an error code (negative or not). */
-const char *pktipc_strerror(int err);
+PKTIPC_API const char *pktipc_strerror(int err);
 
 /* The last error of the consuming thread, in detail ("broker 'tap' evicted
  * 'ids': ..."); after -PKTIPC_EEOS, why the stream ended early ("" if it
  * did not: every packet was served). */
-const char *pktipc_geterr(const pktipc_client *c);
+PKTIPC_API const char *pktipc_geterr(const pktipc_client *c);
 
 /* The DLT_* value (what libpcap's pcap_open_dead takes) of a LINKTYPE_*
  * value (what descriptors and capture files carry). */
-int pktipc_linktype_to_dlt(int linktype);
+PKTIPC_API int pktipc_linktype_to_dlt(int linktype);
+
+/* The library's version, "MAJOR.MINOR.PATCH" (the soname says when its ABI broke). */
+PKTIPC_API const char *pktipc_version(void);
 
 #ifdef __cplusplus
 }

@@ -346,12 +346,41 @@ int proto_decode(struct proto_msg *m, const void *frame, size_t len, char *why, 
 
 /* --- the connection ---------------------------------------------------------- */
 
-void proto_conn_init(struct proto_conn *p)
+void proto_conn_init(struct proto_conn *p, int64_t reconnect)
 {
     memset(p, 0, sizeof(*p));
     p->state = ST_NEW;
     p->heartbeat = 1000000000;
     p->liveness = 30 * (int64_t)1000000000;
+    p->reconnect = reconnect;
+}
+
+static int64_t min64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
+
+int proto_lost(struct proto_conn *p, int64_t now)
+{
+    if (!p->reconnect) {
+        p->state = ST_CLOSED;
+        return 0;
+    }
+    if (!p->lost) {
+        p->lost = 1;
+        p->lost_at = now;
+        p->backoff = PROTO_BACKOFF_MIN_MS * PROTO_NS_PER_MS;
+    }
+    p->state = ST_LOST;
+    p->retry_at = now;
+    return 1;
+}
+
+static void attempt_failed(struct proto_conn *p, int64_t now)
+{
+    p->state = ST_LOST;
+    p->retry_at = now + p->backoff;
+    p->backoff = min64(2 * p->backoff, PROTO_BACKOFF_MAX_MS * PROTO_NS_PER_MS);
 }
 
 static int pack_str(msgpack_packer *pk, const char *s)
@@ -391,7 +420,10 @@ int proto_hello(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now, const c
                 const char *balance)
 {
     msgpack_packer pk;
-    if (p->state != ST_NEW)
+    if (p->state == ST_LOST && p->lost)
+        p->attempt_end = min64(now + PROTO_ATTEMPT_MAX_MS * PROTO_NS_PER_MS,
+                               p->lost_at + p->reconnect);
+    else if (p->state != ST_NEW)
         return -1;
     int err = begin(buf, &pk, PMSG_HELLO);
     err |= key(&pk, PMSG_HELLO, F_HELLO_NAME) | pack_str(&pk, name);
@@ -452,6 +484,17 @@ int proto_receive(struct proto_conn *p, const struct proto_msg *m, int64_t now, 
                     STATE_NAMES[p->state]);
     if (m->type == PMSG_BATCH && !among(m->f[F_BATCH_MEMBERS], p->slot))
         return fail(why, whylen, "bad-field: batch: slot %u not among members", p->slot);
+    if (m->type == PMSG_ERROR) {
+        const msgpack_object *code = m->f[F_ERROR_CODE];
+        if (proto_retrying(p) && str_is(code, "name-taken")) {
+            attempt_failed(p, now);
+            return PROTO_RX_ATTEMPT_FAILED;
+        }
+        if (p->state == ST_ATTACHED && str_is(code, "not-attached")) {
+            proto_lost(p, now);
+            return PROTO_RX_LOST;
+        }
+    }
     p->state = CLIENT_TRANSITIONS[i].to;
     p->last_recv = now;
     if (m->type == PMSG_WELCOME) {
@@ -475,10 +518,12 @@ int64_t proto_timer(const struct proto_conn *p)
      * sent END-OF-STREAM may exit, so it is never lost then. */
     if (p->state == ST_ENDED)
         return p->last_sent + p->heartbeat;
-    if (p->state != ST_ATTACHED)
-        return INT64_MAX;
-    int64_t hb = p->last_sent + p->heartbeat, lost = p->last_recv + p->liveness;
-    return hb < lost ? hb : lost;
+    if (p->state == ST_ATTACHED)
+        return min64(p->last_sent + p->heartbeat, p->last_recv + p->liveness);
+    if (proto_retrying(p))
+        return min64(p->state == ST_LOST ? p->retry_at : p->attempt_end,
+                     p->lost_at + p->reconnect);
+    return INT64_MAX;
 }
 
 int proto_mapped(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now)
@@ -486,16 +531,44 @@ int proto_mapped(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now)
     msgpack_packer pk;
     if (p->state != ST_ATTACHED && p->state != ST_ENDED)
         return -1;
+    if (p->lost) {
+        p->lost = 0;
+        p->reconnects++;
+    }
     return sent(p, now, begin(buf, &pk, PMSG_HEARTBEAT));
+}
+
+int proto_failed(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now)
+{
+    msgpack_packer pk;
+    int bye = (p->state == ST_ATTACHED || p->state == ST_ENDED) &&
+              sent(p, now, begin(buf, &pk, PMSG_BYE)) == 0;
+    if (p->lost)
+        attempt_failed(p, now);
+    else
+        p->state = ST_CLOSED;
+    return bye;
 }
 
 int proto_handle_timer(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now)
 {
     msgpack_packer pk;
+    if (proto_retrying(p)) {
+        if (now >= p->lost_at + p->reconnect) {
+            p->state = ST_CLOSED;
+            return PROTO_TIMER_GAVE_UP;
+        }
+        if (p->state == ST_LOST)
+            return now >= p->retry_at ? PROTO_TIMER_RETRY : PROTO_TIMER_NONE;
+        if (now < p->attempt_end)
+            return PROTO_TIMER_NONE;
+        attempt_failed(p, now);
+        return PROTO_TIMER_ATTEMPT_FAILED;
+    }
     if (p->state != ST_ATTACHED && p->state != ST_ENDED)
         return PROTO_TIMER_NONE;
     if (p->state == ST_ATTACHED && p->last_recv + p->liveness <= now) {
-        p->state = ST_CLOSED;
+        proto_lost(p, now);
         return PROTO_TIMER_LOST;
     }
     if (p->last_sent + p->heartbeat <= now) {

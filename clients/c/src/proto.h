@@ -102,18 +102,36 @@ const char *proto_type_name(int type);
 /* 1 if `s` is a valid client, group or broker name. */
 int proto_name_ok(const char *s);
 
+/* One attachment, and, once the broker is lost, the attempts to attach to
+ * the one that takes its place (`reconnect` ns in all; 0: never), as
+ * ClientConnection: each attempt is a new connection the caller opens when
+ * proto_handle_timer says PROTO_TIMER_RETRY, with proto_hello. */
 struct proto_conn {
     int state;                  /* enum proto_state */
     uint32_t slot;              /* ours, from WELCOME */
     int64_t heartbeat;          /* ns between our heartbeats */
     int64_t liveness;           /* ns of silence after which the broker is lost */
     int64_t last_recv, last_sent;
+    int64_t reconnect;
+    int lost;                   /* the broker was lost at lost_at, and not yet replaced */
+    int64_t lost_at, retry_at, attempt_end, backoff;
+    uint64_t reconnects;        /* attachments to a broker that took a lost one's place */
 };
 
-void proto_conn_init(struct proto_conn *p);
+#define PROTO_NS_PER_MS INT64_C(1000000)
+
+void proto_conn_init(struct proto_conn *p, int64_t reconnect);
+
+/* Looking for a broker to take a lost one's place. */
+static inline int proto_retrying(const struct proto_conn *p)
+{
+    return p->lost && (p->state == ST_LOST || p->state == ST_HELLO_SENT);
+}
 
 /* Each encoder writes one frame into buf (emptied first) and counts it as
- * sent at `now`; -1 when the state does not allow the message. */
+ * sent at `now`; -1 when the state does not allow the message. HELLO is
+ * the first message of an attachment, or of an attempt after
+ * PROTO_TIMER_RETRY. */
 int proto_hello(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now, const char *name,
                 const char *group, const char *policy, unsigned credit, uint32_t pid,
                 const char *balance);
@@ -124,18 +142,37 @@ int proto_bye(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now);  /* -1: 
  * client after WELCOME, a broker keeps its segment. -1: not attached. */
 int proto_mapped(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now);
 
-/* Applies a decoded frame to the state machine: 0, or -1 with why if its
- * type may not come in this state, or if it is a BATCH that names members
- * but not our slot. */
+/* The broker is gone (the caller saw its connection fail): 1 if a broker
+ * taking its place is looked for (ST_LOST, an attempt due at once), 0 if
+ * not (ST_CLOSED). */
+int proto_lost(struct proto_conn *p, int64_t now);
+
+/* The caller could not make the attempt (no broker's socket there) or use
+ * its WELCOME (the segment is gone, of another layout, a broker breaking
+ * the protocol): ST_LOST with the next attempt later while looking for a
+ * broker, else ST_CLOSED. 1 when buf holds a BYE to send (it was welcomed). */
+int proto_failed(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now);
+
+enum { PROTO_RX_OK, PROTO_RX_ATTEMPT_FAILED, PROTO_RX_LOST };
+/* Applies a decoded frame to the state machine: PROTO_RX_OK; -1 with why
+ * if its type may not come in this state, or if it is a BATCH that names
+ * members but not our slot; ATTEMPT_FAILED for a name still taken while
+ * looking for a broker (our old self may linger a while: the next attempt
+ * is later); LOST for a broker that does not know us (as proto_lost). */
 int proto_receive(struct proto_conn *p, const struct proto_msg *m, int64_t now, char *why,
                   size_t whylen);
 
 /* When proto_handle_timer must next be called; INT64_MAX: never. */
 int64_t proto_timer(const struct proto_conn *p);
 
-enum { PROTO_TIMER_NONE, PROTO_TIMER_SENT, PROTO_TIMER_LOST };
-/* SENT: buf holds a heartbeat to send. LOST: nothing heard from the broker
- * for its liveness; the connection is closed. */
+enum {
+    PROTO_TIMER_NONE,
+    PROTO_TIMER_SENT,           /* buf holds a heartbeat to send */
+    PROTO_TIMER_LOST,           /* nothing heard for the liveness: as proto_lost */
+    PROTO_TIMER_RETRY,          /* time for an attempt: a new connection, proto_hello */
+    PROTO_TIMER_ATTEMPT_FAILED, /* no WELCOME in time: close its connection */
+    PROTO_TIMER_GAVE_UP,        /* no broker took the place within `reconnect` (ST_CLOSED) */
+};
 int proto_handle_timer(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now);
 
 #endif /* PKTIPC_PROTO_H */

@@ -8,6 +8,15 @@
 #define PROTO_MAX_CREDIT         4096
 #define PROTO_MAX_MEMBERS        1024
 #define PROTO_MISSED_HEARTBEATS  5
+#define PROTO_BACKOFF_MIN_MS     50
+#define PROTO_BACKOFF_MAX_MS     1000
+#define PROTO_ATTEMPT_MAX_MS     1000
+#define PROTO_DEFAULT_TIMEOUT_MS 5000
+#define PROTO_DEFAULT_RECONNECT_MS 30000
+#define PROTO_RUNTIME_ENV        "PKTIPC_RUNTIME_DIR"
+#define PROTO_ROOT_RUNTIME_DIR   "/run/pktipc"
+#define PROTO_USER_RUNTIME_SUBDIR "pktipc"
+#define PROTO_CONTROL_SUFFIX     ".ctl"
 #define PROTO_NAME_MAX           48
 #define PROTO_NAME_FIRST         "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 #define PROTO_NAME_REST          "-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
@@ -38,6 +47,7 @@ enum proto_state {
     ST_HELLO_SENT,
     ST_ATTACHED,
     ST_ENDED,
+    ST_LOST,
     ST_CLOSED,
 };
 
@@ -153,7 +163,7 @@ static const struct proto_bitmap BITMAPS[] = {
     {PMSG_BATCH, F_BATCH_MASK, F_BATCH_N},
 };
 
-static const char *const STATE_NAMES[] = {"new", "hello-sent", "attached", "ended", "closed"};
+static const char *const STATE_NAMES[] = {"new", "hello-sent", "attached", "ended", "lost", "closed"};
 
 static const struct proto_transition CLIENT_TRANSITIONS[] = {
     {ST_NEW, PMSG_STATS_REPLY, ST_NEW},

@@ -435,7 +435,7 @@ static void test_transitions_and_timers(void)
     char why[200];
     msgpack_sbuffer_init(&out);
     proto_msg_init(&m);
-    proto_conn_init(&p);
+    proto_conn_init(&p, 0);
 
     batch(1, 1);
     share(NULL, 0, NULL, 0);
@@ -461,10 +461,10 @@ static void test_transitions_and_timers(void)
     CHECK_EQ(proto_decode(&m, out.data, out.size, why, sizeof(why)), 0);
     CHECK_EQ(m.type, PMSG_HEARTBEAT);
     CHECK_EQ(proto_handle_timer(&p, &out, NOW + 500 * 1000000), PROTO_TIMER_LOST);
-    CHECK_EQ(p.state, ST_CLOSED);
+    CHECK_EQ(p.state, ST_CLOSED);          /* not reconnecting: the end */
 
     /* A broker's interval longer than a third of its liveness is shortened. */
-    proto_conn_init(&p);
+    proto_conn_init(&p, 0);
     proto_hello(&p, &out, NOW, "ids", NULL, NULL, 0, 1, NULL);
     welcome_slot(20000, 30000, 3);
     decode(&m, why);
@@ -509,7 +509,7 @@ static void test_transitions_and_timers(void)
     CHECK_EQ(proto_bye(&p, &out, NOW), -1);
 
     /* HELLO with every field, read back by the same rules the broker keeps. */
-    proto_conn_init(&p);
+    proto_conn_init(&p, 0);
     CHECK_EQ(proto_hello(&p, &out, NOW, "ids-1", "ids", "block", 4096, UINT32_MAX,
                          PROTO_BALANCE_ROUND_ROBIN), 0);
     CHECK_EQ(proto_decode(&m, out.data, out.size, why, sizeof(why)), 0);
@@ -517,6 +517,178 @@ static void test_transitions_and_timers(void)
     CHECK_EQ(proto_u64(&m, F_HELLO_CREDIT), 4096);
     uint32_t n;
     CHECK(memcmp(proto_str(&m, F_HELLO_BALANCE, &n), "round-robin", 11) == 0 && n == 11);
+    proto_msg_free(&m);
+    msgpack_sbuffer_destroy(&out);
+}
+
+#define MS INT64_C(1000000)
+
+/* An ERROR frame from the broker, in sb. */
+static void error_frame(const char *code)
+{
+    head("error", 2);
+    kv_str("code", code);
+    kv_str("text", "no");
+}
+
+/* A connection attached at NOW (heartbeat 1 s) that finds its broker
+ * silent at NOW + 5 s; reconnect: ms. */
+static void lose(struct proto_conn *p, int64_t reconnect_ms)
+{
+    struct proto_msg m;
+    msgpack_sbuffer out;
+    char why[200];
+    msgpack_sbuffer_init(&out);
+    proto_msg_init(&m);
+    proto_conn_init(p, reconnect_ms * MS);
+    CHECK_EQ(proto_hello(p, &out, NOW, "ids", NULL, NULL, 0, 1, NULL), 0);
+    welcome(1000, 30000);
+    decode(&m, why);
+    CHECK_EQ(proto_receive(p, &m, NOW, why, sizeof(why)), PROTO_RX_OK);
+    CHECK_EQ(proto_mapped(p, &out, NOW), 0);
+    for (int s = 1; s < 5; s++)
+        CHECK_EQ(proto_handle_timer(p, &out, NOW + s * 1000 * MS), PROTO_TIMER_SENT);
+    CHECK_EQ(proto_timer(p), NOW + 5000 * MS);
+    CHECK_EQ(proto_handle_timer(p, &out, NOW + 5000 * MS), PROTO_TIMER_LOST);
+    CHECK_EQ(p->state, ST_LOST);
+    CHECK(proto_retrying(p));
+    CHECK_EQ(p->lost_at, NOW + 5000 * MS);
+    proto_msg_free(&m);
+    msgpack_sbuffer_destroy(&out);
+}
+
+/* As the Python machine's tests: attempts at once, then each given
+ * ATTEMPT_MAX, the pause doubling from BACKOFF_MIN to BACKOFF_MAX, until
+ * the window ends; a broker in the place welcomes; name-taken is tried
+ * again; other refusals end it; not-attached is a lost broker. */
+static void test_reconnecting(void)
+{
+    struct proto_conn p;
+    struct proto_msg m;
+    msgpack_sbuffer out;
+    char why[200];
+    msgpack_sbuffer_init(&out);
+    proto_msg_init(&m);
+
+    lose(&p, 10000);
+    int64_t t = NOW + 5000 * MS, failed_at = 0, pauses[16];
+    int attempts = 0, npauses = 0, r;
+    for (;;) {
+        int64_t due = proto_timer(&p);
+        CHECK(due >= t && due != INT64_MAX);
+        t = due;
+        r = proto_handle_timer(&p, &out, t);
+        if (r == PROTO_TIMER_RETRY) {
+            if (attempts++ == 0)
+                CHECK_EQ(t, NOW + 5000 * MS);
+            else if (npauses < 16)
+                pauses[npauses++] = t - failed_at;
+            CHECK_EQ(proto_hello(&p, &out, t, "ids", NULL, NULL, 0, 1, NULL), 0);
+            CHECK_EQ(p.state, ST_HELLO_SENT);
+        } else if (r == PROTO_TIMER_ATTEMPT_FAILED) {
+            failed_at = t;
+            CHECK_EQ(p.state, ST_LOST);
+        } else {
+            CHECK_EQ(r, PROTO_TIMER_GAVE_UP);
+            break;
+        }
+    }
+    CHECK_EQ(t, NOW + 15000 * MS);
+    CHECK_EQ(p.state, ST_CLOSED);
+    CHECK(!proto_retrying(&p));
+    CHECK_EQ(proto_timer(&p), INT64_MAX);
+    const int64_t want[6] = {50, 100, 200, 400, 800, 1000};
+    for (int i = 0; i < 6; i++)
+        CHECK_EQ(pauses[i], want[i] * MS);
+    CHECK_EQ(pauses[npauses - 1], PROTO_BACKOFF_MAX_MS * MS);
+    CHECK_EQ(p.reconnects, 0);
+
+    /* An attempt ends with the window. */
+    lose(&p, 500);
+    CHECK_EQ(proto_handle_timer(&p, &out, NOW + 5000 * MS), PROTO_TIMER_RETRY);
+    CHECK_EQ(proto_hello(&p, &out, NOW + 5000 * MS, "ids", NULL, NULL, 0, 1, NULL), 0);
+    CHECK_EQ(proto_timer(&p), NOW + 5500 * MS);
+    CHECK_EQ(proto_handle_timer(&p, &out, NOW + 5500 * MS), PROTO_TIMER_GAVE_UP);
+
+    /* A broker in the place welcomes; counted once the segment is mapped. */
+    lose(&p, 10000);
+    t = NOW + 5000 * MS;
+    CHECK_EQ(proto_handle_timer(&p, &out, t), PROTO_TIMER_RETRY);
+    proto_hello(&p, &out, t, "ids", NULL, NULL, 0, 1, NULL);
+    welcome_slot(1000, 30000, 2);
+    decode(&m, why);
+    CHECK_EQ(proto_receive(&p, &m, t + 10 * MS, why, sizeof(why)), PROTO_RX_OK);
+    CHECK_EQ(p.state, ST_ATTACHED);
+    CHECK_EQ(p.slot, 2);
+    CHECK_EQ(p.reconnects, 0);
+    CHECK_EQ(proto_mapped(&p, &out, t + 20 * MS), 0);
+    CHECK_EQ(p.reconnects, 1);
+    CHECK(!p.lost && !proto_retrying(&p));
+    CHECK_EQ(proto_timer(&p), t + 1020 * MS);
+
+    /* A name still taken is tried again; another refusal ends it. */
+    lose(&p, 10000);
+    t = NOW + 5000 * MS;
+    proto_handle_timer(&p, &out, t);
+    proto_hello(&p, &out, t, "ids", NULL, NULL, 0, 1, NULL);
+    error_frame("name-taken");
+    decode(&m, why);
+    CHECK_EQ(proto_receive(&p, &m, t + 100 * MS, why, sizeof(why)), PROTO_RX_ATTEMPT_FAILED);
+    CHECK_EQ(p.state, ST_LOST);
+    CHECK_EQ(proto_timer(&p), t + 150 * MS);
+    CHECK_EQ(proto_handle_timer(&p, &out, t + 150 * MS), PROTO_TIMER_RETRY);
+    proto_hello(&p, &out, t + 150 * MS, "ids", NULL, NULL, 0, 1, NULL);
+    error_frame("group-private");
+    decode(&m, why);
+    CHECK_EQ(proto_receive(&p, &m, t + 200 * MS, why, sizeof(why)), PROTO_RX_OK);
+    CHECK_EQ(p.state, ST_CLOSED);
+
+    /* On a first attachment, name-taken is a refusal. */
+    proto_conn_init(&p, 10000 * MS);
+    proto_hello(&p, &out, NOW, "ids", NULL, NULL, 0, 1, NULL);
+    error_frame("name-taken");
+    decode(&m, why);
+    CHECK_EQ(proto_receive(&p, &m, NOW, why, sizeof(why)), PROTO_RX_OK);
+    CHECK_EQ(p.state, ST_CLOSED);
+
+    /* A broker that does not know us is a lost one. */
+    for (int64_t rc = 0; rc <= 10000; rc += 10000) {
+        proto_conn_init(&p, rc * MS);
+        proto_hello(&p, &out, NOW, "ids", NULL, NULL, 0, 1, NULL);
+        welcome(1000, 30000);
+        decode(&m, why);
+        proto_receive(&p, &m, NOW, why, sizeof(why));
+        error_frame("not-attached");
+        decode(&m, why);
+        CHECK_EQ(proto_receive(&p, &m, NOW + MS, why, sizeof(why)), PROTO_RX_LOST);
+        CHECK_EQ(p.state, rc ? ST_LOST : ST_CLOSED);
+        CHECK_EQ(proto_timer(&p), rc ? NOW + MS : INT64_MAX);
+    }
+
+    /* A WELCOME that cannot be used: BYE, and the next attempt later. */
+    lose(&p, 10000);
+    t = NOW + 5000 * MS;
+    proto_handle_timer(&p, &out, t);
+    proto_hello(&p, &out, t, "ids", NULL, NULL, 0, 1, NULL);
+    welcome(1000, 30000);
+    decode(&m, why);
+    proto_receive(&p, &m, t, why, sizeof(why));
+    CHECK_EQ(proto_failed(&p, &out, t + 100 * MS), 1);
+    CHECK_EQ(proto_decode(&m, out.data, out.size, why, sizeof(why)), 0);
+    CHECK_EQ(m.type, PMSG_BYE);
+    CHECK_EQ(p.state, ST_LOST);
+    CHECK_EQ(proto_timer(&p), t + 150 * MS);
+    CHECK_EQ(proto_failed(&p, &out, t + 150 * MS), 0);     /* no socket there: no BYE */
+    CHECK_EQ(proto_timer(&p), t + 250 * MS);
+    /* On a first attachment, it is the end. */
+    proto_conn_init(&p, 10000 * MS);
+    proto_hello(&p, &out, NOW, "ids", NULL, NULL, 0, 1, NULL);
+    welcome(1000, 30000);
+    decode(&m, why);
+    proto_receive(&p, &m, NOW, why, sizeof(why));
+    CHECK_EQ(proto_failed(&p, &out, NOW), 1);
+    CHECK_EQ(p.state, ST_CLOSED);
+
     proto_msg_free(&m);
     msgpack_sbuffer_destroy(&out);
 }
@@ -597,6 +769,7 @@ int main(int argc, char **argv)
         RUN(test_every_broker_message_decodes);
         RUN(test_bad_frames_are_refused);
         RUN(test_transitions_and_timers);
+        RUN(test_reconnecting);
         RUN(test_names);
         RUN(test_fuzz);
     }

@@ -12,6 +12,7 @@
 
 #include <pcap/pcap.h>
 
+#include "pktipc_linktype.h"
 #include "pktipc_shm.h"
 #include "fill.h"        /* with ingest.h and flowhash.h */
 
@@ -198,21 +199,10 @@ pkb_src *pkb_src_open_file(const char *path, char *errbuf)
     return s;
 }
 
-/* libpcap hands out DLT_* values; the descriptor and files carry LINKTYPE_*.
- * They differ only for these historical values (libpcap's pcap-common.c). */
-static int linktype_of(int dlt)
+int pkb_src_linktype(const pkb_src *s)
 {
-    switch (dlt) {
-    case DLT_ATM_RFC1483: return 100;
-    case DLT_RAW:         return 101;
-    case DLT_SLIP_BSDOS:  return 102;
-    case DLT_PPP_BSDOS:   return 103;
-    case DLT_ATM_CLIP:    return 106;
-    default:              return dlt;
-    }
+    return pktipc_linktype_of_dlt(pcap_datalink(s->p));
 }
-
-int pkb_src_linktype(const pkb_src *s) { return linktype_of(pcap_datalink(s->p)); }
 uint32_t pkb_src_snaplen(const pkb_src *s) { return (uint32_t)pcap_snapshot(s->p); }
 uint32_t pkb_src_ts_resolution(const pkb_src *s)
 {

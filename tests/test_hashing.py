@@ -2,7 +2,7 @@
 members: a broker with fan-out clients alone hashes nothing (descriptors
 say NO_HASH); a flow group joining mid-stream, or inheriting batches filled
 without hashes, still gets every packet exactly once, each flow to one
-member."""
+member; live (AF_XDP and TPACKET_V3) as from a file."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Netns
 from pktipc._shm import lib
+from test_live import OTHER, frame, receive, udp4
 
 import pktipc
 from pktipc._tools.synth import write_pcap
@@ -138,3 +140,55 @@ def test_batches_without_hashes_passed_on_are_shared_by_flow(broker: Any,
     passed = [sum(f & NO_HASH != 0 for f, _ in got.values()) for got in (got_b, got_c)]
     assert min(passed) > 0
     by_flow(got_b, got_c)
+
+
+@pytest.mark.parametrize("how", [["--xdp"], ["--xdp", "--xdp-mode", "skb"], []],
+                         ids=["xdp-native", "xdp-skb", "tpacket"])
+def test_live_a_flow_group_joining_later(netns: Netns, broker: Any, tmp_path: Path,
+                                         how: list[str]) -> None:
+    """Live, through AF_XDP or TPACKET_V3: a fan-out client alone gets no
+    hashes; g1 and g2 join group ids, and from the first batch they are
+    given on, every packet has its hash (the fan-out client's too), each
+    reaches one of them once, and each flow the same member."""
+    netns.veth("va", "vb")
+    b = broker("-i", "va", *how, "--block-timeout", "2", netns=netns)
+    before = [frame(OTHER, udp4(1000 + i % 50, 53, 60, a=i % 7)) for i in range(500)]
+    after = [frame(OTHER, udp4(2000 + i % 80, 80, 60, a=i % 9, b=3)) for i in range(1000)]
+    with pktipc.connect(b.name, "rec") as rec:
+        assert netns.send("vb", before, tmp_path) == len(before)
+        got_before = receive(rec, len(before))
+        assert [p.data for p in got_before] == before
+        assert all(p.flags & NO_HASH for p in got_before)
+        with pktipc.connect(b.name, "g1", group="ids") as m1, \
+                pktipc.connect(b.name, "g2", group="ids") as m2:
+            assert netns.send("vb", after, tmp_path) == len(after)
+            got: list[Got] = [{}, {}, {}]
+            done = threading.Event()
+
+            def members() -> None:
+                while sum(map(len, got[1:])) < len(after) and not done.is_set():
+                    for m, g in ((m1, got[1]), (m2, got[2])):
+                        if (batch := m.next_batch(timeout=0.05)) is not None:
+                            with batch:
+                                flags = batch.descriptors["flags"][batch.mine].tolist()
+                                for p, f in zip(batch, flags, strict=True):
+                                    assert p.seq not in g
+                                    g[p.seq] = (f, bytes(p.data))
+
+            t = threading.Thread(target=members)
+            t.start()
+            try:
+                for p in receive(rec, len(after)):
+                    got[0][p.seq] = (p.flags, p.data)
+            finally:
+                t.join(30)
+                done.set()
+                t.join()
+    rec_after, g1, g2 = got
+    assert [d for _, d in rec_after.values()] == after
+    assert g1 and g2 and g1.keys().isdisjoint(g2)
+    assert sorted({**g1, **g2}) == sorted(rec_after)
+    assert not any(f & NO_HASH for f, _ in (*rec_after.values(), *g1.values(), *g2.values()))
+    by_flow(g1, g2)
+    assert {s: d for s, (_, d) in {**g1, **g2}.items()} == {s: d for s, (_, d) in
+                                                          rec_after.items()}

@@ -22,6 +22,9 @@ repetitions; medians, with the spread as min-max):
   suricata  Suricata through pktipc's capture plugin, through its own
             AF_PACKET capture and reading a FIFO, alone and with a second
             analyzer (bench/suricata.py)
+  xdp       serve --xdp against the TPACKET_V3 path and raw TPACKET_V3
+            sockets, the broker's CPU apart from the kernel's; the file path
+            with and without flow hashes (bench/xdp.py)
 
 Writes bench/results/<date>.json, the plots in bench/plots/, and refreshes
 the tables between the `<!-- suite:... -->` markers of bench/README.md. Needs
@@ -47,6 +50,7 @@ from typing import Any
 
 import pktipc
 from bench import suricata as suricata_bench
+from bench import xdp as xdp_bench
 from bench.live import Bench
 from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine
 from pktipc._tools.synth import write_pcap
@@ -485,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.report:
         res = json.loads(a.report.read_text())
         refresh_readme(tables(res))
+        if "xdp" in res:
+            xdp_bench.refresh_readme(xdp_bench.table(res["xdp"]))
         plots(res)
         return 0
     if os.geteuid() != 0:
@@ -511,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
             res["memory"] = memory(off, a.quick)
             print("suricata", flush=True)
             res["suricata"] = suricata_bench.run(bench, a.quick)
+            print("AF_XDP", flush=True)
+            res["xdp"] = xdp_bench.run(bench, a.quick, reps)
         finally:
             bench.close()
     res["seconds"] = time.monotonic() - started
@@ -524,8 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     made = plots(res)
     if not a.no_readme:
         refresh_readme(sections)
+        if "xdp" in res:
+            xdp_bench.refresh_readme(xdp_bench.table(res["xdp"]))
     for key in ("live", "messages", "latency", "memory", "suricata"):
         print(f"\n## {key}\n\n{sections[key]}")
+    print(f"\n## AF_XDP\n\n{xdp_bench.table(res['xdp'])}")
     print(f"\n{res['seconds']:.0f} s; results in {out}; plots {', '.join(made)} in {PLOTS}")
     return 0
 

@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,21 @@ def all_captures() -> list[Path]:
     files = sorted(p for p in PCAPS.iterdir() if p.suffix in (".pcap", ".pcapng"))
     assert len(files) > 50, f"expected the tcpdump test captures in {PCAPS}"
     return files
+
+
+def settled_stats(name: str, done: Callable[[dict[str, Any]], bool],
+                  timeout: float = 10) -> dict[str, Any]:
+    """The broker's statistics once `done` holds of them. A client's
+    RELEASE and BYE travel on its own connection, the STATS request on
+    another: the broker may answer it before it has read what the client
+    sent last."""
+    import pktipc
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = pktipc.broker_stats(name)
+        if done(stats) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)
 
 
 def segments(name: str) -> list[str]:

@@ -842,7 +842,9 @@ def layout_1_header(tmp_path: Path) -> Path:
     old = f"#define PKTIPC_LAYOUT_VERSION   {lib.PKTIPC_LAYOUT_VERSION}"
     assert old in text
     (d / "pktipc_layout.h").write_text(text.replace(old, "#define PKTIPC_LAYOUT_VERSION   1"))
-    shutil.copy(SHM / "pktipc_shm.h", d / "pktipc_shm.h")
+    for h in SHM.glob("*.h"):
+        if h.name != "pktipc_layout.h":
+            shutil.copy(h, d / h.name)
     return d
 
 
@@ -875,9 +877,10 @@ def test_layout_1_clients_refuse_a_layout_2_broker(broker: Any, tmp_path: Path,
     cflags = subprocess.run(["pkg-config", "--cflags", "--libs", "libzmq", "msgpack"],
                             capture_output=True, text=True, check=True).stdout.split()
     subprocess.run(["gcc", "-std=gnu11", "-pthread", "-I", str(v1), "-I", str(cdir / "include"),
-                    "-I", str(cdir / "src"), "-o", str(exe), str(cdir / "src" / "client.c"),
-                    str(cdir / "src" / "proto.c"), str(cdir / "examples" / "pktipc-count.c"),
-                    *cflags, "-lpcap"], check=True, timeout=120)
+                    "-I", str(cdir / "src"), '-DPKTIPC_VERSION="layout-1"', "-o", str(exe),
+                    *map(str, sorted((cdir / "src").glob("*.c"))),
+                    str(cdir / "examples" / "pktipc-count.c"), *cflags, "-lpcap"],
+                   check=True, timeout=120)
     r = subprocess.run([str(exe), "-n", "old", b.name], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 1

@@ -37,7 +37,7 @@ deps:
 	fi
 
 $(STAMP): pyproject.toml setup.py $(wildcard shm/*.h shm/*.c pktipc/_broker/engine/*.[ch]) \
-          pktipc/_build_ffi.py
+          $(wildcard pktipc/_client/engine/*.[ch]) pktipc/_build_ffi.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

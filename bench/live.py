@@ -28,12 +28,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pktipc
-from bench.offline import BASELINES, CLIENT, ROOT, machine
+from bench.offline import BASELINES, CLIENT, ROOT, machine, publish
 from pktipc._tools.netns import Namespace
 
 PY = sys.executable
@@ -86,6 +86,25 @@ class Bench:
 
     def close(self) -> None:
         self.ns.delete()
+
+
+def run_alone(who: str, key: str, run: Callable[[Bench], dict[str, Any]],
+              table: Callable[[dict[str, Any]], str], *, readme: bool) -> int:
+    """A benchmark that is a command of its own: `run` on a Bench of its
+    own (removed after), then its results published (offline.publish) under
+    the README's `suite:KEY` markers. Its exit status; 1, saying so, without
+    root."""
+    if os.geteuid() != 0:
+        print(f"bench.{who} needs root (network namespaces, CAP_NET_RAW)", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix=f"pktipc-{who}-") as tmpdir:
+        bench = Bench(Path(tmpdir))
+        try:
+            res = run(bench)
+        finally:
+            bench.close()
+    publish(who, key, res, table(res), readme=readme)
+    return 0
 
     def generate(self, count: int, size: int, rate: float = 0,
                  consumers: tuple[int, ...] = ()) -> dict[str, Any]:

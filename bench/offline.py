@@ -133,6 +133,35 @@ def save(bench: str, out: Path | None, started: float, **record: Any) -> None:
           f"({time.monotonic() - started:.0f} s)")
 
 
+README = BENCH / "README.md"
+
+
+def refresh_readme(sections: dict[str, str]) -> None:
+    """Puts each body between the `suite:KEY` markers of bench/README.md."""
+    import re
+
+    text = README.read_text()
+    for key, body in sections.items():
+        pattern = re.compile(rf"(<!-- suite:{key} -->\n).*?(\n<!-- /suite:{key} -->)", re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
+    README.write_text(text)
+
+
+def publish(bench: str, key: str, res: dict[str, Any], body: str, *, readme: bool) -> None:
+    """The end of a benchmark that is a command of its own: its results (with
+    the machine) in bench/results/<bench>-<UTC time>.json, its table between
+    the README's `suite:KEY` markers (unless not `readme`), and on stdout."""
+    res["machine"] = machine()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = BENCH / "results" / f"{bench}-{stamp}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    if readme:
+        refresh_readme({key: body})
+    print(f"\n{body}\n\nresults in {out}")
+
+
 class Watchdog:
     """Kills the given processes if they outlive `timeout`."""
 

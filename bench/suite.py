@@ -25,6 +25,8 @@ repetitions; medians, with the spread as min-max):
   xdp       serve --xdp against the TPACKET_V3 path and raw TPACKET_V3
             sockets, the broker's CPU apart from the kernel's; the file path
             with and without flow hashes (bench/xdp.py)
+  recording pktipc record against dumpcap -b and tcpdump -C, files in
+            /dev/shm and on disk (bench/record.py)
 
 Writes bench/results/<date>.json, the plots in bench/plots/, and refreshes
 the tables between the `<!-- suite:... -->` markers of bench/README.md. Needs
@@ -38,7 +40,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -49,16 +50,16 @@ from pathlib import Path
 from typing import Any
 
 import pktipc
+from bench import record as record_bench
 from bench import suricata as suricata_bench
 from bench import xdp as xdp_bench
 from bench.live import Bench
-from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine
+from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine, refresh_readme
 from pktipc._tools.synth import write_pcap
 
 PY = sys.executable
 CBIN = ROOT / "clients" / "c" / "build" / "bin"
 PLOTS = ROOT / "bench" / "plots"
-README = ROOT / "bench" / "README.md"
 
 
 def _med(xs: list[float]) -> float:
@@ -468,15 +469,6 @@ def plots(res: dict[str, Any]) -> list[str]:
     return made
 
 
-def refresh_readme(sections: dict[str, str]) -> None:
-    text = README.read_text()
-    for key, body in sections.items():
-        pattern = re.compile(rf"(<!-- suite:{key} -->\n).*?(\n<!-- /suite:{key} -->)", re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
-    README.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="under 2 minutes: fewer K, packets, "
@@ -517,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             res["memory"] = memory(off, a.quick)
             print("suricata", flush=True)
             res["suricata"] = suricata_bench.run(bench, a.quick)
+            print("recording", flush=True)
+            res["recording"] = record_bench.run(bench, a.quick)
             print("AF_XDP", flush=True)
             res["xdp"] = xdp_bench.run(bench, a.quick, reps)
         finally:
@@ -529,12 +523,14 @@ def main(argv: list[str] | None = None) -> int:
     sections = tables(res)
     if "suricata" in res:
         sections["suricata"] = suricata_bench.table(res["suricata"])
+    if "recording" in res:
+        sections["recording"] = record_bench.table(res["recording"])
     made = plots(res)
     if not a.no_readme:
         refresh_readme(sections)
         if "xdp" in res:
             xdp_bench.refresh_readme(xdp_bench.table(res["xdp"]))
-    for key in ("live", "messages", "latency", "memory", "suricata"):
+    for key in ("live", "messages", "latency", "memory", "suricata", "recording"):
         print(f"\n## {key}\n\n{sections[key]}")
     print(f"\n## AF_XDP\n\n{xdp_bench.table(res['xdp'])}")
     print(f"\n{res['seconds']:.0f} s; results in {out}; plots {', '.join(made)} in {PLOTS}")

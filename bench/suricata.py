@@ -27,17 +27,15 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pktipc
-from bench.live import CCOUNT, PY, SETTLE, Bench
-from bench.offline import ROOT, machine
+from bench.live import CCOUNT, PY, SETTLE, Bench, run_alone
+from bench.offline import ROOT
 
 PLUGIN = ROOT / "clients" / "suricata" / "build" / "pktipc.so"
-README = ROOT / "bench" / "README.md"
 SIZE = 64
 
 YAML = """%YAML 1.1
@@ -270,40 +268,18 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def refresh_readme(body: str) -> None:
-    import re
-
-    text = README.read_text()
-    pattern = re.compile(r"(<!-- suite:suricata -->\n).*?(\n<!-- /suite:suricata -->)", re.S)
-    README.write_text(pattern.sub(lambda m: m.group(1) + body + m.group(2), text))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 s per step instead of 2")
     ap.add_argument("--no-readme", action="store_true", help="leave bench/README.md alone")
     a = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.suricata needs root (network namespaces, CAP_NET_RAW)", file=sys.stderr)
-        return 1
-    subprocess.run(["make", "-s", "-C", str(ROOT / "clients" / "c"), "examples"], check=True)
-    subprocess.run(["make", "-s", "-C", str(ROOT / "clients" / "suricata")], check=True)
-    with tempfile.TemporaryDirectory(prefix="pktipc-suricata-") as tmpdir:
-        bench = Bench(Path(tmpdir))
-        try:
-            res = run(bench, a.quick)
-        finally:
-            bench.close()
-    res["machine"] = machine()
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = ROOT / "bench" / "results" / f"suricata-{stamp}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    body = table(res)
-    if not a.no_readme:
-        refresh_readme(body)
-    print(f"\n{body}\n\nresults in {out}")
-    return 0
+
+    def build_and_run(bench: Bench) -> dict[str, Any]:
+        subprocess.run(["make", "-s", "-C", str(ROOT / "clients" / "c"), "examples"], check=True)
+        subprocess.run(["make", "-s", "-C", str(ROOT / "clients" / "suricata")], check=True)
+        return run(bench, a.quick)
+
+    return run_alone("suricata", "suricata", build_and_run, table, readme=not a.no_readme)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ as every packet was before hashes were made conditional). The broker's rate
 and its CPU per packet.
 
 Writes bench/results/xdp-<date>.json and refreshes the tables between the
-`<!-- xdp:... -->` markers of bench/README.md. Needs root. Measures, never
+`<!-- suite:xdp -->` markers of bench/README.md. Needs root. Measures, never
 passes or fails.
 """
 
@@ -29,7 +29,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import offline
 from bench.live import Bench, proc_cpu
 from bench.offline import ROOT, machine
 from pktipc._tools.synth import write_pcap
@@ -228,9 +228,8 @@ def table(res: dict[str, Any]) -> str:
 
 
 def refresh_readme(body: str) -> None:
-    text = README.read_text()
-    pattern = re.compile(r"(<!-- xdp:tables -->\n).*?(<!-- /xdp:tables -->)", re.S)
-    README.write_text(pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text))
+    """Puts the section between the `suite:xdp` markers of bench/README.md."""
+    offline.refresh_readme({"xdp": body})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SHM = "shm"                           # what every reader of the segment needs
 ENGINE = "pktipc/_broker/engine"      # the broker's capture engines
 GENERATED = "build/engine"            # the XDP program, built here as a C array
+CLIENT = "pktipc/_client/engine"      # the client's capture-file writer
 
 HEADERS = [f"{SHM}/pktipc_layout.h", f"{SHM}/pktipc_shm_ffi.h", f"{ENGINE}/flowhash.h",
-           f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h", f"{ENGINE}/xdp.h"]
+           f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h", f"{ENGINE}/xdp.h",
+           f"{CLIENT}/capwrite.h"]
 
 
 def build_xdp_program() -> None:
@@ -48,8 +50,9 @@ ffibuilder.set_source(
     "#include <stdint.h>\n" + "".join(f'#include "{Path(h).name}"\n' for h in HEADERS),
     # setuptools wants paths relative to setup.py
     sources=[f"{ENGINE}/ingest.c", f"{ENGINE}/afpacket.c", f"{ENGINE}/flowhash.c",
-             f"{ENGINE}/xdp.c", f"{ENGINE}/cbpf.c", f"{SHM}/pktipc_shm.c"],
-    include_dirs=[SHM, ENGINE, str(ROOT / GENERATED)],
+             f"{ENGINE}/xdp.c", f"{ENGINE}/cbpf.c", f"{SHM}/pktipc_shm.c",
+             f"{CLIENT}/capwrite.c"],
+    include_dirs=[SHM, ENGINE, CLIENT, str(ROOT / GENERATED)],
     libraries=["pcap", "xdp", "bpf"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],
 )

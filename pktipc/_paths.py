@@ -24,6 +24,24 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+# A recording is a client named RECORDING_PREFIX + its name: the broker
+# counts them against --max-recordings by that name alone.
+RECORDING_PREFIX = "rec."
+MAX_RECORDING_NAME = 48 - len(RECORDING_PREFIX)
+
+
+def check_recording_name(name: str) -> str:
+    check_name("recording", name)
+    if len(name) > MAX_RECORDING_NAME:
+        raise ValueError(f"recording name {name!r}: at most {MAX_RECORDING_NAME} characters "
+                         f"(its client is named {RECORDING_PREFIX}NAME)")
+    return name
+
+
+def is_recording(client: str) -> bool:
+    return client.startswith(RECORDING_PREFIX)
+
+
 def runtime_dir() -> Path:
     """$PKTIPC_RUNTIME_DIR, else /run/pktipc as root, else
     $XDG_RUNTIME_DIR/pktipc; never a place anyone could have made first."""

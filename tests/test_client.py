@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PCAPS, BrokerProc, run_pktipc
+from opshelp import wait_for
 from pcapref import read_pcap
 
 import pktipc
@@ -165,6 +166,50 @@ def test_client_follows_a_restarted_broker(broker, synth: Path, runtime_dir: Pat
         assert c.reconnects == 1 and c.epoch != old_epoch
     assert got == [(i, p.data) for i, p in enumerate(want)]
     assert not list(Path("/dev/shm").glob(f"pktipc.{first.name}.*"))
+
+
+def test_a_lost_connection_is_not_read_on(broker, synth: Path, runtime_dir: Path,
+                                          tmp_path: Path) -> None:
+    """kill -9 of the broker while the client holds two batches, and a new
+    one of the same name at once: the client's connection reaches the new
+    broker before the client misses the old one, and the new broker answers
+    both RELEASEs `not-attached`. The first answer ends that connection; the
+    second is never read; the client attaches to the new broker and gets
+    all of its stream (after what the old one had announced)."""
+    paced = tmp_path / "paced.pcap"
+    with open(paced, "wb") as out:
+        write_pcap(out, 3000, rate_pps=1000)
+    want = [(i, p.data) for i, p in enumerate(read_pcap(str(synth)).packets)]
+    first = broker("-r", str(paced), "--realtime")
+
+    def stats() -> dict | None:
+        try:
+            return pktipc.broker_stats(first.name)
+        except pktipc.BrokerNotRunning:       # a loaded machine: ask again
+            return None
+
+    with pktipc.connect(first.name, "c") as c:
+        held = []
+        while len(held) < 2:
+            if (b := c.next_batch(timeout=10)) is not None:
+                held.append(b)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        second = BrokerProc(first.name, ["-r", str(synth)], runtime_dir)
+        try:
+            second.wait_ready()
+            wait_for("the client's connection to reach the new broker",
+                     lambda: (s := stats()) and s["control"]["connections"] >= 2)
+            for b in held:
+                b.release()
+            wait_for("both answers", lambda: (s := stats()) and
+                     s["counters"]["protocol_errors"] >= 2)
+            got = [(p.seq, bytes(p.data)) for p in c.packets(timeout=15)]
+            assert second.wait() == 0
+        finally:
+            second.stop()
+        assert c.reconnects == 1
+    assert got[-len(want):] == want
 
 
 def test_restart_after_kill_cleans_stale_files(broker) -> None:

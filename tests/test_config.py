@@ -36,6 +36,7 @@ fanout-mode = "cpu"
 user = "pktipc"
 allow-group = "ids"
 max-clients = 100
+max-recordings = 2
 heartbeat = 0.5
 liveness = 10
 grace = 5.5

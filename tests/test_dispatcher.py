@@ -1117,6 +1117,30 @@ def test_a_kept_place_resumes_only_for_its_user() -> None:
     assert isinstance(w.log[back][0], Welcomed)
 
 
+def test_an_attempt_given_up_before_its_welcome_is_taken_over() -> None:
+    """A client gave up waiting for its WELCOME (the broker sent it, the
+    client never said it mapped the segment) and asks again on a new
+    connection: the place is its, with the batch sent to the first; another
+    process, or another user, still finds the name taken."""
+    w = World(slabs=4)
+    w.maps = False
+    first = w.connect("ids", uid=1000, pid=100)
+    assert isinstance(w.log[first][0], Welcomed)
+    w.publish(1)
+    assert isinstance(w.log[first][-1], BatchAnnounced)
+    w.maps = True
+    for uid, pid in ((1000, 200), (0, 100)):
+        [err] = w.log[w.connect("ids", uid=uid, pid=pid)]
+        assert isinstance(err, RequestRefused) and err.code == "name-taken"
+    again = w.connect("ids", uid=1000, pid=100)
+    assert [type(e) for e in w.log[again]] == [Welcomed, BatchAnnounced]
+    assert w.log[again][1].seq == w.log[first][-1].seq
+    assert w.conn.state(first) is State.NEW and w.disp.by_peer[again].reconnections == 1
+    # Once heard, the same process asking again is refused like anyone.
+    [err] = w.log[w.connect("ids", uid=1000, pid=100)]
+    assert isinstance(err, RequestRefused) and err.code == "name-taken"
+
+
 def test_block_only_for_whom_the_operator_allows() -> None:
     w = World(slabs=4, policy="drop", may_block=lambda name, uid: name == "ids" or uid == 7)
     refused = w.connect("rec", policy="block")

@@ -1,6 +1,7 @@
-"""The broker's C engines, the layout's selection helpers and libpktipc's
-protocol decoder, built with AddressSanitizer and UndefinedBehaviorSanitizer
-(tests/c/): the flow hash over every capture; the file ingest over every
+"""The broker's C engines, the layout's selection helpers, the client's
+capture-file writer and libpktipc's protocol decoder, built with
+AddressSanitizer and UndefinedBehaviorSanitizer (tests/c/): the flow hash
+over every capture; the writer over random batches; the file ingest over every
 capture and crafted files, each read as libpcap reads it; live capture
 through a TPACKET_V3 ring on a veth pair in a namespace of the test's own;
 every input a fuzzer once crashed on; and a few seconds of each fuzz target,
@@ -53,6 +54,18 @@ def test_hash_reads_nothing_past_caplen() -> None:
     assert r.stderr == ""
     calls, total, _ = map(int, r.stdout.split())
     assert calls > 500_000 and total > 0
+
+
+def test_capture_file_writer_stays_in_its_buffers() -> None:
+    """The client's pcap and pcapng records and its filter over random
+    batches, slab and output each in a heap block of its exact size; a
+    descriptor past the slab, a time before 1970 and a short output refused
+    (tests/c/check-capwrite.c)."""
+    r = run(BUILD / "check-capwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr == ""
+    written, refused, accepted = map(int, r.stdout.split())
+    assert written > 500_000 and refused == 4 * 20_000 and accepted > 0
 
 
 # --- the file ingest: the mapped reader and libpcap behind it -----------------------

@@ -40,6 +40,7 @@ DEFAULT_SLAB_SIZE = 1 << 20
 DEFAULT_SLAB_COUNT = 64
 DEFAULT_CREDIT = 8
 MAX_CLIENTS = 16
+MAX_RECORDINGS = 4
 EVICT_BACKOFF = 10.0            # seconds an evicted client's name is refused
 MAX_CONTROL_PER_TURN = 512      # control messages read before the loop goes on
 STOP_WAIT = 1.0                 # stopping, seconds to wait for welcomed clients to map
@@ -59,6 +60,7 @@ class ServeOptions:
     slab_count: int = DEFAULT_SLAB_COUNT
     credit: int = DEFAULT_CREDIT
     max_clients: int = MAX_CLIENTS
+    max_recordings: int = MAX_RECORDINGS    # pktipc record: at most this many at once
     heartbeat: float = 1.0
     liveness: float = 30.0
     lease: float | None = 30.0          # seconds a client may hold a batch; None: for ever
@@ -109,6 +111,8 @@ def _check(opts: ServeOptions) -> None:
         raise ValueError("--heartbeat must be positive and below --liveness")
     if not 1 <= opts.max_clients <= proto.MAX_MEMBERS:
         raise ValueError(f"--max-clients must be between 1 and {proto.MAX_MEMBERS}")
+    if opts.max_recordings < 0:
+        raise ValueError("--max-recordings must be 0 or more")
     if not 1 <= opts.credit <= proto.MAX_CREDIT:
         raise ValueError(f"--credit must be between 1 and {proto.MAX_CREDIT}")
     if not (math.isfinite(opts.control_rate) and opts.control_rate >= 1):
@@ -254,7 +258,8 @@ class Broker:
                                    descriptors=self._descriptors,
                                    may_block=(self.may_block
                                               if self.source.default_policy == "drop" else None),
-                                   backoff=self.opts.evict_backoff)
+                                   backoff=self.opts.evict_backoff,
+                                   max_recordings=self.opts.max_recordings)
             self.seg.header.state = lib.PKTIPC_STATE_RUNNING
             service.ready(self.log, f"serving clients on {self.endpoint}")
             wait = (f", waiting for {self.wait_clients} client(s)"

@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import _protocol as proto
 from .._layout import mask_ptr, select, u32s
+from .._paths import is_recording
 from .._shm import ffi, lib
 
 
@@ -195,13 +196,14 @@ class Dispatcher:
     others theirs, and the source a slab; `block`, which lets one client
     stall the source, only if `may_block(name, uid)` says so; a client
     evicted comes back only after `backoff` seconds; a group named after a
-    client is that client's alone unless it asked for it by name."""
+    client is that client's alone unless it asked for it by name; at most
+    `max_recordings` recordings (clients named as recordings) at once."""
 
     def __init__(self, conn: proto.BrokerConnection, pool: SlabPool, *,
                  default_policy: str, default_credit: int, max_clients: int,
                  lease: float | None = None, descriptors: Descriptors | None = None,
                  may_block: Callable[[str, int | None], bool] | None = None,
-                 backoff: float = 0.0) -> None:
+                 backoff: float = 0.0, max_recordings: int | None = None) -> None:
         self.conn = conn
         self.lease = lease
         self.pool = pool
@@ -211,6 +213,7 @@ class Dispatcher:
         self.descriptors = descriptors
         self.may_block = may_block
         self.backoff = backoff
+        self.max_recordings = max_recordings
         self.drop_credit = max(1, (len(pool.refs) - 1) // max_clients)
         self.clients: dict[str, ClientState] = {}
         self.by_peer: dict[bytes, ClientState] = {}
@@ -233,6 +236,9 @@ class Dispatcher:
               welcome: dict[str, Any]) -> ClientState | None:
         group = ev.group or ev.name
         other = self.clients.get(ev.name)
+        if other is not None and other.peer is not None and self._given_up(other, ev):
+            self.conn.forget(other.peer)
+            self.detach(other, now)
         if other is not None and other.peer is not None:
             self._refuse(ev, now, "name-taken",
                          f"a client named {ev.name!r} is already attached (pid {other.pid})")
@@ -271,6 +277,12 @@ class Dispatcher:
             self._refuse(ev, now, "too-many-clients",
                          f"this broker serves at most {self.max_clients} clients")
             return None
+        if (self.max_recordings is not None and is_recording(ev.name)
+                and sum(map(is_recording, self.clients)) >= self.max_recordings):
+            self._refuse(ev, now, "too-many-recordings",
+                         f"this broker runs at most {self.max_recordings} recordings at once "
+                         "(serve --max-recordings); stop one first (pktipc record stop)")
+            return None
         policy = ev.policy or self.default_policy
         if policy == "block" and self.may_block is not None and not self.may_block(ev.name,
                                                                                    ev.uid):
@@ -300,6 +312,15 @@ class Dispatcher:
         self.banned = {n: t for n, t in self.banned.items() if t > now}
         if self.backoff > 0:
             self.banned[c.name] = now + self.backoff
+
+    def _given_up(self, c: ClientState, ev: proto.HelloReceived) -> bool:
+        """Whether `ev` is the process that holds `c`'s name asking again,
+        before it was heard on the connection the broker welcomed: it gave up
+        waiting for that WELCOME (a loaded machine, a broker slow to start),
+        and that connection went with the attempt. Who asks is the kernel's
+        word (SO_PEERCRED), never the client's."""
+        return (c.peer is not None and ev.uid is not None
+                and (ev.pid, ev.uid) == (c.pid, c.uid) and not self.conn.heard(c.peer))
 
     def _resume(self, c: ClientState, ev: proto.HelloReceived, now: float,
                 welcome: dict[str, Any]) -> ClientState:

@@ -34,6 +34,7 @@ from .._errors import (
 )
 from .._layout import LAYOUT_VERSION, PKT_DTYPE, Iface, Segment, select
 from .._paths import check_name, control_endpoint, ipc_path
+from .._shm import lib
 
 EVICT_WAIT = 0.5       # s: for the EVICT behind a batch whose slab was reused
 
@@ -208,6 +209,15 @@ class Batch:
         self._views.extend(views)
         return views
 
+    def buffer(self) -> memoryview:
+        """The whole slab, read-only and in place: a descriptor's `data_off`
+        indexes it. Released with the batch, as views() are."""
+        self._check()
+        base = self._map.slab_base(self.slab)
+        view = self._map.view[base : base + self._map.slab_size]
+        self._views.append(view)
+        return view
+
     def packets(self) -> list[Packet]:
         """This client's packets of the batch, in order; built column by column."""
         with _no_gc():
@@ -372,6 +382,25 @@ class Client:
         assert self._map is not None
         return self._map.seg.ifaces()
 
+    def counters(self) -> dict[str, Any]:
+        """The broker's monotonic counters as its segment holds them now,
+        read in place, no message sent: `epoch`, `broker` (packets,
+        broker_drops, client_drops, ...) and `sources`, a dict per source
+        (packets, bytes, kernel_packets, kernel_drops, kernel_freezes,
+        `live`). They start from 0 with a new broker (a new `epoch`)."""
+        self._check_open()
+        assert self._map is not None
+        seg = self._map.seg
+        sources = []
+        for i in range(int(seg.header.iface_count)):
+            e = seg.iface(i)
+            sources.append({"packets": int(e.packets), "bytes": int(e.bytes),
+                            "kernel_packets": int(e.kernel_packets),
+                            "kernel_drops": int(e.kernel_drops),
+                            "kernel_freezes": int(e.kernel_freezes),
+                            "live": int(e.kind) == lib.PKTIPC_IFACE_LIVE})
+        return {"epoch": self._map.epoch, "broker": seg.counters(), "sources": sources}
+
     def next_batch(self, timeout: float | None = None) -> Batch | None:
         """The next batch; None if none came within `timeout` seconds (None:
         wait for ever). Raises EndOfStream after the broker's last batch.
@@ -523,6 +552,10 @@ class Client:
                 events += self._conn.receive(frame, time.monotonic())
             except proto.RemoteProtocolError as e:
                 raise BrokerGone(f"broker {self.server!r} broke the protocol: {e}") from e
+            if self._conn.state is proto.State.LOST:
+                # This connection is over (its broker is lost, or the attempt
+                # failed): what else came on it is not read, and it is closed.
+                break
         self._on_events(events)
 
     def _on_events(self, events: list[proto.ClientEvent]) -> None:

@@ -1,4 +1,4 @@
-"""pktipc command line: serve, dump, status, top, exporter, demo. No logic of its own:
+"""pktipc command line: serve, dump, record, status, top, exporter, demo. No logic of its own:
 each command is a few lines over the package's API."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, BinaryIO
 
 import zmq
 
@@ -16,8 +16,9 @@ from .._broker import broker as _broker
 from .._broker import live as _live
 from .._broker import service as _service
 from .._broker import xdp as _xdp
+from .._client import recording as _recording
 from .._client.client import broker_stats, brokers, connect
-from .._client.writer import CaptureWriter
+from .._client.writer import ClientTally, RollingWriter, RotationLimit, TcpdumpFiles
 from .._errors import EndOfStream, PktipcError
 from . import config as _config
 from . import demo as _demo
@@ -30,12 +31,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"pktipc: error: {message} (see {self.prog} --help)\n")
 
 
+class _Intermixed(_Parser):
+    """A command whose positionals may come before its options and after
+    them: `record start REC [options] [filter]`."""
+
+    _inside = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._inside:            # parse_known_intermixed_args calls back here
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return super().parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().removesuffix("b").removesuffix("i")
     mult = units.get(t[-1:], 1)
     try:
         return int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _mbytes(text: str) -> int:
+    """tcpdump -C: millions of bytes, or a size with k, m or g."""
+    if text.strip()[-1:].lower() in ("k", "m", "g"):
+        return _size(text)
+    try:
+        return int(text) * 1_000_000
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
@@ -126,6 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-clients", type=int, default=_broker.MAX_CLIENTS, metavar="N",
                    help="clients attached at most; a drop client holds at most "
                         "(slabs - 1) / N batches (default: %(default)s)")
+    s.add_argument("--max-recordings", type=int, default=_broker.MAX_RECORDINGS, metavar="N",
+                   help="recordings (pktipc record) running at once at most, 0: none "
+                        "(default: %(default)s)")
     s.add_argument("--allow-block", metavar="WHO", action="append", default=[],
                    help="interfaces: let WHO ask for the block policy, which lets one client "
                         "stall the capture for all: a client name or pattern (suricata-*), or "
@@ -167,11 +197,63 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("-w", dest="out", required=True, metavar="FILE",
                    help="output file, - for stdout")
     d.add_argument("-c", dest="count", type=int, metavar="COUNT", help="stop after COUNT packets")
+    d.add_argument("-C", dest="file_size", type=_mbytes, metavar="SIZE",
+                   help="start a new file before one would pass SIZE millions of bytes (or "
+                        "SIZE with k, m, g: KiB, MiB, GiB), as tcpdump -C: FILE, FILE1, ...")
+    d.add_argument("-G", dest="rotate_seconds", type=float, metavar="SEC",
+                   help="start a new file every SEC seconds, as tcpdump -G; strftime() "
+                        "conversions in FILE (e.g. %%H%%M%%S) name each")
+    d.add_argument("-W", dest="file_count", type=int, metavar="N",
+                   help="with -C: N files, FILE0 to FILE<N-1>, the oldest overwritten; "
+                        "with -G alone: stop after N files")
     d.add_argument("--format", choices=("pcap", "pcapng"), default="pcap")
     d.add_argument("--policy", choices=("block", "drop"), help="default: the broker's")
     d.add_argument("--credit", type=int, metavar="N")
     d.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
                    help="for connecting (default: 5)")
+
+    rec = sub.add_parser("record", help="named rolling pcapng recordings that outlive "
+                         "whoever started them: start, attach, stop, list")
+    rsub = rec.add_subparsers(dest="rcmd", required=True, parser_class=_Intermixed)
+    rs = rsub.add_parser("start", help="start recording: a client of the broker writing a "
+                         "rolling set of pcapng files, the oldest removed")
+    rs.add_argument("--server", default="default", help="broker name (default: %(default)s)")
+    rs.add_argument("rec", metavar="REC", help="the recording's name, unique on the broker")
+    rs.add_argument("expression", nargs="*",
+                    help="record only what this filter (tcpdump syntax) accepts")
+    rs.add_argument("-w", dest="dir", default=".", metavar="DIR",
+                    help="directory of the files, REC_<number>_<UTC time>.pcapng "
+                         "(default: the current one)")
+    rs.add_argument("--max-size", type=_size, metavar="SIZE",
+                    help="bytes a file holds at most, e.g. 100M (default: 100 MB, unless "
+                         "--max-age)")
+    rs.add_argument("--files", type=int, metavar="N",
+                    help="files kept at most, the oldest removed (default: 10, unless "
+                         "--max-age)")
+    rs.add_argument("--max-age", type=float, metavar="SEC",
+                    help="keep the last SEC seconds: a file is removed once it ended more "
+                         "than SEC ago; each spans SEC/10 (SEC/--files)")
+    rs.add_argument("--group", help="share the packets of this group with its other members")
+    rs.add_argument("--policy", choices=proto.POLICIES, help="default: the broker's")
+    rs.add_argument("--detach", action="store_true",
+                    help="run on after this command returns, until pktipc record stop")
+    rs.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
+                    help="for attaching to the broker (default: 5)")
+    ra = rsub.add_parser("attach", help="what a recording holds, from its oldest packet, as "
+                         "one pcapng stream, then its live packets until Ctrl-C")
+    ra.add_argument("rec", metavar="REC")
+    ra.add_argument("--server", help="the broker, if several have a recording named REC")
+    ra.add_argument("-w", dest="out", default="-", metavar="FILE",
+                    help="output file, - for stdout (default)")
+    ra.add_argument("--no-follow", dest="follow", action="store_false",
+                    help="stop at what the recording holds now")
+    rp = rsub.add_parser("stop", help="stop a recording and forget it (its files stay)")
+    rp.add_argument("rec", metavar="REC")
+    rp.add_argument("--server", help="the broker, if several have a recording named REC")
+    rl = rsub.add_parser("list", help="recordings: broker, state, packets, bytes, drops, "
+                         "files, oldest and newest packet")
+    rl.add_argument("--server", help="only this broker's")
+    rl.add_argument("--json", action="store_true")
 
     st = sub.add_parser("status", help="list brokers, their counters and clients")
     st.add_argument("names", nargs="*", help="brokers (default: every one running)")
@@ -267,6 +349,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         user=a.user, wait_clients=a.wait_clients, linger=a.linger,
         slab_size=a.slab_size or (_xdp.DEFAULT_SLAB_SIZE if xdp else _broker.DEFAULT_SLAB_SIZE),
         slab_count=a.slabs, credit=a.credit, max_clients=a.max_clients,
+        max_recordings=a.max_recordings,
         heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, unix_group=a.allow_group,
         grace=a.grace, tunnel_hash=a.tunnel_hash, evict_backoff=a.evict_backoff,
         max_connections=a.max_connections, control_rate=a.control_rate,
@@ -278,28 +361,80 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_dump(a: argparse.Namespace) -> int:
     if a.count is not None and a.count < 1:
         raise ValueError("-c COUNT must be at least 1")
+    rolling = _rolling_options(a)
     with connect(a.server, a.client, group=a.group, balance=a.balance, policy=a.policy,
                  credit=a.credit, timeout=a.timeout) as client:
-        out = sys.stdout.buffer if a.out == "-" else open(a.out, "wb")  # noqa: SIM115
+        files = TcpdumpFiles(a.out, by_size=a.file_size is not None, every=a.rotate_seconds,
+                             ring=a.file_count)
+        tally = ClientTally(client)
+        rw = RollingWriter(_stdout if a.out == "-" else files.open, client.ifaces, a.format,
+                           max_size=a.file_size, max_age=a.rotate_seconds,
+                           statistics=tally.statistics, opened=tally.opened)
         try:
-            writer = CaptureWriter(out, client.ifaces, a.format)
-            while a.count is None or writer.packets < a.count:
+            rw.start()
+            while a.count is None or rw.packets < a.count:
                 try:
-                    batch = client.next_batch()
+                    batch = client.next_batch(timeout=0.2 if rolling else None)
                 except EndOfStream:
                     break
-                assert batch is not None
+                if batch is None:
+                    rw.tick()
+                    continue
                 with batch:
-                    n = len(batch) if a.count is None else min(len(batch),
-                                                               a.count - writer.packets)
-                    writer.write(batch.descriptors[batch.mine[:n]], batch.views()[:n])
-                    out.flush()
-            writer.finish()
+                    idx = batch.mine if a.count is None else batch.mine[:a.count - rw.packets]
+                    rw.write(batch.descriptors, batch.buffer(), idx)
+                tally.seen()
+        except RotationLimit as e:
+            print(f"pktipc: {e}", file=sys.stderr)
+            return 0
+        finally:
+            rw.close()
+        if client.end_error and a.count is None:
+            raise PktipcError(f"stream ended early: {client.end_error}")
+    return 0
+
+
+def _rolling_options(a: argparse.Namespace) -> bool:
+    if a.file_size is not None and a.file_size < 1:
+        raise ValueError("-C SIZE must be at least 1 byte")
+    if a.rotate_seconds is not None and not (0 < a.rotate_seconds < float("inf")):
+        raise ValueError("-G SEC must be a positive number of seconds")
+    if a.file_count is not None and a.file_count < 1:
+        raise ValueError("-W N must be at least 1")
+    if a.file_count is not None and a.file_size is None and a.rotate_seconds is None:
+        raise ValueError("-W needs -C or -G")
+    rolling = a.file_size is not None or a.rotate_seconds is not None
+    if rolling and a.out == "-":
+        raise ValueError("-C and -G write files: give -w FILE, not -")
+    return rolling
+
+
+def _stdout(number: int, now_ns: int) -> tuple[BinaryIO, str]:
+    return os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0), "-"
+
+
+def cmd_record(a: argparse.Namespace) -> int:
+    if a.rcmd == "start":
+        return _recording.start(_recording.Spec(
+            name=a.rec, server=a.server, dir=a.dir, max_size=a.max_size, files=a.files,
+            max_age=a.max_age, group=a.group, policy=a.policy, filter=" ".join(a.expression),
+            detached=a.detach, timeout=a.timeout))
+    if a.rcmd == "attach":
+        out = sys.stdout.buffer if a.out == "-" else open(a.out, "wb")  # noqa: SIM115
+        try:
+            _recording.attach(a.rec, out, server=a.server, follow=a.follow)
         finally:
             if out is not sys.stdout.buffer:
                 out.close()
-        if client.end_error and a.count is None:
-            raise PktipcError(f"stream ended early: {client.end_error}")
+        return 0
+    if a.rcmd == "stop":
+        st = _recording.stop(a.rec, a.server)
+        what = (f": {st['packets']} packets, {len(st['files'])} files kept in {st['dir']}"
+                if st else "")
+        print(f"pktipc: recording {a.rec!r} stopped{what}", file=sys.stderr)
+        return 0
+    recs = _recording.recordings(a.server)
+    print(json.dumps(recs, indent=2) if a.json else _recording.list_text(recs))
     return 0
 
 
@@ -376,7 +511,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = _config.parse(_parser, argv)
-    run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status,
+    run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status, "record": cmd_record,
            "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top}[a.cmd]
     try:
         return run(a)

@@ -12,16 +12,9 @@
 #include <string.h>
 #include <pcap/pcap.h>
 #include "pktipc_shm.h"
+#include "harness.h"
 #include "flowhash.h"
 
-static uint64_t rng = 88172645463325252ULL;
-static uint32_t next_rand(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (uint32_t)rng;
-}
 static const uint32_t LINKTYPES[] = {0, 1, 101, 104, 108, 113, 127, 228, 229, 276};
 static unsigned long calls;
 

@@ -30,6 +30,16 @@ static inline uint64_t input_id(const uint8_t *data, size_t size)
     return h;
 }
 
+/* xorshift64: the same pseudo-random sequence on every run of a check. */
+static inline uint32_t next_rand(void)
+{
+    static uint64_t rng = 88172645463325252ULL;
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (uint32_t)rng;
+}
+
 #ifdef PKB_FILL_FULL     /* ingest.h: declarations only, without a guard of its own */
 
 static inline uint64_t frame_room(uint32_t caplen)

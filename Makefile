@@ -69,14 +69,14 @@ demo: install
 test: install suricata
 	$(MAKE) -C clients/c test
 	$(PY) -m pytest -q
-	$(VENV)/bin/ruff check pktipc tests bench
+	$(VENV)/bin/ruff check pktipc tests bench examples
 	$(VENV)/bin/mypy
 
 fuzz: install
 	$(MAKE) -C tests/c fuzz SECONDS=$(SECONDS) PY=$(abspath $(PY))
 
 lint: install
-	$(VENV)/bin/ruff check pktipc tests bench
+	$(VENV)/bin/ruff check pktipc tests bench examples
 	$(VENV)/bin/mypy
 
 $(BENCH_STAMP): $(STAMP)

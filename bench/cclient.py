@@ -62,7 +62,7 @@ SCENARIOS = [
 
 def build_client(tmp: Path) -> Path:
     subprocess.run(["make", "-s", "-C", str(CDIR), "lib"], check=True)
-    libs = subprocess.run(["pkg-config", "--libs", "libzmq", "msgpack"], check=True,
+    libs = subprocess.run(["pkg-config", "--libs", "libzmq", "msgpack", "libpcap"], check=True,
                           capture_output=True, text=True).stdout.split()
     exe = tmp / "_cclientproc"
     subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CDIR / 'include'}",

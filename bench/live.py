@@ -167,7 +167,7 @@ def run_alone(who: str, key: str, run: Callable[[Bench], dict[str, Any]],
             cmds = [[PY, str(CLIENT), name, f"c{i}", mode] for i in range(k)]
         clients = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
                    for cmd in cmds]
-        while len(pktipc.broker_stats(name)["clients"]) < k:
+        while len(pktipc.broker_stats(name).clients) < k:
             time.sleep(0.02)
         b0 = proc_cpu(broker.pid)
         g = self.generate(count, size, rate, (broker.pid, *(c.pid for c in clients)))
@@ -180,11 +180,11 @@ def run_alone(who: str, key: str, run: Callable[[Bench], dict[str, Any]],
         broker.wait(timeout=30)
         if broker.stderr:
             broker.stderr.close()
-        c = st["counters"]
+        c = st.counters
         out = {**g, "delivered": [r["packets"] for r in results],
-               "kernel_drops": sum(s["kernel_drops"] for s in st["sources"]),
-               "broker_drops": c["broker_drops"], "client_drops": c["client_drops"],
-               "batches": c["batches"], "captured": c["packets"]}
+               "kernel_drops": sum(s.kernel_drops or 0 for s in st.sources),
+               "broker_drops": c.broker_drops, "client_drops": c.client_drops,
+               "batches": c.batches, "captured": c.packets}
         if mode == "latency":
             out.update({key: results[0][key] for key in results[0] if key.startswith("lat_")})
         return out

@@ -139,10 +139,10 @@ class RecordBench:
             broker.wait(timeout=30)
             if broker.stderr:
                 broker.stderr.close()
-        rec = next((c for c in st["clients"] if c["name"] == "rec.r"), {"drops": 0})
+        rec_drops = next((c.drops for c in st.clients if c.name == "rec.r"), 0)
         return {**g, "written": final["packets"],
-                "drops": st["sources"][0]["kernel_drops"] + st["counters"]["broker_drops"]
-                + rec["drops"]}
+                "drops": st.sources[0].kernel_drops + st.counters.broker_drops
+                + rec_drops}
 
     def _tool(self, cmd: list[str], ready: str, out: Path, count: int, size: int,
               rate: float) -> tuple[dict[str, Any], str]:

@@ -113,14 +113,14 @@ def main() -> int:
             p.wait()
         broker.send_signal(signal.SIGINT)
         broker.wait(timeout=30)
-    c = stats["counters"]
+    c = stats.counters
     report = {
         "minutes": a.minutes, "rate_pps": a.rate, "churn_s": a.churn,
-        "clients_total": c["clients_total"], "packets": c["packets"],
+        "clients_total": c.clients_total, "packets": c.packets,
         "broker_private_kb": {"start": rss_start, "end": rss_end},
-        "lost": {"broker_drops": c["broker_drops"], "client_drops_all": c["client_drops"],
+        "lost": {"broker_drops": c.broker_drops, "client_drops_all": c.client_drops,
                  "steady_block": results["block"], "steady_drop": results["drop"]},
-        "protocol_errors": c["protocol_errors"],
+        "protocol_errors": c.protocol_errors,
     }
     print(json.dumps(report, indent=2))
     for p in tmp.rglob("*"):

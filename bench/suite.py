@@ -22,6 +22,10 @@ repetitions; medians, with the spread as min-max):
   suricata  Suricata through pktipc's capture plugin, through its own
             AF_PACKET capture and reading a FIFO, alone and with a second
             analyzer (bench/suricata.py)
+  tx        sending out of a veth: pktipc's C and Python clients and pktipc
+            replay against a raw TPACKET_V2 TX writer (the ceiling) and
+            tcpreplay --topspeed, 64- and 1400-byte frames; ping RTT of
+            pktipc-pong against the kernel's own replies (bench/tx.py)
   xdp       serve --xdp against the TPACKET_V3 path and raw TPACKET_V3
             sockets, the broker's CPU apart from the kernel's; the file path
             with and without flow hashes (bench/xdp.py)
@@ -52,6 +56,7 @@ from typing import Any
 import pktipc
 from bench import record as record_bench
 from bench import suricata as suricata_bench
+from bench import tx as tx_bench
 from bench import xdp as xdp_bench
 from bench.live import Bench
 from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine, refresh_readme
@@ -89,7 +94,7 @@ def _wait_clients(name: str, k: int, broker: subprocess.Popen[str]) -> float:
     while True:
         start = time.monotonic()
         try:
-            if len(pktipc.broker_stats(name)["clients"]) >= k:
+            if len(pktipc.broker_stats(name).clients) >= k:
                 return time.monotonic()
         except pktipc.BrokerNotRunning:
             broker.wait(timeout=10)
@@ -373,6 +378,8 @@ def tables(res: dict[str, Any]) -> dict[str, str]:
                       f"{m['python']}, libzmq {m['libzmq']}; commit {m['commit'][:10]}"
                       f"{' (uncommitted changes)' if m['dirty'] else ''}; {res['date']}; "
                       f"{'--quick' if res['quick'] else 'full run'}, {res['reps']} repetitions")
+    if "tx" in res:
+        out["tx"] = tx_bench.table(res["tx"])
     return out
 
 
@@ -509,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
             res["memory"] = memory(off, a.quick)
             print("suricata", flush=True)
             res["suricata"] = suricata_bench.run(bench, a.quick)
+            print("tx", flush=True)
+            txb = tx_bench.TxBench(tmp, bench.runtime)
+            try:
+                res["tx"] = tx_bench.run(txb, a.quick, reps)
+            finally:
+                txb.close()
             print("recording", flush=True)
             res["recording"] = record_bench.run(bench, a.quick)
             print("AF_XDP", flush=True)
@@ -530,9 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         refresh_readme(sections)
         if "xdp" in res:
             xdp_bench.refresh_readme(xdp_bench.table(res["xdp"]))
-    for key in ("live", "messages", "latency", "memory", "suricata", "recording"):
+    for key in ("live", "messages", "latency", "memory", "suricata", "recording", "tx"):
+        if key not in sections:
+            continue
         print(f"\n## {key}\n\n{sections[key]}")
-    print(f"\n## AF_XDP\n\n{xdp_bench.table(res['xdp'])}")
+    if "xdp" in res:
+        print(f"\n## AF_XDP\n\n{xdp_bench.table(res['xdp'])}")
     print(f"\n{res['seconds']:.0f} s; results in {out}; plots {', '.join(made)} in {PLOTS}")
     return 0
 

@@ -155,7 +155,7 @@ class SuricataBench:
         warm = 0
         if setup == "fifo":
             # `pktipc dump` opens the FIFO at its first packet, and -r waits for that.
-            while not pktipc.broker_stats(name)["clients"]:
+            while not pktipc.broker_stats(name).clients:
                 time.sleep(0.02)
             warm = self.b.generate(1, SIZE)["sent"]
         self._wait_started(d, s)
@@ -173,7 +173,7 @@ class SuricataBench:
             procs.append(other)
         if broker is not None:
             want = {"plugin": 2, "fifo": 1}[setup] + (1 if second else 0)
-            while sum(c["attached"] for c in pktipc.broker_stats(name)["clients"]) < want:
+            while sum(c.attached for c in pktipc.broker_stats(name).clients) < want:
                 time.sleep(0.02)
         time.sleep(0.3)
         g = self.b.generate(count, SIZE, rate, tuple(p.pid for p in procs))

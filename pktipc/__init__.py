@@ -1,11 +1,14 @@
 """pktipc: capture packets once into shared memory, hand batches to named clients."""
 
 from ._client.client import Batch, Client, Packet, broker_stats, brokers, connect
+from ._client.tx import Tx
 from ._errors import (
     BrokerGone,
     BrokerNotRunning,
+    Busy,
     ClosedError,
     EndOfStream,
+    FilterError,
     LayoutError,
     NameTaken,
     PermissionDenied,
@@ -14,23 +17,47 @@ from ._errors import (
     SourceError,
     UntrustedBroker,
 )
-from ._layout import PKT_DTYPE
+from ._layout import PKT_DTYPE, Direction, Flags, Iface
+from ._stats import (
+    BrokerCounters,
+    BrokerStats,
+    ClientCounters,
+    ClientStats,
+    ControlStats,
+    GroupStats,
+    SlabStats,
+    SourceStats,
+)
 
 __all__ = [
     "PKT_DTYPE",
     "Batch",
+    "BrokerCounters",
     "BrokerGone",
     "BrokerNotRunning",
+    "BrokerStats",
+    "Busy",
     "Client",
+    "ClientCounters",
+    "ClientStats",
     "ClosedError",
+    "ControlStats",
+    "Direction",
     "EndOfStream",
+    "FilterError",
+    "Flags",
+    "GroupStats",
+    "Iface",
     "LayoutError",
     "NameTaken",
     "Packet",
     "PermissionDenied",
     "PktipcError",
     "Refused",
+    "SlabStats",
     "SourceError",
+    "SourceStats",
+    "Tx",
     "UntrustedBroker",
     "broker_stats",
     "brokers",

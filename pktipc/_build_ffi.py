@@ -2,10 +2,11 @@
 
 The declarations come as they are from shm/ (the layout header, the single
 source of truth for the shared-memory layout, and the real symbols of
-pktipc_shm.h's inline helpers) and from the broker's engines in
-pktipc/_broker/engine/ (the flow hash, file ingest, live capture). Nothing
-about the layout is written again here. The XDP program is compiled by clang
-(-target bpf) and carried in the extension.
+pktipc_shm.h's inline helpers, the clients' filter) and from the broker's
+engines in pktipc/_broker/engine/ (the flow hash, file ingest, live
+capture, AF_XDP capture, sending). Nothing about the layout is written again
+here. The XDP program is compiled by clang (-target bpf) and carried in the
+extension.
 """
 
 import subprocess
@@ -20,9 +21,23 @@ ENGINE = "pktipc/_broker/engine"      # the broker's capture engines
 GENERATED = "build/engine"            # the XDP program, built here as a C array
 CLIENT = "pktipc/_client/engine"      # the client's capture-file writer
 
-HEADERS = [f"{SHM}/pktipc_layout.h", f"{SHM}/pktipc_shm_ffi.h", f"{ENGINE}/flowhash.h",
-           f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h", f"{ENGINE}/xdp.h",
-           f"{CLIENT}/capwrite.h"]
+HEADERS = [f"{SHM}/pktipc_layout.h", f"{SHM}/pktipc_shm_ffi.h", f"{SHM}/pktipc_filter.h",
+           f"{ENGINE}/flowhash.h", f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h",
+           f"{ENGINE}/xdp.h", f"{ENGINE}/tx.h", f"{CLIENT}/capwrite.h"]
+
+# The Python client's pollable descriptor holds a timer: timerfd, which
+# Python's os module offers only from 3.13.
+TIMERFD = """
+#define CLOCK_MONOTONIC ...
+#define TFD_NONBLOCK ...
+#define TFD_CLOEXEC ...
+#define TFD_TIMER_ABSTIME ...
+struct timespec { long tv_sec; long tv_nsec; ...; };
+struct itimerspec { struct timespec it_interval; struct timespec it_value; };
+int timerfd_create(int clockid, int flags);
+int timerfd_settime(int fd, int flags, const struct itimerspec *new_value,
+                    struct itimerspec *old_value);
+"""
 
 
 def build_xdp_program() -> None:
@@ -44,13 +59,15 @@ def build_xdp_program() -> None:
 
 build_xdp_program()
 ffibuilder = cffi.FFI()
-ffibuilder.cdef("".join((ROOT / h).read_text() for h in HEADERS))
+ffibuilder.cdef("".join((ROOT / h).read_text() for h in HEADERS) + TIMERFD)
 ffibuilder.set_source(
     "pktipc._shm",
-    "#include <stdint.h>\n" + "".join(f'#include "{Path(h).name}"\n' for h in HEADERS),
+    "#include <stdint.h>\n#include <time.h>\n#include <sys/timerfd.h>\n"
+    + "".join(f'#include "{Path(h).name}"\n' for h in HEADERS),
     # setuptools wants paths relative to setup.py
-    sources=[f"{ENGINE}/ingest.c", f"{ENGINE}/afpacket.c", f"{ENGINE}/flowhash.c",
-             f"{ENGINE}/xdp.c", f"{ENGINE}/cbpf.c", f"{SHM}/pktipc_shm.c",
+    sources=[f"{ENGINE}/ingest.c", f"{ENGINE}/afpacket.c", f"{ENGINE}/xdp.c",
+             f"{ENGINE}/cbpf.c", f"{ENGINE}/tx.c", f"{ENGINE}/sigbus.c",
+             f"{ENGINE}/flowhash.c", f"{SHM}/pktipc_shm.c", f"{SHM}/pktipc_filter.c",
              f"{CLIENT}/capwrite.c"],
     include_dirs=[SHM, ENGINE, CLIENT, str(ROOT / GENERATED)],
     libraries=["pcap", "xdp", "bpf"],

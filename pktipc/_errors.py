@@ -41,8 +41,18 @@ class ClosedError(PktipcError):
     """The client or batch was closed (or released) by this process."""
 
 
+class Busy(PktipcError):
+    """Every slot of the TX area waits for the broker, and the Tx does not
+    wait (client.tx(wait=False)): try again later."""
+
+
 class LayoutError(PktipcError):
     """The shared-memory segment is not a layout this version reads."""
+
+
+class FilterError(PktipcError, ValueError):
+    """libpcap refused a filter expression (its message says why), or the
+    expression cannot apply to the link type of one of the broker's sources."""
 
 
 class SourceError(PktipcError):

@@ -8,6 +8,7 @@ or a bytearray in tests.
 
 from __future__ import annotations
 
+import enum
 import os
 import time
 from collections.abc import Sequence
@@ -111,8 +112,41 @@ class Geometry:
         return self.slabs_off + self.slab_size * slab
 
 
+class Direction(enum.IntEnum):
+    """Which way a live packet went (the flags' direction field, PKTIPC_DIR_*)."""
+
+    UNKNOWN = lib.PKTIPC_DIR_UNKNOWN        # capture files
+    HOST = lib.PKTIPC_DIR_HOST              # to this host
+    BROADCAST = lib.PKTIPC_DIR_BROADCAST
+    MULTICAST = lib.PKTIPC_DIR_MULTICAST
+    OTHERHOST = lib.PKTIPC_DIR_OTHERHOST    # to another host (promiscuous)
+    OUTGOING = lib.PKTIPC_DIR_OUTGOING      # sent by this host
+
+
+class Flags(enum.IntFlag):
+    """A packet's `flags` (the descriptor's PKTIPC_F_* bits): test with
+    `packet.flags & Flags.TRUNCATED`; Flags(packet.flags).direction says
+    which way it went."""
+
+    VLAN_VALID = lib.PKTIPC_F_VLAN_VALID            # vlan_tci holds a tag the kernel stripped
+    VLAN_REINSERTED = lib.PKTIPC_F_VLAN_REINSERTED  # ... and it is back in the bytes
+    QINQ = lib.PKTIPC_F_QINQ                        # that tag was an 802.1ad (outer) one
+    TRUNCATED = lib.PKTIPC_F_TRUNCATED              # caplen < wirelen
+    TS_HW = lib.PKTIPC_F_TS_HW                      # ts_ns is from the NIC's clock
+    NO_HASH = lib.PKTIPC_F_NO_HASH                  # hash is 0: not computed (no flow group)
+    DIR_MASK = lib.PKTIPC_F_DIR_MASK                # the direction field's bits
+
+    @property
+    def direction(self) -> Direction:
+        return Direction((self & Flags.DIR_MASK) >> lib.PKTIPC_F_DIR_SHIFT)
+
+
 @dataclass(frozen=True)
 class Iface:
+    """A source of the broker: a capture file or an interface (`kind`,
+    PKTIPC_IFACE_FILE or _LIVE), its LINKTYPE_* value, snapshot length,
+    interface index (0 for files) and timestamp resolution (per second)."""
+
     name: str
     linktype: int
     snaplen: int

@@ -25,6 +25,11 @@ The rules it keeps:
 - A client says something (HEARTBEAT) as soon as it has mapped the segment
   WELCOME named; the broker keeps its segment until it has heard from every
   client it welcomed.
+- An attached client that sends offers its TX area once (TX_OPEN); the
+  broker answers TX_READY or ERROR. TX names the next `n` slots of the area,
+  in order, never more than are given back; the broker answers each TX with
+  one TX_DONE, in order, once it has copied every frame it names into the
+  kernel's TX ring or refused it.
 - Every field of every incoming frame is checked. On the broker a bad frame
   queues an ERROR reply and raises RemoteProtocolError; nothing else may
   escape the receive path.
@@ -48,6 +53,8 @@ MAX_RELEASE = 4096
 MAX_CREDIT = 4096
 MAX_TEXT = 1024
 MAX_MEMBERS = 1024                # slots a BATCH may name
+MAX_TX = 65536                    # slots a TX may name (PKTIPC_TX_MAX_FRAMES)
+MAX_IFACES = 4096                 # sources of a broker (PKTIPC_MAX_IFACES)
 BROKER_MISSED_HEARTBEATS = 5
 # What a peer may send the broker: `rate` messages a second (the broker's
 # choice), in bursts of BURST_SECONDS of them, and an attached client one
@@ -148,6 +155,7 @@ _seqs = Check("seqs", lo=1, hi=MAX_RELEASE)
 _map = Check("map")
 _slots = Check("slots", hi=MAX_MEMBERS)
 _bytes = Check("bytes")
+_lens = Check("seqs", lo=1, hi=MAX_IFACES)      # a u64 per interface
 
 
 POLICIES = ("block", "drop")
@@ -161,6 +169,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "release": {"seqs": _seqs},
     "stats": {},
     "bye": {},
+    "tx_open": {"shm": _str(255)},
+    "tx": {"first": _int(0, U64), "n": _int(1, MAX_TX)},
     # broker -> client
     "welcome": {"shm": _str(255), "epoch": _int(0, U64), "layout": _int(0, U32),
                 "slot": _int(0, U32), "credit": _int(1, MAX_CREDIT),
@@ -173,6 +183,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "error": {"code": _str(64), "text": _str(MAX_TEXT)},
     "evict": {"code": _str(64), "text": _str(MAX_TEXT)},
     "stats_reply": {"stats": _map},
+    "tx_ready": {"max_len": _lens},
+    "tx_done": {"upto": _int(0, U64), "refused": _int(0, MAX_TX), "error": _opt(_str(MAX_TEXT))},
     # both ways
     "heartbeat": {},
 }
@@ -302,6 +314,23 @@ class PeerFlooding:
 
 
 @dataclass(frozen=True)
+class TxAreaOffered:
+    """The client names its TX area, to be mapped read-only."""
+
+    peer: bytes
+    shm: str
+
+
+@dataclass(frozen=True)
+class FramesSubmitted:
+    """Slots first .. first + n - 1 (mod the area's slots) are to be sent."""
+
+    peer: bytes
+    first: int
+    n: int
+
+
+@dataclass(frozen=True)
 class Welcomed:
     shm: str
     epoch: int
@@ -357,6 +386,25 @@ class StatsReceived:
 
 
 @dataclass(frozen=True)
+class TxReady:
+    """The broker mapped the TX area: the longest frame each of its
+    interfaces sends (0: none)."""
+
+    max_len: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FramesTaken:
+    """Every slot before `upto` is the client's again: its frames were
+    copied into the kernel's TX ring, but `refused` of them (the first
+    refusal's reason in `error`)."""
+
+    upto: int
+    refused: int
+    error: str | None
+
+
+@dataclass(frozen=True)
 class ConnectionLost:
     """The broker is gone (silent for its liveness, or a new one that does
     not know us): `retrying` if a broker taking its place is looked for."""
@@ -384,10 +432,10 @@ class ReconnectAbandoned:
 
 
 BrokerEvent = (HelloReceived | ReleaseReceived | StatsRequested | ByeReceived | PeerTimedOut
-               | PeerFlooding)
+               | PeerFlooding | TxAreaOffered | FramesSubmitted)
 ClientEvent = (Welcomed | BatchAnnounced | GapReported | StreamEnded | RequestRefused | Evicted
                | StatsReceived | ConnectionLost | RetryDue | AttemptFailed
-               | ReconnectAbandoned)
+               | ReconnectAbandoned | TxReady | FramesTaken)
 
 
 # --- states ----------------------------------------------------------------
@@ -411,6 +459,8 @@ BROKER_TRANSITIONS: dict[tuple[State, str], State] = {
     (State.ATTACHED, "heartbeat"): State.ATTACHED,
     (State.ATTACHED, "stats"): State.ATTACHED,
     (State.ATTACHED, "bye"): State.CLOSED,
+    (State.ATTACHED, "tx_open"): State.ATTACHED,
+    (State.ATTACHED, "tx"): State.ATTACHED,
 }
 
 CLIENT_TRANSITIONS: dict[tuple[State, str], State] = {
@@ -430,6 +480,10 @@ CLIENT_TRANSITIONS: dict[tuple[State, str], State] = {
     (State.ENDED, "stats_reply"): State.ENDED,
     (State.ENDED, "error"): State.ENDED,
     (State.ENDED, "evict"): State.CLOSED,
+    (State.ATTACHED, "tx_ready"): State.ATTACHED,
+    (State.ATTACHED, "tx_done"): State.ATTACHED,
+    (State.ENDED, "tx_ready"): State.ENDED,
+    (State.ENDED, "tx_done"): State.ENDED,
 }
 
 
@@ -540,6 +594,10 @@ class BrokerConnection:
             return [StatsRequested(peer)]
         if mtype == "bye":
             return [ByeReceived(peer)] if state is State.ATTACHED else []
+        if mtype == "tx_open":
+            return [TxAreaOffered(peer, f["shm"])]
+        if mtype == "tx":
+            return [FramesSubmitted(peer, f["first"], f["n"])]
         return []  # heartbeat
 
     # -- decisions and sends --
@@ -565,6 +623,18 @@ class BrokerConnection:
         budget.tokens = min(budget.tokens + 1, budget.burst + MAX_CREDIT)  # for its RELEASE
         self._send(peer, "batch", now, seq=seq, slab=slab, gen=gen, n=n, members=list(members),
                    mask=mask)
+
+    def send_tx_ready(self, peer: bytes, now: float, max_len: list[int]) -> None:
+        self._attached(peer)
+        self._send(peer, "tx_ready", now, max_len=max_len)
+
+    def send_tx_done(self, peer: bytes, now: float, upto: int, refused: int,
+                     error: str | None) -> None:
+        self._attached(peer)
+        budget = self.peers[peer].budget
+        budget.tokens = min(budget.tokens + 1, budget.burst + MAX_CREDIT)  # for its next TX
+        self._send(peer, "tx_done", now, upto=upto, refused=refused,
+                   error=None if error is None else error[:MAX_TEXT])
 
     def send_gap(self, peer: bytes, now: float, start: int, end: int) -> None:
         self._attached(peer)
@@ -689,6 +759,20 @@ class ClientConnection:
         for i in range(0, len(seqs), MAX_RELEASE):
             self._send("release", now, seqs=seqs[i : i + MAX_RELEASE])
 
+    def tx_open(self, now: float, shm: str) -> None:
+        """Offers the TX area named `shm` (answered by TX_READY or ERROR)."""
+        self._attached_only("tx_open")
+        self._send("tx_open", now, shm=shm)
+
+    def tx(self, now: float, first: int, n: int) -> None:
+        """Submits slots first .. first + n - 1 of the TX area."""
+        self._attached_only("tx")
+        self._send("tx", now, first=first, n=n)
+
+    def _attached_only(self, what: str) -> None:
+        if self.state is not State.ATTACHED:
+            raise LocalProtocolError("not-attached", f"cannot {what} while {self.state.value}")
+
     def bye(self, now: float) -> None:
         if self.state in (State.ATTACHED, State.ENDED):
             self._send("bye", now)
@@ -755,6 +839,10 @@ class ClientConnection:
             return [Evicted(f["code"], f["text"])]
         if mtype == "stats_reply":
             return [StatsReceived(f["stats"])]
+        if mtype == "tx_ready":
+            return [TxReady(tuple(f["max_len"]))]
+        if mtype == "tx_done":
+            return [FramesTaken(f["upto"], f["refused"], f["error"])]
         return []  # heartbeat
 
     def _send(self, mtype: str, now: float, **fields: Any) -> None:

@@ -1,5 +1,8 @@
 /*
- * pktipc shared-memory layout, version 2: declarations only.
+ * pktipc shared-memory layout, version 2: declarations only. Version 2 is
+ * the segment with its frame area (AF_XDP's UMEM, past the slabs) and the
+ * NO_HASH flag, and a sending client's TX area (its own object, with a
+ * version of its own, PKTIPC_TX_LAYOUT_VERSION).
  *
  * This file is the single source of the layout. cffi's cdef() reads it as it
  * is, so it holds nothing but integer #defines and struct declarations: no
@@ -12,7 +15,9 @@
  *
  * Who writes what: (b) the broker, once, before the segment is announced;
  * (B) the broker, while running; nobody else writes anything. Clients map
- * the segment read-only.
+ * the segment read-only. A client's TX area (at the end of this file) is
+ * the other way round: (c) that client alone writes it; the broker maps it
+ * read-only.
  */
 
 #define PKTIPC_MAGIC            0x100435049544b50   /* "PKTIPC\0\1" little-endian */
@@ -157,4 +162,55 @@ struct pktipc_batch_rec {
     uint64_t broker_drops;     /* 48 (B) broker drops since the previous batch */
     uint32_t flags;            /* 56 (B) reserved, 0 */
     uint32_t reserved;         /* 60 */
+};
+
+/*
+ * A sending client's TX area, layout version 1: a POSIX shared-memory
+ * object the client makes, writes and names in TX_OPEN; the broker maps it
+ * read-only, copies its header once and checks the copy, and reads each
+ * descriptor once, before it copies the frame into the kernel's TX ring.
+ * (c) the client, once, before TX_OPEN; (C) the client, while running: a
+ * slot's descriptor and bytes before a TX message names the slot, and not
+ * again until TX_DONE gives it back.
+ *
+ *   0            header (64 bytes, in a page of its own)
+ *   desc_off     frame_count descriptors of 16 bytes (4096-byte aligned)
+ *   frames_off   frame_count slots of frame_size bytes (4096-byte aligned)
+ *   total_size
+ */
+#define PKTIPC_TX_MAGIC          0x0154435049544b50   /* "PKTIPCT\1" little-endian */
+#define PKTIPC_TX_LAYOUT_VERSION 1
+#define PKTIPC_TX_HEADER_SIZE    64
+#define PKTIPC_TX_DESC_SIZE      16
+#define PKTIPC_TX_MAX_FRAMES     65536    /* slots: a power of two, at most this */
+#define PKTIPC_TX_FRAME_ALIGN    64       /* a slot's size is a multiple of this ... */
+#define PKTIPC_TX_MAX_FRAME_SIZE 65536    /* ... and at most this */
+
+struct pktipc_tx_header {
+    uint64_t magic;            /*  0 (c) PKTIPC_TX_MAGIC, written last */
+    uint32_t layout_version;   /*  8 (c) PKTIPC_TX_LAYOUT_VERSION */
+    uint32_t header_size;      /* 12 (c) PKTIPC_TX_HEADER_SIZE */
+    uint32_t frame_count;      /* 16 (c) slots */
+    uint32_t frame_size;       /* 20 (c) bytes per slot: the longest frame it holds */
+    uint32_t desc_size;        /* 24 (c) PKTIPC_TX_DESC_SIZE */
+    uint32_t reserved0;        /* 28 */
+    uint64_t desc_off;         /* 32 (c) from the area's start */
+    uint64_t frames_off;       /* 40 (c) from the area's start */
+    uint64_t total_size;       /* 48 (c) bytes in the area */
+    uint64_t reserved1;        /* 56 */
+};
+
+/* One frame to send: slot i's bytes are at frames_off + i * frame_size. */
+struct pktipc_tx_desc {
+    uint32_t len;              /*  0 (C) bytes of the frame */
+    uint16_t iface;            /*  4 (C) index into the broker's interface table */
+    uint16_t flags;            /*  6 (C) 0 */
+    uint64_t reserved;         /*  8 (C) 0 */
+};
+
+/* Not in the area: where its regions start (pktipc_tx_geometry). */
+struct pktipc_tx_geometry {
+    uint64_t desc_off;
+    uint64_t frames_off;
+    uint64_t total_size;
 };

@@ -108,6 +108,24 @@ PKTIPC_ASSERT_AT(pktipc_batch_rec, kernel_drops, 40, 8);
 PKTIPC_ASSERT_AT(pktipc_batch_rec, broker_drops, 48, 8);
 PKTIPC_ASSERT_AT(pktipc_batch_rec, flags, 56, 4);
 
+PKTIPC_STATIC_ASSERT(sizeof(struct pktipc_tx_header) == PKTIPC_TX_HEADER_SIZE, "TX header");
+PKTIPC_ASSERT_AT(pktipc_tx_header, magic, 0, 8);
+PKTIPC_ASSERT_AT(pktipc_tx_header, layout_version, 8, 4);
+PKTIPC_ASSERT_AT(pktipc_tx_header, header_size, 12, 4);
+PKTIPC_ASSERT_AT(pktipc_tx_header, frame_count, 16, 4);
+PKTIPC_ASSERT_AT(pktipc_tx_header, frame_size, 20, 4);
+PKTIPC_ASSERT_AT(pktipc_tx_header, desc_size, 24, 4);
+PKTIPC_ASSERT_AT(pktipc_tx_header, desc_off, 32, 8);
+PKTIPC_ASSERT_AT(pktipc_tx_header, frames_off, 40, 8);
+PKTIPC_ASSERT_AT(pktipc_tx_header, total_size, 48, 8);
+PKTIPC_ASSERT_AT(pktipc_tx_header, reserved1, 56, 8);
+
+PKTIPC_STATIC_ASSERT(sizeof(struct pktipc_tx_desc) == PKTIPC_TX_DESC_SIZE, "TX descriptor");
+PKTIPC_ASSERT_AT(pktipc_tx_desc, len, 0, 4);
+PKTIPC_ASSERT_AT(pktipc_tx_desc, iface, 4, 2);
+PKTIPC_ASSERT_AT(pktipc_tx_desc, flags, 6, 2);
+PKTIPC_ASSERT_AT(pktipc_tx_desc, reserved, 8, 8);
+
 #undef PKTIPC_ASSERT_AT
 #undef PKTIPC_STATIC_ASSERT
 
@@ -222,6 +240,56 @@ PKTIPC_INLINE uint32_t pktipc_pkts_check(const struct pktipc_header *h, uint32_t
             return i;
     }
     return n;
+}
+
+/* Where a TX area's regions start, for `frame_count` slots (a power of two,
+ * at most PKTIPC_TX_MAX_FRAMES) of `frame_size` bytes (a multiple of
+ * PKTIPC_TX_FRAME_ALIGN, at most PKTIPC_TX_MAX_FRAME_SIZE): 0, or -1 when
+ * one of them is out of bounds. The client lays its area out with it, the
+ * broker checks the area with it. */
+PKTIPC_INLINE int pktipc_tx_geometry(uint32_t frame_count, uint32_t frame_size,
+                                     struct pktipc_tx_geometry *g)
+{
+    if (frame_count == 0 || frame_count > PKTIPC_TX_MAX_FRAMES ||
+        (frame_count & (frame_count - 1)) || frame_size == 0 ||
+        frame_size % PKTIPC_TX_FRAME_ALIGN || frame_size > PKTIPC_TX_MAX_FRAME_SIZE)
+        return -1;
+    g->desc_off = PKTIPC_SLAB_ALIGN;
+    g->frames_off = (g->desc_off + (uint64_t)frame_count * PKTIPC_TX_DESC_SIZE +
+                     PKTIPC_SLAB_ALIGN - 1) & ~(uint64_t)(PKTIPC_SLAB_ALIGN - 1);
+    g->total_size = g->frames_off + (uint64_t)frame_count * frame_size;
+    return 0;
+}
+
+/* Copies the header of the TX area at `base` (`size` bytes mapped) into *h
+ * and checks the copy, as pktipc_shm_attach does for a segment: 0 when it
+ * is laid out as pktipc_tx_geometry says, within the mapping; -1 otherwise.
+ * Its writer may change the area at any time: read the geometry from *h. */
+PKTIPC_INLINE int pktipc_tx_attach(const void *base, uint64_t size, struct pktipc_tx_header *h)
+{
+    struct pktipc_tx_geometry g;
+    if (size < PKTIPC_TX_HEADER_SIZE)
+        return -1;
+    memcpy(h, base, sizeof(*h));
+    if (h->magic != PKTIPC_TX_MAGIC || h->layout_version != PKTIPC_TX_LAYOUT_VERSION ||
+        h->header_size != PKTIPC_TX_HEADER_SIZE || h->desc_size != PKTIPC_TX_DESC_SIZE ||
+        pktipc_tx_geometry(h->frame_count, h->frame_size, &g) != 0 ||
+        h->desc_off != g.desc_off || h->frames_off != g.frames_off ||
+        h->total_size != g.total_size || h->total_size > size)
+        return -1;
+    return 0;
+}
+
+/* Slot i of a TX area (i < frame_count), by its checked header copy `h`. */
+static inline struct pktipc_tx_desc *pktipc_tx_desc(void *base, const struct pktipc_tx_header *h,
+                                                    uint32_t i)
+{
+    return (struct pktipc_tx_desc *)((uint8_t *)base + h->desc_off) + i;
+}
+
+static inline uint8_t *pktipc_tx_frame(void *base, const struct pktipc_tx_header *h, uint32_t i)
+{
+    return (uint8_t *)base + h->frames_off + (uint64_t)h->frame_size * i;
 }
 
 /* Descriptors stand at the start of their slab. */

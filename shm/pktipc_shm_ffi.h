@@ -14,3 +14,5 @@ uint32_t pktipc_select(const struct pktipc_pkt *pkts, uint32_t count, const uint
                        const uint32_t *members, uint32_t n, uint32_t me, uint32_t *out);
 void pktipc_share_counts(const struct pktipc_pkt *pkts, uint32_t count, const uint8_t *mask,
                          const uint32_t *members, uint32_t n, uint32_t *counts);
+int pktipc_tx_geometry(uint32_t frame_count, uint32_t frame_size, struct pktipc_tx_geometry *g);
+int pktipc_tx_attach(const void *base, uint64_t size, struct pktipc_tx_header *h);

@@ -11,10 +11,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from pktipc import BrokerStats
 from pktipc._errors import PktipcError
 from pktipc._tools import traffic
 from pktipc._tools.netns import Namespace
@@ -39,8 +39,8 @@ def all_captures() -> list[Path]:
     return files
 
 
-def settled_stats(name: str, done: Callable[[dict[str, Any]], bool],
-                  timeout: float = 10) -> dict[str, Any]:
+def settled_stats(name: str, done: Callable[[BrokerStats], bool],
+                  timeout: float = 10) -> BrokerStats:
     """The broker's statistics once `done` holds of them. A client's
     RELEASE and BYE travel on its own connection, the STATS request on
     another: the broker may answer it before it has read what the client

@@ -177,13 +177,13 @@ def test_out_of_order_consumer_gives_every_slab_back(broker, synth: Path) -> Non
         assert got["held"] == "0" and got["drops"] == "0"
         assert got["batches_released"] == got["batches"]
         assert 0 < int(got["release_msgs"]) <= int(got["batches"]) > 40
-        stats = settled_stats(b.name, lambda s: s["slabs"]["free"] == s["slabs"]["count"])
-        (client,) = stats["clients"]
-        assert client["name"] == "ooo" and client["attached"]
-        assert client["held"] == 0 and client["queued"] == 0
-        assert client["batches"] == int(got["batches"])
-        assert stats["slabs"]["free"] == stats["slabs"]["count"] == 8
-        assert stats["counters"]["protocol_errors"] == 0
+        stats = settled_stats(b.name, lambda s: s.slabs.free == s.slabs.count)
+        (client,) = stats.clients
+        assert client.name == "ooo" and client.attached
+        assert client.held == 0 and client.queued == 0
+        assert client.batches == int(got["batches"])
+        assert stats.slabs.free == stats.slabs.count == 8
+        assert stats.counters.protocol_errors == 0
     finally:
         p.send_signal(signal.SIGINT)
         rc, _, err = finish(p)
@@ -227,10 +227,10 @@ def test_group_is_told_to_the_broker(broker) -> None:
     p = c_prog("pktipc-count", "-n", "w1", "-g", "workers", b.name)
     try:
         deadline = time.monotonic() + 10
-        while not (clients := pktipc.broker_stats(b.name)["clients"]):
+        while not (clients := pktipc.broker_stats(b.name).clients):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert [(c["name"], c["group"], c["policy"]) for c in clients] == [
+        assert [(c.name, c.group, c.policy) for c in clients] == [
             ("w1", "workers", "drop")]
     finally:
         p.send_signal(signal.SIGINT)
@@ -244,10 +244,10 @@ def test_group_is_told_to_the_broker(broker) -> None:
 def attached(server: str, count: int) -> dict[str, int]:
     """Waits until `count` clients are attached: their slots, by name."""
     deadline = time.monotonic() + 15
-    while len(clients := pktipc.broker_stats(server)["clients"]) < count:
+    while len(clients := pktipc.broker_stats(server).clients) < count:
         assert time.monotonic() < deadline, "the clients did not attach"
         time.sleep(0.02)
-    return {c["name"]: c["slot"] for c in clients}
+    return {c.name: c.slot for c in clients}
 
 
 @pytest.mark.parametrize("traffic", ["captures", "generated"])
@@ -311,7 +311,7 @@ def test_c_and_python_members_take_turns(broker, flows: Path, tmp_path: Path) ->
     got_py = py.finish()
     rc, _, err = finish(c)
     assert rc == 0, err
-    batches = pktipc.broker_stats(b.name)["counters"]["batches"]
+    batches = pktipc.broker_stats(b.name).counters.batches
     assert all(n == own for _, n, own in py.batches)        # whole batches
     got_c = read_pcap(str(tmp_path / "c.pcap")).packets
     assert got_c == [p for seq, p in enumerate(want) if seq not in got_py]
@@ -344,9 +344,9 @@ def test_out_of_order_consumer_in_a_group(broker, synth: Path) -> None:
     assert got["released"] == got["packets"] and got["release_errors"] == "0"
     assert got["held"] == "0" and got["batches_released"] == got["batches"]
     assert int(got["release_msgs"]) <= int(got["batches"])
-    stats = settled_stats(b.name, lambda s: s["slabs"]["free"] == s["slabs"]["count"])
-    assert stats["slabs"]["free"] == stats["slabs"]["count"] == 8
-    assert stats["counters"]["protocol_errors"] == 0
+    stats = settled_stats(b.name, lambda s: s.slabs.free == s.slabs.count)
+    assert stats.slabs.free == stats.slabs.count == 8
+    assert stats.counters.protocol_errors == 0
 
 
 def test_c_member_joins_and_is_refused_by_mode(broker, flows: Path) -> None:
@@ -477,8 +477,9 @@ def test_install_and_pkg_config(broker, tmp_path: Path) -> None:
 
 # --- the ABI ----------------------------------------------------------------------------
 
-# A consumer built against version 1's pktipc_opts (before `balance`), and
-# one built against a newer header, with a field this library does not know.
+# A consumer built against version 1's pktipc_opts (before `balance` and
+# `filter`), and one built against a newer header, with a field this
+# library does not know.
 OLD_CONSUMER = r"""
 #include <stddef.h>
 #include <stdio.h>
@@ -488,7 +489,8 @@ struct opts_v1 {
     size_t sz; const char *server, *name, *group; int policy; unsigned credit;
     int timeout_ms, reconnect_ms; char *errbuf;
 };
-struct opts_next { struct opts_v1 v1; int balance; int unknown; };
+struct opts_next { struct opts_v1 v1; int balance; unsigned tx_frames, tx_frame_size;
+                   const char *filter; int unknown; };
 struct batch { unsigned long long seq; unsigned count; const void *pkts, *index, *base;
                unsigned long long t; void *s; };
 int pktipc_open(const void *o, struct pktipc_client **c);
@@ -514,7 +516,7 @@ int main(int argc, char **argv)
     printf("packets %llu end %d\n", packets, r);
     pktipc_close(c);
     struct opts_next n = {{sizeof(struct opts_next), argv[1], "newer", NULL, 1, 0, -1, 0, err},
-                          0, 7};
+                          0, 0, 0, NULL, 7};
     printf("unknown field set: %d\n", pktipc_open(&n, &c));
     n.unknown = 0;
     r = pktipc_open(&n, &c);
@@ -551,4 +553,5 @@ def test_a_consumer_built_against_version_1_runs(broker, tmp_path: Path) -> None
         f"pktipc_{n}@@PKTIPC_1" for n in (
             "open", "close", "fd", "next_batch", "pkt_data", "release", "release_batch",
             "dispatch", "stats", "group", "balance", "iface_count", "iface", "strerror",
-            "geterr", "linktype_to_dlt", "version")}
+            "geterr", "linktype_to_dlt", "version")} | {
+        f"pktipc_tx_{n}@@PKTIPC_1.1" for n in ("alloc", "send", "flush")}

@@ -82,8 +82,8 @@ def test_credit_bounds_held_batches(broker, synth: Path) -> None:
         first, second = c.next_batch(timeout=5), c.next_batch(timeout=5)
         assert first is not None and second is not None
         assert c.next_batch(timeout=0.5) is None      # credit exhausted
-        st = c.stats()["clients"][0]
-        assert st["held"] == 2 and st["credit"] == 2
+        st = c.stats().clients[0]
+        assert st.held == 2 and st.credit == 2
         first.release()
         third = c.next_batch(timeout=5)
         assert third is not None and third.seq == second.seq + len(second)
@@ -168,6 +168,35 @@ def test_client_follows_a_restarted_broker(broker, synth: Path, runtime_dir: Pat
     assert not list(Path("/dev/shm").glob(f"pktipc.{first.name}.*"))
 
 
+def test_stale_messages_refused_by_a_restarted_broker(broker, synth: Path,
+                                                      runtime_dir: Path) -> None:
+    """Messages sent before the client knew its broker had been replaced are
+    each refused by the new one (not-attached): the first refusal says the
+    connection is lost, those after it are void, and the client attaches to
+    the new broker as when it finds out by itself."""
+    want = read_pcap(str(synth)).packets
+    first = broker("-r", str(DNS), "--wait-clients", "2")
+    with pktipc.connect(first.name, "c") as c:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        second = BrokerProc(first.name, ["-r", str(synth), "--wait-clients", "1"], runtime_dir)
+        try:
+            second.wait_ready()
+            for _ in range(3):          # three messages the new broker does not expect
+                c._conn._send("heartbeat", time.monotonic())
+            c._flush()
+            deadline = time.monotonic() + 30
+            while pktipc.broker_stats(second.name).counters.protocol_errors < 3:
+                assert time.monotonic() < deadline, "the new broker did not refuse them"
+                time.sleep(0.01)
+            got = [(p.seq, bytes(p.data)) for p in c.packets(timeout=15)]
+            assert second.wait() == 0
+        finally:
+            second.stop()
+        assert c.reconnects == 1
+    assert got == [(i, p.data) for i, p in enumerate(want)]
+
+
 def test_a_lost_connection_is_not_read_on(broker, synth: Path, runtime_dir: Path,
                                           tmp_path: Path) -> None:
     """kill -9 of the broker while the client holds two batches, and a new
@@ -182,7 +211,7 @@ def test_a_lost_connection_is_not_read_on(broker, synth: Path, runtime_dir: Path
     want = [(i, p.data) for i, p in enumerate(read_pcap(str(synth)).packets)]
     first = broker("-r", str(paced), "--realtime")
 
-    def stats() -> dict | None:
+    def stats() -> pktipc.BrokerStats | None:
         try:
             return pktipc.broker_stats(first.name)
         except pktipc.BrokerNotRunning:       # a loaded machine: ask again
@@ -199,11 +228,11 @@ def test_a_lost_connection_is_not_read_on(broker, synth: Path, runtime_dir: Path
         try:
             second.wait_ready()
             wait_for("the client's connection to reach the new broker",
-                     lambda: (s := stats()) and s["control"]["connections"] >= 2)
+                     lambda: (s := stats()) and s.control.connections >= 2)
             for b in held:
                 b.release()
             wait_for("both answers", lambda: (s := stats()) and
-                     s["counters"]["protocol_errors"] >= 2)
+                     s.counters.protocol_errors >= 2)
             got = [(p.seq, bytes(p.data)) for p in c.packets(timeout=15)]
             assert second.wait() == 0
         finally:
@@ -371,7 +400,7 @@ def test_stopped_drop_client_hurts_nobody(broker, synth: Path) -> None:
             assert dropper.stdout is not None and dropper.stdout.readline() == "got\n"
             dropper.send_signal(signal.SIGSTOP)
             got = [(p.seq, bytes(p.data)) for p in steady.packets(timeout=15)]
-            drops = next(c for c in steady.stats()["clients"] if c["name"] == "dropper")
+            drops = next(c for c in steady.stats().clients if c.name == "dropper")
         assert got == [(i, p.data) for i, p in enumerate(want)]
     finally:
         dropper.send_signal(signal.SIGCONT)
@@ -380,7 +409,7 @@ def test_stopped_drop_client_hurts_nobody(broker, synth: Path) -> None:
     result = json.loads(out.splitlines()[-1])
     seqs, gaps = result["seqs"], [tuple(g) for g in result["gaps"]]
     skipped = [s for a, e in gaps for s in range(a, e)]
-    assert gaps and drops["drops"] == len(skipped) > 0
+    assert gaps and drops.drops == len(skipped) > 0
     assert sorted(seqs + skipped) == list(range(len(want)))      # nothing lost unannounced
     assert seqs == sorted(seqs)
     assert b.wait() == 0
@@ -541,7 +570,7 @@ def test_a_client_at_the_end_of_the_stream_is_kept_alive(broker) -> None:
             with pytest.raises(pktipc.EndOfStream):
                 c.next_batch(timeout=0)
             time.sleep(0.05)
-        [me] = c.stats()["clients"]
-        assert (me["name"], me["attached"]) == ("late-reader", True)
+        [me] = c.stats().clients
+        assert (me.name, me.attached) == ("late-reader", True)
     b.stop()
     assert "late-reader' dropped" not in b.stderr()

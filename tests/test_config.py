@@ -51,6 +51,10 @@ allow-block = ["rec", "user:pktipc"]
 evict-backoff = 3
 max-connections = 200
 control-rate = 500
+tx = ["eth1"]
+allow-tx = ["ids"]
+tx-frames = 4096
+tx-qdisc-bypass = true
 """
 FILES = """\
 files = ["a.pcap", "b.pcapng"]
@@ -180,7 +184,7 @@ def test_a_broker_from_a_config_file(broker, tmp_path: Path) -> None:
     pcap = PCAPS / "dns_udp.pcap"
     cfg = _write(tmp_path, f"files = ['{pcap}']\nslab-size = '64k'\nslabs = 4\nlinger = true\n")
     b = broker("--config", str(cfg))
-    assert pktipc.broker_stats(b.name)["slabs"] == {"size": 65536, "count": 4, "free": 4}
+    assert pktipc.broker_stats(b.name).slabs == pktipc.SlabStats(size=65536, count=4, free=4)
     with pktipc.connect(b.name, "c") as c:
         got = sum(len(batch) for batch in c)
-    assert got == pktipc.broker_stats(b.name)["counters"]["packets"] > 0
+    assert got == pktipc.broker_stats(b.name).counters.packets > 0

@@ -209,7 +209,7 @@ def test_malformed_control_messages(broker) -> None:
             assert codes == ["malformed", "malformed", "version", "bad-field", "not-attached",
                              "unknown-type", "too-large", "malformed"]
             stats = good.stats()
-            assert stats["counters"]["protocol_errors"] >= len(codes)
+            assert stats.counters.protocol_errors >= len(codes)
             # The second client attaches; the replay starts and `good` gets it all.
             with pktipc.connect(b.name, "other") as other:
                 got = [(p.ts_ns, p.caplen, p.wirelen, bytes(p.data))
@@ -326,10 +326,10 @@ def test_a_frame_over_the_size_limit_is_counted(broker) -> None:
         s.send(proto.encode("heartbeat"))
         s.send(b"\x80" * (2 << 20))
         deadline = time.monotonic() + 10
-        while pktipc.broker_stats(b.name)["control"]["connections_dropped"] < 1:
+        while pktipc.broker_stats(b.name).control.connections_dropped < 1:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert pktipc.broker_stats(b.name)["clients"] == []
+        assert pktipc.broker_stats(b.name).clients == ()
     finally:
         s.close()
         ctx.term()

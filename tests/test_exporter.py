@@ -75,10 +75,10 @@ def test_prometheus_sees_the_brokers_counts(broker, procs: Procs, tmp_path: Path
 
     sel = f'broker="{b.name}"'
     st = pktipc.broker_stats(b.name)
-    assert st["state"] == "ended" and st["counters"]["packets"] == PACKETS
-    [mine] = st["clients"]      # the other one read everything and left
-    assert mine["name"] == "stalled" and stalled.poll() is None
-    drops = mine["drops"]
+    assert st.state == "ended" and st.counters.packets == PACKETS
+    [mine] = st.clients      # the other one read everything and left
+    assert mine.name == "stalled" and stalled.poll() is None
+    drops = mine.drops
     assert drops > 0
 
     assert wait_for("Prometheus to scrape the final counts",
@@ -86,9 +86,9 @@ def test_prometheus_sees_the_brokers_counts(broker, procs: Procs, tmp_path: Path
     assert prom.value(f'pktipc_client_dropped_packets_total{{{sel},client="stalled"}}') \
         == drops
     assert prom.value(f'pktipc_client_packets_total{{{sel},client="stalled"}}') \
-        == mine["packets"]
+        == mine.packets
     assert prom.value(f"pktipc_source_packets_total{{{sel}}}") == PACKETS
-    assert prom.value(f"pktipc_source_bytes_total{{{sel}}}") == st["counters"]["bytes"]
+    assert prom.value(f"pktipc_source_bytes_total{{{sel}}}") == st.counters.bytes
     assert prom.value(f'pktipc_broker_state{{{sel},state="ended"}}') == 1
     assert prom.value(f"pktipc_up{{{sel}}}") == 1
     # Scraped while the replay ran: the counter was seen rising, never falling.
@@ -113,9 +113,10 @@ def _stats(**over: Any) -> dict[str, Any]:
          "groups": [{"name": "ids", "balance": "flow", "shared": False, "members": ["ids"],
                      "changes": 1, "packets": 7}],
          "refused": {"backoff": 2, "group-private": 1},
+         "tx_refused": {},
          "control": {"connections": 3, "max_connections": 128, "connections_refused": 4,
                      "handshakes_failed": 0, "connections_cut": 1,
-                     "messages_over_budget": 9}}
+                     "messages_over_budget": 9, "connections_dropped": 0}}
     s.update(over)
     return s
 
@@ -123,7 +124,8 @@ def _stats(**over: Any) -> dict[str, Any]:
 def test_names_follow_prometheus_conventions() -> None:
     class Fixed:
         def collect(self) -> Any:
-            return _exporter.metrics([("tap", _stats()), ("gone", None)])
+            return _exporter.metrics([("tap", pktipc.BrokerStats.from_reply(_stats())),
+                                      ("gone", None)])
 
     text = generate_latest(Fixed()).decode()     # type: ignore[arg-type]
     families = {f.name: f for f in text_string_to_metric_families(text)}

@@ -607,7 +607,7 @@ def test_hostile_control_traffic(broker) -> None:
 
     try:
         with pktipc.connect(b.name, "good", timeout=WAIT) as good:
-            base = good.stats()["counters"]["protocol_errors"]
+            base = good.stats().counters.protocol_errors
             B = peer("B")          # attaches as the second client: starts the stream
             C = peer("C")          # attaches and leaves, under many names
             R = peer("R", zmq.ROUTER)
@@ -825,14 +825,14 @@ def test_hostile_control_traffic(broker) -> None:
             deadline = time.monotonic() + WAIT
             while True:
                 stats = good.stats()
-                delta = stats["counters"]["protocol_errors"] - base
+                delta = stats.counters.protocol_errors - base
                 if delta >= observed + unobserved or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
             frames = sum(p.frames for p in peers) + unobserved
             assert delta >= definite > 3000, (delta, definite, frames)
             assert delta == observed + unobserved, (delta, observed, unobserved)
-            names = {c["name"] for c in stats["clients"]}
+            names = {c.name for c in stats.clients}
             assert "good" in names and "b-hostile" in names
             alive("the end")
 

@@ -197,14 +197,15 @@ class Served:
         deadline = time.monotonic() + 30
         while True:
             st = pktipc.broker_stats(self.name)
-            if st["counters"]["packets"] == total and not any(
-                    c["lag_packets"] or c["queued"] for c in st["clients"]):
+            if st.counters.packets == total and not any(
+                    c.lag_packets or c.queued for c in st.clients):
                 break
-            assert time.monotonic() < deadline, ({k: v for k, v in st["sources"][0].items()
-                                                  if "kernel" in k or k == "xdp"}, [
-                (c["name"], c["packets"], c["lag_packets"], c["queued"]) for c in st["clients"]])
+            src = st.sources[0]
+            assert time.monotonic() < deadline, (
+                (src.kernel_packets, src.kernel_drops, src.kernel_freezes, src.xdp),
+                [(c.name, c.packets, c.lag_packets, c.queued) for c in st.clients])
             time.sleep(0.05)
-        assert st["sources"][0]["kernel_drops"] == 0
+        assert st.sources[0].kernel_drops == 0
         self.b.stop()
         assert self.b.proc.returncode == 0
 

@@ -123,9 +123,9 @@ def test_batches_without_hashes_passed_on_are_shared_by_flow(broker: Any,
     got_c: Got = {}
     a = pktipc.connect(b.name, "a", group="g")
     deadline = time.monotonic() + 10
-    while pktipc.broker_stats(b.name)["slabs"]["free"] and time.monotonic() < deadline:
+    while pktipc.broker_stats(b.name).slabs.free and time.monotonic() < deadline:
         time.sleep(0.05)             # a holds every slab, reading none
-    held = [c["held"] for c in pktipc.broker_stats(b.name)["clients"]]
+    held = [c.held for c in pktipc.broker_stats(b.name).clients]
     assert held == [8]
     with pktipc.connect(b.name, "b", group="g") as mb, \
             pktipc.connect(b.name, "c", group="g") as mc:

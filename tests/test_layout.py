@@ -868,7 +868,7 @@ def test_layout_1_clients_refuse_a_layout_2_broker(broker: Any, tmp_path: Path,
     """The Python client and libpktipc, each as built for layout 1, say so
     in one line and read nothing."""
     import pktipc
-    import pktipc._client.client as client
+    import pktipc._client.session as session
 
     b = broker("-r", str(DECNET), "--wait-clients", "3")
     v1 = layout_1_header(tmp_path)
@@ -878,7 +878,7 @@ def test_layout_1_clients_refuse_a_layout_2_broker(broker: Any, tmp_path: Path,
                             capture_output=True, text=True, check=True).stdout.split()
     subprocess.run(["gcc", "-std=gnu11", "-pthread", "-I", str(v1), "-I", str(cdir / "include"),
                     "-I", str(cdir / "src"), '-DPKTIPC_VERSION="layout-1"', "-o", str(exe),
-                    *map(str, sorted((cdir / "src").glob("*.c"))),
+                    *map(str, sorted((cdir / "src").glob("*.c"))), str(SHM / "pktipc_filter.c"),
                     str(cdir / "examples" / "pktipc-count.c"), *cflags, "-lpcap"],
                    check=True, timeout=120)
     r = subprocess.run([str(exe), "-n", "old", b.name], capture_output=True, text=True,
@@ -888,7 +888,7 @@ def test_layout_1_clients_refuse_a_layout_2_broker(broker: Any, tmp_path: Path,
                         "reads 1\n")
     with monkeypatch.context() as m, pytest.raises(
             LayoutError, match="^broker uses layout 2, this client reads 1$"):
-        m.setattr(client, "LAYOUT_VERSION", 1)
+        m.setattr(session, "LAYOUT_VERSION", 1)
         pktipc.connect(b.name, "old", timeout=5)
     with pktipc.connect(b.name, "new", timeout=5) as c:
         assert c.welcome.layout == 2

@@ -60,7 +60,7 @@ def assert_nothing_more(client: pktipc.Client) -> None:
     assert b is None, f"unexpected batch of {len(b) if b else 0} packets"
 
 
-def live_stats(name: str) -> dict[str, Any]:
+def live_stats(name: str) -> pktipc.BrokerStats:
     return pktipc.broker_stats(name)
 
 
@@ -182,8 +182,8 @@ def test_filter(ns: Netns, broker: Any, tmp_path: Path) -> None:
     assert 50 < len(want) < 250 and 10 < len(want2) < 100
     assert [p.data for p in got] == want
     assert [p.data for p in got2] == want2
-    src = live_stats(b.name)["sources"][0]
-    assert src["kernel_packets"] == len(want)        # the kernel counts what passed
+    src = live_stats(b.name).sources[0]
+    assert src.kernel_packets == len(want)        # the kernel counts what passed
 
 
 def test_two_interfaces_aggregated(ns: Netns, broker: Any, tmp_path: Path) -> None:
@@ -200,8 +200,8 @@ def test_two_interfaces_aggregated(ns: Netns, broker: Any, tmp_path: Path) -> No
     assert [p.data for p in got if p.iface == 0] == fa
     assert [p.data for p in got if p.iface == 1] == fb
     assert [p.seq for p in got] == list(range(500))
-    st = live_stats(b.name)["sources"]
-    assert [(s["name"], s["packets"], s["kernel_packets"]) for s in st] == [
+    st = live_stats(b.name).sources
+    assert [(s.name, s.packets, s.kernel_packets) for s in st] == [
         ("va", 200, 200), ("wa", 300, 300)]
 
 
@@ -210,9 +210,9 @@ def test_fanout_splits_an_interface_across_brokers(ns: Netns, broker: Any,
     """The first broker asks the kernel for a group id of its own; the second
     joins it: every packet reaches exactly one of them, flows kept whole."""
     b1 = serve_live(broker, ns, "-i", "va", "--fanout")
-    gid = live_stats(b1.name)["sources"][0]["fanout_id"]
+    gid = live_stats(b1.name).sources[0].fanout_id
     b2 = serve_live(broker, ns, "-i", "va", "--fanout", str(gid))
-    assert live_stats(b2.name)["sources"][0]["fanout_id"] == gid
+    assert live_stats(b2.name).sources[0].fanout_id == gid
     frames = [frame(OTHER, udp4(3000 + flow, 53, 12 + n, a=flow))
               for n in range(10) for flow in range(64)]
     with pktipc.connect(b1.name, "c") as c1, pktipc.connect(b2.name, "c") as c2:
@@ -245,7 +245,7 @@ def test_kernel_statistics_add_up(ns: Netns, broker: Any, tmp_path: Path) -> Non
     with pktipc.connect(b.name, "c", policy="block", credit=2) as c:
         assert ns.send("vb", frames, tmp_path) == len(frames)
         deadline = time.monotonic() + 10
-        while live_stats(b.name)["sources"][0]["kernel_packets"] < len(frames):
+        while live_stats(b.name).sources[0].kernel_packets < len(frames):
             assert time.monotonic() < deadline, live_stats(b.name)
             time.sleep(0.05)
         got, batch_drops = [], 0
@@ -254,13 +254,13 @@ def test_kernel_statistics_add_up(ns: Netns, broker: Any, tmp_path: Path) -> Non
                 got += [p._replace(data=bytes(p.data)) for p in batch]
                 batch_drops += c._map.seg.batch_rec(batch.slab).kernel_drops  # type: ignore
         st = live_stats(b.name)
-    src = st["sources"][0]
-    assert src["kernel_packets"] == len(frames)
-    assert src["kernel_drops"] > 0 and src["kernel_freezes"] > 0
-    assert src["packets"] + src["kernel_drops"] == len(frames)
-    assert len(got) == src["packets"] == st["counters"]["packets"]
-    assert batch_drops == src["kernel_drops"]      # each drop told with the next batch
-    assert st["counters"]["broker_drops"] == 0 and st["counters"]["client_drops"] == 0
+    src = st.sources[0]
+    assert src.kernel_packets == len(frames)
+    assert src.kernel_drops > 0 and src.kernel_freezes > 0
+    assert src.packets + src.kernel_drops == len(frames)
+    assert len(got) == src.packets == st.counters.packets
+    assert batch_drops == src.kernel_drops      # each drop told with the next batch
+    assert st.counters.broker_drops == 0 and st.counters.client_drops == 0
     # What arrived is what was sent, in order, with the drops as holes.
     it = iter(frames)
     assert all(any(p.data == f for f in it) for p in got)

@@ -26,6 +26,8 @@ from pktipc._protocol import (
     ClientConnection,
     ConnectionLost,
     Evicted,
+    FramesSubmitted,
+    FramesTaken,
     GapReported,
     HelloReceived,
     LocalProtocolError,
@@ -39,6 +41,8 @@ from pktipc._protocol import (
     StatsReceived,
     StatsRequested,
     StreamEnded,
+    TxAreaOffered,
+    TxReady,
     Welcomed,
 )
 
@@ -1101,6 +1105,9 @@ VALID = {
     "members": st.just([]) | st.lists(st.integers(1, U32), max_size=4, unique=True).map(
         lambda m: [0, *m]),
     "mask": st.none() | st.binary(max_size=2),
+    "first": st.integers(0, U64), "max_len": st.lists(st.integers(0, U64), min_size=1,
+                                                       max_size=4),
+    "upto": st.integers(0, U64), "refused": st.integers(0, 8),
 }
 assert set(VALID) == set(ALL_FIELDS)
 # Where a field of the same name takes other values in another message.
@@ -1108,7 +1115,7 @@ VALID_IN = {("welcome", "credit"): st.integers(1, MAX_CREDIT),
             ("welcome", "policy"): st.sampled_from(["block", "drop"]),
             ("welcome", "group"): st.sampled_from(["ids", "g.1"]),
             ("welcome", "balance"): st.sampled_from(["flow", "round-robin"]),
-            ("batch", "n"): st.integers(1, 16)}
+            ("batch", "n"): st.integers(1, 16), ("tx", "n"): st.integers(1, 1 << 16)}
 
 
 def valid(mtype: str, key: str) -> st.SearchStrategy[Any]:
@@ -1188,8 +1195,8 @@ def test_broker_receive_gives_events_or_remote_error(attached: bool, draw: st.Da
         assert b.state(b"p") is (State.ATTACHED if attached else State.NEW)
         return
     assert type(events) is list
-    assert all(isinstance(ev, HelloReceived | ReleaseReceived | StatsRequested | ByeReceived)
-               for ev in events)
+    assert all(isinstance(ev, HelloReceived | ReleaseReceived | StatsRequested | ByeReceived
+                          | TxAreaOffered | FramesSubmitted) for ev in events)
     assert all(ev.peer == b"p" for ev in events)
     assert b.errors == errors
     assert b.frames_to_send() == []
@@ -1227,5 +1234,6 @@ def test_client_receive_gives_events_or_remote_error(state: str, draw: st.DataOb
         return
     assert type(events) is list
     assert all(isinstance(ev, Welcomed | BatchAnnounced | GapReported | StreamEnded
-                          | RequestRefused | Evicted | StatsReceived) for ev in events)
+                          | RequestRefused | Evicted | StatsReceived | TxReady | FramesTaken)
+               for ev in events)
     assert c.frames_to_send() == []

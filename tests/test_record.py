@@ -194,7 +194,7 @@ def test_detached_recording_rotates_keeps_the_last_packets_and_attaches(
     assert r.returncode == 0, r.stderr
     assert "recording 'tap' stopped: 750 packets" in r.stderr
     assert state("tap") is None and not alive(pid)
-    assert [c["name"] for c in pktipc.broker_stats(b.name)["clients"]] == []
+    assert [c.name for c in pktipc.broker_stats(b.name).clients] == []
     assert len(list(out.iterdir())) == 4
 
 
@@ -224,7 +224,7 @@ def test_without_detach_it_ends_with_its_starter(broker: Any, tmp_path: Path,
             p.stderr.close()
         wait_for("the recorder to end", lambda pid=pid: not alive(pid), timeout=10)
         assert state("fg") is None
-        wait_for("the broker to forget it", lambda: not pktipc.broker_stats(b.name)["clients"])
+        wait_for("the broker to forget it", lambda: not pktipc.broker_stats(b.name).clients)
         f = tmp_path / st["files"][0]["name"]
         assert read_pcap(str(f)).error is None and isb(f)
         f.unlink()
@@ -423,8 +423,8 @@ def test_full_disk_and_lost_directory_stop_the_recording_alone(
     listed = run_pktipc("record", "list")
     assert "full: failed:" in listed.stdout and "lost: failed: directory" in listed.stdout
     st = pktipc.broker_stats(b.name)
-    assert st["counters"]["broker_drops"] == 0 and st["sources"][0]["kernel_drops"] == 0
-    assert [c["name"] for c in st["clients"]] == []       # both recordings detached
+    assert st.counters.broker_drops == 0 and st.sources[0].kernel_drops == 0
+    assert [c.name for c in st.clients] == []              # both recordings detached
     run_pktipc("record", "stop", "full")                   # before the tmpfs goes
 
 
@@ -448,7 +448,7 @@ def test_statistics_blocks_count_a_stalled_recordings_drops(
     finally:
         os.kill(pid, signal.SIGCONT)
     drops = wait_for("the broker to count drops", lambda: next(
-        (c["drops"] for c in pktipc.broker_stats(b.name)["clients"] if c["drops"]), 0))
+        (c.drops for c in pktipc.broker_stats(b.name).clients if c.drops), 0))
     st = wait_for("the recording to catch up", lambda: (s := state("slow")) and
                   s["packets"] + s["drops"]["recording"] == len(sent) and s)
     assert st["drops"] == {"kernel": 0, "broker": 0, "recording": drops}
@@ -484,7 +484,7 @@ def test_recording_survives_a_broker_restart(ns: Netns, broker: Any, tmp_path: P
     try:
         b2.wait_ready()
         wait_for("the recording to attach again", lambda: any(
-            c["name"] == "rec.keep" for c in pktipc.broker_stats(b.name)["clients"]), timeout=60)
+            c.name == "rec.keep" for c in pktipc.broker_stats(b.name).clients), timeout=60)
         ns.send("vb", frames(50, 50), tmp_path)
         st = wait_packets("keep", 100)
         assert st["restarts"] == 1 and st["state"] == "running"

@@ -149,6 +149,27 @@ def test_a_file_truncated_in_place_while_mapped(tmp_path: Path) -> None:
         'only got 990")']
 
 
+def test_filter_matches_what_libpcap_matches(tmp_path: Path) -> None:
+    """tests/c/check-filter.c: the clients' filter (shm/pktipc_filter.c) over
+    every packet of the shared captures and of synthetic TCP/UDP flows, some
+    VLAN-tagged, laid in slabs as the broker lays them: for a dozen
+    expressions, over whole batches and over a member's share written in
+    place, exactly the packets pcap_offline_filter passes; libpcap's message
+    for a refused expression, naming the link type that refuses it among
+    several; nothing of a source the filter was not compiled for."""
+    from pktipc._tools.synth import write_pcap
+
+    synth = tmp_path / "synth.pcap"
+    with open(synth, "wb") as out:
+        write_pcap(out, 4000, flows=200, skew=None)
+    files = [*all_captures(), synth]
+    r = run(BUILD / "check-filter", *files)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr == ""
+    nfiles, packets, matches = map(int, r.stdout.split())
+    assert nfiles == len(files) and packets > 4500 and matches > 4000
+
+
 def test_crafted_files_read_as_libpcap_reads_them(tmp_path: Path) -> None:
     """Truncated anywhere, records longer than the snap length or than the
     file, lengths and times at their limits, the formats' variants: each

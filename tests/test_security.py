@@ -360,10 +360,10 @@ def test_stalled_drop_clients_cost_only_themselves(ns: Any, broker: Any, tmp_pat
                 reader.join()
             assert (got[0], good.gaps) == (sent, [])
             st = pktipc.broker_stats(b.name)
-        per = {c["name"]: c for c in st["clients"]}
-        assert per["good"]["drops"] == 0 and st["sources"][0]["kernel_drops"] == 0
-        assert all(per[c.name]["held"] == 4 for c in idle)
-        assert all(per[c.name]["drops"] > 0 for c in idle)
+        per = {c.name: c for c in st.clients}
+        assert per["good"].drops == 0 and st.sources[0].kernel_drops == 0
+        assert all(per[c.name].held == 4 for c in idle)
+        assert all(per[c.name].drops > 0 for c in idle)
     finally:
         for c in idle:
             c.close()
@@ -387,7 +387,7 @@ def test_block_on_a_live_broker_is_the_operators_choice(ns: Any, broker: Any) ->
             pktipc.connect(b.name, "evil") as evil:
         assert (rec.welcome.policy, ids.welcome.policy, evil.welcome.policy) == \
             ("block", "block", "drop")
-        assert rec.stats()["refused"] == {"block-refused": 1}
+        assert rec.stats().refused == {"block-refused": 1}
     r = run_pktipc("serve", "--name", "x", "-i", "lo", "--allow-block", "user:no-such-user-x")
     assert (r.returncode, r.stderr) == (1, "pktipc: error: --allow-block user:no-such-user-x: "
                                            "no such user\n")
@@ -409,7 +409,7 @@ def test_an_evicted_client_is_refused_for_a_while(broker: Any) -> None:
     assert e.value.code == "backoff"
     time.sleep(2)
     with pktipc.connect(b.name, "greedy") as again:
-        assert again.stats()["refused"] == {"backoff": 1}
+        assert again.stats().refused == {"backoff": 1}
 
 
 # --- 5. groups and kept places are their owners' -------------------------------------------
@@ -458,13 +458,13 @@ time.sleep(60)
         holder.kill()
         holder.wait()
         deadline = time.monotonic() + 10
-        while [c["attached"] for c in pktipc.broker_stats(name)["clients"]] != [False]:
+        while [c.attached for c in pktipc.broker_stats(name).clients] != [False]:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert nobody("rec") == "name-taken"
         with pktipc.connect(name, "rec", timeout=5) as back:    # its owner resumes
             assert back.group == "rec"
-            assert back.stats()["refused"] == {"group-private": 1, "name-taken": 1}
+            assert back.stats().refused == {"group-private": 1, "name-taken": 1}
     finally:
         if holder is not None:
             holder.kill()
@@ -493,8 +493,8 @@ def test_a_claimed_pid_is_not_believed(broker: Any) -> None:
         other.kill()
         other.wait()
         time.sleep(0.5)
-        [c] = pktipc.broker_stats(b.name)["clients"]
-        assert (c["name"], c["attached"], c["pid"]) == ("liar", True, os.getpid())
+        [c] = pktipc.broker_stats(b.name).clients
+        assert (c.name, c.attached, c.pid) == ("liar", True, os.getpid())
     finally:
         other.kill()
         other.wait()
@@ -567,11 +567,11 @@ def test_a_flood_is_cut_off_and_the_stream_goes_on(broker: Any, kind: str) -> No
         st = good.stats()
     assert during > 0.2 * alone * 5             # the replay went on, unstarved
     assert good.gaps == [] and seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-    c = st["control"]
-    assert c["messages_over_budget"] > 0 and c["connections_cut"] >= 1
-    assert c["connections_refused"] >= 1        # it came back, banned
+    c = st.control
+    assert c.messages_over_budget > 0 and c.connections_cut >= 1
+    assert c.connections_refused >= 1        # it came back, banned
     if kind == "heartbeat":
-        assert st["counters"]["evictions"] == 1
+        assert st.counters.evictions == 1
         b.stop()
         assert "client 'flooder' dropped: it sent more messages than it may" in b.stderr()
 
@@ -598,7 +598,7 @@ def test_a_peer_that_never_reads_is_cut_off(broker: Any) -> None:
     s.connect(f"ipc://{b.socket}")
     try:
         frame, deadline = proto.encode("stats"), time.monotonic() + 20
-        while pktipc.broker_stats(b.name)["control"]["connections_cut"] < 1:
+        while pktipc.broker_stats(b.name).control.connections_cut < 1:
             assert time.monotonic() < deadline
             try:
                 for _ in range(500):
@@ -658,9 +658,9 @@ def test_connections_beyond_the_limit_are_refused_not_fatal(top: Path) -> None:
             st = pktipc.broker_stats(name, timeout=10)
         finally:
             os.environ["PKTIPC_RUNTIME_DIR"] = env["PKTIPC_RUNTIME_DIR"]
-        c = st["control"]
-        assert c["max_connections"] < 1024 - 64
-        assert c["connections_refused"] >= 1100 - c["max_connections"] - 1
+        c = st.control
+        assert c.max_connections < 1024 - 64
+        assert c.connections_refused >= 1100 - c.max_connections - 1
     finally:
         for s in socks:
             s.close()

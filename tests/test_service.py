@@ -90,7 +90,7 @@ def test_ready_once_socket_and_segment_exist(broker, tmp_path: Path, runtime_dir
         assert b.socket.exists() and segments(b.name)
         assert msg.splitlines() == ["READY=1", f"STATUS=serving clients on ipc://{b.socket}"]
         st = pktipc.broker_stats(b.name)
-        assert st["state"] == "running"
+        assert st.state == "running"
 
 
 def test_no_ready_when_the_start_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,7 +141,7 @@ def test_log_lines_carry_levels_for_journald(procs: Procs, runtime_dir: Path,
     victim.kill()
     victim.wait()
     wait_for("the broker to see its client die",
-             lambda: not pktipc.broker_stats(name)["clients"])
+             lambda: not pktipc.broker_stats(name).clients)
     b.send_signal(signal.SIGTERM)
     assert b.wait(timeout=20) == 0
     with os.fdopen(r) as f:

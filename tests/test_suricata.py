@@ -170,11 +170,12 @@ def suricata(tmp_path: Path) -> Iterator[Any]:
             s.proc.wait()
 
 
-def members_attached(server: str, names: list[str], timeout: float = 20) -> list[dict[str, Any]]:
+def members_attached(server: str, names: list[str], timeout: float = 20
+                     ) -> list[pktipc.ClientStats]:
     deadline = time.monotonic() + timeout
     while True:
-        clients = [c for c in pktipc.broker_stats(server)["clients"] if c["attached"]]
-        if set(names) <= {c["name"] for c in clients}:
+        clients = [c for c in pktipc.broker_stats(server).clients if c.attached]
+        if set(names) <= {c.name for c in clients}:
             return clients
         assert time.monotonic() < deadline, f"attached: {clients}"
         time.sleep(0.05)
@@ -329,7 +330,7 @@ def test_live_markers_with_vlan_and_qinq(ns: Netns, broker: Any, suricata: Any,
     stats = s.stats()
     assert stats["capture"]["kernel_packets"] == len(frames)
     assert stats["capture"]["kernel_drops"] == 0
-    got = {c["name"]: c["packets"] for c in pktipc.broker_stats(b.name)["clients"]}
+    got = {c.name: c.packets for c in pktipc.broker_stats(b.name).clients}
     assert got.get("suricata-1", 0) + got.get("suricata-2", 0) in (0, len(frames))
 
 
@@ -397,15 +398,15 @@ def test_stalled_member_drops_are_suricatas_drops(ns: Netns, broker: Any, surica
     assert dump.returncode == 0, err
     assert len(read_pcap(str(rec)).packets) == total
     stats = pktipc.broker_stats(b.name)
-    (member,) = [c for c in stats["clients"] if c["name"] == "suricata-1"]
-    assert member["group"] == "suricata" and member["policy"] == "drop"
-    assert member["drops"] > 1000
-    assert stats["sources"][0]["kernel_drops"] == stats["counters"]["broker_drops"] == 0
+    (member,) = [c for c in stats.clients if c.name == "suricata-1"]
+    assert member.group == "suricata" and member.policy == "drop"
+    assert member.drops > 1000
+    assert stats.sources[0].kernel_drops == stats.counters.broker_drops == 0
     assert s.stop() == 0, s.output()
     cap = s.stats()["capture"]
-    assert cap["kernel_drops"] == cap["pktipc"]["member_drops"] == member["drops"]
+    assert cap["kernel_drops"] == cap["pktipc"]["member_drops"] == member.drops
     assert cap["kernel_packets"] == total
-    assert s.stats()["decoder"]["pkts"] == total - member["drops"]
+    assert s.stats()["decoder"]["pkts"] == total - member.drops
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
@@ -415,7 +416,7 @@ def test_no_slab_held_after_suricata_exits(ns: Netns, broker: Any, suricata: Any
     normally or killed: every slab is back at the broker (but the one it
     fills) and no client of it holds one."""
     b = live_broker(broker, ns, "--slabs", "8", "--block-size", "64k", "--slab-size", "64k")
-    idle = pktipc.broker_stats(b.name)["slabs"]["free"]     # the broker fills one itself
+    idle = pktipc.broker_stats(b.name).slabs.free     # the broker fills one itself
     s = suricata(f"server={b.name},threads=2", rules=LIVE_RULES, runmode="autofp")
     s.wait_running()
     members_attached(b.name, ["suricata-1", "suricata-2"])
@@ -426,10 +427,10 @@ def test_no_slab_held_after_suricata_exits(ns: Netns, broker: Any, suricata: Any
     deadline = time.monotonic() + 10
     while True:
         stats = pktipc.broker_stats(b.name)
-        if (stats["slabs"]["free"] == idle >= 7
-                and not [c for c in stats["clients"] if c["attached"] or c["held"]]):
+        if (stats.slabs.free == idle >= 7
+                and not [c for c in stats.clients if c.attached or c.held]):
             break
-        assert time.monotonic() < deadline, (stats["slabs"], stats["clients"])
+        assert time.monotonic() < deadline, (stats.slabs, stats.clients)
         time.sleep(0.05)
 
 

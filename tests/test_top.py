@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import run_pktipc
@@ -114,8 +115,8 @@ def test_si_and_slowest() -> None:
     assert [_top.si(x) for x in (0, 7, 999, 1000, 1234567, 2.5e9, 0.5)] == \
         ["0", "7", "999", "1k", "1.23M", "2.5G", "0.5"]
     c = dict(attached=True, queued=0, drops=0, lag_packets=0)
-    stats = {"clients": [dict(c, name="a"), dict(c, name="b", lag_packets=9),
-                         dict(c, name="gone", lag_packets=99, attached=False)]}
-    assert _top.slowest(stats) == "b"
-    stats["clients"] = stats["clients"][:1]
-    assert _top.slowest(stats) is None
+    clients = [SimpleNamespace(**dict(c, name="a")),
+               SimpleNamespace(**dict(c, name="b", lag_packets=9)),
+               SimpleNamespace(**dict(c, name="gone", lag_packets=99, attached=False))]
+    assert _top.slowest(SimpleNamespace(clients=clients)) == "b"     # type: ignore[arg-type]
+    assert _top.slowest(SimpleNamespace(clients=clients[:1])) is None   # type: ignore[arg-type]

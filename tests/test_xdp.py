@@ -28,9 +28,8 @@ def serve_xdp(broker: Any, ns: Netns, *args: str, iface: str = "va") -> BrokerPr
     return b
 
 
-def source(name: str) -> dict[str, Any]:
-    src: dict[str, Any] = pktipc.broker_stats(name)["sources"][0]
-    return src
+def source(name: str) -> pktipc.SourceStats:
+    return pktipc.broker_stats(name).sources[0]
 
 
 @pytest.fixture
@@ -90,10 +89,10 @@ def test_two_clients_get_the_wire_bytes(ns: Netns, broker: Any, tmp_path: Path,
         0, VLAN, VLAN | lib.PKTIPC_F_QINQ, VLAN, 0]
     # Two clients of their own: nobody balances by flow, nothing is hashed.
     assert all(p.flags & lib.PKTIPC_F_NO_HASH for p in got1)
-    src = st["sources"][0]
-    assert (src["packets"], src["kernel_packets"], src["kernel_drops"]) == (200, 200, 0)
-    assert src["xdp"]["mode"] == mode and src["xdp"]["zero_copy"] is False
-    assert st["counters"]["broker_drops"] == st["counters"]["client_drops"] == 0
+    src = st.sources[0]
+    assert (src.packets, src.kernel_packets, src.kernel_drops) == (200, 200, 0)
+    assert src.xdp is not None and src.xdp.mode == mode and src.xdp.zero_copy is False
+    assert st.counters.broker_drops == st.counters.client_drops == 0
 
 
 def test_vlan_tci_filter_and_snaplen(ns: Netns, broker: Any, tmp_path: Path) -> None:
@@ -123,8 +122,8 @@ def test_vlan_tci_filter_and_snaplen(ns: Netns, broker: Any, tmp_path: Path) -> 
     assert all((p.caplen, p.wirelen) == (64, len(want[0])) for p in got)
     assert all(p.flags & lib.PKTIPC_F_TRUNCATED and p.flags & VLAN for p in got)
     assert set(tcis) == {100}
-    assert src["kernel_packets"] == src["packets"] == len(got) and src["kernel_drops"] == 0
-    assert src["xdp"]["filtered"] == 3 * (len(frames) - len(want))
+    assert src.kernel_packets == src.packets == len(got) and src.kernel_drops == 0
+    assert src.xdp is not None and src.xdp.filtered == 3 * (len(frames) - len(want))
 
 
 def test_several_queues(ns: Netns, broker: Any, tmp_path: Path) -> None:
@@ -141,14 +140,14 @@ def test_several_queues(ns: Netns, broker: Any, tmp_path: Path) -> None:
         ns.send("qb", frames, tmp_path)
         got = receive(c, len(frames))
         assert_nothing_more(c)
-        assert source(every.name)["xdp"]["queues"] == [0, 1, 2, 3]
+        assert source(every.name).xdp.queues == (0, 1, 2, 3)  # type: ignore[union-attr]
     every.stop()
     assert sorted(p.data for p in got) == sorted(frames)
     two = serve_xdp(broker, ns, "--queues", "1,3", iface="qa")
     with pktipc.connect(two.name, "c") as c:
         ns.send("qb", frames, tmp_path)
         some = receive(c, len(frames), timeout=1)
-        assert source(two.name)["xdp"]["queues"] == [1, 3]
+        assert source(two.name).xdp.queues == (1, 3)  # type: ignore[union-attr]
     assert 0 < len(some) < len(frames)
     for packets in (got, some):                 # each flow on one queue: in order
         for flow in {p.data[29] for p in packets}:
@@ -171,8 +170,8 @@ def test_a_lossless_client_holding_everything(ns: Netns, broker: Any, tmp_path: 
         while len(held) < 4 and (batch := c.next_batch(timeout=2)) is not None:
             held.append(batch)
         src = source(b.name)
-        assert len(held) == 4 and src["kernel_drops"] > 0 and src["kernel_freezes"] > 0
-        assert src["xdp"]["frames_free"] == 0
+        assert len(held) == 4 and src.kernel_drops and src.kernel_freezes
+        assert src.xdp is not None and src.xdp.frames_free == 0
         got = [p._replace(data=bytes(p.data)) for batch in held for p in batch]
         for batch in held:
             batch.release()
@@ -183,10 +182,10 @@ def test_a_lossless_client_holding_everything(ns: Netns, broker: Any, tmp_path: 
         ns.send("vb", later, tmp_path)
         assert [p.data for p in receive(c, 100)] == later
         st = pktipc.broker_stats(b.name)
-    src = st["sources"][0]
-    assert len(got) + 100 == src["packets"] == st["counters"]["packets"]
-    assert src["packets"] + src["kernel_drops"] == src["kernel_packets"] == len(frames) + 100
-    assert st["counters"]["broker_drops"] == st["counters"]["client_drops"] == 0
+    src = st.sources[0]
+    assert len(got) + 100 == src.packets == st.counters.packets
+    assert src.packets + (src.kernel_drops or 0) == src.kernel_packets == len(frames) + 100
+    assert st.counters.broker_drops == st.counters.client_drops == 0
     it = iter(frames)           # what arrived is what was sent, the drops as holes
     assert all(any(p.data == f for f in it) for p in got)
 
@@ -204,9 +203,8 @@ def test_a_stalled_drop_client_costs_only_itself(ns: Netns, broker: Any,
             got += receive(busy, 100)
         st = pktipc.broker_stats(b.name)
     assert [p.data for p in got] == frames
-    clients = {c["name"]: c for c in st["clients"]}
-    assert clients["stalled"]["drops"] > 0 and clients["busy"]["drops"] == 0
-    assert st["sources"][0]["kernel_drops"] == 0
+    assert st.client("stalled").drops > 0 and st.client("busy").drops == 0
+    assert st.sources[0].kernel_drops == 0
 
 
 def test_status_says_how_it_captures(ns: Netns, broker: Any, tmp_path: Path) -> None:
@@ -245,6 +243,7 @@ def test_status_says_how_it_captures(ns: Netns, broker: Any, tmp_path: Path) -> 
     (["-i", "va", "--xdp", "--user", "nobody"], "--user: --xdp binds its sockets"),
     (["-i", "va", "--queues", "1"], "--queues: AF_XDP options, for --xdp"),
     (["-i", "va", "--xdp", "--frames", "100"], "--frames must be between 256 and 1048576"),
+    (["-i", "va", "--xdp", "--tx"], "one capturing with --xdp does not send"),
 ])
 def test_refused(ns: Netns, runtime_dir: Path, args: list[str], message: str) -> None:
     """Each in one line, before anything starts, leaving nothing attached."""

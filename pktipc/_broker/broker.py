@@ -14,6 +14,7 @@ import select
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
@@ -34,6 +35,7 @@ from .dispatch import ClientState, Dispatcher, SlabPool
 from .files import FileSource
 from .live import LiveOptions, LiveSource
 from .sources import Source, Status
+from .tx import DEFAULT_FRAMES, Transmitter, TxRefused, allow_rule
 from .xdp import XdpOptions, XdpSource
 
 DEFAULT_SLAB_SIZE = 1 << 20
@@ -72,6 +74,10 @@ class ServeOptions:
     evict_backoff: float = EVICT_BACKOFF
     max_connections: int | None = None  # None: 4 per client, and 64 more
     control_rate: float = proto.CONTROL_RATE    # messages a second a peer may send
+    tx: list[str] = field(default_factory=list)    # interfaces sent on ("*": every one)
+    allow_tx: list[str] = field(default_factory=list)  # users who may send, beyond ours
+    tx_frames: int = DEFAULT_FRAMES                 # frames in each TX ring
+    tx_qdisc_bypass: bool = False
 
 
 def block_rule(entries: list[str]) -> Callable[[str, int | None], bool]:
@@ -121,6 +127,9 @@ def _check(opts: ServeOptions) -> None:
         raise ValueError("--max-connections must be 1 or more")
     if not (math.isfinite(opts.evict_backoff) and opts.evict_backoff >= 0):
         raise ValueError("--evict-backoff must be 0 or more seconds")
+    if opts.tx and opts.live is None:
+        raise ValueError("--tx sends on the interfaces the broker captures on (-i); a broker "
+                         "serving files has none, and one capturing with --xdp does not send")
     if opts.live is not None and opts.slab_size < opts.live.block_size:
         raise ValueError("--slab-size must be at least --block-size, so that a block always "
                          "fits in a slab")
@@ -152,6 +161,16 @@ class Broker:
             self.source.close()
             raise
         self._hash_opts = lib.PKB_HASH_TUNNELS if opts.tunnel_hash else 0
+        self.tx: Transmitter | None = None
+        if opts.tx:
+            assert opts.live is not None
+            try:
+                self.tx = Transmitter(opts.live.interfaces, opts.tx, opts.tx_frames,
+                                      opts.tx_qdisc_bypass, allow_rule(opts.allow_tx))
+            except BaseException:
+                self.source.close()
+                raise
+        self.tx_refused: Counter[str] = Counter()   # TX_OPEN and TX refused, by code
         self.wait_clients = (opts.wait_clients if opts.wait_clients is not None
                              else self.source.default_wait_clients)
         self.endpoint = control_endpoint(opts.name)
@@ -161,6 +180,8 @@ class Broker:
         self._stop_by = 0.0         # stopping: when to stop waiting for clients to map
         self.exit_status = 0
         self._cleanup: list[Any] = [self.source.close]
+        if self.tx is not None:
+            self._cleanup.append(self.tx.close)
         self._wake = 0.0            # produce again then, not before (paced files, HOLD)
         self._started = self.wait_clients == 0
         self._fill = ffi.new("struct pkb_fill *")
@@ -305,6 +326,7 @@ class Broker:
             if self.control.sock in ready:
                 self._receive_all()
             now = time.monotonic()
+            self._send_frames(now)
             self._fd_events(ready, now)
             for c in [c for c in self.disp.clients.values() if c.pidfd in ready]:
                 self._drop(c, now, "its process exited", resume=True)
@@ -350,6 +372,8 @@ class Broker:
         """Brings the interfaces' kernel counters up to date."""
         self._next_stats = time.monotonic() + 0.5
         self.source.read_counters([self.seg.iface(i) for i in range(len(self.ifaces))])
+        if self.tx is not None:
+            self.tx.refresh()
 
     def _timeout(self, now: float) -> float:
         t = 0.2   # upper bound, so signals are noticed promptly
@@ -360,6 +384,9 @@ class Broker:
                 t = min(t, timer - now)
         if self._wake > now and self._reading():
             t = min(t, self._wake - now)
+        retry = self.tx.retry_in() if self.tx is not None else None
+        if retry is not None:
+            t = min(t, retry)
         return max(t, 0.0)
 
     def _reading(self) -> bool:
@@ -426,6 +453,37 @@ class Broker:
             c = d.by_peer.get(ev.peer)
             if c is not None:      # the protocol has told it already
                 self._drop(c, now, "nothing heard from it within the liveness", resume=True)
+        elif isinstance(ev, proto.TxAreaOffered | proto.FramesSubmitted):
+            self._tx_request(ev, now)
+
+    def _tx_request(self, ev: proto.TxAreaOffered | proto.FramesSubmitted, now: float) -> None:
+        c = self.disp.by_peer.get(ev.peer)
+        if c is None:               # the protocol takes these from attached peers only
+            return
+        try:
+            if self.tx is None:
+                raise TxRefused("tx-refused", "this broker does not send (serve -i IFACE --tx)")
+            if isinstance(ev, proto.TxAreaOffered):
+                self.conn.send_tx_ready(ev.peer, now, self.tx.open(c.name, c.uid, ev.shm))
+            else:
+                self.tx.submit(c.name, ev.first, ev.n)
+        except TxRefused as e:
+            self.tx_refused[e.code] += 1
+            self.conn.refuse(ev.peer, now, e.code, str(e))
+
+    def _send_frames(self, now: float) -> None:
+        """Copies what clients submitted into the TX rings; tells them."""
+        if self.tx is None or not self.tx.busy:
+            return
+        done, faulted = self.tx.pump()
+        for d in done:
+            c = self.disp.clients.get(d.name)
+            if c is not None and c.peer is not None:
+                self.conn.send_tx_done(c.peer, now, d.upto, d.refused, d.error)
+        for name, why in faulted:
+            c = self.disp.clients.get(name)
+            if c is not None and c.peer is not None:
+                self._drop(c, now, why, code="tx-area")
 
     def _watch(self, c: ClientState) -> None:
         """A local client's death is seen at once through a pidfd, beside
@@ -446,6 +504,8 @@ class Broker:
         otherwise its slabs are taken back at once."""
         assert c.peer is not None
         keep = resume and self.opts.grace > 0
+        if self.tx is not None:
+            self.tx.forget(c.name)      # a TX area is its process's: a new one is offered
         if why is not None:
             self.evictions += 1     # detached by the broker, not by its own BYE
             what = f"detached, its place kept for {self.opts.grace:g} s" if keep else "dropped"
@@ -616,7 +676,8 @@ class Broker:
                 {"name": s.name, "linktype": s.linktype, "snaplen": s.snaplen,
                  "packets": int(self.seg.iface(i).packets),
                  "bytes": int(self.seg.iface(i).bytes),
-                 **self.source.stats(i, self.seg.iface(i))}
+                 **self.source.stats(i, self.seg.iface(i)),
+                 **({"tx": t} if self.tx and (t := self.tx.iface_stats(i)) else {})}
                 for i, s in enumerate(self.ifaces)
             ],
             "clients": [
@@ -628,7 +689,8 @@ class Broker:
                  # owed to it and not given back yet; how long it has held its oldest
                  "lag_packets": sum(s.packets for s in (*c.shares.values(),
                                                         *c.later.values())),
-                 "lag_s": round(now - min(c.sent_at.values()), 3) if c.sent_at else 0.0}
+                 "lag_s": round(now - min(c.sent_at.values()), 3) if c.sent_at else 0.0,
+                 **({"tx": t} if self.tx and (t := self.tx.client_stats(c.name)) else {})}
                 for c in self.disp.clients.values()
             ],
             "groups": [
@@ -639,6 +701,7 @@ class Broker:
                 for name, g in self.disp.groups.items()
             ],
             "refused": dict(self.disp.refused),
+            "tx_refused": dict(self.tx_refused),
             "control": {
                 "connections": self.control.connections,
                 "max_connections": self.max_connections,

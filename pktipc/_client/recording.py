@@ -454,7 +454,7 @@ class Recorder:
                 self.filter.check(sorted({i.linktype for i in self.client.ifaces}))
             self.rw.start()
             self.state["state"] = "running"
-            self.drops.update(self.client.counters())
+            self.drops.update(self.client.segment_counters())
             self.save()
             started = True
             _tell(ready, f"ok {os.getpid()} {self.kept[0].name}")
@@ -521,7 +521,7 @@ class Recorder:
                 self._check_dir()
                 self.rw.tick()
                 self._retain(time.time_ns())
-                self.drops.update(self.client.counters())
+                self.drops.update(self.client.segment_counters())
                 self.save()
 
     def _restarted(self, why: str) -> None:
@@ -607,9 +607,9 @@ def start(spec: Spec, err: TextIO = sys.stderr) -> int:
     returns once it runs, or runs until it ends."""
     spec.dir = os.path.abspath(spec.dir)
     spec.check()
-    sources = broker_stats(spec.server)["sources"]     # it runs: its state may go beside it
+    sources = broker_stats(spec.server).sources     # it runs: its state may go beside it
     if spec.filter:
-        CaptureFilter(spec.filter).check(sorted({s["linktype"] for s in sources}))
+        CaptureFilter(spec.filter).check(sorted({s.linktype for s in sources}))
     sd = StateDir(spec.server, create=True)
     try:
         old = sd.read(spec.name)

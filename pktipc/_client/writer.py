@@ -644,7 +644,7 @@ class ClientTally:
         if gaps:
             self.own_drops += sum(end - start for start, end in gaps)
             gaps.clear()
-        self._last = self.client.counters()
+        self._last = self.client.segment_counters()
 
     def opened(self, info: FileInfo) -> None:
         self.seen()

@@ -15,14 +15,17 @@ from .. import _protocol as proto
 from .._broker import broker as _broker
 from .._broker import live as _live
 from .._broker import service as _service
+from .._broker import tx as _tx
 from .._broker import xdp as _xdp
 from .._client import recording as _recording
 from .._client.client import broker_stats, brokers, connect
 from .._client.writer import ClientTally, RollingWriter, RotationLimit, TcpdumpFiles
 from .._errors import EndOfStream, PktipcError
+from .._stats import BrokerStats
 from . import config as _config
 from . import demo as _demo
 from . import exporter as _exporter
+from . import replay as _replay
 from . import top as _top
 
 
@@ -128,6 +131,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, metavar="N",
                    help=f"--xdp: AF_XDP frames in the segment, 2 or 4 KiB each by the MTU "
                         f"(default: {_xdp.DEFAULT_FRAMES})")
+    s.add_argument("--tx", action="append", nargs="?", const=_tx.ALL, metavar="IFACE",
+                   help="let clients send frames out of IFACE (without IFACE: every captured "
+                        "interface) through a TX ring of the broker's; repeat for several")
+    s.add_argument("--allow-tx", action="append", default=[], metavar="USER",
+                   help="users whose clients may send, beyond the broker's own user and "
+                        "root; repeat, or separate with commas")
+    s.add_argument("--tx-frames", type=int, default=_tx.DEFAULT_FRAMES, metavar="N",
+                   help="frames in each interface's TX ring (default: %(default)s)")
+    s.add_argument("--tx-qdisc-bypass", action="store_true",
+                   help="send straight to the driver, past the queueing discipline (faster; "
+                        "the frames are then not seen by packet sockets on the interface, "
+                        "the broker's own capture included)")
     s.add_argument("--user", metavar="USER",
                    help="run as USER once the capture sockets are open")
     pace = s.add_mutually_exclusive_group()
@@ -211,7 +226,24 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--credit", type=int, metavar="N")
     d.add_argument("--timeout", type=float, default=5.0, metavar="SEC",
                    help="for connecting (default: 5)")
+    d.add_argument("expression", nargs="*",
+                   help="keep only the packets this filter (tcpdump's syntax) matches")
 
+    rp = sub.add_parser("replay", help="send a capture file's frames out of an interface, "
+                        "through a broker that sends there (serve -i IFACE --tx)")
+    rp.add_argument("-i", dest="iface", required=True, metavar="IFACE",
+                    help="the broker's interface to send on")
+    rp.add_argument("-r", dest="files", action="append", required=True, metavar="FILE",
+                    help="pcap or pcapng file; repeat to send several one after another")
+    rpace = rp.add_mutually_exclusive_group()
+    rpace.add_argument("--speed", type=float, default=1.0, metavar="X",
+                       help="at the file's pace, X times real time (default: 1)")
+    rpace.add_argument("--pps", type=float, metavar="N", help="N frames a second")
+    rpace.add_argument("--topspeed", action="store_true", help="as fast as they go")
+    rp.add_argument("--loop", type=int, default=1, metavar="N",
+                    help="send the files N times, 0 for ever (default: 1)")
+    rp.add_argument("--server", default="default", help="broker name or endpoint")
+    rp.add_argument("--client", default=f"replay-{os.getpid()}", help="client name")
     rec = sub.add_parser("record", help="named rolling pcapng recordings that outlive "
                          "whoever started them: start, attach, stop, list")
     rsub = rec.add_subparsers(dest="rcmd", required=True, parser_class=_Intermixed)
@@ -353,7 +385,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, unix_group=a.allow_group,
         grace=a.grace, tunnel_hash=a.tunnel_hash, evict_backoff=a.evict_backoff,
         max_connections=a.max_connections, control_rate=a.control_rate,
-        allow_block=[w for arg in a.allow_block for w in arg.split(",") if w])
+        allow_block=[w for arg in a.allow_block for w in arg.split(",") if w],
+        tx=[w for arg in a.tx or [] for w in arg.split(",") if w],
+        allow_tx=[w for arg in a.allow_tx for w in arg.split(",") if w],
+        tx_frames=a.tx_frames, tx_qdisc_bypass=a.tx_qdisc_bypass)
     sys.stderr = _service.journal_stderr(sys.stderr)   # levels, under systemd
     return _broker.Broker(opts, log=sys.stderr).serve()
 
@@ -363,7 +398,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
         raise ValueError("-c COUNT must be at least 1")
     rolling = _rolling_options(a)
     with connect(a.server, a.client, group=a.group, balance=a.balance, policy=a.policy,
-                 credit=a.credit, timeout=a.timeout) as client:
+                 credit=a.credit, timeout=a.timeout, filter=" ".join(a.expression)) as client:
         files = TcpdumpFiles(a.out, by_size=a.file_size is not None, every=a.rotate_seconds,
                              ring=a.file_count)
         tally = ClientTally(client)
@@ -440,59 +475,75 @@ def cmd_record(a: argparse.Namespace) -> int:
 
 def cmd_status(a: argparse.Namespace) -> int:
     names = a.names or brokers()
-    result: list[dict[str, Any]] = []
+    result: list[BrokerStats | tuple[str, str]] = []
     for name in names:
         try:
             result.append(broker_stats(name))
         except PktipcError as e:
-            result.append({"name": name, "error": str(e)})
+            result.append((name, str(e)))
+    ok = all(isinstance(r, BrokerStats) for r in result)
     if a.json:
-        print(json.dumps(result, indent=2))
-        return 0 if all("error" not in r for r in result) else 1
+        print(json.dumps([r.reply if isinstance(r, BrokerStats) else
+                          {"name": r[0], "error": r[1]} for r in result], indent=2))
+        return 0 if ok else 1
     if not result:
         print("no broker is running")
     for r in result:
-        print(_status_text(r))
-    return 0 if all("error" not in r for r in result) else 1
+        print(_status_text(r) if isinstance(r, BrokerStats) else f"{r[0]}: {r[1]}")
+    return 0 if ok else 1
 
 
-def _status_text(r: dict[str, Any]) -> str:
-    if "error" in r:
-        return f"{r['name']}: {r['error']}"
-    c = r["counters"]
+def _status_text(r: BrokerStats) -> str:
+    c = r.counters
     lines = [
-        f"{r['name']}  pid {r['pid']}  {r['state']}  up {r['uptime_s']:.1f} s  {r['endpoint']}",
-        f"  packets {c['packets']}  bytes {c['bytes']}  batches {c['batches']}  "
-        f"broker drops {c['broker_drops']}  client drops {c['client_drops']}  "
-        f"protocol errors {c['protocol_errors']}  slabs free {r['slabs']['free']}"
-        f"/{r['slabs']['count']}",
+        f"{r.name}  pid {r.pid}  {r.state}  up {r.uptime_s:.1f} s  {r.endpoint}",
+        f"  packets {c.packets}  bytes {c.bytes}  batches {c.batches}  "
+        f"broker drops {c.broker_drops}  client drops {c.client_drops}  "
+        f"protocol errors {c.protocol_errors}  slabs free {r.slabs.free}/{r.slabs.count}",
     ]
-    for s in r["sources"]:
-        line = (f"  source {s['name']}  linktype {s['linktype']}  "
-                f"packets {s['packets']}  bytes {s['bytes']}")
-        if s.get("kind") == "interface":
-            line += (f"  kernel: packets {s['kernel_packets']} drops {s['kernel_drops']} "
-                     f"freezes {s['kernel_freezes']}")
-            if "fanout_id" in s:
-                line += f"  fanout {s['fanout_id']} ({s['fanout_mode']})"
-            if "xdp" in s:
-                x = s["xdp"]
-                line += (f"  AF_XDP {x['mode']} mode, {'zero-copy' if x['zero_copy'] else 'copy'}"
-                         f", queue{'s' if len(x['queues']) > 1 else ''} "
-                         f"{','.join(map(str, x['queues']))}")
+    for s in r.sources:
+        line = f"  source {s.name}  linktype {s.linktype}  packets {s.packets}  bytes {s.bytes}"
+        if s.kind == "interface":
+            line += (f"  kernel: packets {s.kernel_packets} drops {s.kernel_drops} "
+                     f"freezes {s.kernel_freezes}")
+            if s.fanout_id is not None:
+                line += f"  fanout {s.fanout_id} ({s.fanout_mode})"
+            if s.xdp is not None:
+                x = s.xdp
+                line += (f"  AF_XDP {x.mode} mode, {'zero-copy' if x.zero_copy else 'copy'}"
+                         f", queue{'s' if len(x.queues) > 1 else ''} "
+                         f"{','.join(map(str, x.queues))}")
+        if s.tx is not None:
+            errors = " ".join(f"{k} {v}" for k, v in sorted(s.tx.kernel_errors.items()))
+            line += (f"\n    sends: frames {s.tx.sent}  pending {s.tx.pending}  "
+                     f"longest {s.tx.max_len}  kernel errors {errors or 0}")
         lines.append(line)
-    clients = {cl["name"]: cl for cl in r["clients"]}
-    for g in r["groups"]:
-        lines.append(f"  group {g['name']}  {g['balance']}  {len(g['members'])} member(s)  "
-                     f"{'shared' if g['shared'] else 'own'}  joined or left "
-                     f"{g['changes']}  packets {g['packets']}")
-        for cl in map(clients.__getitem__, g["members"]):
-            away = "" if cl["attached"] else "  (detached)"
-            lines.append(f"    client {cl['name']}  slot {cl['slot']}  {cl['policy']}  "
-                         f"pid {cl['pid']}  packets {cl['packets']}  batches {cl['batches']}  "
-                         f"held {cl['held']}/{cl['credit']}  queued {cl['queued']}  "
-                         f"drops {cl['drops']}{away}")
+    for g in r.groups:
+        lines.append(f"  group {g.name}  {g.balance}  {len(g.members)} member(s)  "
+                     f"{'shared' if g.shared else 'own'}  joined or left "
+                     f"{g.changes}  packets {g.packets}")
+        for cl in map(r.client, g.members):
+            away = "" if cl.attached else "  (detached)"
+            lines.append(f"    client {cl.name}  slot {cl.slot}  {cl.policy}  "
+                         f"pid {cl.pid}  packets {cl.packets}  batches {cl.batches}  "
+                         f"held {cl.held}/{cl.credit}  queued {cl.queued}  "
+                         f"drops {cl.drops}{away}")
+            if cl.tx is not None:
+                t = cl.tx
+                refused = " ".join(f"{k} {v}" for k, v in sorted(t.refused.items()))
+                lines.append(f"      sends: submitted {t.submitted}  sent {t.sent}  "
+                             f"refused {sum(t.refused.values())}"
+                             f"{f' ({refused})' if refused else ''}  in ring {t.in_ring}  "
+                             f"waiting {t.waiting}")
     return "\n".join(lines)
+
+
+def cmd_replay(a: argparse.Namespace) -> int:
+    speed = None if a.topspeed or a.pps is not None else a.speed
+    r = _replay.replay(a.server, a.client, a.iface, a.files, speed=speed, pps=a.pps,
+                       loops=a.loop)
+    print(r.summary(a.iface), flush=True)
+    return 0
 
 
 def cmd_top(a: argparse.Namespace) -> int:
@@ -512,7 +563,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = _config.parse(_parser, argv)
     run = {"serve": cmd_serve, "dump": cmd_dump, "status": cmd_status, "record": cmd_record,
-           "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top}[a.cmd]
+           "demo": cmd_demo, "exporter": cmd_exporter, "top": cmd_top,
+           "replay": cmd_replay}[a.cmd]
     try:
         return run(a)
     except KeyboardInterrupt:

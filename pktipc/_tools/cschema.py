@@ -51,6 +51,7 @@ def render() -> str:
         f"#define PROTO_MAX_RELEASE        {proto.MAX_RELEASE}",
         f"#define PROTO_MAX_CREDIT         {proto.MAX_CREDIT}",
         f"#define PROTO_MAX_MEMBERS        {proto.MAX_MEMBERS}",
+        f"#define PROTO_MAX_TX             {proto.MAX_TX}",
         f"#define PROTO_MISSED_HEARTBEATS  {proto.BROKER_MISSED_HEARTBEATS}",
     ]
     for name in ("BACKOFF_MIN", "BACKOFF_MAX", "ATTEMPT_MAX", "DEFAULT_TIMEOUT",

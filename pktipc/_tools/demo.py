@@ -189,13 +189,13 @@ def _watch(name: str, tallies: list[Tally], threads: list[threading.Thread],
             st = broker_stats(name, timeout=1)
         except PktipcError:
             continue
-        c = st["counters"]
-        kernel = sum(s.get("kernel_drops", 0) for s in st["sources"])
+        c = st.counters
+        kernel = sum(s.kernel_drops or 0 for s in st.sources)
         per = "  ".join(f"{t.name} {t.packets}" for t in tallies)
-        line = (f"  {c['packets']:>8} packets {c['bytes'] / 1e6:7.2f} MB in | {per} | "
-                f"slabs free {st['slabs']['free']}/{st['slabs']['count']} | "
-                f"drops: kernel {kernel} broker {c['broker_drops']} "
-                f"clients {c['client_drops']}")
+        line = (f"  {c.packets:>8} packets {c.bytes / 1e6:7.2f} MB in | {per} | "
+                f"slabs free {st.slabs.free}/{st.slabs.count} | "
+                f"drops: kernel {kernel} broker {c.broker_drops} "
+                f"clients {c.client_drops}")
         print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
     for th in threads:
         th.join()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,53 +21,54 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from .._client.client import broker_stats, brokers
 from .._errors import PktipcError
+from .._stats import BrokerStats
 
 DEFAULT_LISTEN = "127.0.0.1:9473"
 STATES = ("starting", "running", "ended")
 
-Stats = dict[str, Any]
+Stats = BrokerStats
 Labels = tuple[str, ...]
 
 # name (without the prefix), type, help, labels, how to read it from STATS.
 # Counters are named without _total here: prometheus_client adds it.
 # Per broker (label: broker), from the broker's counters and slabs.
 BROKER: list[tuple[str, str, str, Callable[[Stats], float]]] = [
-    ("packets", "counter", "Packets placed in slabs.", lambda s: s["counters"]["packets"]),
-    ("bytes", "counter", "Captured bytes placed in slabs.", lambda s: s["counters"]["bytes"]),
-    ("batches", "counter", "Batches published.", lambda s: s["counters"]["batches"]),
+    ("packets", "counter", "Packets placed in slabs.", lambda s: s.counters.packets),
+    ("bytes", "counter", "Captured bytes placed in slabs.", lambda s: s.counters.bytes),
+    ("batches", "counter", "Batches published.", lambda s: s.counters.batches),
     ("broker_dropped_packets", "counter", "Packets the broker could not place.",
-     lambda s: s["counters"]["broker_drops"]),
+     lambda s: s.counters.broker_drops),
     ("skipped_deliveries", "counter",
      "Packet deliveries skipped for lagging drop clients, every client ever "
      "(per client: pktipc_client_dropped_packets_total).",
-     lambda s: s["counters"]["client_drops"]),
+     lambda s: s.counters.client_drops),
     ("protocol_errors", "counter", "Malformed or refused control messages.",
-     lambda s: s["counters"]["protocol_errors"]),
+     lambda s: s.counters.protocol_errors),
     ("evictions", "counter", "Clients the broker detached (lease broken, silent, "
      "process gone, unreachable, flooding), not counting those that said goodbye.",
-     lambda s: s["counters"]["evictions"]),
+     lambda s: s.counters.evictions),
     ("refused_hellos", "counter", "HELLOs refused (name taken, group not theirs, "
      "back-off, block not allowed, too many clients).",
-     lambda s: sum(s["refused"].values())),
+     lambda s: sum(s.refused.values())),
     ("control_connections", "gauge", "Control connections open now.",
-     lambda s: s["control"]["connections"]),
+     lambda s: s.control.connections),
     ("refused_connections", "counter", "Control connections refused: too many, or a "
      "process cut off for flooding, still in its back-off.",
-     lambda s: s["control"]["connections_refused"]),
+     lambda s: s.control.connections_refused),
     ("cut_connections", "counter", "Control connections cut: their peer flooded or did "
-     "not read.", lambda s: s["control"]["connections_cut"]),
+     "not read.", lambda s: s.control.connections_cut),
     ("messages_over_budget", "counter", "Control messages dropped unread: beyond their "
      "peer's budget (serve --control-rate).",
-     lambda s: s["control"]["messages_over_budget"]),
+     lambda s: s.control.messages_over_budget),
     ("attachments", "counter", "Clients attached, resumed ones included.",
-     lambda s: s["counters"]["clients_total"]),
+     lambda s: s.counters.clients_total),
     ("clients_attached", "gauge", "Clients attached now.",
-     lambda s: sum(c["attached"] for c in s["clients"])),
-    ("slabs", "gauge", "Slabs in the ring.", lambda s: s["slabs"]["count"]),
-    ("slabs_free", "gauge", "Slabs no client holds or is owed.", lambda s: s["slabs"]["free"]),
-    ("slab_size_bytes", "gauge", "Bytes per slab.", lambda s: s["slabs"]["size"]),
+     lambda s: sum(c.attached for c in s.clients)),
+    ("slabs", "gauge", "Slabs in the ring.", lambda s: s.slabs.count),
+    ("slabs_free", "gauge", "Slabs no client holds or is owed.", lambda s: s.slabs.free),
+    ("slab_size_bytes", "gauge", "Bytes per slab.", lambda s: s.slabs.size),
     ("broker_start_time_seconds", "gauge", "When the broker started, seconds since the "
-     "Unix epoch.", lambda s: s.get("start_time_s", 0.0)),
+     "Unix epoch.", lambda s: s.start_time_s),
 ]
 
 # Per source (labels: broker, iface); the kernel's only for interfaces.
@@ -130,20 +130,19 @@ def metrics(replies: Iterable[tuple[str, Stats | None]]) -> Iterator[Metric]:
         if s is None:
             continue
         for st in STATES:
-            state.add_metric([name, st], float(s["state"] == st))
+            state.add_metric([name, st], float(s.state == st))
         for fam, get in broker_f:
             fam.add_metric([name], get(s))
-        for src in s["sources"]:
+        for src in s.sources:
             for fam, key in source_f:
-                if key in src:
-                    fam.add_metric([name, src["name"]], src[key])
-        for c in s["clients"]:
-            info.add_metric([name, c["name"], c["group"], c["policy"], str(c["slot"])], 1)
+                if getattr(src, key) is not None:
+                    fam.add_metric([name, src.name], getattr(src, key))
+        for c in s.clients:
+            info.add_metric([name, c.name, c.group, c.policy, str(c.slot)], 1)
             for fam, key in client_f:
-                if key in c:
-                    fam.add_metric([name, c["name"], c["group"]], float(c[key]))
-        for g in s["groups"]:
-            members.add_metric([name, g["name"], g["balance"]], len(g["members"]))
+                fam.add_metric([name, c.name, c.group], float(getattr(c, key)))
+        for g in s.groups:
+            members.add_metric([name, g.name, g.balance], len(g.members))
     yield up
     yield state
     for fam, _ in (*broker_f, *source_f, *client_f):

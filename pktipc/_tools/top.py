@@ -27,8 +27,9 @@ from rich.text import Text
 
 from .._client.client import broker_stats, brokers
 from .._errors import PktipcError
+from .._stats import BrokerStats
 
-Stats = dict[str, Any]
+Stats = BrokerStats
 
 
 def si(x: float, unit: str = "") -> str:
@@ -60,7 +61,7 @@ class Rates:
 
     def update(self, name: str, stats: Stats, at: float) -> None:
         old = self.last.get(name)
-        if old is not None and old.stats["epoch"] == stats["epoch"]:
+        if old is not None and old.stats.epoch == stats.epoch:
             self.prev[name] = old
         else:
             self.prev.pop(name, None)       # a new broker run: counters started again
@@ -68,7 +69,7 @@ class Rates:
 
     def per_s(self, name: str, path: Sequence[Any]) -> float | None:
         """d(value at `path`)/dt; None before two replies of one run. A path
-        step that is a str looks up a key; ("name", x) finds the list entry
+        step that is a str reads an attribute; ("name", x) finds the entry
         named x."""
         a, b = self.prev.get(name), self.last.get(name)
         if a is None or b is None or b.at <= a.at:
@@ -82,9 +83,9 @@ class Rates:
 def _get(d: Any, path: Sequence[Any]) -> float | None:
     for step in path:
         if isinstance(step, tuple):
-            d = next((x for x in d if x.get("name") == step[1]), None)
+            d = next((x for x in d if x.name == step[1]), None)
         else:
-            d = d.get(step) if isinstance(d, dict) else None
+            d = getattr(d, step, None)
         if d is None:
             return None
     return float(d)
@@ -97,35 +98,33 @@ def _rate(r: float | None, unit: str = "") -> str:
 def slowest(stats: Stats) -> str | None:
     """The attached client furthest behind: most packets owed and not given
     back, then most drops. None when nobody is behind."""
-    behind = [c for c in stats["clients"]
-              if c["attached"] and (c.get("lag_packets", 0) or c["queued"])]
+    behind = [c for c in stats.clients if c.attached and (c.lag_packets or c.queued)]
     if not behind:
         return None
-    c = max(behind, key=lambda c: (c.get("lag_packets", 0), c["queued"], c["drops"]))
-    return str(c["name"])
+    return max(behind, key=lambda c: (c.lag_packets, c.queued, c.drops)).name
 
 
 def broker_view(name: str, stats: Stats | None, error: str | None,
                 rates: Rates) -> RenderableType:
     if stats is None:
         return Text(f"{name}: {error}", style="bold red")
-    s, c = stats, stats["counters"]
-    slabs = s["slabs"]
-    used = slabs["count"] - slabs["free"]
-    kernel = sum(src.get("kernel_drops", 0) for src in s["sources"])
-    kernel_rate = sum(rates.per_s(name, ("sources", ("name", src["name"]), "kernel_drops"))
-                      or 0.0 for src in s["sources"] if "kernel_drops" in src)
+    s, c = stats, stats.counters
+    slabs = s.slabs
+    used = slabs.count - slabs.free
+    kernel = sum(src.kernel_drops or 0 for src in s.sources)
+    kernel_rate = sum(rates.per_s(name, ("sources", ("name", src.name), "kernel_drops"))
+                      or 0.0 for src in s.sources if src.kernel_drops is not None)
     head = Text.assemble(
-        (name, "bold"), f"  {s['state']}  up {_duration(s['uptime_s'])}  pid {s['pid']}  ring ",
-        (f"{used}/{slabs['count']}", "bold red" if used == slabs["count"] else "bold"),
-        f" slabs ({100 * used // max(1, slabs['count'])}%)  errors {si(c['protocol_errors'])}"
-        f"  evicted {si(c.get('evictions', 0))}")
+        (name, "bold"), f"  {s.state}  up {_duration(s.uptime_s)}  pid {s.pid}  ring ",
+        (f"{used}/{slabs.count}", "bold red" if used == slabs.count else "bold"),
+        f" slabs ({100 * used // max(1, slabs.count)}%)  errors {si(c.protocol_errors)}"
+        f"  evicted {si(c.evictions)}")
     drops = Text.assemble(
         "  drops  kernel ", (si(kernel), "red" if kernel else ""),
         f" ({_rate(kernel_rate if name in rates.prev else None)}/s)  broker ",
-        (si(c["broker_drops"]), "red" if c["broker_drops"] else ""),
+        (si(c.broker_drops), "red" if c.broker_drops else ""),
         f" ({_rate(rates.per_s(name, ('counters', 'broker_drops')))}/s)  clients ",
-        (si(c["client_drops"]), "red" if c["client_drops"] else ""),
+        (si(c.client_drops), "red" if c.client_drops else ""),
         f" ({_rate(rates.per_s(name, ('counters', 'client_drops')))}/s)")
 
     src = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
@@ -133,13 +132,13 @@ def broker_view(name: str, stats: Stats | None, error: str | None,
                       ("packets", "right"), ("k.drops", "right"), ("freezes", "right")):
         src.add_column(col, justify=just, no_wrap=True, overflow="ellipsis",  # type: ignore[arg-type]
                        max_width=20 if col == "source" else None)
-    for x in s["sources"]:
-        at = ("sources", ("name", x["name"]))
+    for so in s.sources:
+        at = ("sources", ("name", so.name))
         bps = rates.per_s(name, (*at, "bytes"))
-        src.add_row(x["name"], _rate(rates.per_s(name, (*at, "packets"))),
-                    _rate(None if bps is None else 8 * bps), si(x["packets"]),
-                    si(x["kernel_drops"]) if "kernel_drops" in x else "-",
-                    si(x["kernel_freezes"]) if "kernel_freezes" in x else "-")
+        src.add_row(so.name, _rate(rates.per_s(name, (*at, "packets"))),
+                    _rate(None if bps is None else 8 * bps), si(so.packets),
+                    "-" if so.kernel_drops is None else si(so.kernel_drops),
+                    "-" if so.kernel_freezes is None else si(so.kernel_freezes))
 
     cl = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
     for col, just in (("", "left"), ("client", "left"), ("group", "left"),
@@ -148,21 +147,19 @@ def broker_view(name: str, stats: Stats | None, error: str | None,
         cl.add_column(col, justify=just, no_wrap=True, overflow="ellipsis",  # type: ignore[arg-type]
                       max_width=16 if col in ("client", "group") else None)
     worst = slowest(s)
-    members = {g["name"]: g for g in s["groups"]}
-    for x in sorted(s["clients"], key=lambda x: (x["group"], x["slot"])):
-        at = ("clients", ("name", x["name"]))
-        g = members.get(x["group"])
-        group = x["group"] if g is None or len(g["members"]) < 2 else \
-            f"{x['group']}/{g['balance'][0]}"
-        cl.add_row(">" if x["name"] == worst else "",
-                   x["name"] + ("" if x["attached"] else " (away)"), group, x["policy"],
-                   _rate(rates.per_s(name, (*at, "packets"))), si(x["drops"]),
-                   _rate(rates.per_s(name, (*at, "drops"))), f"{x['held']}/{x['credit']}",
-                   si(x.get("lag_packets", 0)),
-                   style="bold red" if x["name"] == worst else
-                   "red" if x["drops"] else None)
+    members = {g.name: g for g in s.groups}
+    for x in sorted(s.clients, key=lambda x: (x.group, x.slot)):
+        at = ("clients", ("name", x.name))
+        g = members.get(x.group)
+        group = x.group if g is None or len(g.members) < 2 else f"{x.group}/{g.balance[0]}"
+        cl.add_row(">" if x.name == worst else "",
+                   x.name + ("" if x.attached else " (away)"), group, x.policy,
+                   _rate(rates.per_s(name, (*at, "packets"))), si(x.drops),
+                   _rate(rates.per_s(name, (*at, "drops"))), f"{x.held}/{x.credit}",
+                   si(x.lag_packets),
+                   style="bold red" if x.name == worst else "red" if x.drops else None)
     parts: list[RenderableType] = [head, drops, src]
-    parts.append(cl if s["clients"] else Text("  no client attached", style="dim"))
+    parts.append(cl if s.clients else Text("  no client attached", style="dim"))
     return Group(*parts)
 
 

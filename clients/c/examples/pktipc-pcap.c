@@ -3,8 +3,10 @@
  * as a nanosecond pcap stream, through the pcap_dispatch-style callback API.
  *
  *     pktipc-pcap [-n NAME] [-g GROUP] [-b flow|round-robin] [-p block|drop] [-C CREDIT]
- *                 [-c COUNT] SERVER | tcpdump -r -
+ *                 [-c COUNT] SERVER [EXPRESSION] | tcpdump -r -
  *
+ * EXPRESSION, a filter in tcpdump's syntax (opts.filter), keeps only the
+ * packets it matches.
  * The file takes the link type of the first packet (a pcap file holds one)
  * and the largest snaplen of the broker's sources of that link type, as
  * `pktipc dump` does. It stops after COUNT packets or at the end of the
@@ -100,7 +102,7 @@ static void write_packet(void *user, const struct pktipc_pkt *p, const uint8_t *
 static void usage(void)
 {
     fprintf(stderr, "usage: pktipc-pcap [-n NAME] [-g GROUP] [-b flow|round-robin] "
-                    "[-p block|drop] [-C CREDIT] [-c COUNT] SERVER\n");
+                    "[-p block|drop] [-C CREDIT] [-c COUNT] SERVER [EXPRESSION]\n");
     exit(2);
 }
 
@@ -149,9 +151,21 @@ int main(int argc, char **argv)
         default: usage();
         }
     }
-    if (optind != argc - 1)
+    if (optind >= argc)
         usage();
     opts.server = argv[optind];
+    /* The expression may come as one argument or several, as tcpdump's. */
+    static char filter[4096];
+    for (int i = optind + 1; i < argc; i++) {
+        size_t len = strlen(filter);
+        if ((size_t)snprintf(filter + len, sizeof(filter) - len, "%s%s", len ? " " : "",
+                             argv[i]) >= sizeof(filter) - len) {
+            fprintf(stderr, "pktipc-pcap: the filter expression is longer than %zu bytes\n",
+                    sizeof(filter) - 1);
+            return 2;
+        }
+    }
+    opts.filter = filter;
     if (isatty(STDOUT_FILENO)) {
         fprintf(stderr, "pktipc-pcap: stdout is a terminal; pipe it, e.g. into tcpdump -r -\n");
         return 2;

@@ -33,6 +33,19 @@
  * A share that a member leaving passes on comes as a batch of its own,
  * with a seq this member may have had, and released, already.
  *
+ * Filters. opts.filter keeps only the packets a tcpdump expression
+ * matches ("tcp port 443", "vlan 100 and tcp"): libpcap compiles it for each
+ * link type among the broker's sources, as tcpdump -r does for a file (a
+ * frame is tested as it is delivered, with a VLAN tag the kernel stripped
+ * put back), and the program runs in the library over each batch (in a
+ * group, over this member's share) before it is handed out. A batch holds
+ * only the matching packets (b.index says where they stand in the slab);
+ * one with none is given back to the broker at once, never handed out.
+ * pktipc_stats' `filtered` counts what was left out. An expression libpcap
+ * refuses, or one that cannot apply to a source's link type, fails
+ * pktipc_open with -PKTIPC_EFILTER and libpcap's message (and ends a client
+ * that finds it so for a broker that takes a lost one's place).
+ *
  * Three ways to consume, to be mixed freely:
  *  - batches: pktipc_next_batch, then pktipc_release_batch;
  *  - packets released one by one, in any order, from any thread, at any time
@@ -68,6 +81,25 @@
  * bytes stay in place. The segment's header is read once, checked, when
  * the client attaches. A broker that breaks these rules gets
  * -PKTIPC_EPROTO or -PKTIPC_ELAYOUT, never a read out of bounds.
+ *
+ * Sending. A broker that sends on its interfaces (pktipc serve -i IFACE --tx)
+ * sends this client's frames too, if it allows this client's user (serve
+ * --allow-tx): pktipc_tx_alloc gives room for a frame in the client's TX
+ * area, a shared-memory object only this client writes and the broker maps
+ * read-only; the frame is written there (a reply built from a received
+ * packet: one memcpy of it, then edits in place), pktipc_tx_send queues
+ * it, pktipc_tx_flush hands the queued frames to the broker in one message.
+ * The broker copies them into the kernel's TX ring of their interface, in
+ * order, and gives the slots back; a frame it would not send is refused
+ * and counted. Sending is the consuming thread's, as pktipc_next_batch is.
+ *
+ *     uint8_t *f;
+ *     if (pktipc_tx_alloc(c, len, p->iface, -1, &f) == 0) {
+ *         memcpy(f, pktipc_batch_data(&b, p), len);
+ *         ...edit f...
+ *         pktipc_tx_send(c, f, len);
+ *     }
+ *     pktipc_tx_flush(c, 0);
  *
  * Errors are negative -PKTIPC_E* values; no return value means two things.
  * After -PKTIPC_EPROTO, -PKTIPC_EGONE and -PKTIPC_EEVICTED the client is
@@ -115,6 +147,9 @@ extern "C" {
 #define PKTIPC_EGROUP     18   /* this name is kept in another group (it left within --grace) */
 #define PKTIPC_EUNTRUSTED 19   /* the broker's socket or segment is not owned as a broker's is:
                                   another user may be posing as the broker */
+#define PKTIPC_EAGAIN     20   /* every slot of the TX area waits for the broker: try again */
+#define PKTIPC_EFILTER    21   /* libpcap refused opts.filter; pktipc_geterr (or opts.errbuf) has
+                                  its message */
 
 #define PKTIPC_POLICY_DROP   0   /* the broker never waits for this client: it skips ahead */
 #define PKTIPC_POLICY_BLOCK  1   /* lossless: the broker waits for this client */
@@ -146,6 +181,13 @@ struct pktipc_opts {
     /* --- version 1 ends here --- */
     int balance;            /* PKTIPC_BALANCE_*: how the group divides its packets; asking
                                for another mode than the group's is refused (-PKTIPC_EBALANCE) */
+    /* --- added with version node PKTIPC_1.1 (sending) --- */
+    unsigned tx_frames;     /* slots of the TX area, a power of two; 0: 1024 (pktipc_open
+                               refuses a TX area it could not make: -PKTIPC_EINVAL) */
+    unsigned tx_frame_size; /* bytes of a slot (the longest frame), a multiple of 64; 0: 2048 */
+    /* --- added with the clients' filter --- */
+    const char *filter;     /* NULL or "": every packet; else only the packets this
+                               expression (tcpdump's syntax) matches: see Filters above */
 };
 
 struct pktipc_batch {       /* filled by pktipc_next_batch */
@@ -185,6 +227,11 @@ struct pktipc_stats {
     uint64_t kernel_packets;    /* live sources: packets the kernel saw */
     uint64_t kernel_drops;      /* live sources: packets the kernel dropped */
     uint64_t kernel_freezes;    /* live sources: times the kernel ring froze */
+    uint64_t tx_submitted;      /* frames handed to the broker (pktipc_tx_flush) */
+    uint64_t tx_sent;           /* of those, copied by the broker into the kernel's TX ring */
+    uint64_t tx_refused;        /* of those, refused by the broker (pktipc_tx_flush says why) */
+    uint64_t tx_lost;           /* of those, unanswered by a broker that was lost */
+    uint64_t filtered;          /* of this client's packets, those opts.filter left out */
 };
 
 /* Attaches to a broker: 0 with *out set, or -PKTIPC_E* with *out NULL (and
@@ -269,6 +316,32 @@ PKTIPC_API int pktipc_balance(const pktipc_client *c);
  * packet's iface indexes: their number, and each (NULL past the end). */
 PKTIPC_API unsigned pktipc_iface_count(const pktipc_client *c);
 PKTIPC_API const struct pktipc_iface *pktipc_iface(const pktipc_client *c, unsigned i);
+
+/* Room for a frame of `len` bytes to send out of interface `iface` (an
+ * index into pktipc_iface): 0 with *frame pointing at it, in this client's
+ * TX area, or -PKTIPC_E*. The first call offers the area to the broker:
+ * -PKTIPC_EREFUSED if it does not send for this client (pktipc_geterr says
+ * why). -PKTIPC_EINVAL for a length the interface does not send (0, or
+ * more than its MTU and link-layer header allow). When every slot waits
+ * for the broker, waits at most timeout_ms (<0: for ever) for one, then
+ * -PKTIPC_EAGAIN. A frame not sent is given back by the next call. */
+PKTIPC_API PKTIPC_WARN_UNUSED_RESULT
+int pktipc_tx_alloc(pktipc_client *c, uint32_t len, unsigned iface, int timeout_ms,
+                    uint8_t **frame);
+
+/* Queues the frame pktipc_tx_alloc gave last, its first `len` bytes (at
+ * most what was allocated); it is the broker's from then on. Handed over
+ * by pktipc_tx_flush (or once an eighth of the slots wait). 0, or
+ * -PKTIPC_EINVAL for another pointer or length. */
+PKTIPC_API int pktipc_tx_send(pktipc_client *c, const uint8_t *frame, uint32_t len);
+
+/* Hands every queued frame to the broker, in one message, then waits at
+ * most timeout_ms (<0: for ever; 0: not at all) until the broker has
+ * answered for each frame handed over. Returns how many still wait for its
+ * answer (0: none), -PKTIPC_EREFUSED once every frame is answered if some
+ * were refused since the last such report (pktipc_geterr says why,
+ * pktipc_stats how many), or another -PKTIPC_E*. */
+PKTIPC_API int pktipc_tx_flush(pktipc_client *c, int timeout_ms);
 
 /* One line for an error code (negative or not). */
 PKTIPC_API const char *pktipc_strerror(int err);

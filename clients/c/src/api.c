@@ -108,9 +108,41 @@ PKTIPC_API int pktipc_stats(pktipc_client *c, struct pktipc_stats *out, size_t s
             st->kernel_freezes += load64(&f->kernel_freezes);
         }
     }
+    st->tx_submitted = c->tx_submitted;
+    st->tx_sent = c->tx_sent;
+    st->tx_refused = c->tx_refused;
+    st->tx_lost = c->tx_lost;
+    st->filtered = c->filtered;
     /* A caller built with an older, shorter struct gets what it has room for. */
     memcpy(out, &all, sz < sizeof(all) ? sz : sizeof(all));
     return leave(c, 0);
+}
+
+/* --- sending ------------------------------------------------------------------- */
+
+PKTIPC_API int pktipc_tx_alloc(pktipc_client *c, uint32_t len, unsigned iface, int timeout_ms,
+                               uint8_t **frame)
+{
+    if (!c || !frame)
+        return -PKTIPC_EINVAL;
+    int r = enter(c);
+    return r ? r : leave(c, tx_alloc(c, len, iface, timeout_ms, frame));
+}
+
+PKTIPC_API int pktipc_tx_send(pktipc_client *c, const uint8_t *frame, uint32_t len)
+{
+    if (!c || !frame)
+        return -PKTIPC_EINVAL;
+    int r = enter(c);
+    return r ? r : leave(c, tx_send(c, frame, len));
+}
+
+PKTIPC_API int pktipc_tx_flush(pktipc_client *c, int timeout_ms)
+{
+    if (!c)
+        return -PKTIPC_EINVAL;
+    int r = enter(c);
+    return r ? r : leave(c, tx_flush(c, timeout_ms));
 }
 
 PKTIPC_API unsigned pktipc_iface_count(const pktipc_client *c)
@@ -149,7 +181,7 @@ PKTIPC_API int pktipc_fd(const pktipc_client *c)
 #define OPTS_END(field) \
     (offsetof(struct pktipc_opts, field) + sizeof(((struct pktipc_opts *)0)->field))
 #define OPTS_V1_SZ offsetof(struct pktipc_opts, balance)
-#define OPTS_KNOWN OPTS_END(balance)
+#define OPTS_KNOWN OPTS_END(filter)
 #define OPTS_HAS(sz, field) ((sz) >= OPTS_END(field))
 
 /* A caller's options as this library's struct (as libbpf's OPTS_VALID and
@@ -168,6 +200,17 @@ static int opts_of(const struct pktipc_opts *opts, struct pktipc_opts *o)
     /* Fields after version 1's, whole or not at all. */
     if (!OPTS_HAS(opts->sz, balance))
         o->balance = 0;
+    if (!OPTS_HAS(opts->sz, tx_frames))
+        o->tx_frames = 0;
+    if (!OPTS_HAS(opts->sz, tx_frame_size))
+        o->tx_frame_size = 0;
+    if (!OPTS_HAS(opts->sz, filter))
+        o->filter = NULL;
+    struct pktipc_tx_geometry g;
+    if ((o->tx_frames || o->tx_frame_size) &&
+        pktipc_tx_geometry(o->tx_frames ? o->tx_frames : TX_FRAMES,
+                           o->tx_frame_size ? o->tx_frame_size : TX_FRAME_SIZE, &g))
+        return -1;          /* a TX area that cannot be made */
     o->sz = sizeof(*o);
     return 0;
 }
@@ -239,6 +282,8 @@ PKTIPC_API const char *pktipc_strerror(int err)
         [PKTIPC_EBALANCE] = "the group balances in the other mode",
         [PKTIPC_EGROUP] = "this client's name is kept in another group",
         [PKTIPC_EUNTRUSTED] = "the broker's socket or segment is not a broker's",
+        [PKTIPC_EAGAIN] = "every slot of the TX area waits for the broker",
+        [PKTIPC_EFILTER] = "libpcap refused the filter",
     };
     unsigned e = err < 0 ? (unsigned)-(long)err : (unsigned)err;
     return e < sizeof(text) / sizeof(text[0]) ? text[e] : "unknown error";

@@ -14,18 +14,22 @@
  * consuming thread takes the stack whole and sends one RELEASE for it all.
  *
  * Copies. The user never gets a descriptor in the segment, which the
- * broker may write at any time: a batch handed out is a copy of its
- * descriptors (the whole slab's, or this member's share of it, with their
- * indexes in the slab), contiguous, in the record's `share` area (a slab's
- * slot there holds up to pkts_cap of them), checked once copied. A slot's
- * `done` bits count positions in the copy, and a packet is known by the
- * copy's address.
+ * broker may write at any time: the slab's descriptors are copied into the
+ * record's `share` area (a slab's slot there holds up to pkts_cap of them)
+ * and checked when the BATCH comes; the share and the filter are chosen
+ * over the copy, which then keeps only what is handed out (with its
+ * indexes in the slab). A slot's `done` bits count positions in the copy,
+ * and a packet is known by the copy's address.
  *
  * Mappings. Each broker's segment is a `struct map` record on a list that
  * only grows (records are reused, never freed before pktipc_close), so a
  * releasing thread may walk it without locks. A record's share area stays
  * with it, so its address range always means this record; `hi` is 0 while
  * the record is unused.
+ *
+ * Sending (tx.c) is the consuming thread's: the TX area (mapped read-write,
+ * written only here), the slots queued and handed over, the broker's
+ * answers.
  */
 #ifndef PKTIPC_CLIENT_H
 #define PKTIPC_CLIENT_H
@@ -50,11 +54,14 @@
 #include <zmq.h>
 
 #include "pktipc.h"
+#include "pktipc_filter.h"
 #include "proto.h"
 
 #define NS_PER_MS       INT64_C(1000000)
 #define LINGER_MS       1000                 /* for BYE to get out at close */
 #define WORD_BITS       64
+#define TX_FRAMES       1024                 /* a TX area's slots, by default */
+#define TX_FRAME_SIZE   2048                 /* and bytes of a slot */
 
 enum slot_state { SLOT_FREE, SLOT_PENDING, SLOT_HELD };
 
@@ -100,6 +107,26 @@ struct pending {
     int share;                  /* a share of the slab: indexes in the record's share area */
 };
 
+/* The TX area and where its slots stand: slot i (mod frames) is the
+ * client's to write when i >= upto, until handed over. */
+struct tx {
+    uint8_t *base;
+    size_t size;
+    struct pktipc_tx_header h;  /* as written */
+    char name[160];
+    uint32_t *max_len;          /* per interface, from TX_READY (0: none) */
+    uint32_t nlens;
+    int ready;                  /* TX_READY came */
+    uint64_t next;              /* slots queued (pktipc_tx_send), ever */
+    uint64_t submitted;         /* slots handed to the broker, ever */
+    uint64_t upto;              /* slots given back, ever */
+    uint8_t *cur;               /* allocated, not queued yet */
+    uint32_t cur_len;
+    uint32_t batch;             /* hand over once this many are queued */
+    uint64_t refused_unreported;
+    char why[PKTIPC_ERRBUF_SIZE];   /* the last refusal's reason */
+};
+
 struct pktipc_client {
     char name[PROTO_NAME_MAX + 1];
     char group[PROTO_NAME_MAX + 1];
@@ -111,6 +138,10 @@ struct pktipc_client {
     char *endpoint;
     char *ipc_path;             /* NULL for tcp:// */
     int64_t owner;              /* the broker's uid (its socket's owner), -1 for tcp:// */
+    int64_t owner_gid;          /* its socket's group, -1 for tcp:// */
+    unsigned tx_frames, tx_frame_size;
+    struct tx *tx;              /* NULL until the first pktipc_tx_alloc */
+    uint64_t tx_submitted, tx_sent, tx_refused, tx_lost;
 
     void *zctx, *sock;
     int epfd, evfd, tfd;
@@ -119,6 +150,9 @@ struct pktipc_client {
     struct proto_msg msg;
     struct proto_conn conn;     /* the protocol, and reattaching to a broker after a lost one */
     const char *lost_why;       /* how the last broker was lost */
+
+    char *filter_expr;          /* opts.filter, NULL if none */
+    struct pktipc_filter *filter;   /* compiled for the current broker's sources */
 
     int sticky;                 /* -error every call returns from now on, 0 if none */
     int ended;                  /* END-OF-STREAM received */
@@ -138,7 +172,7 @@ struct pktipc_client {
     uint32_t disp_next;
     int disp_active;
 
-    uint64_t packets, bytes, batches, released, release_msgs, drops, gaps;
+    uint64_t packets, bytes, batches, released, release_msgs, drops, gaps, filtered;
     atomic_flag busy;
     char err[PKTIPC_ERRBUF_SIZE];
     char eos_err[PKTIPC_ERRBUF_SIZE];   /* why the stream ended early, "" if it did not */
@@ -170,9 +204,19 @@ __attribute__((format(printf, 3, 4)))
 int die(pktipc_client *c, int code, const char *fmt, ...);
 int setup(pktipc_client *c, const struct pktipc_opts *o);
 void destroy(pktipc_client *c);
-enum want { WANT_NOTHING, WANT_BATCH, WANT_WELCOME };
+enum want { WANT_NOTHING, WANT_BATCH, WANT_WELCOME, WANT_TX_READY, WANT_TX_ROOM, WANT_TX_DONE };
 int pump(pktipc_client *c, int64_t deadline, int want);
 int hand_out(pktipc_client *c, struct pktipc_batch *b);
 void take_released(pktipc_client *c);
+int send_out(pktipc_client *c);
+
+/* tx.c: the consuming thread's */
+int tx_alloc(pktipc_client *c, uint32_t len, unsigned iface, int timeout_ms, uint8_t **frame);
+int tx_send(pktipc_client *c, const uint8_t *frame, uint32_t len);
+int tx_flush(pktipc_client *c, int timeout_ms);
+int tx_wanted(const pktipc_client *c, int want);
+int tx_on_ready(pktipc_client *c);
+int tx_on_done(pktipc_client *c);
+void tx_lost(pktipc_client *c);
 
 #endif /* PKTIPC_CLIENT_H */

@@ -452,6 +452,27 @@ int proto_release(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now,
     return sent(p, now, err);
 }
 
+int proto_tx_open(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now, const char *shm)
+{
+    msgpack_packer pk;
+    if (p->state != ST_ATTACHED)
+        return -1;
+    int err = begin(buf, &pk, PMSG_TX_OPEN);
+    err |= key(&pk, PMSG_TX_OPEN, F_TX_OPEN_SHM) | pack_str(&pk, shm);
+    return sent(p, now, err);
+}
+
+int proto_tx(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now, uint64_t first, uint32_t n)
+{
+    msgpack_packer pk;
+    if (p->state != ST_ATTACHED || n < 1 || n > PROTO_MAX_TX)
+        return -1;
+    int err = begin(buf, &pk, PMSG_TX);
+    err |= key(&pk, PMSG_TX, F_TX_FIRST) | msgpack_pack_uint64(&pk, first);
+    err |= key(&pk, PMSG_TX, F_TX_N) | msgpack_pack_uint64(&pk, n);
+    return sent(p, now, err);
+}
+
 int proto_bye(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now)
 {
     msgpack_packer pk;

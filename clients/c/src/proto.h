@@ -138,6 +138,10 @@ int proto_hello(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now, const c
 int proto_release(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now,
                   const uint64_t *seqs, size_t n);   /* 1 <= n <= PROTO_MAX_RELEASE */
 int proto_bye(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now);  /* -1: not attached */
+/* TX_OPEN offers the TX area named shm; TX names slots first .. first + n - 1
+ * (1 <= n <= PROTO_MAX_TX). -1: not attached. */
+int proto_tx_open(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now, const char *shm);
+int proto_tx(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now, uint64_t first, uint32_t n);
 /* The segment WELCOME named is mapped (a HEARTBEAT): until it hears from a
  * client after WELCOME, a broker keeps its segment. -1: not attached. */
 int proto_mapped(struct proto_conn *p, msgpack_sbuffer *buf, int64_t now);

@@ -7,6 +7,7 @@
 #define PROTO_MAX_RELEASE        4096
 #define PROTO_MAX_CREDIT         4096
 #define PROTO_MAX_MEMBERS        1024
+#define PROTO_MAX_TX             65536
 #define PROTO_MISSED_HEARTBEATS  5
 #define PROTO_BACKOFF_MIN_MS     50
 #define PROTO_BACKOFF_MAX_MS     1000
@@ -31,6 +32,8 @@ enum proto_msg_type {
     PMSG_RELEASE,
     PMSG_STATS,
     PMSG_BYE,
+    PMSG_TX_OPEN,
+    PMSG_TX,
     PMSG_WELCOME,
     PMSG_BATCH,
     PMSG_GAP,
@@ -38,6 +41,8 @@ enum proto_msg_type {
     PMSG_ERROR,
     PMSG_EVICT,
     PMSG_STATS_REPLY,
+    PMSG_TX_READY,
+    PMSG_TX_DONE,
     PMSG_HEARTBEAT,
     PMSG_COUNT
 };
@@ -60,6 +65,9 @@ enum {
     F_HELLO_PID = 4,
     F_HELLO_BALANCE = 5,
     F_RELEASE_SEQS = 0,
+    F_TX_OPEN_SHM = 0,
+    F_TX_FIRST = 0,
+    F_TX_N = 1,
     F_WELCOME_SHM = 0,
     F_WELCOME_EPOCH = 1,
     F_WELCOME_LAYOUT = 2,
@@ -84,6 +92,10 @@ enum {
     F_EVICT_CODE = 0,
     F_EVICT_TEXT = 1,
     F_STATS_REPLY_STATS = 0,
+    F_TX_READY_MAX_LEN = 0,
+    F_TX_DONE_UPTO = 0,
+    F_TX_DONE_REFUSED = 1,
+    F_TX_DONE_ERROR = 2,
     PROTO_MAX_FIELDS = 10
 };
 
@@ -104,6 +116,13 @@ static const struct proto_rule rules_hello[] = {
 };
 static const struct proto_rule rules_release[] = {
     {"seqs", CK_SEQS, 0, UINT64_C(1), UINT64_C(4096), NULL},
+};
+static const struct proto_rule rules_tx_open[] = {
+    {"shm", CK_STR, 0, UINT64_C(0), UINT64_C(255), NULL},
+};
+static const struct proto_rule rules_tx[] = {
+    {"first", CK_INT, 0, UINT64_C(0), UINT64_C(18446744073709551615), NULL},
+    {"n", CK_INT, 0, UINT64_C(1), UINT64_C(65536), NULL},
 };
 static const struct proto_rule rules_welcome[] = {
     {"shm", CK_STR, 0, UINT64_C(0), UINT64_C(255), NULL},
@@ -143,12 +162,22 @@ static const struct proto_rule rules_evict[] = {
 static const struct proto_rule rules_stats_reply[] = {
     {"stats", CK_MAP, 0, UINT64_C(0), UINT64_C(0), NULL},
 };
+static const struct proto_rule rules_tx_ready[] = {
+    {"max_len", CK_SEQS, 0, UINT64_C(1), UINT64_C(4096), NULL},
+};
+static const struct proto_rule rules_tx_done[] = {
+    {"upto", CK_INT, 0, UINT64_C(0), UINT64_C(18446744073709551615), NULL},
+    {"refused", CK_INT, 0, UINT64_C(0), UINT64_C(65536), NULL},
+    {"error", CK_STR, 1, UINT64_C(0), UINT64_C(1024), NULL},
+};
 
 static const struct proto_schema SCHEMAS[PMSG_COUNT] = {
     [PMSG_HELLO] = {"hello", 6, rules_hello},
     [PMSG_RELEASE] = {"release", 1, rules_release},
     [PMSG_STATS] = {"stats", 0, NULL},
     [PMSG_BYE] = {"bye", 0, NULL},
+    [PMSG_TX_OPEN] = {"tx_open", 1, rules_tx_open},
+    [PMSG_TX] = {"tx", 2, rules_tx},
     [PMSG_WELCOME] = {"welcome", 10, rules_welcome},
     [PMSG_BATCH] = {"batch", 6, rules_batch},
     [PMSG_GAP] = {"gap", 2, rules_gap},
@@ -156,6 +185,8 @@ static const struct proto_schema SCHEMAS[PMSG_COUNT] = {
     [PMSG_ERROR] = {"error", 2, rules_error},
     [PMSG_EVICT] = {"evict", 2, rules_evict},
     [PMSG_STATS_REPLY] = {"stats_reply", 1, rules_stats_reply},
+    [PMSG_TX_READY] = {"tx_ready", 1, rules_tx_ready},
+    [PMSG_TX_DONE] = {"tx_done", 3, rules_tx_done},
     [PMSG_HEARTBEAT] = {"heartbeat", 0, NULL},
 };
 
@@ -182,6 +213,10 @@ static const struct proto_transition CLIENT_TRANSITIONS[] = {
     {ST_ENDED, PMSG_STATS_REPLY, ST_ENDED},
     {ST_ENDED, PMSG_ERROR, ST_ENDED},
     {ST_ENDED, PMSG_EVICT, ST_CLOSED},
+    {ST_ATTACHED, PMSG_TX_READY, ST_ATTACHED},
+    {ST_ATTACHED, PMSG_TX_DONE, ST_ATTACHED},
+    {ST_ENDED, PMSG_TX_READY, ST_ENDED},
+    {ST_ENDED, PMSG_TX_DONE, ST_ENDED},
 };
 
 #endif /* PROTO_TABLES */

@@ -155,6 +155,7 @@ static void orphan(pktipc_client *c)
 {
     struct map *m = atomic_load_explicit(&c->cur, memory_order_relaxed);
     drop_pending(c);
+    tx_lost(c);         /* its area was this broker's to read */
     if (m)
         m->orphan = 1;
     c->held = 0;
@@ -247,6 +248,29 @@ static int make_room(pktipc_client *c, uint32_t credit)
     return 0;
 }
 
+/* Compiles opts.filter for the current broker's sources: 0 or -PKTIPC_E*. */
+static int compile_filter(pktipc_client *c)
+{
+    if (!c->filter_expr)
+        return 0;
+    struct map *m = atomic_load_explicit(&c->cur, memory_order_relaxed);
+    uint32_t n = m->hdr.iface_count;
+    uint32_t *linktypes = malloc((n ? n : 1) * sizeof(*linktypes));
+    if (!linktypes)
+        return fail(c, PKTIPC_ENOMEM, "out of memory");
+    for (uint32_t i = 0; i < n; i++)
+        linktypes[i] = pktipc_shm_iface(m->base, &m->hdr, i)->linktype;
+    struct pktipc_filter *f;
+    char err[PKTIPC_FILTER_ERRBUF_SIZE];
+    int r = pktipc_filter_new(c->filter_expr, linktypes, n, &f, err);
+    free(linktypes);
+    if (r < 0)
+        return fail(c, PKTIPC_EFILTER, "%s", err);
+    pktipc_filter_free(c->filter);
+    c->filter = f;
+    return 0;
+}
+
 static int on_welcome(pktipc_client *c, int64_t now)
 {
     const struct proto_msg *m = &c->msg;
@@ -274,11 +298,13 @@ static int on_welcome(pktipc_client *c, int64_t now)
     else if (!(r = make_room(c, credit))) {
         memcpy(name, shm, len);
         name[len] = 0;
-        r = map_segment(c, name, proto_u64(m, F_WELCOME_EPOCH));
+        if (!(r = map_segment(c, name, proto_u64(m, F_WELCOME_EPOCH))))
+            r = compile_filter(c);
     }
     if (r < 0) {
         attempt_failed(c, now);     /* BYE; on a first attachment, pktipc_open fails */
-        return retry ? 0 : r;
+        /* Another broker will not take the filter either. */
+        return !retry ? r : r == -PKTIPC_EFILTER ? stick(c, r) : 0;
     }
     c->credit = credit;
     c->pend_head = 0;
@@ -351,31 +377,56 @@ static int on_batch(pktipc_client *c, int64_t now)
         return mismatch(c, now, why);
     }
     struct slot *s = &map->slots[slab];
-    if (s->state != SLOT_FREE || c->held >= c->credit) {
+    /* Batches given back but not yet told (relq) are still held for the broker. */
+    if (s->state != SLOT_FREE || c->held + c->relq_len >= c->credit) {
         snprintf(why, sizeof(why), "batch %llu: slab %llu is held already, or credit %u is "
                  "exceeded", (unsigned long long)seq, (unsigned long long)slab, c->credit);
         return violation(c, now, why);
     }
-    struct pending pb = {.seq = seq, .slab = (uint32_t)slab, .n = (uint32_t)n,
-                         .count = (uint32_t)n};
+    struct pending pb = {.seq = seq, .slab = (uint32_t)slab, .n = (uint32_t)n};
     uint32_t members[PROTO_MAX_MEMBERS], nmembers = proto_slots(m, F_BATCH_MEMBERS, members);
     uint32_t masklen;
     const uint8_t *mask = proto_bin(m, F_BATCH_MASK, &masklen);
     if (map_share_area(map))
         return die(c, PKTIPC_ENOMEM, "out of memory");
+    /* The descriptors are copied and checked now, while the slot is the
+     * consuming thread's alone: the share, the filter and the user read
+     * what was checked. The BATCH's fields go with the message. */
+    const uint8_t *base = map->slabs + slab * map->slab_size;
+    size_t at = (size_t)slab * map->pkts_cap;
+    struct pktipc_pkt *copy = atomic_load_explicit(&map->share, memory_order_relaxed) + at;
+    uint32_t *index = map->index + at;
+    const uint32_t *in = NULL;
+    memcpy(copy, pktipc_slab_pkts(base), (size_t)n * sizeof(*copy));
+    uint32_t count = pktipc_pkts_check(&map->hdr, pb.slab, copy, pb.n);
+    if (count < pb.n)
+        return die(c, PKTIPC_EPROTO, "broker '%s' broke the protocol: packet %u of batch %llu "
+                   "lies outside its slab", c->server, count, (unsigned long long)seq);
     if (nmembers || mask) {
-        /* The share is chosen now, while the slot is the consuming thread's
-         * alone; the BATCH's fields go with the message. */
-        const struct pktipc_pkt *d = pktipc_slab_pkts(map->slabs + slab * map->slab_size);
-        pb.count = pktipc_select(d, pb.n, mask, members, nmembers, c->conn.slot,
-                                 map->index + slab * map->pkts_cap);
-        pb.share = pb.count < pb.n;
-        if (!pb.count) {
+        count = pktipc_select(copy, pb.n, mask, members, nmembers, c->conn.slot, index);
+        if (!count) {
             snprintf(why, sizeof(why), "batch %llu holds no packet of this client",
                      (unsigned long long)seq);
             return violation(c, now, why);
         }
+        in = index;
     }
+    if (c->filter) {
+        uint32_t kept = pktipc_filter_run(c->filter, base, copy, in, count, index);
+        c->filtered += count - kept;
+        count = kept;
+        in = index;
+    }
+    if (!count) {               /* nothing passed the filter: given back at once */
+        c->relq[c->relq_len++] = seq;
+        return 0;
+    }
+    if (count < pb.n) {         /* the copy keeps what is handed out; index[j] >= j */
+        for (uint32_t j = 0; j < count; j++)
+            copy[j] = copy[index[j]];
+        pb.share = 1;
+    }
+    pb.count = count;
     s->state = SLOT_PENDING;
     c->pend[(c->pend_head + c->pend_len++) % c->pend_cap] = pb;
     c->held++;
@@ -440,6 +491,10 @@ static int on_frame(pktipc_client *c, const void *data, size_t len, int more, in
         return 0;
     case PMSG_ERROR:
         return on_error(c);
+    case PMSG_TX_READY:
+        return tx_on_ready(c);
+    case PMSG_TX_DONE:
+        return tx_on_done(c);
     case PMSG_EVICT:
         text = proto_str(&c->msg, F_EVICT_TEXT, &n);
         return die(c, PKTIPC_EEVICTED, "broker '%s' evicted '%s': %.*s", c->server, c->name,
@@ -618,6 +673,8 @@ int pump(pktipc_client *c, int64_t deadline, int want)
             return r;
         if (want == WANT_BATCH && c->pend_len)
             return 1;
+        if (want >= WANT_TX_READY && tx_wanted(c, want))
+            return 1;
         if (want == WANT_WELCOME && (c->conn.state == ST_ATTACHED || c->conn.state == ST_ENDED))
             return 1;
         if (c->sticky)
@@ -631,10 +688,10 @@ int pump(pktipc_client *c, int64_t deadline, int want)
     }
 }
 
-/* Hands out the oldest pending batch: this member's packets of the slab,
- * checked, the whole slab in place or copies of a share (chosen by
- * on_batch). The release bitmap counts what was handed out, so that the
- * slab goes back once that is released. */
+/* Hands out the oldest pending batch: the checked copies of this client's
+ * packets of the slab (its share, past its filter: chosen by on_batch),
+ * their bytes in place. The release bitmap counts what was handed out, so
+ * that the slab goes back once that is released. */
 int hand_out(pktipc_client *c, struct pktipc_batch *b)
 {
     struct pending pb = c->pend[c->pend_head];
@@ -643,26 +700,9 @@ int hand_out(pktipc_client *c, struct pktipc_batch *b)
     struct map *m = atomic_load_explicit(&c->cur, memory_order_relaxed);
     struct slot *s = &m->slots[pb.slab];
     const uint8_t *slab = m->slabs + (size_t)pb.slab * m->slab_size;
-    const struct pktipc_pkt *d = pktipc_slab_pkts(slab);
-    const uint32_t *index = NULL;
     size_t at = (size_t)pb.slab * m->pkts_cap;
-    struct pktipc_pkt *copy = atomic_load_explicit(&m->share, memory_order_relaxed) + at;
-    if (pb.share) {
-        index = m->index + at;
-        for (uint32_t i = 0; i < pb.count; i++)
-            copy[i] = d[index[i]];
-    } else {
-        memcpy(copy, d, (size_t)pb.count * sizeof(*d));
-    }
-    /* Checked once copied: what the user reads is what was checked. */
-    uint32_t good = pktipc_pkts_check(&m->hdr, pb.slab, copy, pb.count);
-    if (good < pb.count) {
-        s->state = SLOT_FREE;
-        c->held--;
-        return die(c, PKTIPC_EPROTO, "broker '%s' broke the protocol: packet %u of batch %llu "
-                   "lies outside its slab", c->server, index ? index[good] : good,
-                   (unsigned long long)pb.seq);
-    }
+    const struct pktipc_pkt *copy = atomic_load_explicit(&m->share, memory_order_relaxed) + at;
+    const uint32_t *index = pb.share ? m->index + at : NULL;
     uint64_t bytes = 0;
     for (uint32_t i = 0; i < pb.count; i++)
         bytes += copy[i].caplen;
@@ -729,7 +769,7 @@ static char *endpoint_of(const char *server)
 static int check_socket(pktipc_client *c)
 {
     struct stat st, d;
-    c->owner = -1;
+    c->owner = c->owner_gid = -1;
     if (!c->ipc_path)
         return 0;
     char *dir = strdup(c->ipc_path);
@@ -764,6 +804,7 @@ static int check_socket(pktipc_client *c)
         r = fail(c, PKTIPC_EPERM, "%s: " DENIED, c->ipc_path);
     } else {
         c->owner = st.st_uid;
+        c->owner_gid = st.st_gid;
     }
     free(dir);
     return r;
@@ -795,7 +836,11 @@ int setup(pktipc_client *c, const struct pktipc_opts *o)
                        : o->balance == PKTIPC_BALANCE_ROUND_ROBIN ? PROTO_BALANCE_ROUND_ROBIN
                        : NULL;
     c->policy = o->policy == PKTIPC_POLICY_BLOCK ? PROTO_POLICY_BLOCK : PROTO_POLICY_DROP;
+    if (o->filter && *o->filter && !(c->filter_expr = strdup(o->filter)))
+        return fail(c, PKTIPC_ENOMEM, "out of memory");
     c->credit_asked = o->credit;
+    c->tx_frames = o->tx_frames;
+    c->tx_frame_size = o->tx_frame_size;
     proto_conn_init(&c->conn, (o->reconnect_ms < 0 ? PROTO_DEFAULT_RECONNECT_MS
                                                    : o->reconnect_ms) * NS_PER_MS);
     c->server = strdup(o->server);
@@ -840,6 +885,7 @@ void destroy(pktipc_client *c)
         int bye = proto_bye(&c->conn, &c->out, now_ns()) == 0 && send_out(c) == 0;
         sock_close(c, bye ? LINGER_MS : 0);
     }
+    tx_lost(c);
     if (c->zctx)
         while (zmq_ctx_term(c->zctx) < 0 && errno == EINTR)
             ;
@@ -859,5 +905,7 @@ void destroy(pktipc_client *c)
     free(c->server);
     free(c->endpoint);
     free(c->ipc_path);
+    free(c->filter_expr);
+    pktipc_filter_free(c->filter);
     free(c);
 }

@@ -52,15 +52,21 @@ static void *open_thread(void *arg)
     return NULL;
 }
 
-static void open_start(struct opener *op, const char *server, const char *name,
-                       int reconnect_ms)
+static void open_filtered(struct opener *op, const char *server, const char *name,
+                          int reconnect_ms, const char *filter)
 {
     memset(op, 0, sizeof(*op));
     snprintf(op->server, sizeof(op->server), "%s", server);
     op->o = (struct pktipc_opts){.sz = sizeof(op->o), .server = op->server, .name = name,
                                  .timeout_ms = 5000, .reconnect_ms = reconnect_ms,
-                                 .errbuf = op->errbuf};
+                                 .errbuf = op->errbuf, .filter = filter};
     CHECK(pthread_create(&op->t, NULL, open_thread, op) == 0);
+}
+
+static void open_start(struct opener *op, const char *server, const char *name,
+                       int reconnect_ms)
+{
+    open_filtered(op, server, name, reconnect_ms, NULL);
 }
 
 static int open_join(struct opener *op)
@@ -687,6 +693,74 @@ static void test_share_is_what_pktipc_select_says(void)
     fb_free(&f);
 }
 
+/* A filter keeps, of this member's share, the packets it matches, in one
+ * batch as a share; a batch none of whose packets match is given back at
+ * once and never handed out; what was left out is counted. libpcap's
+ * refusal fails pktipc_open with its message. */
+static void test_filter(void)
+{
+    struct fb f;
+    fb_init(&f, dir, fresh_name(), 8, 65536);
+    f.slot = 7;
+    struct opener op;
+    /* Byte 0 is seq * 7 + i * 3: every other packet matches. */
+    open_filtered(&op, f.h->name, "c", 0, "ether[0] & 1 = 0");
+    CHECK(fb_expect(&f, PMSG_HELLO, 5000));
+    fb_welcome(&f, 8, 1000, 30000);
+    CHECK_EQ(open_join(&op), 0);
+    CHECK_EQ(fb_recv(&f, 1000), PMSG_HEARTBEAT);
+    pktipc_client *c = op.c;
+    static const uint32_t members[] = {3, 7};
+    uint32_t idx[512], kept[512];
+    uint64_t filtered = 0;
+    for (int shared = 0; shared < 2; shared++) {
+        uint64_t seq = fb_fill(&f, (uint32_t)shared, 100, 60);
+        uint32_t k = shared ? owned(&f, 1, 100, members, 2, NULL, 7, idx) : 100;
+        for (uint32_t i = 0; i < k && !shared; i++)
+            idx[i] = i;
+        uint32_t m = 0;
+        for (uint32_t i = 0; i < k; i++)
+            if (fb_byte(seq, idx[i], 0) % 2 == 0)
+                kept[m++] = idx[i];
+        filtered += k - m;
+        fb_share_msg(&f, seq, (uint32_t)shared, fb_gen(&f, (uint32_t)shared), 100, members,
+                     shared ? 2 : 0, NULL, 0);
+        struct pktipc_batch b;
+        CHECK_EQ(pktipc_next_batch(c, &b, 1000), m);
+        check_share(c, &f, &b, (uint32_t)shared, kept, m);
+        CHECK(b.index != NULL);
+        CHECK_EQ(pktipc_release_batch(c, &b), 0);
+        pump(c);
+        uint64_t seqs[4];
+        CHECK_EQ(expect_release(&f, seqs, 2000), 1);
+        CHECK(seqs[0] == seq);
+    }
+    /* A batch whose packets all start with an odd byte: given back unseen. */
+    f.seq += f.seq % 2 ? 0 : 1;
+    uint64_t seq = fb_fill(&f, 2, 1, 60);
+    CHECK(fb_byte(seq, 0, 0) % 2 == 1);
+    fb_share_msg(&f, seq, 2, fb_gen(&f, 2), 1, NULL, 0, NULL, 0);
+    struct pktipc_batch b;
+    CHECK_EQ(pktipc_next_batch(c, &b, 300), 0);
+    uint64_t seqs[4];
+    CHECK_EQ(expect_release(&f, seqs, 2000), 1);
+    CHECK(seqs[0] == seq);
+    struct pktipc_stats st;
+    CHECK_EQ(pktipc_stats(c, &st, sizeof(st)), 0);
+    CHECK(st.filtered == filtered + 1 && st.released == 2 && st.batches == 2);
+    pktipc_close(c);
+    CHECK(fb_expect(&f, PMSG_BYE, 2000));
+
+    open_filtered(&op, f.h->name, "c", 0, "tcp port");
+    CHECK(fb_expect(&f, PMSG_HELLO, 5000));
+    fb_welcome(&f, 8, 1000, 30000);
+    CHECK_EQ(open_join(&op), -PKTIPC_EFILTER);
+    CHECK(op.c == NULL && strstr(op.errbuf, "filter 'tcp port': ") &&
+          strstr(op.errbuf, "syntax error"));
+    CHECK_EQ(fb_recv(&f, 1000), PMSG_BYE);
+    fb_free(&f);
+}
+
 struct seen_share {
     uint64_t seq;
     const struct pktipc_pkt *d;     /* the fake broker's descriptors */
@@ -1237,11 +1311,11 @@ static void test_gives_up_when_no_broker_comes(void)
 
 static void test_strerror(void)
 {
-    for (int e = 1; e <= PKTIPC_EUNTRUSTED; e++) {
+    for (int e = 1; e <= PKTIPC_EFILTER; e++) {
         CHECK(strcmp(pktipc_strerror(-e), "unknown error") != 0);
         CHECK(pktipc_strerror(-e) == pktipc_strerror(e));
     }
-    CHECK(strcmp(pktipc_strerror(-PKTIPC_EUNTRUSTED - 1), "unknown error") == 0);
+    CHECK(strcmp(pktipc_strerror(-PKTIPC_EFILTER - 1), "unknown error") == 0);
     CHECK(strcmp(pktipc_strerror(-1000000), "unknown error") == 0);
     CHECK(strcmp(pktipc_strerror(0), "success") == 0);
 }
@@ -1316,6 +1390,7 @@ int main(int argc, char **argv)
     RUN(test_dispatch);
     RUN(test_share_is_what_pktipc_select_says);
     RUN(test_share_release);
+    RUN(test_filter);
     RUN(test_passed_on_share_comes_again);
     RUN(test_gaps_and_end_of_stream);
     RUN(test_evicted);

@@ -1,8 +1,6 @@
 /* Broker-side ingest: capture sources into slabs, one call per chunk. */
 #define _GNU_SOURCE
-#include <pthread.h>
 #include <setjmp.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +13,7 @@
 #include "pktipc_linktype.h"
 #include "pktipc_shm.h"
 #include "fill.h"        /* with ingest.h and flowhash.h */
+#include "sigbus.h"
 
 /* A classic pcap file in the host's byte order is read from a private
  * read-only mapping, record by record, instead of through libpcap's two
@@ -52,38 +51,7 @@ struct pkb_src {
 #define LINKTYPE_USB_LINUX 189            /* libpcap rewrites these records' lengths */
 #define LINKTYPE_USB_LINUX_MMAPPED 220
 
-/* A file truncated in place while it is mapped: reading a page past its new
- * end raises SIGBUS. Whatever reads the mapping does so under a guard, and
- * the signal then ends that read (the stream ends with an error) instead of
- * the broker. A SIGBUS outside a guard is handled as before the guard's
- * handler was installed. */
-static __thread sigjmp_buf *bus_guard;
-static __thread unsigned long bus_caught;     /* reads the guard ended */
-static struct sigaction bus_before;
-static pthread_once_t bus_once = PTHREAD_ONCE_INIT;
-
-static void on_sigbus(int sig, siginfo_t *si, void *uc)
-{
-    (void)si;
-    (void)uc;
-    if (bus_guard)
-        siglongjmp(*bus_guard, 1);
-    /* Not a read of ours: back to what was there, and the access that
-     * faulted, run again, meets it. */
-    sigaction(sig, &bus_before, NULL);
-}
-
-static void bus_install(void)
-{
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_sigaction = on_sigbus;
-    /* SA_NODEFER: the signal stays unblocked, as sigsetjmp(…, 0) does not
-     * restore the mask. */
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGBUS, &sa, &bus_before);
-}
+static __thread unsigned long bus_caught;     /* mapped reads a SIGBUS ended */
 
 static struct mapped *map_file(pcap_t *p, uint32_t magic)
 {
@@ -101,7 +69,7 @@ static struct mapped *map_file(pcap_t *p, uint32_t magic)
     if (base == MAP_FAILED)
         return NULL;
     madvise(base, (size_t)st.st_size, MADV_SEQUENTIAL);
-    pthread_once(&bus_once, bus_install);
+    pkb_bus_install();
     struct mapped *m = calloc(1, sizeof(*m));
     if (!m) {
         munmap(base, (size_t)st.st_size);
@@ -360,21 +328,21 @@ static void shrank(pkb_src *s, struct pkb_fill *f, uint32_t count0, size_t first
     }
 }
 
-/* fill() from the mapping under the SIGBUS guard: a page past the file's
+/* fill() from the mapping under the SIGBUS guard (sigbus.h): a page past the file's
  * new end, truncated meanwhile, ends the mapped read where it stood. */
 static int guarded_fill(pkb_src *s, struct pkb_fill *f, int64_t ts_limit, uint32_t max_pkts,
                         uint32_t count0, size_t first)
 {
     sigjmp_buf jb;
     if (sigsetjmp(jb, 0)) {
-        bus_guard = NULL;
+        pkb_bus_guard = NULL;
         bus_caught++;
         shrank(s, f, count0, first, file_size(s));
         return fill(s, f, ts_limit, max_pkts);
     }
-    bus_guard = &jb;
+    pkb_bus_guard = &jb;
     int r = fill(s, f, ts_limit, max_pkts);
-    bus_guard = NULL;
+    pkb_bus_guard = NULL;
     return r;
 }
 

@@ -14,7 +14,7 @@ STAMP   := $(VENV)/.pktipc-installed
 BENCH_STAMP := $(VENV)/.pktipc-bench-installed
 DEBS    := gcc g++ make pkg-config python3-venv python3-dev iproute2 libpcap-dev libzmq3-dev \
            libmsgpack-dev tcpdump tshark valgrind prometheus tmux systemd util-linux \
-           clang libclang-rt-14-dev llvm-14
+           clang libclang-rt-14-dev llvm-14 llvm libxdp-dev libbpf-dev
 SECONDS ?= 60
 
 # make install-service: pktipc in its own virtual environment (PREFIX), the

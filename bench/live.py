@@ -147,12 +147,14 @@ def run_alone(who: str, key: str, run: Callable[[Bench], dict[str, Any]],
 
     def pktipc(self, k: int, count: int, size: int, *, mode: str = "numpy",
                consumer: str = "python", block_timeout: int = 10,
-               rate: float = 0) -> dict[str, Any]:
-        """A broker capturing once, K clients each receiving every packet:
-        Python ones (bench/_clientproc.py in `mode`) or C ones (pktipc-count)."""
+               rate: float = 0, serve: tuple[str, ...] = ()) -> dict[str, Any]:
+        """A broker capturing once (`serve`: more of its arguments, such as
+        --xdp), K clients each receiving every packet: Python ones
+        (bench/_clientproc.py in `mode`) or C ones (pktipc-count)."""
         name = f"bench{os.getpid()}"
         broker = subprocess.Popen(self.nsx(PY, "-m", "pktipc", "serve", "--name", name,
-                                           "-i", "va", "--block-timeout", str(block_timeout)),
+                                           "-i", "va", "--block-timeout", str(block_timeout),
+                                           *serve),
                                   stderr=subprocess.PIPE, text=True)
         sock = self.runtime / f"{name}.ctl"
         while not sock.exists():
@@ -167,7 +169,9 @@ def run_alone(who: str, key: str, run: Callable[[Bench], dict[str, Any]],
                    for cmd in cmds]
         while len(pktipc.broker_stats(name).clients) < k:
             time.sleep(0.02)
+        b0 = proc_cpu(broker.pid)
         g = self.generate(count, size, rate, (broker.pid, *(c.pid for c in clients)))
+        g["broker_cpu_s"] = proc_cpu(broker.pid) - b0
         st = pktipc.broker_stats(name)
         broker.terminate()              # the clients are told end-of-stream
         outs = [c.communicate(timeout=60)[0] for c in clients]
@@ -180,7 +184,7 @@ def run_alone(who: str, key: str, run: Callable[[Bench], dict[str, Any]],
         out = {**g, "delivered": [r["packets"] for r in results],
                "kernel_drops": sum(s.kernel_drops or 0 for s in st.sources),
                "broker_drops": c.broker_drops, "client_drops": c.client_drops,
-               "batches": c.batches}
+               "batches": c.batches, "captured": c.packets}
         if mode == "latency":
             out.update({key: results[0][key] for key in results[0] if key.startswith("lat_")})
         return out

@@ -26,6 +26,9 @@ repetitions; medians, with the spread as min-max):
             replay against a raw TPACKET_V2 TX writer (the ceiling) and
             tcpreplay --topspeed, 64- and 1400-byte frames; ping RTT of
             pktipc-pong against the kernel's own replies (bench/tx.py)
+  xdp       serve --xdp against the TPACKET_V3 path and raw TPACKET_V3
+            sockets, the broker's CPU apart from the kernel's; the file path
+            with and without flow hashes (bench/xdp.py)
   recording pktipc record against dumpcap -b and tcpdump -C, files in
             /dev/shm and on disk (bench/record.py)
   remote    over loopback TCP: a remote client with CURVE and --insecure,
@@ -63,6 +66,7 @@ from bench import record as record_bench
 from bench import remote as remote_bench
 from bench import suricata as suricata_bench
 from bench import tx as tx_bench
+from bench import xdp as xdp_bench
 from bench.live import Bench
 from bench.offline import BASELINES, CLIENT, ROOT, MemSampler, machine, refresh_readme
 from pktipc._tools.synth import write_pcap
@@ -496,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         if "hostile" in res:
             sections["hostile"] = hostile_bench.tables(res["hostile"])
         refresh_readme(sections)
+        if "xdp" in res:
+            xdp_bench.refresh_readme(xdp_bench.table(res["xdp"]))
         plots(res)
         return 0
     if os.geteuid() != 0:
@@ -532,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
             res["recording"] = record_bench.run(bench, a.quick)
             print("remote", flush=True)
             res["remote"] = remote_bench.run(a.quick, reps)
+            print("AF_XDP", flush=True)
+            res["xdp"] = xdp_bench.run(bench, a.quick, reps)
         finally:
             bench.close()
     print("hostile", flush=True)
@@ -553,11 +561,15 @@ def main(argv: list[str] | None = None) -> int:
     made = plots(res)
     if not a.no_readme:
         refresh_readme(sections)
+        if "xdp" in res:
+            xdp_bench.refresh_readme(xdp_bench.table(res["xdp"]))
     for key in ("live", "messages", "latency", "memory", "suricata", "recording", "tx",
                 "remote", "hostile"):
         if key not in sections:
             continue
         print(f"\n## {key}\n\n{sections[key]}")
+    if "xdp" in res:
+        print(f"\n## AF_XDP\n\n{xdp_bench.table(res['xdp'])}")
     print(f"\n{res['seconds']:.0f} s; results in {out}; plots {', '.join(made)} in {PLOTS}")
     return 0
 

@@ -74,18 +74,22 @@ class Geometry:
     slab_size: int
     slab_count: int
     iface_count: int = 1
+    frame_size: int = 0         # the frame area (AF_XDP's UMEM): none by default
+    frame_count: int = 0
     iface_table_off: int = field(init=False)
     batch_table_off: int = field(init=False)
     slabs_off: int = field(init=False)
+    frames_off: int = field(init=False)
     total_size: int = field(init=False)
 
     def __post_init__(self) -> None:
         g = ffi.new("struct pktipc_geometry *")
-        if not (0 <= self.slab_size <= U32 and 0 <= self.slab_count <= U32
-                and 0 <= self.iface_count <= U32) or lib.pktipc_geometry(
-                    self.slab_size, self.slab_count, self.iface_count, g) != 0:
+        args = (self.slab_size, self.slab_count, self.iface_count, self.frame_size,
+                self.frame_count)
+        if not all(0 <= a <= U32 for a in args) or lib.pktipc_geometry(*args, g) != 0:
             raise ValueError(self._why())
-        for name in ("iface_table_off", "batch_table_off", "slabs_off", "total_size"):
+        for name in ("iface_table_off", "batch_table_off", "slabs_off", "frames_off",
+                     "total_size"):
             object.__setattr__(self, name, int(getattr(g, name)))
 
     def _why(self) -> str:
@@ -96,7 +100,13 @@ class Geometry:
         if not lib.PKTIPC_MIN_SLABS <= self.slab_count <= lib.PKTIPC_MAX_SLABS:
             return (f"slab count must be between {lib.PKTIPC_MIN_SLABS} and "
                     f"{lib.PKTIPC_MAX_SLABS}")
-        return f"at most {MAX_IFACES} sources per broker"
+        if self.iface_count > MAX_IFACES:
+            return f"at most {MAX_IFACES} sources per broker"
+        if self.frame_count and self.frame_size not in (2048, 4096):
+            return "frames must be of 2048 or 4096 bytes"
+        if not self.frame_count and self.frame_size:
+            return "a frame size without frames"
+        return "the slabs and the frames must fit in 4 GiB"
 
     def slab_off(self, slab: int) -> int:
         return self.slabs_off + self.slab_size * slab
@@ -123,6 +133,7 @@ class Flags(enum.IntFlag):
     QINQ = lib.PKTIPC_F_QINQ                        # that tag was an 802.1ad (outer) one
     TRUNCATED = lib.PKTIPC_F_TRUNCATED              # caplen < wirelen
     TS_HW = lib.PKTIPC_F_TS_HW                      # ts_ns is from the NIC's clock
+    NO_HASH = lib.PKTIPC_F_NO_HASH                  # hash is 0: not computed (no flow group)
     DIR_MASK = lib.PKTIPC_F_DIR_MASK                # the direction field's bits
 
     @property
@@ -157,6 +168,7 @@ class Segment:
         self.header = ffi.cast("struct pktipc_header *", self._cbuf)   # live: counters, state
         self.size = len(self._cbuf)
         self._geometry: Geometry | None = None
+        self._checked = ffi.new("struct pktipc_header *")   # its geometry, for pkts_check
 
     def check(self) -> None:
         """Raises LayoutError unless the header describes a layout we read
@@ -172,7 +184,9 @@ class Segment:
                 raise LayoutError(f"segment layout version {h.layout_version}, this pktipc "
                                   f"reads {lib.PKTIPC_LAYOUT_VERSION}")
             raise LayoutError("segment header is inconsistent")
-        self._geometry = Geometry(int(h.slab_size), int(h.slab_count), int(h.iface_count))
+        self._geometry = Geometry(int(h.slab_size), int(h.slab_count), int(h.iface_count),
+                                  int(h.frame_size), int(h.frame_count))
+        self._checked = h
 
     @property
     def geometry(self) -> Geometry:
@@ -205,9 +219,13 @@ class Segment:
         h.iface_table_off = geometry.iface_table_off
         h.batch_table_off = geometry.batch_table_off
         h.slabs_off = geometry.slabs_off
+        h.frames_off = geometry.frames_off
+        h.frame_size = geometry.frame_size
+        h.frame_count = geometry.frame_count
         h.total_size = geometry.total_size
         h.name = name.encode()[: lib.PKTIPC_NAME_LEN - 1]
         h.iface_count = len(ifaces)
+        ffi.memmove(self._checked, h, HEADER_SIZE)
         for i, src in enumerate(ifaces):
             e = self.iface(i)
             e.name = src.name.encode()[: lib.PKTIPC_IFNAME_LEN - 1]
@@ -247,6 +265,19 @@ class Segment:
 
     def slab_ptr(self, slab: int) -> Any:
         return self._cbuf + self._slab(slab).slab_off(slab)
+
+    def frames_ptr(self) -> Any:
+        """The frame area (AF_XDP's UMEM), past the slabs."""
+        return self._cbuf + self.geometry.frames_off
+
+    def pkts_check(self, slab: int, desc: np.ndarray[Any, Any]) -> int:
+        """How many of `desc` (a copy of slab `slab`'s first descriptors) are
+        sound, from the first: every frame in the slab or in the frame area
+        (pktipc_pkts_check in shm/pktipc_shm.h)."""
+        self._slab(slab)
+        return int(lib.pktipc_pkts_check(self._checked, slab,
+                                         ffi.from_buffer("struct pktipc_pkt[]", desc),
+                                         len(desc)))
 
     def descriptors(self, slab: int, count: int) -> np.ndarray[Any, Any]:
         """The first `count` descriptors of a slab, as a view over the buffer."""

@@ -80,9 +80,39 @@ class ClientTxStats:
 
 
 @dataclass(frozen=True)
+class XdpStats:
+    """Capture through AF_XDP (serve --xdp): the XDP mode ("native" or
+    "skb"), whether the driver does zero-copy, the receive queues captured,
+    the segment's frame area (frames of frame_size bytes; those the kernel
+    may fill now, those published slabs hold), frames the broker's filter
+    left out, and the kernel's socket counters summed over the queues."""
+
+    mode: str
+    zero_copy: bool
+    queues: tuple[int, ...]
+    frame_size: int
+    frames: int
+    frames_free: int
+    frames_held: int
+    filtered: int
+    rx_dropped: int
+    rx_ring_full: int
+    rx_fill_ring_empty_descs: int
+
+    @classmethod
+    def from_reply(cls, d: Mapping[str, Any]) -> XdpStats:
+        return cls(mode=str(d["mode"]), zero_copy=bool(d["zero_copy"]),
+                   queues=tuple(map(int, d["queues"])),
+                   **{f: int(d[f]) for f in ("frame_size", "frames", "frames_free",
+                                             "frames_held", "filtered", "rx_dropped",
+                                             "rx_ring_full", "rx_fill_ring_empty_descs")})
+
+
+@dataclass(frozen=True)
 class SourceStats:
     """One source of the broker (a capture file or an interface). The
-    kernel's counters are None for files, the fanout group None without one."""
+    kernel's counters are None for files, the fanout group None without one,
+    `xdp` None unless the interface is captured through AF_XDP."""
 
     name: str
     kind: str               # "file" or "interface"
@@ -97,6 +127,7 @@ class SourceStats:
     fanout_id: int | None = None
     fanout_mode: str | None = None
     tx: IfaceTxStats | None = None          # a broker that sends on it (serve --tx)
+    xdp: XdpStats | None = None             # an interface captured through AF_XDP (--xdp)
 
     @classmethod
     def from_reply(cls, d: Mapping[str, Any]) -> SourceStats:
@@ -109,7 +140,8 @@ class SourceStats:
                    kernel_packets=opt("kernel_packets"), kernel_drops=opt("kernel_drops"),
                    kernel_freezes=opt("kernel_freezes"), fanout_id=opt("fanout_id"),
                    fanout_mode=None if d.get("fanout_mode") is None else str(d["fanout_mode"]),
-                   tx=None if d.get("tx") is None else IfaceTxStats.from_reply(d["tx"]))
+                   tx=None if d.get("tx") is None else IfaceTxStats.from_reply(d["tx"]),
+                   xdp=None if d.get("xdp") is None else XdpStats.from_reply(d["xdp"]))
 
 
 @dataclass(frozen=True)

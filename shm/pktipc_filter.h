@@ -30,9 +30,10 @@ void pktipc_filter_free(struct pktipc_filter *f);
 
 /* Tests packets of a slab: those at pkts[in[j]] for j < k (in NULL:
  * pkts[0..k)), their bytes at slab + data_off (pkts are checked copies:
- * every frame within the slab). Writes to out[] the indexes (into pkts) of
- * those that match, in order, and returns how many; out may be `in`. A
- * packet of a source the filter was not compiled for does not match. */
+ * every frame within the slab, or within the frame area past the slabs).
+ * Writes to out[] the indexes (into pkts) of those that match, in order,
+ * and returns how many; out may be `in`. A packet of a source the filter
+ * was not compiled for does not match. */
 uint32_t pktipc_filter_run(const struct pktipc_filter *f, const uint8_t *slab,
                            const struct pktipc_pkt *pkts, const uint32_t *in, uint32_t k,
                            uint32_t *out);

@@ -1,5 +1,8 @@
 /*
- * pktipc shared-memory layout, version 1: declarations only.
+ * pktipc shared-memory layout, version 2: declarations only. Version 2 is
+ * the segment with its frame area (AF_XDP's UMEM, past the slabs) and the
+ * NO_HASH flag, and a sending client's TX area (its own object, with a
+ * version of its own, PKTIPC_TX_LAYOUT_VERSION).
  *
  * This file is the single source of the layout. cffi's cdef() reads it as it
  * is, so it holds nothing but integer #defines and struct declarations: no
@@ -18,7 +21,7 @@
  */
 
 #define PKTIPC_MAGIC            0x100435049544b50   /* "PKTIPC\0\1" little-endian */
-#define PKTIPC_LAYOUT_VERSION   1
+#define PKTIPC_LAYOUT_VERSION   2
 #define PKTIPC_HEADER_SIZE      4096
 #define PKTIPC_DESC_SIZE        32
 #define PKTIPC_BATCH_REC_SIZE   64
@@ -31,6 +34,8 @@
 #define PKTIPC_MIN_SLABS        2
 #define PKTIPC_MAX_SLABS        65535
 #define PKTIPC_FRAME_ALIGN      8
+#define PKTIPC_MIN_FRAME_SIZE   2048         /* frame area: a power of two from this */
+#define PKTIPC_MAX_FRAME_SIZE   4096         /* ... to this */
 
 /* pktipc_header.state */
 #define PKTIPC_STATE_STARTING   0
@@ -42,13 +47,14 @@
 #define PKTIPC_IFACE_LIVE       2
 
 /* pktipc_pkt.flags */
-#define PKTIPC_F_VLAN_VALID      0x0001  /* vlan_tci holds a tag the kernel stripped */
-#define PKTIPC_F_VLAN_REINSERTED 0x0002  /* ... and it was put back into the bytes */
-#define PKTIPC_F_QINQ            0x0004  /* the stripped tag was an 802.1ad (outer) tag */
+#define PKTIPC_F_VLAN_VALID      0x0001  /* vlan_tci holds the frame's outer tag */
+#define PKTIPC_F_VLAN_REINSERTED 0x0002  /* ... and the bytes hold it (put back, or kept) */
+#define PKTIPC_F_QINQ            0x0004  /* that tag is an 802.1ad (outer) tag */
 #define PKTIPC_F_TRUNCATED       0x0008  /* caplen < wirelen */
 #define PKTIPC_F_TS_HW           0x0010  /* ts_ns comes from the NIC's clock */
 #define PKTIPC_F_DIR_SHIFT       5       /* bits 5-7: PKTIPC_DIR_* */
 #define PKTIPC_F_DIR_MASK        0x00e0
+#define PKTIPC_F_NO_HASH         0x0100  /* hash was not computed (it is 0): see LAYOUT.md */
 
 /* direction, (flags & PKTIPC_F_DIR_MASK) >> PKTIPC_F_DIR_SHIFT; the kernel's
  * PACKET_* packet type plus one, so that 0 means "not known" (files). */
@@ -60,17 +66,18 @@
 #define PKTIPC_DIR_OUTGOING     5
 
 /* One packet. Two per cache line. The frame's bytes are at data_off from the
- * start of the slab that holds this descriptor. A packet's sequence number
- * is its batch's seq plus its index in the slab. */
+ * start of the slab that holds this descriptor: in that slab, or in the
+ * frame area past every slab. A packet's sequence number is its batch's seq
+ * plus its index in the slab. */
 struct pktipc_pkt {
     int64_t  ts_ns;        /*  0 (B) capture time, ns since the Unix epoch (signed) */
     uint32_t data_off;     /*  8 (B) first byte of the frame, from slab start */
     uint32_t caplen;       /* 12 (B) bytes present */
     uint32_t wirelen;      /* 16 (B) bytes on the wire */
-    uint32_t hash;         /* 20 (B) symmetric flow hash, 0: none */
+    uint32_t hash;         /* 20 (B) symmetric flow hash, 0: none (or NO_HASH) */
     uint16_t iface;        /* 24 (B) index into pktipc_header.ifaces */
     uint16_t linktype;     /* 26 (B) LINKTYPE_* of the frame (1: Ethernet) */
-    uint16_t vlan_tci;     /* 28 (B) tag the kernel stripped, if VLAN_VALID */
+    uint16_t vlan_tci;     /* 28 (B) outer VLAN tag, if VLAN_VALID */
     uint16_t flags;        /* 30 (B) PKTIPC_F_* */
 };
 
@@ -121,18 +128,23 @@ struct pktipc_header {
     uint64_t batch_table_off;  /*   72 (b) from segment start */
     uint64_t slabs_off;        /*   80 (b) from segment start */
     uint64_t total_size;       /*   88 (b) segment size */
-    uint8_t  reserved0[32];    /*   96 */
+    uint64_t frames_off;       /*   96 (b) frame area, from segment start: past the slabs */
+    uint32_t frame_size;       /*  104 (b) bytes per frame of the frame area; 0: no area */
+    uint32_t frame_count;      /*  108 (b) frames in the frame area */
+    uint8_t  reserved0[16];    /*  112 */
     char     name[64];         /*  128 (b) broker name, NUL-terminated */
     struct pktipc_counters counters;             /*  192 (B) */
     uint8_t  reserved1[3840];  /*  256 */
 };
 
 /* Not in the segment: where its regions start, from the slab size, the
- * slab count and the number of sources (pktipc_geometry in pktipc_shm.h). */
+ * slab count, the number of sources and the frame area's frames
+ * (pktipc_geometry in pktipc_shm.h). */
 struct pktipc_geometry {
     uint64_t iface_table_off;
     uint64_t batch_table_off;
     uint64_t slabs_off;
+    uint64_t frames_off;
     uint64_t total_size;
 };
 

@@ -88,7 +88,10 @@ PKTIPC_ASSERT_AT(pktipc_header, iface_table_off, 64, 8);
 PKTIPC_ASSERT_AT(pktipc_header, batch_table_off, 72, 8);
 PKTIPC_ASSERT_AT(pktipc_header, slabs_off, 80, 8);
 PKTIPC_ASSERT_AT(pktipc_header, total_size, 88, 8);
-PKTIPC_ASSERT_AT(pktipc_header, reserved0, 96, 32);
+PKTIPC_ASSERT_AT(pktipc_header, frames_off, 96, 8);
+PKTIPC_ASSERT_AT(pktipc_header, frame_size, 104, 4);
+PKTIPC_ASSERT_AT(pktipc_header, frame_count, 108, 4);
+PKTIPC_ASSERT_AT(pktipc_header, reserved0, 112, 16);
 PKTIPC_ASSERT_AT(pktipc_header, name, 128, 64);
 PKTIPC_ASSERT_AT(pktipc_header, counters, 192, 64);
 PKTIPC_ASSERT_AT(pktipc_header, reserved1, 256, 3840);
@@ -128,16 +131,25 @@ PKTIPC_ASSERT_AT(pktipc_tx_desc, reserved, 8, 8);
 
 /* Where a segment's regions start, for `slab_size` bytes per slab (a
  * multiple of PKTIPC_SLAB_ALIGN, at most PKTIPC_MAX_SLAB_SIZE),
- * `slab_count` slabs (PKTIPC_MIN_SLABS to PKTIPC_MAX_SLABS) and
- * `iface_count` sources (at most PKTIPC_MAX_IFACES): 0, or -1 when one of
- * them is out of bounds. The one computation of the layout's geometry:
- * the broker lays segments out with it, readers check them with it. */
+ * `slab_count` slabs (PKTIPC_MIN_SLABS to PKTIPC_MAX_SLABS), `iface_count`
+ * sources (at most PKTIPC_MAX_IFACES) and a frame area of `frame_count`
+ * frames of `frame_size` bytes (a power of two from PKTIPC_MIN_FRAME_SIZE to
+ * PKTIPC_MAX_FRAME_SIZE; both 0: no frame area): 0, or -1 when one of them
+ * is out of bounds. A frame area ends at most 4 GiB past the first slab, so
+ * that a descriptor's 32-bit data_off reaches all of it from any slab. The
+ * one computation of the layout's geometry: the broker lays segments out
+ * with it, readers check them with it. */
 PKTIPC_INLINE int pktipc_geometry(uint32_t slab_size, uint32_t slab_count, uint32_t iface_count,
+                                  uint32_t frame_size, uint32_t frame_count,
                                   struct pktipc_geometry *g)
 {
     if (slab_size == 0 || slab_size % PKTIPC_SLAB_ALIGN || slab_size > PKTIPC_MAX_SLAB_SIZE ||
         slab_count < PKTIPC_MIN_SLABS || slab_count > PKTIPC_MAX_SLABS ||
         iface_count > PKTIPC_MAX_IFACES)
+        return -1;
+    if (frame_count ? frame_size < PKTIPC_MIN_FRAME_SIZE || frame_size > PKTIPC_MAX_FRAME_SIZE ||
+                      (frame_size & (frame_size - 1))
+                    : frame_size != 0)
         return -1;
     /* Bounded as above, none of this comes near 2^64. */
     g->iface_table_off = PKTIPC_HEADER_SIZE;
@@ -145,7 +157,10 @@ PKTIPC_INLINE int pktipc_geometry(uint32_t slab_size, uint32_t slab_count, uint3
                          & ~(uint64_t)63;
     g->slabs_off = (g->batch_table_off + (uint64_t)slab_count * PKTIPC_BATCH_REC_SIZE +
                     PKTIPC_SLAB_ALIGN - 1) & ~(uint64_t)(PKTIPC_SLAB_ALIGN - 1);
-    g->total_size = g->slabs_off + (uint64_t)slab_size * slab_count;
+    g->frames_off = g->slabs_off + (uint64_t)slab_size * slab_count;
+    g->total_size = g->frames_off + (uint64_t)frame_size * frame_count;
+    if (frame_count && g->total_size - g->slabs_off > (uint64_t)UINT32_MAX + 1)
+        return -1;
     return 0;
 }
 
@@ -163,9 +178,11 @@ PKTIPC_INLINE int pktipc_shm_attach(const void *base, uint64_t size, struct pkti
     if (h->magic != PKTIPC_MAGIC || h->layout_version != PKTIPC_LAYOUT_VERSION ||
         h->header_size != PKTIPC_HEADER_SIZE || h->desc_size != PKTIPC_DESC_SIZE ||
         h->batch_rec_size != PKTIPC_BATCH_REC_SIZE || h->iface_size != PKTIPC_IFACE_SIZE ||
-        pktipc_geometry(h->slab_size, h->slab_count, h->iface_count, &g) != 0 ||
+        pktipc_geometry(h->slab_size, h->slab_count, h->iface_count, h->frame_size,
+                        h->frame_count, &g) != 0 ||
         h->iface_table_off != g.iface_table_off || h->batch_table_off != g.batch_table_off ||
-        h->slabs_off != g.slabs_off || h->total_size != g.total_size || h->total_size > size)
+        h->slabs_off != g.slabs_off || h->frames_off != g.frames_off ||
+        h->total_size != g.total_size || h->total_size > size)
         return -1;
     return 0;
 }
@@ -204,18 +221,24 @@ static inline const struct pktipc_header *pktipc_shm_header(const void *base)
     return (const struct pktipc_header *)base;
 }
 
-/* How many of the `n` descriptors at `pkts` (a copy, in a slab of
- * `slab_size` bytes) are sound, from the first: each frame lies past the
- * descriptors and within the slab. n when all are. */
-PKTIPC_INLINE uint32_t pktipc_pkts_check(const struct pktipc_pkt *pkts, uint32_t n,
-                                         uint32_t slab_size)
+/* How many of the `n` descriptors at `pkts` (a copy, from slab `slab` of
+ * the segment whose checked header copy is `h`; slab < h->slab_count) are
+ * sound, from the first: each frame lies past the descriptors and within
+ * the slab, or within the frame area. n when all are. */
+PKTIPC_INLINE uint32_t pktipc_pkts_check(const struct pktipc_header *h, uint32_t slab,
+                                         const struct pktipc_pkt *pkts, uint32_t n)
 {
     uint64_t low = (uint64_t)n * PKTIPC_DESC_SIZE;
-    if (low > slab_size)
+    /* The frame area, from the slab's start: [area, area_end). */
+    uint64_t area = h->frames_off - h->slabs_off - (uint64_t)h->slab_size * slab;
+    uint64_t area_end = area + (uint64_t)h->frame_size * h->frame_count;
+    if (low > h->slab_size)
         return 0;
-    for (uint32_t i = 0; i < n; i++)
-        if (pkts[i].data_off < low || (uint64_t)pkts[i].data_off + pkts[i].caplen > slab_size)
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t start = pkts[i].data_off, end = start + pkts[i].caplen;
+        if (!(start >= low && end <= h->slab_size) && !(start >= area && end <= area_end))
             return i;
+    }
     return n;
 }
 

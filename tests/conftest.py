@@ -90,6 +90,17 @@ class Netns(Namespace):
         path.unlink()
         return int(out)
 
+    def sender(self, iface: str, frames: list[bytes], tmp: Path,
+               rate: float) -> subprocess.Popen[str]:
+        """Sends `frames` at `rate` frames a second, in the background: its
+        output is how many were sent."""
+        path = tmp / f"frames-{next(_names)}"
+        path.write_bytes(traffic.pack(frames))
+        return subprocess.Popen(self.cmd(sys.executable, "-m", "pktipc._tools.traffic",
+                                         "-i", iface, "--frames", str(path),
+                                         "--rate", str(rate)),
+                                stdout=subprocess.PIPE, text=True)
+
 
 @pytest.fixture
 def netns() -> Iterator[Netns]:

@@ -520,7 +520,7 @@ def test_an_eviction_on_its_way_is_waited_for(runtime_dir: Path) -> None:
     import zmq
 
     from pktipc import _protocol as proto
-    from pktipc._layout import Geometry, Iface, Segment
+    from pktipc._layout import LAYOUT_VERSION, Geometry, Iface, Segment
 
     name = f"/pktipc.fake.{os.getpid():016x}"
     g = Geometry(4096, 2, 1)
@@ -539,7 +539,7 @@ def test_an_eviction_on_its_way_is_waited_for(runtime_dir: Path) -> None:
         assert router.poll(5000)
         peer, _ = router.recv_multipart()
         router.send_multipart([peer, proto.encode(
-            "welcome", shm=name, epoch=7, layout=1, slot=0, credit=4, policy="block",
+            "welcome", shm=name, epoch=7, layout=LAYOUT_VERSION, slot=0, credit=4, policy="block",
             heartbeat_ms=1000, liveness_ms=30000, group="c", balance="flow")])
         router.send_multipart([peer, proto.encode("batch", seq=0, slab=0, gen=1, n=3,
                                                   members=[], mask=None)])

@@ -18,7 +18,8 @@ from pktipc._tools import config as _config
 SERVE = _config.subparser(_cli._parser(), "serve")
 
 # Every key with a value other than its default; interfaces and files (and
-# the filter given two ways) exclude each other, so two files cover them.
+# the filter given two ways) exclude each other, and so do AF_XDP and
+# TPACKET_V3's own keys, so three files cover them.
 LIVE = """\
 name = "tap"
 interfaces = ["eth1", "eth2"]
@@ -61,6 +62,15 @@ expression = ["tcp", "and", "port", "80"]
 speed = 2.5
 loop = 0
 """
+XDP = """\
+name = "xtap"
+interfaces = ["eth1"]
+xdp = true
+queues = "0,1"
+xdp-mode = "skb"
+zero-copy = true
+frames = 4096
+"""
 # What --print-config says for them: sizes in bytes, ids as the command line keeps them.
 NORMAL = {"block-size": 2 << 20, "fanout": "7", "liveness": 10.0}
 
@@ -80,11 +90,11 @@ def _printed(*args: str) -> dict[str, Any]:
 def test_the_keys_are_serves_options() -> None:
     dests = {a.dest for a in SERVE._actions} - {"help", "config", "print_config"}
     assert {k.dest for k in _config.keys(SERVE).values()} == dests
-    given = tomllib.loads(LIVE) | tomllib.loads(FILES)
+    given = tomllib.loads(LIVE) | tomllib.loads(FILES) | tomllib.loads(XDP)
     assert set(given) == set(_config.keys(SERVE)), "a serve option missing from the samples"
 
 
-@pytest.mark.parametrize("text", [LIVE, FILES], ids=["interfaces", "files"])
+@pytest.mark.parametrize("text", [LIVE, FILES, XDP], ids=["interfaces", "files", "xdp"])
 def test_every_key_round_trips(tmp_path: Path, text: str) -> None:
     given = tomllib.loads(text)
     printed = _printed("--config", str(_write(tmp_path, text)))

@@ -22,7 +22,7 @@ import zmq
 
 import pktipc
 from pktipc import _protocol as proto
-from pktipc._layout import Geometry, Iface, Segment
+from pktipc._layout import LAYOUT_VERSION, Geometry, Iface, Segment
 
 SLAB = 4096
 
@@ -52,7 +52,7 @@ class FakeBroker:
             self.peer, _ = self.router.recv_multipart()
             if before is not None:
                 before()
-            self.send("welcome", shm=self.shm, epoch=7, layout=1, slot=0, credit=4,
+            self.send("welcome", shm=self.shm, epoch=7, layout=LAYOUT_VERSION, slot=0, credit=4,
                       policy="block", heartbeat_ms=1000, liveness_ms=30000, group="c",
                       balance="flow")
         t = threading.Thread(target=run)

@@ -61,8 +61,9 @@ def test_dtype_matches_cffi(dtype: np.dtype[Any], ctype: str) -> None:
 
 def test_descriptor_is_abi_v1() -> None:
     # DESIGN.md §3: the descriptor, byte by byte. Changing it needs a new
-    # layout version, so this table is written out on purpose.
-    assert lib.PKTIPC_LAYOUT_VERSION == 1
+    # layout version, so this table is written out on purpose. Layout 2 kept
+    # it (a frame area and the NO_HASH flag are what it added: LAYOUT.md).
+    assert lib.PKTIPC_LAYOUT_VERSION == 2
     assert PKT_DTYPE.itemsize == lib.PKTIPC_DESC_SIZE == 32
     assert {n: (PKT_DTYPE.fields[n][1], PKT_DTYPE.fields[n][0].itemsize)
             for n in PKT_DTYPE.names or ()} == {
@@ -221,9 +222,10 @@ IFACES = [Iface("DECnet_Phone.pcap", 1, 65535),
 
 
 def new_segment(slab_size: int = 8192, slab_count: int = 4,
-                ifaces: list[Iface] | None = None) -> tuple[bytearray, Segment]:
+                ifaces: list[Iface] | None = None,
+                frames: tuple[int, int] = (0, 0)) -> tuple[bytearray, Segment]:
     ifaces = IFACES if ifaces is None else ifaces
-    g = Geometry(slab_size, slab_count, len(ifaces))
+    g = Geometry(slab_size, slab_count, len(ifaces), *frames)
     buf = bytearray(g.total_size)
     seg = Segment(buf, writable=True)
     seg.init(g, name="unit", epoch=0x1234, ifaces=ifaces)
@@ -275,10 +277,58 @@ def test_init_refuses_a_small_buffer_or_wrong_sources() -> None:
 
 
 @pytest.mark.parametrize("args", [(4095, 2), (4097, 2), (0, 2), (4096, 1), (4096, 65536),
-                                  (1 << 31, 2)])
-def test_geometry_refuses(args: tuple[int, int]) -> None:
+                                  (1 << 31, 2), (4096, 2, 1, 2048, 0), (4096, 2, 1, 0, 8),
+                                  (4096, 2, 1, 1024, 8), (4096, 2, 1, 3072, 8),
+                                  (4096, 2, 1, 8192, 8), (1 << 20, 64, 1, 4096, 1 << 20)])
+def test_geometry_refuses(args: tuple[int, ...]) -> None:
     with pytest.raises(ValueError):
         Geometry(*args)
+
+
+def test_frame_area_follows_the_slabs() -> None:
+    g = Geometry(4096, 3, 1, 2048, 5)
+    assert g.frames_off == g.slabs_off + 3 * 4096
+    assert g.total_size == g.frames_off + 5 * 2048
+    assert Geometry(4096, 3, 1).frames_off == Geometry(4096, 3, 1).total_size
+    # The farthest frame is within 4 GiB of the first slab: data_off reaches it.
+    most = (1 << 32) - 64 * 65536
+    big = Geometry(65536, 64, 1, 4096, most // 4096)
+    assert big.total_size - big.slabs_off == 1 << 32
+    with pytest.raises(ValueError, match="4 GiB"):
+        Geometry(65536, 64, 1, 4096, most // 4096 + 1)
+    buf, seg = new_segment(frames=(2048, 8))
+    ro = Segment(bytes(buf))
+    ro.check()
+    assert (ro.header.frame_size, ro.header.frame_count) == (2048, 8)
+    assert ro.geometry == seg.geometry
+    assert int(ffi.cast("uintptr_t", seg.frames_ptr())) - int(
+        ffi.cast("uintptr_t", seg.slab_ptr(0))) == 4 * 8192
+
+
+def test_frames_lie_in_their_slab_or_in_the_frame_area() -> None:
+    """pktipc_pkts_check, what both clients run on every batch: a frame past
+    the slab is sound only within the frame area."""
+    _, seg = new_segment(slab_size=4096, slab_count=2, frames=(2048, 4))
+    area = seg.geometry.frames_off - seg.geometry.slab_off(0)   # from slab 0
+    d = np.zeros(3, dtype=PKT_DTYPE)
+    d["data_off"] = [4000, area, area + 2048 * 3 + 256]
+    d["caplen"] = [96, 60, 1792]
+    assert seg.pkts_check(0, d) == 3
+    d["caplen"][2] = 1793                     # one byte past the area
+    assert seg.pkts_check(0, d) == 2
+    d["caplen"][2], d["caplen"][0] = 1792, 97  # past the slab, short of the area
+    assert seg.pkts_check(0, d) == 0
+    d["caplen"][0], d["data_off"][2], d["caplen"][2] = 96, 4096 + 256, 0    # in slab 1
+    assert seg.pkts_check(0, d) == 2
+    area1 = seg.geometry.frames_off - seg.geometry.slab_off(1)
+    one = d[1:2].copy()
+    one["data_off"] = area1
+    assert seg.pkts_check(1, one) == 1 and seg.pkts_check(0, one) == 0
+    _, plain = new_segment(slab_size=4096, slab_count=2)
+    d["data_off"], d["caplen"] = 4096 - 60, 60
+    assert plain.pkts_check(0, d) == 3
+    d["data_off"][1] = 4096
+    assert plain.pkts_check(0, d) == 1
 
 
 def _set(field: str, value: Any) -> Any:
@@ -315,6 +365,9 @@ BAD_HEADERS = {
     "slab_count larger": _set("slab_count", lambda c: c + 1),
     "iface_count huge": _set("iface_count", lambda c: lib.PKTIPC_MAX_IFACES + 1),
     "iface_count larger": _set("iface_count", lambda c: c + 1),
+    "frame_size without frames": _set("frame_size", 2048),
+    "frame_count without a size": _set("frame_count", 4),
+    "frames_off moved": _set("frames_off", lambda o: o + 4096),
     "batch table past the end": lambda buf, seg: _past_the_end(buf, seg, "batch_table_off"),
     "truncated buffer": lambda buf, seg: buf[:-1],
     "header only": lambda buf, seg: buf[:lib.PKTIPC_HEADER_SIZE],
@@ -356,7 +409,7 @@ def test_python_and_c_agree_on_any_header(c_reader: Path, tmp_path_factory: Any,
     and a C reader (through pktipc_shm.h) accept and refuse alike."""
     buf, _ = new_segment()
     for at, value in flips:
-        buf[8 + at % 88] = value                # version to total_size
+        buf[8 + at % 104] = value               # version to frame_count
     f = tmp_path_factory.mktemp("h") / "seg"
     f.write_bytes(buf)
     try:
@@ -775,3 +828,67 @@ def fnv1a(data: bytes) -> int:
     for b in data:
         h = ((h ^ b) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
     return h
+
+
+# --- readers of layout 1 ------------------------------------------------------------
+
+
+def layout_1_header(tmp_path: Path) -> Path:
+    """shm/ as a reader built for layout 1 has it: the version it reads is 1
+    (what it does with anything else is all that is tested here)."""
+    d = tmp_path / "shm-v1"
+    d.mkdir()
+    text = (SHM / "pktipc_layout.h").read_text()
+    old = f"#define PKTIPC_LAYOUT_VERSION   {lib.PKTIPC_LAYOUT_VERSION}"
+    assert old in text
+    (d / "pktipc_layout.h").write_text(text.replace(old, "#define PKTIPC_LAYOUT_VERSION   1"))
+    for h in SHM.glob("*.h"):
+        if h.name != "pktipc_layout.h":
+            shutil.copy(h, d / h.name)
+    return d
+
+
+def test_a_layout_1_reader_refuses_a_layout_2_segment(tmp_path: Path) -> None:
+    v1 = layout_1_header(tmp_path)
+    src, exe = tmp_path / "reader.c", tmp_path / "reader"
+    src.write_text(c_program())
+    subprocess.run(["gcc", "-std=c11", "-I", str(v1), "-o", str(exe), str(src)], check=True,
+                   timeout=60)
+    buf, seg = new_segment(frames=(2048, 4))
+    (tmp_path / "v2").write_bytes(buf)
+    seg.header.layout_version = 1
+    (tmp_path / "as-v1").write_bytes(buf)
+    out = run_c(exe, tmp_path / "v2", tmp_path / "as-v1")
+    assert [w for w in out if w[0] == "file"] == [["file", "1", "check", "-1", "-1"],
+                                                   ["file", "2", "check", "0", "0"]]
+
+
+def test_layout_1_clients_refuse_a_layout_2_broker(broker: Any, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python client and libpktipc, each as built for layout 1, say so
+    in one line and read nothing."""
+    import pktipc
+    import pktipc._client.session as session
+
+    b = broker("-r", str(DECNET), "--wait-clients", "3")
+    v1 = layout_1_header(tmp_path)
+    cdir = ROOT / "clients" / "c"
+    exe = tmp_path / "pktipc-count"
+    cflags = subprocess.run(["pkg-config", "--cflags", "--libs", "libzmq", "msgpack"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    subprocess.run(["gcc", "-std=gnu11", "-pthread", "-I", str(v1), "-I", str(cdir / "include"),
+                    "-I", str(cdir / "src"), '-DPKTIPC_VERSION="layout-1"', "-o", str(exe),
+                    *map(str, sorted((cdir / "src").glob("*.c"))), str(SHM / "pktipc_filter.c"),
+                    str(cdir / "examples" / "pktipc-count.c"), *cflags, "-lpcap"],
+                   check=True, timeout=120)
+    r = subprocess.run([str(exe), "-n", "old", b.name], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1
+    assert r.stderr == (f"pktipc-count: broker '{b.name}' uses layout 2, this library "
+                        "reads 1\n")
+    with monkeypatch.context() as m, pytest.raises(
+            LayoutError, match="^broker uses layout 2, this client reads 1$"):
+        m.setattr(session, "LAYOUT_VERSION", 1)
+        pktipc.connect(b.name, "old", timeout=5)
+    with pktipc.connect(b.name, "new", timeout=5) as c:
+        assert c.welcome.layout == 2

@@ -20,7 +20,7 @@ from conftest import PCAPS, ROOT, BrokerProc, pktipc_cmd, run_pktipc
 
 import pktipc
 from pktipc import _protocol as proto
-from pktipc._layout import Geometry, Iface, Segment
+from pktipc._layout import LAYOUT_VERSION, Geometry, Iface, Segment
 
 DNS = PCAPS / "dns_udp.pcap"
 NOBODY = 65534
@@ -202,7 +202,7 @@ def test_a_client_refuses_a_segment_of_another_user(runtime_dir: Path) -> None:
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.bind(f"ipc://{runtime_dir}/tap.ctl")
-    welcome = proto.encode("welcome", shm="/" + seg.name, epoch=7, layout=1, slot=0,
+    welcome = proto.encode("welcome", shm="/" + seg.name, epoch=7, layout=LAYOUT_VERSION, slot=0,
                            credit=1, policy="block", heartbeat_ms=1000, liveness_ms=30000,
                            group="c", balance="flow")
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any, TextIO
 
+import numpy as np
 import posix_ipc
 import zmq
 
@@ -36,6 +37,7 @@ from .live import LiveOptions, LiveSource
 from .relay import RelayOptions, RemoteSource
 from .sources import Source, Status
 from .tx import DEFAULT_FRAMES, Transmitter, TxRefused, allow_rule
+from .xdp import XdpOptions, XdpSource
 
 DEFAULT_SLAB_SIZE = 1 << 20
 DEFAULT_SLAB_COUNT = 64
@@ -53,6 +55,7 @@ class ServeOptions:
     files: list[str] = field(default_factory=list)
     live: LiveOptions | None = None     # capture from interfaces instead of files
     relay: RelayOptions | None = None   # relay a remote broker instead
+    xdp: XdpOptions | None = None       # capture from an interface through AF_XDP
     loops: int = 1
     speed: float | None = None          # None: as fast as the slowest client allows
     wait_clients: int | None = None     # None: 1 for files, 0 for interfaces
@@ -128,10 +131,14 @@ def _check(opts: ServeOptions) -> None:
         raise ValueError("--evict-backoff must be 0 or more seconds")
     if opts.tx and opts.live is None:
         raise ValueError("--tx sends on the interfaces the broker captures on (-i); a broker "
-                         "serving files has none")
+                         "serving files has none, and one capturing with --xdp does not send")
     if opts.live is not None and opts.slab_size < opts.live.block_size:
         raise ValueError("--slab-size must be at least --block-size, so that a block always "
                          "fits in a slab")
+    if opts.xdp is not None and opts.user is not None:
+        raise ValueError("--user: --xdp binds its sockets once the segment exists, which "
+                         "needs the privileges --user would have dropped; run as a user with "
+                         "CAP_NET_RAW, CAP_NET_ADMIN and CAP_BPF instead")
 
 
 class Broker:
@@ -145,15 +152,18 @@ class Broker:
             raise ValueError(f"--user {opts.user}: no such user") from None
         self.gid = runtime.group_id(opts.unix_group) if opts.unix_group is not None else None
         self.may_block = block_rule(opts.allow_block)
-        self.geometry = Geometry(opts.slab_size, opts.slab_count,
-                                 len(opts.live.interfaces) if opts.live
-                                 else 1 if opts.relay else len(opts.files))
         self.source: Source = (LiveSource(opts.live) if opts.live is not None
+                               else XdpSource(opts.xdp) if opts.xdp is not None
                                else RemoteSource(opts.relay) if opts.relay is not None
                                else FileSource(opts.files, opts.loops, opts.speed))
         self.ifaces = self.source.ifaces
-        if len(self.ifaces) != self.geometry.iface_count:       # a relay's: the remote's
-            self.geometry = Geometry(opts.slab_size, opts.slab_count, len(self.ifaces))
+        try:
+            self.geometry = Geometry(opts.slab_size, opts.slab_count, len(self.ifaces),
+                                     self.source.frame_size, self.source.frame_count)
+        except ValueError:
+            self.source.close()
+            raise
+        self._hash_opts = lib.PKB_HASH_TUNNELS if opts.tunnel_hash else 0
         self.tx: Transmitter | None = None
         if opts.tx:
             assert opts.live is not None
@@ -175,7 +185,7 @@ class Broker:
         self._cleanup: list[Any] = [self.source.close]
         if self.tx is not None:
             self._cleanup.append(self.tx.close)
-        self._wake = 0.0            # paced source: when the next packet is due
+        self._wake = 0.0            # produce again then, not before (paced files, HOLD)
         self._started = self.wait_clients == 0
         self._fill = ffi.new("struct pkb_fill *")
         self._open_slab: int | None = None
@@ -226,6 +236,7 @@ class Broker:
             mm.close()
         self._cleanup.append(unmap)
         self.seg.init(self.geometry, name=self.opts.name, epoch=self.epoch, ifaces=self.ifaces)
+        self.source.bind(self.seg)
         self.control = ControlSocket(
             self.endpoint, group_access=self.gid is not None,
             max_connections=self.max_connections,
@@ -263,13 +274,12 @@ class Broker:
             self.conn = proto.BrokerConnection(heartbeat=self.opts.heartbeat,
                                                liveness=self.opts.liveness,
                                                rate=self.opts.control_rate)
-            self.pool = SlabPool(self.geometry.slab_count)
+            self.pool = SlabPool(self.geometry.slab_count, freed=self.source.recycle)
             self.disp = Dispatcher(self.conn, self.pool,
                                    default_policy=self.source.default_policy,
                                    default_credit=self.opts.credit,
                                    max_clients=self.max_clients, lease=self.opts.lease,
-                                   # late-bound: the segment must be closable
-                                   descriptors=lambda slab, n: self.seg.descriptors(slab, n),
+                                   descriptors=self._descriptors,
                                    may_block=(self.may_block
                                               if self.source.default_policy == "drop" else None),
                                    backoff=self.opts.evict_backoff,
@@ -309,7 +319,7 @@ class Broker:
                     now >= self._stop_by or all(map(self.disp.mapped, self.disp.clients.values()))):
                 break
             timeout = 0.0 if busy else self._timeout(now)
-            self._poll_fds(self._reading() and not self._starved)
+            self._poll_fds(self._reading() and not self._starved and now >= self._wake)
             ready = dict(poller.poll(int(timeout * 1000 + 0.999)))
             now = time.monotonic()
             if self.control.monitor in ready:
@@ -572,7 +582,8 @@ class Broker:
         if slab is not None:
             lib.pkb_fill_begin(self._fill, self.seg.slab_ptr(slab),
                                self.geometry.slab_size, 0)
-            self._fill.hash_opts = lib.PKB_HASH_TUNNELS if self.opts.tunnel_hash else 0
+            self._fill.hash_opts = self._hash_opts
+            self._fill.no_hash = not self.disp.needs_hash   # decided again at publish
             self._open_slab = slab
         return slab
 
@@ -588,8 +599,14 @@ class Broker:
             entry = self.seg.iface(i)
             entry.packets += n
             entry.bytes += nbytes
+        while self.source.short and (slab := self.disp.reclaim()) is not None:
+            self.pool.give_back(slab)       # what it named went back to the source
         if res.status is Status.MORE:
             return True
+        if res.status is Status.HOLD:
+            assert res.wake is not None
+            self._wake = res.wake
+            return False
         if self._fill.count:
             self._publish(now)
         if res.status is Status.END:
@@ -603,6 +620,8 @@ class Broker:
         slab, fill = self._open_slab, self._fill
         assert slab is not None
         self._open_slab = None
+        if fill.no_hash and self.disp.needs_hash:
+            lib.pkb_fill_hash(fill)     # a group balances by flow since the slab was begun
         seq, b = self.disp.publish(slab, fill.count, now)
         self._read_counters()
         total = sum(int(self.seg.iface(i).kernel_drops) for i in range(len(self.ifaces)))
@@ -628,6 +647,16 @@ class Broker:
             self.exit_status = 1
         self.disp.end(now, error, abandon=stopped)
         self.seg.header.state = lib.PKTIPC_STATE_ENDED
+
+    def _descriptors(self, slab: int, n: int) -> np.ndarray[Any, Any]:
+        """A published slab's descriptors, with flow hashes: those of a slab
+        filled without (PKTIPC_F_NO_HASH) are computed into a copy."""
+        d = self.seg.descriptors(slab, n)
+        if n and d["flags"][0] & lib.PKTIPC_F_NO_HASH:
+            d = d.copy()
+            lib.pkb_pkts_hash(self.seg.slab_ptr(slab), ffi.from_buffer("struct pktipc_pkt[]", d),
+                              n, self._hash_opts)
+        return d
 
     def _sync_counters(self) -> None:
         c = self.seg.header.counters

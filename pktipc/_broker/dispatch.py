@@ -44,14 +44,16 @@ def mask_of(indexes: np.ndarray[Any, Any], n: int) -> bytes:
 class SlabPool:
     """Which slabs are free, and how many holders each published slab has.
 
-    A slab returns to the free list only when its last holder lets it go;
-    its generation counts how many times it was published.
+    A slab returns to the free list only when its last holder lets it go
+    (and `freed(slab)` is told, at that moment); its generation counts how
+    many times it was published.
     """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, freed: Callable[[int], None] | None = None) -> None:
         self.free: deque[int] = deque(range(count))
         self.refs = [0] * count
         self.gen = [0] * count
+        self.freed = freed
 
     def take(self) -> int | None:
         return self.free.popleft() if self.free else None
@@ -62,7 +64,7 @@ class SlabPool:
         if holders:
             self.refs[slab] = holders
         else:
-            self.free.append(slab)
+            self._free(slab)
         return self.gen[slab]
 
     def unref(self, slab: int) -> bool:
@@ -71,9 +73,14 @@ class SlabPool:
             raise ValueError(f"slab {slab} has no holder")
         self.refs[slab] -= 1
         if self.refs[slab] == 0:
-            self.free.append(slab)
+            self._free(slab)
             return True
         return False
+
+    def _free(self, slab: int) -> None:
+        self.free.append(slab)
+        if self.freed is not None:
+            self.freed(slab)
 
     def ref(self, slab: int, more: int) -> None:
         """Adds holders to a published slab that has some."""
@@ -178,6 +185,11 @@ class Dispatcher:
     order, holding at most `credit` at once; a slab is free again when its
     last holder let go. `descriptors(slab, n)` reads a published slab's
     descriptors, for the flow hashes.
+
+    Flow hashes are computed only while a group balances by flow among two or
+    more members (needs_hash); `descriptors` gives hashes for a slab filled
+    without them too (flag PKTIPC_F_NO_HASH kept), and its shares then name
+    each member's packets, since the members could not find them.
 
     Admission: a `drop` client holds at most its own part of the ring,
     (slabs - 1) / max_clients, so that any number of them stalled leave the
@@ -323,6 +335,13 @@ class Dispatcher:
         self.pump(c, now)
         return c
 
+    @property
+    def needs_hash(self) -> bool:
+        """Whether a group balances by flow among two or more members (kept
+        ones too): batches published now must have flow hashes."""
+        counts = Counter(c.group for c in self.clients.values())
+        return any(g.balance == "flow" and counts[name] > 1 for name, g in self.groups.items())
+
     def members(self, group: str) -> list[ClientState]:
         """The members of a group, attached or kept for --grace, by slot."""
         return sorted((c for c in self.clients.values() if c.group == group),
@@ -435,7 +454,13 @@ class Dispatcher:
             g.last = m.slot
             return [(m, Share(packets, (), mask))]
         slots = tuple(m.slot for m in members)
-        counts = share_counts(self._descriptors(b), mask, slots)
+        desc = self._descriptors(b)
+        counts = share_counts(desc, mask, slots)
+        if b.n and desc["flags"][0] & lib.PKTIPC_F_NO_HASH:
+            # Filled before anyone balanced by flow: its members cannot see
+            # the hashes, so each is told which packets are its own.
+            return [(m, Share(k, (), mask_of(select(desc, mask, slots, m.slot), b.n)))
+                    for m, k in zip(members, counts, strict=True) if k]
         return [(m, Share(k, slots, mask)) for m, k in zip(members, counts, strict=True) if k]
 
     def _enqueue(self, c: ClientState, seq: int, share: Share) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import SourceError
-from .._layout import Iface
+from .._layout import Iface, Segment
 from .._shm import ffi, lib
 from .sources import Produced, Status
 
@@ -66,6 +66,8 @@ class FileSource:
     default_policy = "block"
     default_wait_clients = 1
     pauses_without_clients = True       # nothing is replayed to nobody
+    frame_size = frame_count = 0       # frames are copied into slabs
+    short = False
 
     def __init__(self, paths: list[str], loops: int = 1, speed: float | None = None) -> None:
         if not paths:
@@ -126,6 +128,12 @@ class FileSource:
             # Back to the loop at every file boundary, so that signals and
             # control messages are seen however short the files are.
             return Produced(Status.MORE, added)
+
+    def bind(self, seg: Segment) -> None:
+        pass
+
+    def recycle(self, slab: int) -> None:
+        pass
 
     def read_counters(self, entries: list[Any]) -> None:
         pass

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import PermissionDenied, SourceError
-from .._layout import Iface
+from .._layout import Iface, Segment
 from .._shm import ffi, lib
 from .sources import Produced, Status
 
@@ -70,6 +70,8 @@ class LiveSource:
     default_policy = "drop"             # a stalled client costs only itself
     default_wait_clients = 0
     pauses_without_clients = False      # packets not read are kernel drops
+    frame_size = frame_count = 0       # frames are copied into slabs
+    short = False
 
     def __init__(self, opts: LiveOptions) -> None:
         opts.check()
@@ -117,6 +119,12 @@ class LiveSource:
         if status == lib.PKB_FILL_TOOBIG:    # a block always fits a slab: a bug
             return Produced(Status.END, added, error="a frame does not fit an empty slab")
         return Produced(Status.FULL if status == lib.PKB_FILL_FULL else Status.IDLE, added)
+
+    def bind(self, seg: Segment) -> None:
+        pass
+
+    def recycle(self, slab: int) -> None:
+        pass
 
     def read_counters(self, entries: list[Any]) -> None:
         """Adds each ring's kernel counters since the last read to its entry

@@ -19,7 +19,7 @@ from .. import _protocol as proto
 from .._client.client import Batch, Client, connect
 from .._client.session import _CarriedBatch
 from .._errors import EndOfStream, PktipcError, SourceError
-from .._layout import Iface
+from .._layout import Iface, Segment
 from .._shm import ffi, lib
 from .sources import Produced, Status
 
@@ -43,6 +43,9 @@ class RemoteSource:
     """Batches of a remote broker, copied into this broker's slabs. Lossless
     (a `block` client of the remote broker) or not (`drop`) as the remote
     attachment is, and the relay's own clients get that policy by default."""
+
+    frame_size = frame_count = 0       # frames are copied into slabs
+    short = False
 
     def __init__(self, opts: RelayOptions) -> None:
         self.url = opts.url
@@ -119,6 +122,12 @@ class RemoteSource:
         if status is not Status.IDLE:
             return Produced(status, counts, error=error)
         return Produced(status, counts, wake=self.client._conn.get_timer())
+
+    def bind(self, seg: Segment) -> None:
+        pass
+
+    def recycle(self, slab: int) -> None:
+        pass
 
     def read_counters(self, entries: list[Any]) -> None:
         pass

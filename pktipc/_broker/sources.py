@@ -8,12 +8,13 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .._layout import Iface
+from .._layout import Iface, Segment
 
 
 class Status(enum.Enum):
     FULL = "full"      # the slab is full: publish it, and call again at once
     MORE = "more"      # nothing to publish yet, but call again at once
+    HOLD = "hold"      # nothing to publish yet: call again at `wake`, not before
     IDLE = "idle"      # publish what the slab holds; wait for `fds` or `wake`
     END = "end"        # publish what the slab holds: no packet will follow
 
@@ -24,7 +25,7 @@ class Produced:
     # (interface, packets, captured bytes) added to the slab, per interface
     added: list[tuple[int, int, int]] = field(default_factory=list)
     error: str | None = None        # END: why the stream ended early, if it did
-    wake: float | None = None       # IDLE: when the next packet is due (paced files)
+    wake: float | None = None       # IDLE: when the next packet is due (paced files); HOLD
 
 
 class Source(Protocol):
@@ -32,6 +33,16 @@ class Source(Protocol):
     default_policy: str             # for clients that ask for none
     default_wait_clients: int       # clients to wait for before reading
     pauses_without_clients: bool    # nothing is read while no client is attached
+    frame_size: int                 # the segment's frame area, where the kernel places
+    frame_count: int                # frames (AF_XDP's UMEM); 0 for none
+
+    @property
+    def short(self) -> bool:
+        """It lacks what published slabs hold (frames): the broker takes back
+        what only drop clients are owed."""
+
+    def bind(self, seg: Segment) -> None:
+        """The segment exists: a source that receives into it starts now."""
 
     @property
     def fds(self) -> list[Any]:
@@ -40,6 +51,10 @@ class Source(Protocol):
 
     def produce(self, fill: Any, now: float) -> Produced:
         """Adds packets to `fill`'s slab (struct pkb_fill), in C."""
+
+    def recycle(self, slab: int) -> None:
+        """A published slab is free again: what its descriptors name in the
+        frame area is the source's again."""
 
     def read_counters(self, entries: list[Any]) -> None:
         """Brings the interface table entries' kernel counters up to date."""

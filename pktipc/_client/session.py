@@ -181,7 +181,7 @@ class Batch:
     slab only when every client it went to has released it. Releasing also
     releases every memoryview the batch handed out, so using one afterwards
     raises ValueError. `descriptors` is this batch's own copy of the slab's
-    descriptors, checked (every frame within the slab) when the batch is
+    descriptors, checked (every frame within the slab or the frame area) when the batch is
     made: what is read is what was checked, whatever the broker writes.
     """
 
@@ -206,8 +206,7 @@ class Batch:
             raise BrokerGone(f"broker {client.server!r} broke the protocol: batch {self.seq} "
                              "does not match its record in the segment")
         self._desc = seg.descriptors(self.slab, self.n).copy()
-        good = lib.pktipc_pkts_check(ffi.from_buffer("struct pktipc_pkt[]", self._desc),
-                                     self.n, mapping.slab_size)
+        good = seg.pkts_check(self.slab, self._desc)
         if good < self.n:
             raise BrokerGone(f"broker {client.server!r} broke the protocol: packet {good} of "
                              f"batch {self.seq} lies outside its slab")

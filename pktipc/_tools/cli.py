@@ -18,6 +18,7 @@ from .._broker import live as _live
 from .._broker import relay as _relay
 from .._broker import service as _service
 from .._broker import tx as _tx
+from .._broker import xdp as _xdp
 from .._client import recording as _recording
 from .._client.client import broker_stats, brokers, connect
 from .._client.writer import ClientTally, RollingWriter, RotationLimit, TcpdumpFiles
@@ -89,8 +90,9 @@ def _clients_options(s: argparse.ArgumentParser) -> None:
                         "0 for interfaces)")
     s.add_argument("--linger", action="store_true",
                    help="keep running after the end of the stream")
-    s.add_argument("--slab-size", type=_size, default=_broker.DEFAULT_SLAB_SIZE,
-                   metavar="BYTES", help="bytes per slab (batch), e.g. 1M (default: 1M)")
+    s.add_argument("--slab-size", type=_size, metavar="BYTES",
+                   help="bytes per slab (batch), e.g. 1M (default: 1M; --xdp: 64k, "
+                        "descriptors of 2048 frames)")
     s.add_argument("--slabs", type=int, default=_broker.DEFAULT_SLAB_COUNT, metavar="N",
                    help=f"slabs in the ring (default: {_broker.DEFAULT_SLAB_COUNT})")
     s.add_argument("--credit", type=int, default=_broker.DEFAULT_CREDIT, metavar="N",
@@ -189,6 +191,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--fanout-mode", default="hash", choices=sorted(_live.FANOUT_MODES),
                    help="how the kernel spreads packets over the group (default: hash, "
                         "with IP defragmentation)")
+    s.add_argument("--xdp", action="store_true",
+                   help="capture through AF_XDP (one interface): the kernel writes each frame "
+                        "into the segment, the broker copies nothing; the frames no longer "
+                        "reach the kernel's stack: for a tap or mirror port")
+    s.add_argument("--queues", metavar="all|N,...",
+                   help="--xdp: the receive queues to capture, one socket each "
+                        "(default: all)")
+    s.add_argument("--xdp-mode", choices=sorted(_xdp.MODES),
+                   help="--xdp: XDP in the driver (native, the default) or after the kernel "
+                        "made an skb (skb: any driver, slower)")
+    s.add_argument("--zero-copy", action="store_true",
+                   help="--xdp: refuse to start unless the driver does zero-copy AF_XDP "
+                        "(default: zero-copy where the driver has it, else copy)")
+    s.add_argument("--frames", type=int, metavar="N",
+                   help=f"--xdp: AF_XDP frames in the segment, 2 or 4 KiB each by the MTU "
+                        f"(default: {_xdp.DEFAULT_FRAMES})")
     s.add_argument("--tx", action="append", nargs="?", const=_tx.ALL, metavar="IFACE",
                    help="let clients send frames out of IFACE (without IFACE: every captured "
                         "interface) through a TX ring of the broker's; repeat for several")
@@ -428,6 +446,27 @@ def _fanout_id(text: str | None) -> int | None:
     return gid
 
 
+def _xdp_options(a: argparse.Namespace, filt: str) -> _xdp.XdpOptions:
+    if not a.interfaces or len(a.interfaces) != 1:
+        raise ValueError("--xdp captures one interface: give -i once")
+    other = {"--fanout": a.fanout is not None, "--hw-timestamps": a.hw_timestamps,
+             "--no-vlan-reinsert": not a.vlan_reinsert}
+    if any(other.values()):
+        raise ValueError(f"{', '.join(o for o, v in other.items() if v)}: not with --xdp "
+                         "(AF_XDP leaves VLAN tags in the bytes and stamps frames itself)")
+    queues = None
+    if a.queues not in (None, "all"):
+        try:
+            queues = [int(q) for q in a.queues.split(",")]
+        except ValueError:
+            raise ValueError(f"--queues {a.queues}: 'all', or queue numbers separated by "
+                             "commas") from None
+    return _xdp.XdpOptions(
+        interface=a.interfaces[0], queues=queues, mode=a.xdp_mode or "native",
+        zero_copy=a.zero_copy, filter=filt, snaplen=a.snaplen, promisc=a.promisc,
+        frames=a.frames or _xdp.DEFAULT_FRAMES, batch_timeout_ms=a.block_timeout)
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     if a.print_config:
         print(_config.dump(_config.subparser(_parser(), "serve"), a), end="")
@@ -435,8 +474,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.expression and a.filter is not None:
         raise ValueError("give the filter either as --filter or after the options, not both")
     filt = a.filter if a.filter is not None else " ".join(a.expression)
-    live = None
-    if a.interfaces:
+    live = xdp = None
+    xdp_only = {"--queues": a.queues, "--xdp-mode": a.xdp_mode, "--zero-copy": a.zero_copy,
+                "--frames": a.frames}
+    if a.xdp:
+        xdp = _xdp_options(a, filt)
+    elif any(v not in (None, False) for v in xdp_only.values()):
+        given = [o for o, v in xdp_only.items() if v not in (None, False)]
+        raise ValueError(f"{', '.join(given)}: AF_XDP options, for --xdp")
+    elif a.interfaces:
         live = _live.LiveOptions(
             interfaces=a.interfaces, filter=filt, snaplen=a.snaplen, block_size=a.block_size,
             block_count=a.blocks, block_timeout_ms=a.block_timeout, promisc=a.promisc,
@@ -445,18 +491,20 @@ def cmd_serve(a: argparse.Namespace) -> int:
     elif filt:
         raise ValueError("a capture filter applies to interfaces (-i), not to files")
     opts = _broker.ServeOptions(
-        name=a.name, files=a.files or [], live=live, loops=a.loop, speed=a.speed, user=a.user,
-        tunnel_hash=a.tunnel_hash,
+        name=a.name, files=a.files or [], live=live, xdp=xdp, loops=a.loop, speed=a.speed,
+        user=a.user, tunnel_hash=a.tunnel_hash,
         tx=[w for arg in a.tx or [] for w in arg.split(",") if w],
         allow_tx=[w for arg in a.allow_tx for w in arg.split(",") if w],
-        tx_frames=a.tx_frames, tx_qdisc_bypass=a.tx_qdisc_bypass, **_clients_args(a))
+        tx_frames=a.tx_frames, tx_qdisc_bypass=a.tx_qdisc_bypass,
+        **_clients_args(a, _xdp.DEFAULT_SLAB_SIZE if xdp else _broker.DEFAULT_SLAB_SIZE))
     sys.stderr = _service.journal_stderr(sys.stderr)   # levels, under systemd
     return _broker.Broker(opts, log=sys.stderr).serve()
 
 
-def _clients_args(a: argparse.Namespace) -> dict[str, Any]:
+def _clients_args(a: argparse.Namespace,
+                  slab_size: int = _broker.DEFAULT_SLAB_SIZE) -> dict[str, Any]:
     return dict(
-        wait_clients=a.wait_clients, linger=a.linger, slab_size=a.slab_size,
+        wait_clients=a.wait_clients, linger=a.linger, slab_size=a.slab_size or slab_size,
         slab_count=a.slabs, credit=a.credit, max_clients=a.max_clients,
         max_recordings=a.max_recordings,
         heartbeat=a.heartbeat, liveness=a.liveness, lease=a.lease or None, unix_group=a.allow_group,
@@ -594,6 +642,11 @@ def _status_text(r: BrokerStats) -> str:
                      f"freezes {s.kernel_freezes}")
             if s.fanout_id is not None:
                 line += f"  fanout {s.fanout_id} ({s.fanout_mode})"
+            if s.xdp is not None:
+                x = s.xdp
+                line += (f"  AF_XDP {x.mode} mode, {'zero-copy' if x.zero_copy else 'copy'}"
+                         f", queue{'s' if len(x.queues) > 1 else ''} "
+                         f"{','.join(map(str, x.queues))}")
         if s.tx is not None:
             errors = " ".join(f"{k} {v}" for k, v in sorted(s.tx.kernel_errors.items()))
             line += (f"\n    sends: frames {s.tx.sent}  pending {s.tx.pending}  "

@@ -398,7 +398,7 @@ static int on_batch(pktipc_client *c, int64_t now)
     uint32_t *index = map->index + at;
     const uint32_t *in = NULL;
     memcpy(copy, pktipc_slab_pkts(base), (size_t)n * sizeof(*copy));
-    uint32_t count = pktipc_pkts_check(copy, pb.n, map->slab_size);
+    uint32_t count = pktipc_pkts_check(&map->hdr, pb.slab, copy, pb.n);
     if (count < pb.n)
         return die(c, PKTIPC_EPROTO, "broker '%s' broke the protocol: packet %u of batch %llu "
                    "lies outside its slab", c->server, count, (unsigned long long)seq);

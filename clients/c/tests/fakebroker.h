@@ -77,7 +77,7 @@ static void fb_init(struct fb *f, const char *dir, const char *name, uint32_t sl
     f->slab_size = slab_size;
     snprintf(f->shm, sizeof(f->shm), "/pktipc.%s.%016llx", name, (unsigned long long)f->epoch);
     struct pktipc_geometry g;
-    CHECK(pktipc_geometry(slab_size, slabs, 1, &g) == 0);
+    CHECK(pktipc_geometry(slab_size, slabs, 1, 0, 0, &g) == 0);
     f->size = g.total_size;
     int fd = shm_open(f->shm, O_CREAT | O_EXCL | O_RDWR, 0600);
     CHECK(fd >= 0);
@@ -101,6 +101,7 @@ static void fb_init(struct fb *f, const char *dir, const char *name, uint32_t sl
     h->iface_table_off = g.iface_table_off;
     h->batch_table_off = g.batch_table_off;
     h->slabs_off = g.slabs_off;
+    h->frames_off = g.frames_off;
     h->total_size = g.total_size;
     snprintf(h->name, sizeof(h->name), "%s", name);
     struct pktipc_iface *i = (struct pktipc_iface *)(f->seg + g.iface_table_off);

@@ -4,9 +4,6 @@
  * Fills the same struct pkb_fill as the file ingest (ingest.h).
  */
 
-/* pkb_ring_fill() results beyond ingest.h's PKB_FILL_* */
-#define PKB_FILL_EMPTY   6   /* no retired block is waiting: poll the ring's fd */
-
 /* pkb_ring_opts.fanout_id */
 #define PKB_FANOUT_NONE  -1
 #define PKB_FANOUT_AUTO  -2  /* a group id no other socket uses, chosen by the kernel */

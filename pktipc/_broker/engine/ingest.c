@@ -389,6 +389,25 @@ int64_t pkb_src_peek_ts(pkb_src *s)
     return src_advance(s) ? s->ts : INT64_MAX;
 }
 
+void pkb_pkts_hash(const uint8_t *slab, struct pktipc_pkt *pkts, uint32_t n, uint32_t hash_opts)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (pkts[i].flags & PKTIPC_F_NO_HASH)
+            pkts[i].hash = pkb_flow_hash(slab + pkts[i].data_off, pkts[i].caplen,
+                                         pkts[i].linktype, hash_opts);
+}
+
+void pkb_fill_hash(struct pkb_fill *f)
+{
+    struct pktipc_pkt *pkts = (struct pktipc_pkt *)f->slab;
+    if (!f->no_hash)
+        return;
+    pkb_pkts_hash(f->slab, pkts, f->count, f->hash_opts);
+    for (uint32_t i = 0; i < f->count; i++)
+        pkts[i].flags &= (uint16_t)~PKTIPC_F_NO_HASH;
+    f->no_hash = 0;
+}
+
 void pkb_batch_publish(struct pktipc_batch_rec *rec, uint32_t slab, uint32_t gen,
                           uint64_t seq, const struct pkb_fill *f,
                           uint64_t kernel_drops, uint64_t broker_drops)

@@ -9,11 +9,13 @@
 #define PKB_FILL_LIMIT   3   /* the next packet is later than ts_limit; it stays pending */
 #define PKB_FILL_ERROR   4   /* the source failed: pkb_src_error() says why */
 #define PKB_FILL_TOOBIG  5   /* the next packet does not fit even an empty slab */
+#define PKB_FILL_EMPTY   6   /* live: nothing waits in the kernel's rings: poll their fds */
 
 #define PKB_ERRBUF_SIZE  512
 
 /* Broker-private cursor over the slab being filled. Descriptors grow up from
- * the slab's start, frames grow down from its end, until they would meet. */
+ * the slab's start, frames grow down from its end, until they would meet
+ * (frames placed by the kernel in the frame area take a descriptor only). */
 struct pkb_fill {
     uint8_t *slab;
     uint32_t slab_size;
@@ -24,6 +26,7 @@ struct pkb_fill {
     int64_t first_ts_ns;
     int64_t last_ts_ns;
     uint32_t hash_opts;    /* PKB_HASH_* for pkb_flow_hash(); cleared by fill_begin */
+    uint32_t no_hash;      /* 1: no flow hash, descriptors say PKTIPC_F_NO_HASH; cleared too */
 };
 
 typedef struct pkb_src pkb_src;
@@ -47,6 +50,14 @@ void pkb_fill_begin(struct pkb_fill *f, uint8_t *slab, uint32_t slab_size, uint3
 /* Copies packets from s into f's slab until one of PKB_FILL_* stops it,
  * or max_pkts are in the slab (PKB_FILL_FULL). */
 int pkb_src_fill(pkb_src *s, struct pkb_fill *f, int64_t ts_limit, uint32_t max_pkts);
+
+/* Computes the flow hash of each of the n descriptors at pkts filled
+ * without one (PKTIPC_F_NO_HASH), from its frame at slab + data_off; the
+ * flag stays (pkts may be a copy: the slab's own descriptors are unchanged). */
+void pkb_pkts_hash(const uint8_t *slab, struct pktipc_pkt *pkts, uint32_t n, uint32_t hash_opts);
+/* Hashes f's slab, filled with no_hash, before it is published: then every
+ * descriptor has its hash, and no flag says otherwise. */
+void pkb_fill_hash(struct pkb_fill *f);
 
 /* Writes the batch record of a filled slab, seq last. */
 void pkb_batch_publish(struct pktipc_batch_rec *rec, uint32_t slab, uint32_t gen,

@@ -269,11 +269,15 @@ class Batch:
         return views
 
     def buffer(self) -> memoryview:
-        """The whole slab, read-only and in place: a descriptor's `data_off`
-        indexes it. Released with the batch, as views() are."""
+        """The whole slab, and the segment's frame area after it if it has
+        one (AF_XDP's frames), read-only and in place: a descriptor's
+        `data_off` indexes it. Released with the batch, as views() are."""
         self._check()
         base = self._map.slab_base(self.slab)
-        view = self._map.view[base : base + self._map.slab_size]
+        g = self._map.seg.geometry
+        end = (g.frames_off + g.frame_size * g.frame_count if g.frame_count
+               else base + self._map.slab_size)
+        view = self._map.view[base : end]
         self._views.append(view)
         return view
 

@@ -605,14 +605,17 @@ class Gateway:
         if (rec.gen, rec.seq, rec.count, rec.slab) != (b.gen, b.seq, b.n, b.slab):
             return self._broken(s, now, b)
         desc = seg.descriptors(b.slab, b.n).copy()
-        if lib.pktipc_pkts_check(ffi.from_buffer("struct pktipc_pkt[]", desc), b.n,
-                                 m.slab_size) < b.n:
+        if seg.pkts_check(b.slab, desc) < b.n:
             return self._broken(s, now, b)
-        base = m.slab_base(b.slab)
         mask = None
         data: Any
-        if b.members or b.mask is not None:
-            idx = select(desc, b.mask, b.members, s.conn.slot or 0)
+        shared = bool(b.members) or b.mask is not None
+        ends = desc["data_off"].astype(np.int64) + desc["caplen"]
+        if shared or int(ends.max(initial=0)) > m.slab_size:
+            # The client's share, or frames in the segment's frame area
+            # (AF_XDP's UMEM): gathered, in C.
+            idx = (select(desc, b.mask, b.members, s.conn.slot or 0) if shared
+                   else np.arange(b.n, dtype=np.uint32))
             out = np.empty(len(idx), dtype=PKT_DTYPE)
             size = int(desc["caplen"][idx].sum())
             data = bytearray(size)
@@ -621,11 +624,13 @@ class Gateway:
                                  ffi.from_buffer(data), size,
                                  ffi.from_buffer("struct pktipc_pkt[]", out))
             assert got == size
-            bits = np.zeros(b.n, dtype=bool)
-            bits[idx] = True
-            mask = np.packbits(bits, bitorder="little").tobytes()
+            if shared:
+                bits = np.zeros(b.n, dtype=bool)
+                bits[idx] = True
+                mask = np.packbits(bits, bitorder="little").tobytes()
             desc = out
         else:
+            base = m.slab_base(b.slab)
             low = int(desc["data_off"].min())
             data = m.view[base + low : base + m.slab_size]
             desc["data_off"] -= low

@@ -186,7 +186,7 @@ def test_stale_messages_refused_by_a_restarted_broker(broker, synth: Path,
                 c._conn._send("heartbeat", time.monotonic())
             c._flush()
             deadline = time.monotonic() + 30
-            while pktipc.broker_stats(second.name).counters.protocol_errors < 3:
+            while pktipc.broker_stats(second.name, timeout=10).counters.protocol_errors < 3:
                 assert time.monotonic() < deadline, "the new broker did not refuse them"
                 time.sleep(0.01)
             got = [(p.seq, bytes(p.data)) for p in c.packets(timeout=15)]
@@ -574,7 +574,7 @@ def test_a_broker_that_no_longer_knows_the_client_is_left_once(runtime_dir: Path
     import zmq
 
     from pktipc import _protocol as proto
-    from pktipc._layout import Geometry, Iface, Segment
+    from pktipc._layout import LAYOUT_VERSION, Geometry, Iface, Segment
 
     name = f"/pktipc.fake2.{os.getpid():016x}"
     g = Geometry(4096, 2, 1)
@@ -591,7 +591,7 @@ def test_a_broker_that_no_longer_knows_the_client_is_left_once(runtime_dir: Path
         assert router.poll(5000)
         peer, _ = router.recv_multipart()                 # HELLO
         router.send_multipart([peer, proto.encode(
-            "welcome", shm=name, epoch=7, layout=1, slot=0, credit=4, policy="block",
+            "welcome", shm=name, epoch=7, layout=LAYOUT_VERSION, slot=0, credit=4, policy="block",
             heartbeat_ms=1000, liveness_ms=30000, group="c", balance="flow")])
         assert router.poll(5000)
         router.recv_multipart()                           # HEARTBEAT: mapped

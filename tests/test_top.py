@@ -71,8 +71,9 @@ def test_top_in_an_80x24_terminal(stream: str, tmux: Tmux) -> None:
         s = tmux.screen()
         if not all(name in s for name in ("ids-1", "recorder", "stalled")):
             return None
-        rate, drops = _row(s, "recorder")[3], _row(s, "stalled")[-3]
-        return s if rate.endswith("k") and drops.endswith("k") else None
+        rates = _row(s, "recorder")[3], _row(s, "ids-1")[3]
+        drops = _row(s, "stalled")[-3]
+        return s if all(r.endswith("k") for r in rates) and drops.endswith("k") else None
 
     s = wait_for("top to show rates", rates_shown, timeout=20, every=0.3)
     ids, rec, stalled = _row(s, "ids-1"), _row(s, "recorder"), _row(s, "stalled")

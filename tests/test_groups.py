@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from conftest import BrokerProc, Netns, all_captures, pktipc_cmd, run_pktipc
 from pcapref import read_pcap
 from pktipc._shm import ffi, lib
 
 import pktipc
+from pktipc import _protocol as proto
+from pktipc._broker.broker import Broker, ServeOptions
 from pktipc._tools.synth import write_pcap
 
 Got = dict[int, tuple[int, int, bytes]]     # seq -> (iface, hash, bytes)
@@ -390,3 +393,84 @@ def test_dump_group_members_write_their_shares(broker, synth: Path, tmp_path: Pa
     for o, s in zip(outs, shares, strict=True):
         r = subprocess.run(["tcpdump", "-nn", "-r", str(o)], capture_output=True, text=True)
         assert r.returncode == 0 and len(r.stdout.splitlines()) == len(s)
+
+
+def test_a_member_that_released_and_left_is_not_taken_for_lost(synth: Path) -> None:
+    """A member releases a batch, says BYE and closes its connection; the
+    broker, before it has read those, has something to send it: ZeroMQ
+    finds the member unreachable while its RELEASE and BYE still wait, unread.
+    They are read first: the batch it released is not passed on to the
+    group's other member (it would have its packets twice)."""
+    brk = Broker(ServeOptions(name=f"gone{os.getpid()}", files=[str(synth)], wait_clients=2))
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.LINGER, 0)
+    try:
+        brk._start()
+        brk.poller = zmq.Poller()     # the loop's: it watches each client's pidfd
+
+        def edge() -> None:         # admissions (ZAP) and connections counted
+            brk.control.handle_zap(time.monotonic())
+            brk.control.handle_monitor()
+
+        def receive() -> None:      # what has come, as the loop reads it
+            deadline = time.monotonic() + 5
+            while not brk.control.sock.poll(20):
+                edge()
+                assert time.monotonic() < deadline, "nothing came"
+            brk._receive_all()
+            brk._flush()
+
+        def attach(name: str) -> tuple[zmq.Socket[bytes], proto.ClientConnection]:
+            sock = ctx.socket(zmq.DEALER)
+            sock.connect(brk.endpoint)
+            conn = proto.ClientConnection()
+            conn.hello(time.monotonic(), name=name, group="ids", balance="round-robin",
+                       pid=os.getpid())
+            for f in conn.frames_to_send():
+                sock.send(f)
+            receive()
+            assert sock.poll(5000)
+            [ev] = conn.receive(sock.recv(), time.monotonic())
+            assert isinstance(ev, proto.Welcomed)
+            conn.mapped(time.monotonic())
+            for f in conn.frames_to_send():
+                sock.send(f)
+            receive()
+            return sock, conn
+
+        a, _ = attach("a")
+        b, bconn = attach("b")
+        assert {c.name: brk.conn.heard(c.peer) for c in brk.disp.clients.values()} == \
+            {"a": True, "b": True}
+        # One batch, whole (round-robin), to b.
+        seq = -1
+        while not brk.disp.clients["b"].held:
+            slab = brk.pool.take()
+            assert slab is not None
+            seq, _ = brk.disp.publish(slab, 1, time.monotonic())
+            brk._flush()
+        assert brk.disp.clients["b"].held == {seq}
+        bconn.release(time.monotonic(), [seq])
+        bconn.bye(time.monotonic())
+        for f in bconn.frames_to_send():
+            b.send(f)
+        b.close(linger=5000)
+        # The broker sees the connection go; it has not read what b sent.
+        deadline = time.monotonic() + 5
+        while brk.control.connections > 1:
+            edge()
+            time.sleep(0.01)
+            assert time.monotonic() < deadline, "the broker did not see b's connection go"
+        # A heartbeat falls due for b before the loop reads what it sent.
+        brk.conn.handle_timer(time.monotonic() + 1.5)
+        brk._flush()
+        while brk.control.sock.poll(100):
+            brk._receive_all()
+            brk._flush()
+        assert list(brk.disp.clients) == ["a"]
+        got = brk.disp.clients["a"]
+        assert seq not in got.held and seq not in got.queue, "b's batch passed on to a"
+        assert brk.evictions == 0          # b said BYE: it was not lost
+    finally:
+        ctx.destroy(linger=0)
+        brk.close()

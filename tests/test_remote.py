@@ -123,9 +123,6 @@ def _owner(h: int, members: list[int]) -> int:
     return members[lib.pktipc_flow_owner(h, u32s(members), len(members))]
 
 
-@pytest.mark.xfail(strict=False, reason="known defect: when the remote member leaves, "
-                   "packets of batches it had already received may be passed on to the local "
-                   "member as well (seen as duplicates on a loaded machine)")
 def test_group_of_a_local_and_a_remote_member(broker: Any, keys: Keys, tmp_path: Path) -> None:
     """One flow group, a local member and a remote one: together every packet
     exactly once, each flow to one member; the remote member leaves mid-stream

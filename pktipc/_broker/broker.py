@@ -46,6 +46,10 @@ MAX_CLIENTS = 16
 MAX_RECORDINGS = 4
 EVICT_BACKOFF = 10.0            # seconds an evicted client's name is refused
 MAX_CONTROL_PER_TURN = 512      # control messages read before the loop goes on
+# Reading what an unreachable peer sent before it went (see _flush) takes at
+# most this many turns' worth of messages; those of the other peers come
+# between its own, a fair share each, and each peer has at most RECV_HWM queued.
+DRAIN_TURNS = 16
 STOP_WAIT = 1.0                 # stopping, seconds to wait for welcomed clients to map
 
 
@@ -270,32 +274,37 @@ class Broker:
         old_handlers = {s: signal.signal(s, self._on_signal)
                         for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self._set_up()
-            self.conn = proto.BrokerConnection(heartbeat=self.opts.heartbeat,
-                                               liveness=self.opts.liveness,
-                                               rate=self.opts.control_rate)
-            self.pool = SlabPool(self.geometry.slab_count, freed=self.source.recycle)
-            self.disp = Dispatcher(self.conn, self.pool,
-                                   default_policy=self.source.default_policy,
-                                   default_credit=self.opts.credit,
-                                   max_clients=self.max_clients, lease=self.opts.lease,
-                                   descriptors=self._descriptors,
-                                   may_block=(self.may_block
-                                              if self.source.default_policy == "drop" else None),
-                                   backoff=self.opts.evict_backoff,
-                                   max_recordings=self.opts.max_recordings)
-            self.seg.header.state = lib.PKTIPC_STATE_RUNNING
-            service.ready(self.log, f"serving clients on {self.endpoint}")
-            wait = (f", waiting for {self.wait_clients} client(s)"
-                    if self.wait_clients else "")
-            print(f"pktipc: {self.source.describe()} as {self.opts.name!r} on "
-                  f"{self.endpoint}{wait}", file=self.log, flush=True)
+            self._start()
             self._loop()
             return self.exit_status
         finally:
             self.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+
+    def _start(self) -> None:
+        """Sets up the segment, the control socket and the bookkeeping: the
+        broker is then ready to run its loop."""
+        self._set_up()
+        self.conn = proto.BrokerConnection(heartbeat=self.opts.heartbeat,
+                                           liveness=self.opts.liveness,
+                                           rate=self.opts.control_rate)
+        self.pool = SlabPool(self.geometry.slab_count, freed=self.source.recycle)
+        self.disp = Dispatcher(self.conn, self.pool,
+                               default_policy=self.source.default_policy,
+                               default_credit=self.opts.credit,
+                               max_clients=self.max_clients, lease=self.opts.lease,
+                               descriptors=self._descriptors,
+                               may_block=(self.may_block
+                                          if self.source.default_policy == "drop" else None),
+                               backoff=self.opts.evict_backoff,
+                               max_recordings=self.opts.max_recordings)
+        self.seg.header.state = lib.PKTIPC_STATE_RUNNING
+        service.ready(self.log, f"serving clients on {self.endpoint}")
+        wait = (f", waiting for {self.wait_clients} client(s)"
+                if self.wait_clients else "")
+        print(f"pktipc: {self.source.describe()} as {self.opts.name!r} on "
+              f"{self.endpoint}{wait}", file=self.log, flush=True)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if not self.stopping:
@@ -402,12 +411,14 @@ class Broker:
     def _can_produce(self, now: float) -> bool:
         return self._reading() and now >= self._wake
 
-    def _receive_all(self) -> None:
+    def _receive_all(self) -> bool:
+        """Reads at most MAX_CONTROL_PER_TURN messages; True when none is
+        left to read."""
         self._stats = None
         for _ in range(MAX_CONTROL_PER_TURN):
             msg = self.control.receive()
             if msg is None:
-                return
+                return True
             peer, frames, creds = msg
             now = time.monotonic()
             if len(frames) != 1:
@@ -429,6 +440,7 @@ class Broker:
                                   creds.pid if creds else None)
                 else:
                     self._handle(ev, now)
+        return False
 
     def _handle(self, ev: proto.BrokerEvent, now: float) -> None:
         d = self.disp
@@ -549,17 +561,33 @@ class Broker:
             self.control.ban(pid, now + self.opts.evict_backoff)
 
     def _flush(self) -> None:
+        gone: list[bytes] = []
         for peer, frame in self.conn.frames_to_send():
             sent = self.control.send(peer, frame)
             if sent is Sent.FULL:
                 self._cut_off(peer, time.monotonic(), "it does not read its messages", None)
-            elif sent is Sent.GONE:
-                # Unroutable (ROUTER_MANDATORY): the peer is gone.
-                c = self.disp.by_peer.get(peer)
-                self.conn.forget(peer)
-                self.control.forget(peer)
-                if c is not None:
-                    self._drop(c, time.monotonic(), self._gone_why(c), resume=True)
+            elif sent is Sent.GONE and peer not in gone:
+                gone.append(peer)
+        if not gone:
+            return
+        # Unroutable (ROUTER_MANDATORY): the peer's connection is gone. What
+        # it sent before it went is still there to read, though: libzmq
+        # takes a connection away from sending at once, and from receiving
+        # only once what came on it is read. A client that released its
+        # batches, said BYE and closed is read first, so that its BYE, not
+        # its silence, is what ends it: were it dropped as lost, the batches
+        # it released (but which the broker had not read it release) would
+        # go to the rest of its group, which would see its packets twice.
+        for _ in range(DRAIN_TURNS):
+            if self._receive_all():
+                break
+        for peer in gone:
+            c = self.disp.by_peer.get(peer)
+            self.conn.forget(peer)
+            self.control.forget(peer)
+            if c is not None:
+                self._drop(c, time.monotonic(), self._gone_why(c), resume=True)
+        self._flush()       # what was read, and the drops, may have queued more
 
     def _gone_why(self, c: ClientState) -> str:
         """Why a client's connection went, though it never said BYE: its

@@ -310,13 +310,17 @@ class Gateway:
                 self.counters["handshakes_failed"] += 1
 
     # -- remote clients --
-    def _from_remotes(self) -> None:
-        if self._read_remotes():
-            # HELLOs of clients back on a new connection, taken once what
-            # came on the old one is read (see _hello).
-            backs, self._backs = self._backs, []
-            for ev, key in backs:
-                self._hello(ev, key, time.monotonic(), back=True)
+    def _from_remotes(self) -> bool:
+        """Reads what came (a bounded number); whether every message that
+        had come is read."""
+        if not self._read_remotes():
+            return False
+        # HELLOs of clients back on a new connection, taken once what
+        # came on the old one is read (see _hello).
+        backs, self._backs = self._backs, []
+        for ev, key in backs:
+            self._hello(ev, key, time.monotonic(), back=True)
+        return True
 
     def _read_remotes(self) -> bool:
         """Whether every message that had come is read."""
@@ -692,6 +696,7 @@ class Gateway:
 
     # -- sending --
     def _flush(self) -> None:
+        gone: list[bytes] = []
         for peer, frame, payload in self.conn.messages_to_send():
             s = self.by_peer.get(peer)
             try:
@@ -708,9 +713,24 @@ class Gateway:
                     self._cut(peer)
                     self._lose(s, time.monotonic(), "it does not read its messages")
             except zmq.ZMQError:
-                self.fds.pop(peer, None)
-                if s is not None:
-                    self._lose(s, time.monotonic(), "its connection is gone")
+                if peer not in gone:
+                    gone.append(peer)
+        if not gone:
+            return
+        # The peer's connection is gone, but what it sent before it went
+        # (its last RELEASEs, its BYE) may wait unread: libzmq takes a
+        # connection away from sending at once, from receiving once what came
+        # on it is read. Read first: a client that said BYE is not lost (its
+        # DETACH would hand the batches it released to the rest of its group).
+        for _ in range(16):
+            if self._from_remotes():
+                break
+        for peer in gone:
+            self.fds.pop(peer, None)
+            s = self.by_peer.get(peer)
+            if s is not None:
+                self._lose(s, time.monotonic(), "its connection is gone")
+        self._flush()       # what was read may have queued more
 
     def stats(self) -> dict[str, Any]:
         keys = self._keys

@@ -40,12 +40,13 @@ def ns(netns: Netns) -> Netns:
 @pytest.fixture(scope="module")
 def sender(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="pktipc-sender-"))
-    os.chmod(d, 0o755)
-    exe = build_sender(d)
-    yield exe
-    for p in d.iterdir():
-        p.unlink()
-    d.rmdir()
+    try:
+        os.chmod(d, 0o755)
+        yield build_sender(d)
+    finally:
+        for p in d.iterdir():
+            p.unlink()
+        d.rmdir()
 
 
 def serve_tx(broker: Any, ns: Netns, *args: str) -> BrokerProc:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from conftest import PCAPS, BrokerProc, run_pktipc
 from opshelp import wait_for
 from pcapref import read_pcap
+from test_hostile import FakeBroker
 
 import pktipc
 from pktipc._tools.synth import write_pcap
@@ -514,52 +516,24 @@ def test_an_eviction_on_its_way_is_waited_for(runtime_dir: Path) -> None:
     """A BATCH whose slab the broker reused since: if its EVICT is on its
     way, the client says it was evicted, not that the broker broke the
     protocol."""
-    import threading
-
-    import posix_ipc
-    import zmq
-
-    from pktipc import _protocol as proto
-    from pktipc._layout import LAYOUT_VERSION, Geometry, Iface, Segment
-
-    name = f"/pktipc.fake.{os.getpid():016x}"
-    g = Geometry(4096, 2, 1)
-    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=g.total_size)
-    import mmap
-    mm = mmap.mmap(shm.fd, g.total_size)
-    shm.close_fd()
-    seg = Segment(mm, writable=True)
-    seg.init(g, name="fake", epoch=7, ifaces=[Iface("eth0", 1, 65535)])
-    seg.batch_rec(0).gen = 2                    # slab 0 was published again since
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.bind(f"ipc://{runtime_dir}/fake.ctl")
-
-    def broker() -> None:
-        assert router.poll(5000)
-        peer, _ = router.recv_multipart()
-        router.send_multipart([peer, proto.encode(
-            "welcome", shm=name, epoch=7, layout=LAYOUT_VERSION, slot=0, credit=4, policy="block",
-            heartbeat_ms=1000, liveness_ms=30000, group="c", balance="flow")])
-        router.send_multipart([peer, proto.encode("batch", seq=0, slab=0, gen=1, n=3,
-                                                  members=[], mask=None)])
-        time.sleep(0.15)
-        router.send_multipart([peer, proto.encode("evict", code="timeout",
-                                                  text="nothing heard for 30 s")])
-    t = threading.Thread(target=broker)
-    t.start()
+    fake = FakeBroker(runtime_dir, "fake")
+    fake.seg.batch_rec(0).gen = 2               # slab 0 was published again since
+    evict = threading.Timer(0.15, fake.send, ("evict",),
+                            {"code": "timeout", "text": "nothing heard for 30 s"})
+    t = fake.welcome()
     try:
         with pktipc.connect("fake", "c", reconnect=0) as c:
+            t.join()
+            fake.batch(0, 3)                        # gen 1: the slab's record says 2
+            evict.start()
             with pytest.raises(pktipc.BrokerGone) as e:
                 c.next_batch(timeout=5)
         assert str(e.value) == "broker 'fake' evicted 'c': nothing heard for 30 s"
     finally:
         t.join()
-        router.close(linger=0)
-        ctx.term()
-        del seg
-        mm.close()
-        posix_ipc.unlink_shared_memory(name)
+        if evict.is_alive():
+            evict.join()
+        fake.close()
 
 
 def test_a_broker_that_no_longer_knows_the_client_is_left_once(runtime_dir: Path) -> None:
@@ -567,52 +541,22 @@ def test_a_broker_that_no_longer_knows_the_client_is_left_once(runtime_dir: Path
     for its predecessor with ERROR not-attached: the first one tells the
     client it is lost; the others, on the same connection, are the lost
     broker's too and must not end the client (it looks for a broker anew)."""
-    import mmap
-    import threading
-
-    import posix_ipc
-    import zmq
-
-    from pktipc import _protocol as proto
-    from pktipc._layout import LAYOUT_VERSION, Geometry, Iface, Segment
-
-    name = f"/pktipc.fake2.{os.getpid():016x}"
-    g = Geometry(4096, 2, 1)
-    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=g.total_size)
-    mm = mmap.mmap(shm.fd, g.total_size)
-    shm.close_fd()
-    seg = Segment(mm, writable=True)
-    seg.init(g, name="fake2", epoch=7, ifaces=[Iface("eth0", 1, 65535)])
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.bind(f"ipc://{runtime_dir}/fake2.ctl")
-
-    def broker() -> None:
-        assert router.poll(5000)
-        peer, _ = router.recv_multipart()                 # HELLO
-        router.send_multipart([peer, proto.encode(
-            "welcome", shm=name, epoch=7, layout=LAYOUT_VERSION, slot=0, credit=4, policy="block",
-            heartbeat_ms=1000, liveness_ms=30000, group="c", balance="flow")])
-        assert router.poll(5000)
-        router.recv_multipart()                           # HEARTBEAT: mapped
-        for _ in range(3):
-            router.send_multipart([peer, proto.encode(
-                "error", code="not-attached", text="heartbeat not allowed from a new peer")])
-    t = threading.Thread(target=broker)
-    t.start()
+    fake = FakeBroker(runtime_dir, "fake2")
+    t = fake.welcome()
     try:
         with pktipc.connect("fake2", "c", reconnect=10) as c:
             t.join()
+            assert fake.router.poll(5000)
+            fake.router.recv_multipart()                  # HEARTBEAT: mapped
+            for _ in range(3):
+                fake.send("error", code="not-attached",
+                          text="heartbeat not allowed from a new peer")
             time.sleep(0.3)                               # all three are there to read
             assert c.next_batch(timeout=0.5) is None      # lost, and looking: no error
             assert c._conn.retrying
     finally:
         t.join()
-        router.close(linger=0)
-        ctx.term()
-        del seg
-        mm.close()
-        posix_ipc.unlink_shared_memory(name)
+        fake.close()
 
 
 def test_a_client_at_the_end_of_the_stream_is_kept_alive(broker) -> None:

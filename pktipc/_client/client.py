@@ -153,13 +153,14 @@ class Client(_Session):
         area = self._tx_area(frames, frame_size)
         try:
             deadline = time.monotonic() + timeout
-            while self._tx_ready is None:
+            while True:
                 self._service()             # raises Refused for a refusal
+                if self._tx_ready is not None:
+                    break
                 left = deadline - time.monotonic()
-                if self._tx_ready is None and (left <= 0 or self._sock is None):
+                if left <= 0 or self._sock is None:
                     raise BrokerGone(f"broker {self.server!r} did not answer TX_OPEN")
-                if self._tx_ready is None:
-                    self._wait(left)
+                self._wait(left)
         except BaseException:
             area.close()
             raise

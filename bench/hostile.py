@@ -812,18 +812,20 @@ def tables(res: dict[str, Any]) -> str:
         out += ["**1,100 connections against a limit of 1,024 open files** (broker as "
                 "`nobody`)\n",
                 "| run | broker | connections admitted at most | refused | handshakes failed | "
-                "packets served meanwhile | good client: wrong, skipped | segment left |",
-                "|---:|---|---:|---:|---:|---:|---|---|"]
+                "accepts that waited for room | packets served meanwhile | "
+                "good client: wrong, skipped | segment left |",
+                "|---:|---|---:|---:|---:|---:|---:|---|---|"]
         for i, r in enumerate(res["fds"]["runs"]):
             c = r["control"]
             if not r["alive"]:
                 why = r.get("stderr_tail", "").strip().splitlines()[-1:] or ["?"]
                 out.append(f"| {i + 1} | **DOWN** (exit {r['broker_exit']}: `{why[0]}`) "
-                           "| | | | | | |")
+                           "| | | | | | | |")
                 continue
             up = "up, exit 0" if r["broker_exit"] == 0 else f"exit {r['broker_exit']}"
             out.append(f"| {i + 1} | {up} | {c['max_connections']} | "
                        f"{c['connections_refused']} | {c['handshakes_failed']} | "
+                       f"{c.get('accepts_deferred', 0)} | "
                        f"{r['served_meanwhile']:,} | {r['good_mismatched']}, "
                        f"{r['good_gap_packets']} | {'yes' if r['segment_left'] else 'no'} |")
         out.append("")

@@ -23,7 +23,8 @@ CLIENT = "pktipc/_client/engine"      # the client's capture-file writer
 
 HEADERS = [f"{SHM}/pktipc_layout.h", f"{SHM}/pktipc_shm_ffi.h", f"{SHM}/pktipc_filter.h",
            f"{ENGINE}/flowhash.h", f"{ENGINE}/ingest.h", f"{ENGINE}/afpacket.h",
-           f"{ENGINE}/xdp.h", f"{ENGINE}/tx.h", f"{ENGINE}/remote.h", f"{CLIENT}/capwrite.h"]
+           f"{ENGINE}/xdp.h", f"{ENGINE}/tx.h", f"{ENGINE}/remote.h", f"{ENGINE}/acceptguard.h",
+           f"{CLIENT}/capwrite.h"]
 
 # The Python client's pollable descriptor holds a timer: timerfd, which
 # Python's os module offers only from 3.13.
@@ -67,7 +68,8 @@ ffibuilder.set_source(
     # setuptools wants paths relative to setup.py
     sources=[f"{ENGINE}/ingest.c", f"{ENGINE}/afpacket.c", f"{ENGINE}/xdp.c",
              f"{ENGINE}/cbpf.c", f"{ENGINE}/tx.c", f"{ENGINE}/sigbus.c",
-             f"{ENGINE}/flowhash.c", f"{ENGINE}/remote.c", f"{SHM}/pktipc_shm.c",
+             f"{ENGINE}/flowhash.c", f"{ENGINE}/remote.c", f"{ENGINE}/acceptguard.c",
+             f"{SHM}/pktipc_shm.c",
              f"{SHM}/pktipc_filter.c", f"{CLIENT}/capwrite.c"],
     include_dirs=[SHM, ENGINE, CLIENT, str(ROOT / GENERATED)],
     libraries=["pcap", "xdp", "bpf"],

@@ -208,6 +208,7 @@ class ControlStats:
     connections_cut: int        # their peer flooded or did not read
     messages_over_budget: int   # dropped unread (serve --control-rate)
     connections_dropped: int    # closed under the broker by libzmq
+    accepts_deferred: int       # found the file table full, and waited for room
 
     @classmethod
     def from_reply(cls, d: Mapping[str, Any]) -> ControlStats:

@@ -115,7 +115,8 @@ def _stats(**over: Any) -> dict[str, Any]:
          "refused": {"backoff": 2, "group-private": 1}, "tx_refused": {},
          "control": {"connections": 3, "max_connections": 128, "connections_refused": 4,
                      "handshakes_failed": 0, "connections_cut": 1,
-                     "messages_over_budget": 9, "connections_dropped": 0}}
+                     "messages_over_budget": 9, "connections_dropped": 0,
+                     "accepts_deferred": 0}}
     s.update(over)
     return s
 

@@ -616,6 +616,67 @@ def test_a_peer_that_never_reads_is_cut_off(broker: Any) -> None:
 # --- 7. file descriptors ------------------------------------------------------------------
 
 
+_HOLDER = """
+import resource, sys, time
+from pktipc._broker.control import ControlSocket
+resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
+c = ControlSocket("ipc://" + sys.argv[1], group_access=False, max_connections=8, send_hwm=64)
+print("listening", flush=True)
+sys.stdin.readline()             # every connection has been made; none refused yet
+end = time.monotonic() + 5
+while time.monotonic() < end:
+    c.handle_zap(time.monotonic())
+    c.handle_monitor()
+    time.sleep(0.01)
+print(c.refused, c.accepts_deferred, flush=True)
+c.close()
+"""
+
+
+def test_a_full_file_table_makes_connections_wait_not_the_broker_die(top: Path) -> None:
+    """The control socket of a process allowed 96 files, not answering its
+    ZAP requests while 150 connections come: libzmq's I/O thread accepts
+    them until accept() fails with EMFILE, which libzmq's ipc listener
+    takes for a reason to abort. It lives, counts the accepts that found no
+    room, and refuses the connections past its bound once it answers."""
+    import zmq
+
+    path = top / "ctl"
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    ctx = zmq.Context()
+    socks = []
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        assert p.stdout.readline() == "listening\n", p.stderr.read() if p.stderr else ""
+        for _ in range(150):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(f"ipc://{path}")
+            socks.append(s)
+        deadline = time.monotonic() + 20      # until the holder's table is full
+        while len(os.listdir(f"/proc/{p.pid}/fd")) < 96 - 2:
+            assert p.poll() is None, p.stderr.read() if p.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert p.poll() is None, p.stderr.read() if p.stderr else ""
+        p.stdin.write("\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=30)
+    finally:
+        for s in socks:
+            s.close()
+        ctx.term()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    refused, deferred = map(int, out.split())
+    assert deferred >= 1
+    assert refused >= 150 - 96
+
+
 def test_connections_beyond_the_limit_are_refused_not_fatal(top: Path) -> None:
     """1,100 connections against a broker of `nobody`'s whose limit on open
     files is 1,024 (so that it cannot raise it): it stays up, caps what it

@@ -747,5 +747,6 @@ class Broker:
                 "connections_cut": self.control.cut,
                 "messages_over_budget": self.conn.dropped,
                 "connections_dropped": self.connections_dropped,
+                "accepts_deferred": self.control.accepts_deferred,
             },
         }

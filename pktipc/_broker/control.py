@@ -23,6 +23,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .._errors import PktipcError
 from .._paths import ipc_path
+from .._shm import lib
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"     # where libzmq asks whether to admit a peer
 HANDSHAKE_MS = 2000         # a connection that says nothing is closed after this
@@ -67,6 +68,11 @@ class ControlSocket:
         self.cut = 0                # connections cut from this side
         self.banned: dict[int, float] = {}    # pid -> until (time.monotonic)
         self._known: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # peer -> fd, inode
+        # libzmq would abort at an accept() that finds the file table full:
+        # it waits instead (engine/acceptguard.h).
+        if lib.pkb_accept_guard() <= 0:
+            raise PktipcError("cannot guard libzmq's accept() against a full file table "
+                              "(no libzmq with accept4 in this process?)")
         self.ctx = zmq.Context()
         # The ZAP handler must be there before the first connection comes.
         self.zap = self.ctx.socket(zmq.ROUTER)
@@ -156,6 +162,11 @@ class ControlSocket:
         self.cut += 1
         return True
 
+    @property
+    def accepts_deferred(self) -> int:
+        """Accepts that found the file table full: the connection waited."""
+        return int(lib.pkb_accept_emfile())
+
     def ban(self, pid: int, until: float) -> None:
         """Refuses new connections of process `pid` until `until`."""
         self.banned[pid] = until
@@ -163,7 +174,9 @@ class ControlSocket:
     def handle_zap(self, now: float) -> None:
         """Answers libzmq's requests to admit a connection (RFC 27), at its
         handshake: refused while there are max_connections, or for a banned
-        process."""
+        process. The count is brought up to date first: a flood's
+        connections are accepted well before their requests come."""
+        self.handle_monitor()
         while True:
             try:
                 req = self.zap.recv_multipart(zmq.NOBLOCK)

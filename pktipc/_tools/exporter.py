@@ -55,6 +55,8 @@ BROKER: list[tuple[str, str, str, Callable[[Stats], float]]] = [
     ("refused_connections", "counter", "Control connections refused: too many, or a "
      "process cut off for flooding, still in its back-off.",
      lambda s: s.control.connections_refused),
+    ("deferred_accepts", "counter", "Control connections that found the broker's file "
+     "table full and waited for room.", lambda s: s.control.accepts_deferred),
     ("cut_connections", "counter", "Control connections cut: their peer flooded or did "
      "not read.", lambda s: s.control.connections_cut),
     ("messages_over_budget", "counter", "Control messages dropped unread: beyond their "

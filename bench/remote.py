@@ -126,13 +126,15 @@ class Remote:
         (tmp / "admitted" / "client.key").write_text(Path(cpub).read_text())
         self.n = 0
 
-    def _broker(self, pcap: Path, clients: int) -> tuple[subprocess.Popen[str], str]:
+    def _broker(self, pcap: Path, clients: int,
+                speed: float | None = None) -> tuple[subprocess.Popen[str], str]:
         from bench.suite import _wait_socket
         self.n += 1
         name = f"remote{os.getpid()}-{self.n}"
+        paced = ["--speed", str(speed)] if speed else []
         b = subprocess.Popen([PY, "-m", "pktipc", "serve", "--name", name, "-r", str(pcap),
-                              "--wait-clients", str(clients)], stderr=subprocess.DEVNULL,
-                             text=True)
+                              "--wait-clients", str(clients), *paced],
+                             stderr=subprocess.DEVNULL, text=True)
         _wait_socket(self.runtime, name, b)
         return b, name
 
@@ -201,9 +203,13 @@ class Remote:
         return {"pps": packets / r.seconds, "gbps": frames * 8 / r.seconds / 1e9,
                 "cpu_per_m": cpu / packets * 1e6}
 
-    def local(self, pcap: Path, packets: int, with_remote: bool) -> dict[str, Any]:
+    def local(self, pcap: Path, packets: int, with_remote: bool,
+              speed: float | None = None) -> dict[str, Any]:
+        """A local C client's rate (block), alone or beside a remote CURVE
+        client (drop): as fast as the broker goes, or paced (`speed`, as a
+        tap is by its wire), where the rate is whether it keeps up."""
         from bench.suite import _wait_clients
-        b, name = self._broker(pcap, 2 if with_remote else 1)
+        b, name = self._broker(pcap, 2 if with_remote else 1, speed)
         g = c = None
         if with_remote:
             g, where = self._gateway(name, True)
@@ -222,6 +228,11 @@ class Remote:
         b.wait(timeout=60)
         assert got == packets, (got, packets)
         return {"pps": got / (t1 - t0), "remote_packets": remote_got}
+
+
+# Paced replays (the captures' packets are 1 µs apart): 250,000 packets/s
+# of 64 B, 100,000 of 1400 B (1.1 Gbit/s).
+PACED = {64: 0.25, 1400: 0.1}
 
 
 def _capture(tmp: Path, size: int, packets: int) -> Path:
@@ -253,6 +264,8 @@ def run(quick: bool, reps: int | None = None) -> dict[str, Any]:
                         "tcpdump|nc": partial(r.tcpdump_nc, pcap, n),
                         "local alone": partial(r.local, pcap, n, False),
                         "local + remote": partial(r.local, pcap, n, True),
+                        "paced alone": partial(r.local, pcap, n, False, PACED[size]),
+                        "paced + remote": partial(r.local, pcap, n, True, PACED[size]),
                     }
                     for rep in range(reps):
                         order = list(variants) if rep % 2 == 0 else list(variants)[::-1]
@@ -298,6 +311,15 @@ def table(res: dict[str, Any]) -> str:
                      f"(drop) / alone: **{beside / alone:.2f}** ({beside / 1e6:.2f} M against "
                      f"{alone / 1e6:.2f} M packets/s; the remote client got "
                      f"{far:,.0f} of {s['packets']:,})")
+        if "paced alone" in runs:
+            alone = _med(runs["paced alone"], "pps")
+            beside = _med(runs["paced + remote"], "pps")
+            far = statistics.median(x["remote_packets"] for x in runs["paced + remote"])
+            notes.append(f"- {size} B, paced at {PACED[int(size)] * 1e6:,.0f} packets/s: the "
+                         f"local C client's rate beside a remote CURVE client / alone: "
+                         f"**{beside / alone:.2f}** ({beside / 1e6:.3f} M against "
+                         f"{alone / 1e6:.3f} M packets/s; the remote client got "
+                         f"{far:,.0f} of {s['packets']:,})")
     return "\n".join(rows) + "\n\n" + "\n".join(notes) + f"\n\n{res['reps']} repetitions, medians"
 
 

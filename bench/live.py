@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pktipc
 from bench.offline import BASELINES, CLIENT, ROOT, machine, publish
 from pktipc._tools.netns import Namespace
 
@@ -87,24 +88,6 @@ class Bench:
     def close(self) -> None:
         self.ns.delete()
 
-
-def run_alone(who: str, key: str, run: Callable[[Bench], dict[str, Any]],
-              table: Callable[[dict[str, Any]], str], *, readme: bool) -> int:
-    """A benchmark that is a command of its own: `run` on a Bench of its
-    own (removed after), then its results published (offline.publish) under
-    the README's `suite:KEY` markers. Its exit status; 1, saying so, without
-    root."""
-    if os.geteuid() != 0:
-        print(f"bench.{who} needs root (network namespaces, CAP_NET_RAW)", file=sys.stderr)
-        return 1
-    with tempfile.TemporaryDirectory(prefix=f"pktipc-{who}-") as tmpdir:
-        bench = Bench(Path(tmpdir))
-        try:
-            res = run(bench)
-        finally:
-            bench.close()
-    publish(who, key, res, table(res), readme=readme)
-    return 0
 
     def generate(self, count: int, size: int, rate: float = 0,
                  consumers: tuple[int, ...] = ()) -> dict[str, Any]:
@@ -197,6 +180,25 @@ SCENARIOS = {
     "pktipc-4": ("pktipc, 4 NumPy clients", lambda b, n, s, r: b.pktipc(4, n, s, rate=r)),
     "gen-only": ("the generator alone (CPU baseline)", lambda b, n, s, r: b.generate(n, s, r)),
 }
+
+
+def run_alone(who: str, key: str, run: Callable[[Bench], dict[str, Any]],
+              table: Callable[[dict[str, Any]], str], *, readme: bool) -> int:
+    """A benchmark that is a command of its own: `run` on a Bench of its
+    own (removed after), then its results published (offline.publish) under
+    the README's `suite:KEY` markers. Its exit status; 1, saying so, without
+    root."""
+    if os.geteuid() != 0:
+        print(f"bench.{who} needs root (network namespaces, CAP_NET_RAW)", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix=f"pktipc-{who}-") as tmpdir:
+        bench = Bench(Path(tmpdir))
+        try:
+            res = run(bench)
+        finally:
+            bench.close()
+    publish(who, key, res, table(res), readme=readme)
+    return 0
 
 
 def _med(xs: list[float]) -> float:

@@ -284,7 +284,7 @@ def run(quick: bool, reps: int | None = None) -> dict[str, Any]:
 
 
 def _med(runs: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(x[key] for x in runs)
+    return float(statistics.median(x[key] for x in runs))
 
 
 def table(res: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import PermissionDenied, SourceError
-from .._layout import Iface, Segment
+from .._layout import DESC_SIZE, Iface, Segment
 from .._shm import ffi, lib
 from .live import DEFAULT_BLOCK_TIMEOUT_MS, DEFAULT_SNAPLEN
 from .sources import Produced, Status
@@ -18,7 +18,8 @@ MODES = {"native": lib.PKB_XDP_NATIVE, "skb": lib.PKB_XDP_SKB}
 DEFAULT_FRAMES = 32768          # 64 MiB of 2 KiB frames
 DEFAULT_SLAB_SIZE = 64 << 10    # slabs of descriptors alone: 2048 frames a batch
 RING_SIZE = 16384               # entries of each fill and RX ring: 0.4 s at 40k/s
-NAP = 0.001                     # frames are coming: read them again this much later
+NAP = 0.001                     # frames are coming: read them again no sooner than this,
+MAX_NAP = 0.01                  # and no later (an RX ring holds 10 ms of 1.6 M frames/s)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class XdpSource:
                              kind=lib.PKTIPC_IFACE_LIVE, ifindex=int(lib.pkb_xdp_ifindex(x)))]
         self.fds: list[int] = []
         self._first_at = 0.0            # when the open slab got its first frame
+        self._read_at = 0.0             # when the rings were last read
 
     def bind(self, seg: Segment) -> None:
         """Opens a socket per queue over the segment's frame area, and gives
@@ -99,12 +101,16 @@ class XdpSource:
     def produce(self, fill: Any, now: float) -> Produced:
         """Describes what the kernel placed. A slab is published once full,
         or once the --block-timeout since its first frame is over; until
-        then it is filled again after a nap (reading the rings whenever one
-        has a frame, in copy mode, costs more than the frames a nap adds)."""
+        then it is filled again after a nap: about as long as, at the rate
+        frames came since the rings were last read, it takes to fill the
+        room left (each turn of the loop costs more than the frames it
+        reads; the RX rings hold what comes meanwhile)."""
         before, nbytes = fill.count, fill.bytes
         fill.iface = 0
         status = lib.pkb_xdp_fill(self.xdp, fill, 0xFFFFFFFF)
-        added = [(0, fill.count - before, fill.bytes - nbytes)]
+        got = fill.count - before
+        added = [(0, got, fill.bytes - nbytes)]
+        since, self._read_at = now - self._read_at, now
         if status == lib.PKB_FILL_FULL:
             return Produced(Status.FULL, added)
         if before == 0 and fill.count:
@@ -112,7 +118,9 @@ class XdpSource:
         due = self._first_at + self.opts.batch_timeout_ms / 1000
         if fill.count == 0 or now >= due:
             return Produced(Status.IDLE, added)
-        return Produced(Status.HOLD, added, wake=min(now + NAP, due))
+        room = fill.data_low // DESC_SIZE - fill.count
+        nap = 0.9 * room * since / got if got else NAP
+        return Produced(Status.HOLD, added, wake=min(now + min(max(nap, NAP), MAX_NAP), due))
 
     def recycle(self, slab: int) -> None:
         lib.pkb_xdp_recycle(self.xdp, slab)

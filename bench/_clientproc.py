@@ -107,7 +107,7 @@ def main() -> int:
     t_end = time.monotonic()
     ru = resource.getrusage(resource.RUSAGE_SELF)
     client.close()
-    if prof is not None:
+    if prof is not None and profile:
         prof.dump_stats(profile)
     print(json.dumps({
         "name": name, "mode": mode, "group": client.group, "flows": len(FLOWS),

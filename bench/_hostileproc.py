@@ -72,7 +72,6 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import zmq
@@ -153,7 +152,7 @@ class Hostile:
         self.endpoint = endpoint
         self.rng = random.Random(seed)
         self.good_names = good_names
-        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.ctx.setsockopt(zmq.LINGER, 0)
         self.sent: Counter[str] = Counter()
         self.replies: Counter[str] = Counter()
@@ -271,7 +270,8 @@ class Hostile:
         rng = self.rng
         if self.given and rng.random() < 0.6:
             return rng.choice(self.given)
-        return rng.choice([self.fz.U64, 1 << 40, rng.randint(1 << 40, self.fz.U64)])
+        u64: int = self.fz.U64
+        return rng.choice([u64, 1 << 40, rng.randint(1 << 40, u64)])
 
     def attach(self, s: zmq.Socket[bytes]) -> bool:
         fz, rng = self.fz, self.rng
@@ -401,7 +401,7 @@ def hostile(endpoint: str, count: int, seed: int, good_names: list[str]) -> int:
 # --- floods --------------------------------------------------------------------------
 
 
-def _dealer(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[bytes]:
+def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(endpoint)
@@ -409,7 +409,7 @@ def _dealer(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[bytes]:
 
 
 def _burst(endpoint: str, frame: bytes, count: int) -> int:
-    ctx: zmq.Context[Any] = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     s = _dealer(ctx, endpoint)
     sent, deadline = 0, time.monotonic() + 1.0
     while sent < count and time.monotonic() < deadline:
@@ -467,7 +467,7 @@ def flood(endpoint: str, kind: str, seconds: float) -> int:
         sent = sum(int.from_bytes(counts[i:i + 4], "little") for i in range(0, len(counts), 4))
         print(json.dumps({"sent": sent, "connections": len(counts) // 4}), flush=True)
         return 0
-    ctx: zmq.Context[Any] = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     s = _dealer(ctx, endpoint)
     frame = stats
     if kind == "heartbeat":
@@ -501,7 +501,7 @@ def flood(endpoint: str, kind: str, seconds: float) -> int:
 
 def unread(endpoint: str, rate: float, burst: int, seconds: float) -> int:
     """(Light: no pktipc, so that a hundred of these start quickly.)"""
-    ctx: zmq.Context[Any] = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVHWM, 1)             # as little as it can take in

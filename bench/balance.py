@@ -93,10 +93,10 @@ def run(procs: Procs, tmp: Path, env: dict[str, str], groups: dict[str, int],
         results = []
         for c in clients:
             rc, ru = procs.reap(c)
-            out, errtext = c.communicate()
+            stdout, errtext = c.communicate()
             if rc != 0:
                 raise RuntimeError(f"client exited {rc}: {errtext.decode(errors='replace')}")
-            r = json.loads(out.decode().strip().splitlines()[-1])
+            r = json.loads(stdout.decode().strip().splitlines()[-1])
             r["cpu_s"] = _cpu(ru)
             results.append(r)
         brc, bru = procs.reap(broker)
@@ -162,22 +162,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"{g}: {x['pps'] / 1e6:.2f} Mpkt/s cv {x['cv']:.3f}"
                     for g, x in r["groups"].items()), flush=True)
         captures = sorted(p for p in PCAPS.iterdir() if p.suffix in (".pcap", ".pcapng"))
-        spread = {}
-        for k in (2, 4):
+        spread: dict[int, dict[str, Any]] = {}
+        for members in (2, 4):
             seq += 1
-            r = run(procs, tmp, env, {"ids": k}, captures, 1, seq, "flows")
-            spread[k] = r["groups"]["ids"]
-            print(f"real captures, {k} members: {spread[k]['per_member']} packets, "
-                  f"cv {spread[k]['cv']:.3f}", flush=True)
+            r = run(procs, tmp, env, {"ids": members}, captures, 1, seq, "flows")
+            spread[members] = r["groups"]["ids"]
+            print(f"real captures, {members} members: {spread[members]['per_member']} packets, "
+                  f"cv {spread[members]['cv']:.3f}", flush=True)
 
-        def median(mode: str, key: str, f: Any) -> float:
-            return statistics.median(f(r) for r in runs
+        def median(mode: str, key: str, group: str, field: str) -> float:
+            return statistics.median(float(r["groups"][group][field]) for r in runs
                                      if r["scenario"] == key and r["mode"] == mode)
 
-        med = {f"{m}/{k}": {g: median(m, k, lambda r, g=g: r["groups"][g]["pps"])
-                            for g in SCENARIOS[k]} for m in MODES for k in SCENARIOS}
-        cvs = {f"{m}/{k}": median(m, k, lambda r: r["groups"]["ids"]["cv"])
+        med = {f"{m}/{k}": {g: median(m, k, g, "pps") for g in SCENARIOS[k]}
                for m in MODES for k in SCENARIOS}
+        cvs = {f"{m}/{k}": median(m, k, "ids", "cv") for m in MODES for k in SCENARIOS}
         print(f"\n{packets:,} x 64-byte packets (numpy: x {loops} passes), "
               f"{reps} repetitions, medians")
         print(f"{'':13} {'group ids Mpkt/s':>17} {'vs g1':>6} {'rec Mpkt/s':>11} {'cv ids':>7}")
@@ -188,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 rec = x.get("rec")
                 print(f"{m + ' ' + k:13} {x['ids'] / 1e6:17.2f} {x['ids'] / ref:6.2f} "
                       f"{'' if rec is None else f'{rec / 1e6:.2f}':>11} {cvs[f'{m}/{k}']:7.3f}")
-        for k, s in spread.items():
-            print(f"real captures, {k} members: packets {s['per_member']}, cv {s['cv']:.3f}; "
+        for members, s in spread.items():
+            print(f"real captures, {members} members: packets {s['per_member']}, cv {s['cv']:.3f}; "
                   f"flow hashes {s['flows_per_member']}")
 
         exe = tmp / "flowhash_cost"

@@ -54,7 +54,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,7 @@ class Env:
             os.environ["PKTIPC_RUNTIME_DIR"] = self._saved_runtime
 
 
-def stats(name: str) -> dict[str, Any]:
+def stats(name: str) -> Mapping[str, Any]:
     return pktipc.broker_stats(name, timeout=10).reply
 
 

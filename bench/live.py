@@ -180,7 +180,7 @@ class Bench:
         return out
 
 
-SCENARIOS = {
+SCENARIOS: dict[str, tuple[str, Callable[[Bench, int, int, float], dict[str, Any]]]] = {
     "raw-1": ("raw TPACKET_V3 reader, 1 (ceiling)", lambda b, n, s, r: b.raw(1, n, s, r)),
     "pktipc-1": ("pktipc, 1 NumPy client", lambda b, n, s, r: b.pktipc(1, n, s, rate=r)),
     "raw-4": ("4 independent TPACKET_V3 readers", lambda b, n, s, r: b.raw(4, n, s, r)),

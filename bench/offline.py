@@ -144,7 +144,11 @@ def refresh_readme(sections: dict[str, str]) -> None:
     for key, body in sections.items():
         pattern = re.compile(rf"(<!-- suite:{key} -->\n).*?(\n<!-- /suite:{key} -->)", re.S)
         if pattern.search(text):
-            text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
+            # (a function, so that backslashes in the body are not read as escapes)
+            def between(m: re.Match[str], body: str = body) -> str:
+                return m.group(1) + body + m.group(2)
+
+            text = pattern.sub(between, text)
     README.write_text(text)
 
 

@@ -73,7 +73,8 @@ def slabs_of(pcap: Path, packets: int) -> list[tuple[np.ndarray[Any, Any], np.nd
     from pktipc import PKT_DTYPE
 
     raw = pcap.read_bytes()
-    frames, off = [], 24
+    frames: list[tuple[bytes, int]] = []
+    off = 24
     while off < len(raw) and len(frames) < packets:
         caplen, wirelen = struct.unpack_from("<II", raw, off + 8)
         frames.append((raw[off + 16:off + 16 + caplen], wirelen))
@@ -115,7 +116,7 @@ def by_hand(b: memoryview) -> bool:
     else:
         return False
     sport, dport = struct.unpack_from("!HH", b, off)
-    return sport == 80 or dport == 80
+    return 80 in (sport, dport)
 
 
 def with_dpkt(b: memoryview) -> bool:
@@ -135,7 +136,7 @@ def py_cost(pcap: Path, packets: int, reps: int) -> dict[str, Any]:
 
     slabs = slabs_of(pcap, packets)
     f = _Filter(EXPR, [SimpleNamespace(linktype=1)])     # type: ignore[list-item]
-    views = [[memoryview(s)[o:o + n] for o, n in zip(d["data_off"].tolist(), d["caplen"].tolist(),
+    views = [[s.data[o:o + n] for o, n in zip(d["data_off"].tolist(), d["caplen"].tolist(),
                                                       strict=True)] for s, d in slabs]
     n = sum(len(d) for _, d in slabs)
 

@@ -68,7 +68,7 @@ def _wait_line(p: subprocess.Popen[str], needle: str, timeout: float = 20) -> No
             return
         if not line and p.poll() is not None:
             break
-    raise RuntimeError(f"{p.args}: never said {needle!r}")
+    raise RuntimeError(f"{p.args!r}: never said {needle!r}")
 
 
 # dumpcap says it captures a moment before its socket takes frames: those
@@ -140,9 +140,10 @@ class RecordBench:
             if broker.stderr:
                 broker.stderr.close()
         rec_drops = next((c.drops for c in st.clients if c.name == "rec.r"), 0)
+        # (an interface always reports its kernel's drops: None is a file's)
+        kernel_drops = sum(s.kernel_drops or 0 for s in st.sources)
         return {**g, "written": final["packets"],
-                "drops": st.sources[0].kernel_drops + st.counters.broker_drops
-                + rec_drops}
+                "drops": kernel_drops + st.counters.broker_drops + rec_drops}
 
     def _tool(self, cmd: list[str], ready: str, out: Path, count: int, size: int,
               rate: float) -> tuple[dict[str, Any], str]:

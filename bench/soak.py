@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,7 @@ def soak(env: Env, a: argparse.Namespace) -> dict[str, Any]:
     churners: list[subprocess.Popen[bytes]] = []
     started = killed = failed = 0
     missed: list[dict[str, Any]] = []
-    last: dict[str, Any] = pktipc.broker_stats(name, timeout=10).reply
+    last: Mapping[str, Any] = pktipc.broker_stats(name, timeout=10).reply
     died = ""
     next_sample = t0
     i = 0

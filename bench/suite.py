@@ -494,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, metavar="JSON",
                     help="only remake the tables, plots and README from a saved run")
     a = ap.parse_args(argv)
+    res: dict[str, Any]
     if a.report:
         res = json.loads(a.report.read_text())
         sections = tables(res)
@@ -511,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(["make", "-s", "-C", str(ROOT / "clients" / "c"), "examples"], check=True)
     subprocess.run(["make", "-s", "-C", str(ROOT / "clients" / "suricata")], check=True)
     started = time.monotonic()
-    res: dict[str, Any] = {"machine": machine(), "quick": a.quick, "reps": reps,
-                           "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    res = {"machine": machine(), "quick": a.quick, "reps": reps,
+           "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
     with tempfile.TemporaryDirectory(prefix="pktipc-suite-") as tmpdir:
         tmp = Path(tmpdir)
         bench = Bench(tmp)

@@ -243,8 +243,10 @@ def run(bench: Bench, quick: bool) -> dict[str, Any]:
 
 
 def table(res: dict[str, Any]) -> str:
+    summary: list[dict[str, Any]] = res["summary"]
+
     def get(setup: str, second: bool) -> dict[str, Any]:
-        return [x for x in res["summary"] if (x["setup"], x["second"]) == (setup, second)][0]
+        return [x for x in summary if (x["setup"], x["second"]) == (setup, second)][0]
 
     lines = ["| set-up | beside it | drop-free rate, k frames/s | CPU µs per packet "
              f"(at {res['summary'][0]['at_pps'] // 1000} k/s) |", "|---|---|---:|---:|"]

@@ -148,24 +148,27 @@ def two_hosts(prefix: str = "10.77") -> Iterator[tuple[Netns, Netns, str, str]]:
         assert a.name not in listed and b.name not in listed, "namespace left behind"
 
 
-# A remote client as a script: every packet's seq and digest, its gaps, and
-# how it ended, as JSON in a file.
+# A remote client as a script: every packet's seq and digest, its gaps, the
+# broker epochs it saw (from which packet on), and how it ended, as JSON in a
+# file.
 CLIENT = """
 import hashlib, json, sys, pktipc
 url, name, policy, key, server_key, out = sys.argv[1:7]
 keys = {"insecure": True} if key == "-" else {"key": key, "server_key": server_key}
-got = []
+got, epochs = [], []
 with pktipc.connect(url, name, policy=policy, reconnect=120, timeout=30, **keys) as c:
     print("attached", flush=True, file=sys.stderr)
     for batch in c:
         with batch:
+            if not epochs or epochs[-1][1] != c.epoch:
+                epochs.append([len(got), c.epoch])
             for p in batch:
                 d = hashlib.blake2b(bytes(p.data), digest_size=8)
                 d.update(b"%d %d %d" % (p.ts_ns, p.caplen, p.wirelen))
                 got.append([p.seq, d.hexdigest()])
     with open(out, "w") as f:
         json.dump({"got": got, "gaps": c.gaps, "reconnects": c.reconnects,
-                   "end_error": c.end_error}, f)
+                   "end_error": c.end_error, "epochs": epochs}, f)
 """
 
 

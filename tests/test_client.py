@@ -559,6 +559,59 @@ def test_a_broker_that_no_longer_knows_the_client_is_left_once(runtime_dir: Path
         fake.close()
 
 
+def test_each_packet_skipped_is_counted_once_across_a_lost_connection(
+        runtime_dir: Path) -> None:
+    """A drop client loses its connection with a batch come but not handed
+    out, and its place is resumed: the broker, not knowing what arrived, tells
+    the GAP before that batch again, and a GAP for the batch (skipped while
+    the client was away). The client counts the first once, and the second
+    in full: it never had those packets."""
+    from pktipc import _protocol as proto
+    from pktipc._layout import LAYOUT_VERSION
+
+    fake = FakeBroker(runtime_dir, "fake3")
+    t = fake.welcome()
+    try:
+        with pktipc.connect("fake3", "c", policy="drop", reconnect=10) as c:
+            t.join()
+            fake.publish(0, 3, seq=0)
+            fake.batch(0, 3, seq=0)
+            b = c.next_batch(timeout=5)
+            assert b is not None and b.seq == 0
+            b.release()
+            fake.publish(1, 2, seq=5)
+            fake.send("gap", **{"from": 3, "to": 5})
+            fake.batch(1, 2, seq=5)
+            fake.send("error", code="not-attached", text="release not allowed from a new peer")
+            time.sleep(0.3)                 # all three are there to read at once
+
+            def resume() -> None:
+                while True:
+                    assert fake.router.poll(5000)
+                    peer, frame = fake.router.recv_multipart()
+                    if proto.decode(frame)[0] == "hello":
+                        break
+                fake.peer = peer
+                fake.send("welcome", shm=fake.shm, epoch=7, layout=LAYOUT_VERSION,
+                          slot=0, credit=4, policy="drop", heartbeat_ms=1000,
+                          liveness_ms=30000, group="c", balance="flow")
+                fake.send("gap", **{"from": 3, "to": 5})        # told again
+                fake.send("gap", **{"from": 5, "to": 7})        # the batch it lost
+                fake.publish(2, 1, seq=7)
+                fake.batch(2, 1, seq=7)
+            t = threading.Thread(target=resume)
+            t.start()
+            b = c.next_batch(timeout=10)
+            assert b is not None and b.seq == 7
+            b.release()
+            assert c.reconnects == 1
+            assert c.gaps == [(3, 5), (5, 7)]
+            assert c.counters.drops == 4
+    finally:
+        t.join()
+        fake.close()
+
+
 def test_a_client_at_the_end_of_the_stream_is_kept_alive(broker) -> None:
     """After end-of-stream a client goes on heartbeating (whenever it is
     called) until it closes: a lingering broker keeps it past its liveness."""

@@ -585,6 +585,32 @@ def test_gaps_and_batches_account_for_every_seq_in_order() -> None:
     assert accounted_in_order(w.after_welcome(a)), w.after_welcome(a)
 
 
+def test_a_gap_told_to_a_connection_that_was_lost_is_told_again() -> None:
+    """A GAP is sent, then the connection is lost before the client said it
+    got it (a RELEASE of a batch sent after it): like a batch sent and not
+    released, it is told again when the client resumes its place; a GAP the
+    client confirmed is not."""
+    w, d, b = lagging_drop_client(slabs=4)
+    assert list(w.state(d).queue) == [2, 4, 6]
+    s = w.disp.reclaim()             # skips seq 2 for d
+    assert s is not None and w.state(d).gaps == [(2, 4)]
+    w.publish(2, slab=s)             # seq 8
+    w.release(b, 8)
+    w.release(d, 0)                  # GAP (2, 4) then BATCH 4, both lost on the way
+    assert w.after_welcome(d)[1:] == [GapReported(2, 4), BatchAnnounced(4, 2, 1, 2)]
+    w.conn.forget(d)
+    w.disp.detach(w.state(d), w.now)
+    back = w.connect("dropper", policy="drop", credit=1)
+    assert w.after_welcome(back) == [GapReported(2, 4), BatchAnnounced(4, 2, 1, 2)]
+    w.release(back, 4)               # it got what came before BATCH 4: the GAP
+    assert w.after_welcome(back)[2:] == [BatchAnnounced(6, 3, 1, 2)]
+    w.conn.forget(back)
+    w.disp.detach(w.state(back), w.now)
+    again = w.connect("dropper", policy="drop", credit=1)
+    assert w.after_welcome(again) == [BatchAnnounced(6, 3, 1, 2)]     # and no GAP again
+    assert accounted_in_order([*w.after_welcome(back)[:2], *w.after_welcome(again)], start=2)
+
+
 # --- a state machine ------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import struct
 import subprocess
 import threading
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Netns, all_captures, run_pktipc, segments
+from conftest import BrokerProc, Netns, all_captures, run_pktipc, segments
 from opshelp import synth_file, wait_for
 from pcapref import read_pcap
 from pktipc._shm import lib
@@ -37,6 +38,7 @@ from test_replay import collect, reference
 
 import pktipc
 from pktipc._layout import u32s
+from pktipc._tools.synth import write_pcap
 
 
 @pytest.fixture
@@ -329,6 +331,60 @@ def _cut_phase(broker: Any, keys: Keys, tmp_path: Path, hosts: tuple[Netns, Netn
         assert not set(skipped) & set(received)
         assert sorted([*received, *skipped]) == list(range(total))
     assert bk.wait() == 0
+
+
+@pytest.mark.parametrize("gateway_too", [False, True],
+                         ids=["gateway-stays", "gateway-restarts"])
+def test_remote_client_follows_a_restarted_broker(broker: Any, keys: Keys, tmp_path: Path,
+                                                  runtime_dir: Path, gateway_too: bool) -> None:
+    """Two hosts: kill -9 of the broker mid-stream (and, with `gateway_too`,
+    its gateway restarted on the same address), then a new broker of the
+    same name: the remote client attaches to it by itself, as a local client
+    does (one reconnection, a new epoch, seqs anew), and receives the new
+    broker's whole stream in order, bytes and all, with no gap."""
+    paced = tmp_path / "paced.pcap"
+    with open(paced, "wb") as f:
+        write_pcap(f, 60000, rate_pps=1000)         # --realtime: a minute at most
+    second_path = tmp_path / "second.pcap"
+    with open(second_path, "wb") as f:
+        write_pcap(f, 5000, rate_pps=1e6, seed=2)
+    first_stream = [digest(d, ts, cap, wire) for ts, cap, wire, d in
+                    read_pcap(str(paced)).packets]
+    second_stream = [digest(d, ts, cap, wire) for ts, cap, wire, d in
+                     read_pcap(str(second_path)).packets]
+    assert first_stream[:5000] != second_stream
+    with two_hosts("10.81" if gateway_too else "10.82") as (a, bns, addr_a, _), \
+            procs() as started:
+        first = broker("-r", str(paced), "--realtime", "--heartbeat", "0.2")
+        g_args = ("--heartbeat", "0.2", "--liveness", "1")
+        g, where = gateway(started, first.name, keys, *g_args, listen=f"{addr_a}:57010",
+                           netns=a)
+        out = tmp_path / "got.json"
+        far = client_script(started, f"tcp://{where}/{first.name}", "far", "block", keys,
+                            out, netns=bns)
+        far.wait_line("attached")
+        wait_for("packets to the remote client", lambda: next(
+            (c.packets for c in pktipc.broker_stats(first.name).clients if c.name == "far"),
+            0) >= 200)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        if gateway_too:
+            g.stop()
+        second = BrokerProc(first.name, ["-r", str(second_path)], runtime_dir)
+        try:
+            second.wait_ready()
+            if gateway_too:
+                gateway(started, first.name, keys, *g_args, listen=where, netns=a)
+            got = script_result(far, out)
+            assert second.wait() == 0, second.stderr()
+        finally:
+            second.stop()
+    assert got["reconnects"] == 1 and got["end_error"] is None and not got["gaps"]
+    [(zero, old_epoch), (cut, new_epoch)] = got["epochs"]
+    assert zero == 0 and cut >= 200 and new_epoch != old_epoch
+    before, after = got["got"][:cut], got["got"][cut:]
+    assert before == [[i, d] for i, d in enumerate(first_stream[:cut])]
+    assert after == [[i, d] for i, d in enumerate(second_stream)]
 
 
 def test_bad_input_is_one_line(broker: Any, keys: Keys, tmp_path: Path) -> None:

@@ -123,9 +123,14 @@ class ClientState:
     shares: dict[int, Share] = field(default_factory=dict)  # of each seq queued or held
     later: dict[int, Share] = field(default_factory=dict)   # owed for a seq it holds
     sent_at: dict[int, float] = field(default_factory=dict)  # held seq -> when sent
+    sent_no: dict[int, int] = field(default_factory=dict)    # held seq -> its `batches` number
     pidfd: int | None = None                            # local clients: death is readable
     detached_at: float = 0.0
     gaps: list[tuple[int, int]] = field(default_factory=list)  # skipped, not yet told
+    # Told, but not known to have arrived: (start, end, batches sent before
+    # it). A RELEASE of a batch sent after it says it did (a connection
+    # delivers in order); one that may not have is told again on resuming.
+    told: list[tuple[int, int, int]] = field(default_factory=list)
     eos_sent: bool = False
     batches: int = 0
     packets: int = 0
@@ -349,7 +354,9 @@ class Dispatcher:
 
     def detach(self, c: ClientState, now: float) -> None:
         """Keeps a lost client's place: what it held and what it is owed wait
-        for it under its name (see resume); `drop` clients may lose them."""
+        for it under its name (see resume); `drop` clients may lose them.
+        GAPs it may not have received (lost with its connection, as the
+        batches it held may have been) are told again."""
         assert c.peer is not None
         del self.by_peer[c.peer]
         c.peer = None
@@ -357,6 +364,10 @@ class Dispatcher:
         held = sorted(c.held)
         c.held.clear()
         c.sent_at.clear()
+        c.sent_no.clear()
+        for start, end, _ in c.told:
+            _add_gap(c.gaps, start, end)
+        c.told.clear()
         for seq in held:
             share = c.shares.pop(seq)
             self._enqueue(c, seq, share)
@@ -375,6 +386,8 @@ class Dispatcher:
         owed += sorted(c.later.items())
         c.held.clear()
         c.sent_at.clear()
+        c.sent_no.clear()
+        c.told.clear()
         c.queue.clear()
         c.shares.clear()
         c.later.clear()
@@ -416,6 +429,9 @@ class Dispatcher:
             if seq in c.held:
                 c.held.remove(seq)
                 del c.sent_at[seq]
+                sent = c.sent_no.pop(seq)
+                if c.told and c.told[0][2] <= sent:
+                    c.told = [t for t in c.told if t[2] > sent]
                 del c.shares[seq]
                 self._unref(seq)
                 later = c.later.pop(seq, None)
@@ -524,6 +540,7 @@ class Dispatcher:
                                  share.mask)
             c.held.add(seq)
             c.sent_at[seq] = now
+            c.sent_no[seq] = c.batches
             c.batches += 1
             c.packets += share.packets
         if self.ended and not c.queue and not c.eos_sent:
@@ -544,7 +561,9 @@ class Dispatcher:
     def _tell_gaps(self, c: ClientState, now: float, before: int) -> None:
         """Sends, in order, the gaps that come before seq `before`."""
         while c.gaps and c.gaps[0][0] < before and c.peer is not None:
-            self.conn.send_gap(c.peer, now, *c.gaps.pop(0))
+            start, end = c.gaps.pop(0)
+            self.conn.send_gap(c.peer, now, start, end)
+            c.told.append((start, end, c.batches))
             c.gaps_sent += 1
 
     def end(self, now: float, error: str | None = None, *, abandon: bool = False) -> None:

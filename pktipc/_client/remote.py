@@ -102,8 +102,6 @@ class _Remote:
     _conn: proto.ClientConnection
     _map: Any
     _filter: str | None
-    _seen_epoch: int | None
-    _seen_end: int
     _owner: int | None
     name: str
 
@@ -207,8 +205,7 @@ class _Remote:
         carried = _Carried(w.epoch, parse_ifaces(w.ifaces))
         if self._filter is not None:
             carried.filter = _Filter(self._filter, carried.ifaces)
-        if w.epoch != self._seen_epoch:
-            self._seen_end, self._seen_epoch = 0, w.epoch   # another broker: seqs anew
+        self._epoch_seen(w.epoch)  # type: ignore[attr-defined]
         # A new one at each attachment: batches of an earlier one are not
         # released to this one.
         self._map = carried

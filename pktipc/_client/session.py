@@ -14,6 +14,7 @@ loop's reader callback.
 
 from __future__ import annotations
 
+import bisect
 import gc
 import mmap
 import os
@@ -462,8 +463,13 @@ class _Session:
         self._sock: zmq.Socket[bytes] | None = None
         self._sock_fd = -1
         self._map: _Mapping | _Carried | None = None
-        self._seen_end = 0      # past the last packet seq announced by this broker
+        self._seen_end = 0      # past the last batch of this broker handed out
         self._seen_epoch: int | None = None
+        # This broker's gaps recorded, as sorted disjoint [start, end): a GAP
+        # told again (its connection was lost before the broker knew it came)
+        # is counted once.
+        self._skip_starts: list[int] = []
+        self._skip_ends: list[int] = []
         self._conn = self._connection(reconnect)
         self._failure: PktipcError | None = None
         self._suspect: tuple[float, int] | None = None   # (until, seq): see _mismatch
@@ -616,8 +622,7 @@ class _Session:
         """Maps the segment WELCOME named, compiles the filter for its
         sources, and says so."""
         mapping = _Mapping(w, self.server, self._owner)
-        if w.epoch != self._seen_epoch:
-            self._seen_end, self._seen_epoch = 0, w.epoch   # another broker: seqs anew
+        self._epoch_seen(w.epoch)
         if self._filter is not None:
             mapping.filter = _Filter(self._filter, mapping.ifaces)
         if self._map is not None and not any(b._map is self._map for b in self._batches):
@@ -627,6 +632,30 @@ class _Session:
         self._ended = False
         self._conn.mapped(time.monotonic())
         self._flush()
+
+    def _epoch_seen(self, epoch: int) -> None:
+        if epoch != self._seen_epoch:           # another broker: seqs anew
+            self._seen_end, self._seen_epoch = 0, epoch
+            self._skip_starts, self._skip_ends = [], []
+
+    def _skipped(self, start: int, end: int) -> None:
+        """Records in `gaps` what of [start, end) the client neither was
+        handed (a batch that came, whose RELEASE was lost with the connection,
+        may be reported skipped on resuming) nor has recorded already."""
+        starts, ends = self._skip_starts, self._skip_ends
+        cur = max(start, self._seen_end)
+        i = bisect.bisect_right(ends, cur)      # the first recorded range ending past cur
+        while cur < end:
+            if i < len(starts) and starts[i] <= cur:
+                cur = ends[i]
+                i += 1
+                continue
+            stop = min(end, starts[i]) if i < len(starts) else end
+            self.gaps.append((cur, stop))
+            starts.insert(i, cur)
+            ends.insert(i, stop)
+            i += 1
+            cur = stop
 
     # -- the step --
     def _service(self) -> None:
@@ -685,6 +714,7 @@ class _Session:
         while self._pending:
             assert self._map is not None
             b = self._pending.popleft()
+            self._seen_end = max(self._seen_end, b.seq + b.n)     # handed out (or filtered)
             try:
                 batch = self._batch(b)
             except BrokerGone as e:
@@ -855,8 +885,6 @@ class _Session:
         # already hold other packets), so it is handled first.
         events.sort(key=lambda ev: not isinstance(ev, proto.Evicted))
         for ev in events:
-            if isinstance(ev, proto.BatchAnnounced | proto.BatchReceived):
-                self._seen_end = max(self._seen_end, ev.seq + ev.n)
             if isinstance(ev, proto.BatchReceived):
                 self._pending.append(ev)
             elif isinstance(ev, proto.BatchAnnounced):
@@ -868,10 +896,7 @@ class _Session:
                 else:
                     self._pending.append(ev)
             elif isinstance(ev, proto.GapReported):
-                # A batch that came but whose RELEASE was lost with the
-                # connection may be reported skipped on resuming: not a gap.
-                if max(ev.start, self._seen_end) < ev.end:
-                    self.gaps.append((max(ev.start, self._seen_end), ev.end))
+                self._skipped(ev.start, ev.end)
             elif isinstance(ev, proto.StreamEnded):
                 self._ended = True
                 self.end_error = ev.error

@@ -173,6 +173,10 @@ struct pktipc_client {
     int disp_active;
 
     uint64_t packets, bytes, batches, released, release_msgs, drops, gaps, filtered;
+    /* Past the last packet a GAP of this epoch's broker counted: a GAP told
+     * again (its connection was lost before the broker knew it came) is
+     * counted once. */
+    uint64_t gap_end, gap_epoch;
     atomic_flag busy;
     char err[PKTIPC_ERRBUF_SIZE];
     char eos_err[PKTIPC_ERRBUF_SIZE];   /* why the stream ended early, "" if it did not */

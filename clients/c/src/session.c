@@ -479,8 +479,18 @@ static int on_frame(pktipc_client *c, const void *data, size_t len, int more, in
         uint64_t from = proto_u64(&c->msg, F_GAP_FROM), to = proto_u64(&c->msg, F_GAP_TO);
         if (to < from)
             return violation(c, now, "a gap that ends before it starts");
-        c->drops += to - from;
-        c->gaps++;
+        struct map *m = atomic_load_explicit(&c->cur, memory_order_relaxed);
+        if (m && m->epoch != c->gap_epoch) {
+            c->gap_epoch = m->epoch;        /* another broker: seqs anew */
+            c->gap_end = 0;
+        }
+        if (from < c->gap_end)
+            from = c->gap_end;
+        if (to > from) {
+            c->drops += to - from;
+            c->gaps++;
+            c->gap_end = to;
+        }
         return 0;
     }
     case PMSG_EOS:

@@ -907,6 +907,14 @@ static void test_gaps_and_end_of_stream(void)
     fb_u64(&f, "from", 990);
     fb_u64(&f, "to", 1000);
     fb_send(&f);
+    fb_head(&f, "gap", 2);          /* told again (a resumed place): counted once */
+    fb_u64(&f, "from", 990);
+    fb_u64(&f, "to", 1000);
+    fb_send(&f);
+    fb_head(&f, "gap", 2);          /* partly told already */
+    fb_u64(&f, "from", 995);
+    fb_u64(&f, "to", 1000);
+    fb_send(&f);
     fb_batch(&f, 0, 5, 10);
     fb_head(&f, "eos", 1);
     fb_str(&f, "error", "file.pcap: truncated");

@@ -12,11 +12,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 from opshelp import synth_file
 from pcapref import read_pcap
+from pktipc._shm import lib
 from remotehelp import Proc, procs, start
 from test_groups import flow_of
+from test_live import OTHER, frame, udp4
 
+from pktipc import PKT_DTYPE, PktipcError
+from pktipc._client.writer import pcap_header, records
+from pktipc._net.pcapoverip import SNAPLEN
 from pktipc._tools.synth import write_pcap
 
 Record = tuple[int, int, int, bytes]        # ts in µs, caplen, wirelen, bytes
@@ -199,3 +206,56 @@ def test_bad_input_is_one_line() -> None:
             assert r.returncode != 0, args
             assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
             assert want in r.stderr, r.stderr
+
+
+T_END = 2**32 * 10**9       # pcap's seconds are an unsigned 32-bit count
+
+
+def _batch(frames: list[tuple[int, bytes, int]]) -> tuple[np.ndarray[Any, Any], bytes]:
+    """Descriptors and a slab (as the broker lays them out) of frames given
+    as (time in ns, bytes, wire length)."""
+    desc = np.zeros(len(frames), dtype=PKT_DTYPE)
+    slab = bytearray(32 * len(frames))
+    for i, (ts, data, wire) in enumerate(frames):
+        desc[i]["data_off"] = len(slab)
+        desc[i]["caplen"], desc[i]["wirelen"] = len(data), wire
+        desc[i]["ts_ns"] = ts
+        desc[i]["linktype"] = 1
+        slab += data + b"\0" * (-len(data) % 8)
+    return desc, bytes(slab)
+
+
+def test_c_records_are_what_the_format_defines(tmp_path: Path) -> None:
+    """One batch's records, as pcap-over-ip builds them (one C call), read
+    back by libpcap: microseconds truncated from the nanoseconds, up to the
+    last microsecond pcap can hold; a frame longer than the snap length cut
+    there, its wire length kept; a VLAN tag as it is in the frame; only the
+    packets asked for, in the order asked."""
+    big = frame(OTHER, udp4(1, 2, 1000)[:28] + bytes(range(256)) * 273)[:70_000]   # a GRO frame
+    vlan = frame(OTHER, udp4(3, 4, 50), (0x8100, 0x2064))
+    plain = frame(OTHER, udp4(5, 6, 20))
+    frames = [(0, plain, len(plain)),                       # 1970-01-01 00:00:00.000000
+              (999, vlan, len(vlan)),                       # 999 ns: 0 µs
+              (1_700_000_000_123_456_789, big, 70_000),
+              (5, plain, len(plain)),                       # not asked for
+              (T_END - 1, vlan, len(vlan) + 100),           # 2106-02-07 06:28:15.999999
+              (2**31 * 10**9 + 1000, plain[:30], len(plain)),   # past 2038, captured short
+              (1_999_999_999, big[:65_535], 70_000)]
+    desc, slab = _batch(frames)
+    idx = np.array([0, 1, 2, 4, 5, 6], dtype=np.uint32)
+    size = sum(16 + min(len(frames[i][1]), SNAPLEN) for i in idx)
+    out = bytearray(size + 5)
+    data = records(lib.CAPW_PCAP_US, desc, slab, idx, out, size, snaplen=SNAPLEN)
+    assert len(data) == size
+    path = tmp_path / "batch.pcap"
+    path.write_bytes(pcap_header(1, SNAPLEN, micro=True) + data)
+    ref = read_pcap(str(path))
+    assert ref.error is None and ref.linktype == 1
+    want = [(ts // 1000 * 1000, min(len(f), SNAPLEN), wire, f[:SNAPLEN])
+            for ts, f, wire in (frames[i] for i in idx)]
+    assert [tuple(p) for p in ref.packets] == want
+    assert ref.packets[3].ts_ns == T_END - 1000 and ref.packets[2].caplen == 65_535
+    for bad in (-1, T_END):                 # times pcap cannot hold: refused
+        desc[1]["ts_ns"] = bad
+        with pytest.raises(PktipcError):
+            records(lib.CAPW_PCAP_US, desc, slab, idx, out, size, snaplen=SNAPLEN)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
-from itertools import chain
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -23,7 +22,6 @@ from .._shm import ffi, lib
 
 PCAP_NS_MAGIC = 0xA1B23C4D
 PCAP_US_MAGIC = 0xA1B2C3D4
-_PCAP_REC = np.dtype([("sec", "<u4"), ("nsec", "<u4"), ("incl", "<u4"), ("orig", "<u4")])
 PCAP_TS_END = (1 << 32) * 1_000_000_000   # pcap seconds are an unsigned 32-bit count
 MAX_COMMENT = 256                  # bytes of a block's comment kept
 _DIR_MASK, _DIR_SHIFT = lib.PKTIPC_F_DIR_MASK, lib.PKTIPC_F_DIR_SHIFT
@@ -47,23 +45,27 @@ def pcap_header(linktype: int, snaplen: int, micro: bool = False) -> bytes:
                        snaplen, linktype)
 
 
-def pcap_records(desc: np.ndarray[Any, Any], views: list[memoryview], micro: bool = False,
-                 snaplen: int | None = None) -> bytes:
-    """Classic pcap records of packets (times checked by the caller to lie
-    within 1970-2106): nanosecond or microsecond timestamps; with `snaplen`,
-    at most that many bytes of each, the wire length kept."""
-    n = len(desc)
-    rec = np.empty(n, dtype=_PCAP_REC)
-    rec["sec"] = desc["ts_ns"] // 1_000_000_000
-    sub = desc["ts_ns"] % 1_000_000_000
-    rec["nsec"] = sub // 1000 if micro else sub
-    rec["incl"] = desc["caplen"] if snaplen is None else np.minimum(desc["caplen"], snaplen)
-    rec["orig"] = desc["wirelen"]
-    if snaplen is not None and (desc["caplen"] > snaplen).any():
-        views = [v[:snaplen] for v in views]
-    raw = memoryview(rec.tobytes())
-    heads = map(raw.__getitem__, map(slice, range(0, 16 * n, 16), range(16, 16 * n + 1, 16)))
-    return b"".join(chain.from_iterable(zip(heads, views, strict=True)))
+def records(fmt: int, desc: np.ndarray[Any, Any], slab: Any, idx: np.ndarray[Any, Any],
+            out: bytearray, size: int, *, snaplen: int = 0,
+            ids: np.ndarray[Any, Any] | None = None) -> memoryview:
+    """The records of packets idx (uint32) of a batch, built in C in one
+    call (engine/capwrite.c, capw_records): `fmt` lib.CAPW_PCAP (nanosecond
+    pcap), CAPW_PCAP_US (microsecond pcap) or CAPW_PCAPNG (of interfaces
+    `ids`); with `snaplen`, at most that many bytes of each packet, the wire
+    length kept. `size` is their size, exactly; they go in `out` (at least
+    that long), whose first `size` bytes are returned. Times are the
+    caller's to check first (a format refuses those it cannot hold)."""
+    # Released on the way out, exception or not: the batch releases its
+    # views, the slab's included, and an export left alive would stop it.
+    with ffi.from_buffer("uint8_t[]", slab) as src, \
+            ffi.from_buffer("uint8_t[]", out, require_writable=True) as buf:
+        got = lib.capw_records(fmt, snaplen, buf, size, src, len(src),
+                               ffi.from_buffer("struct pktipc_pkt[]", desc),
+                               ffi.from_buffer("uint32_t[]", idx), len(idx),
+                               ffi.NULL if ids is None else ffi.from_buffer("uint32_t[]", ids))
+    if got != size:
+        raise PktipcError("a packet's descriptor points outside its batch")
+    return memoryview(out)[:size]
 
 
 def _when(ts_ns: int) -> str:
@@ -298,30 +300,17 @@ class CaptureWriter:
         n = len(idx)
         if not n:
             return
-        if self.fmt == "pcapng":
-            ids = self._interface_ids(sel)
-            fmt = lib.CAPW_PCAPNG
-        else:
-            ids = np.zeros(n, dtype=np.uint32)
-            fmt = lib.CAPW_PCAP
+        ids = self._interface_ids(sel) if self.fmt == "pcapng" else None
+        fmt = lib.CAPW_PCAPNG if self.fmt == "pcapng" else lib.CAPW_PCAP
         ends = np.cumsum(self.record_sizes(sel))
         total = int(ends[-1])
         if len(self._buf) < total:
             self._buf = bytearray(total)
-        # Released on the way out, exception or not: the batch releases its
-        # views, the slab's included, and an export left alive would stop it.
-        with ffi.from_buffer("uint8_t[]", slab) as src, \
-                ffi.from_buffer("uint8_t[]", self._buf, require_writable=True) as buf:
-            got = lib.capw_records(fmt, buf, total, src, len(src),
-                                   ffi.from_buffer("struct pktipc_pkt[]", desc),
-                                   ffi.from_buffer("uint32_t[]", idx), n,
-                                   ffi.from_buffer("uint32_t[]", ids))
-        if got != total:
-            raise PktipcError("a packet's descriptor points outside its batch")
+        data = records(fmt, desc, slab, idx, self._buf, total, ids=ids)
         self._last = _Write(self.size, ends, sel, self.packets, self.data_bytes,
                             self.delivered.copy(), self.first_ns, self.last_ns)
         try:
-            self._emit(memoryview(self._buf)[:total])
+            self._emit(data)
         except OSError:
             # What went in whole stays counted; the caller truncates the rest.
             self.keep_records(int(np.searchsorted(ends, self._emitted, side="right")))

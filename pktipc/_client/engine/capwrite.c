@@ -41,25 +41,31 @@ static uint8_t *put32(uint8_t *o, uint32_t v)
     return o + 4;
 }
 
-int64_t capw_records(uint32_t fmt, uint8_t *out, uint64_t out_len,
+/* pcap's seconds are an unsigned 32-bit count: times from 1970 to 2106 */
+static const uint64_t PCAP_TS_END = ((uint64_t)1 << 32) * 1000000000u;
+
+int64_t capw_records(uint32_t fmt, uint32_t snaplen, uint8_t *out, uint64_t out_len,
                      const uint8_t *slab, uint64_t slab_len,
                      const struct pktipc_pkt *pkts, const uint32_t *idx, uint32_t n,
                      const uint32_t *ifid)
 {
     uint8_t *o = out;
     uint64_t left = out_len;
+    if (fmt != CAPW_PCAP && fmt != CAPW_PCAPNG && fmt != CAPW_PCAP_US)
+        return -1;
     for (uint32_t i = 0; i < n; i++) {
         const struct pktipc_pkt *p = &pkts[idx[i]];
-        uint32_t caplen = p->caplen;
-        if ((uint64_t)p->data_off + caplen > slab_len || p->ts_ns < 0)
+        if ((uint64_t)p->data_off + p->caplen > slab_len || p->ts_ns < 0)
             return -1;
+        uint32_t caplen = snaplen && p->caplen > snaplen ? snaplen : p->caplen;
         uint64_t ts = (uint64_t)p->ts_ns;
         const uint8_t *data = slab + p->data_off;
-        if (fmt == CAPW_PCAP) {
-            if (left < 16 + (uint64_t)caplen)
+        if (fmt == CAPW_PCAP || fmt == CAPW_PCAP_US) {
+            if (ts >= PCAP_TS_END || left < 16 + (uint64_t)caplen)
                 return -1;
+            uint32_t sub = (uint32_t)(ts % 1000000000u);
             o = put32(o, (uint32_t)(ts / 1000000000u));
-            o = put32(o, (uint32_t)(ts % 1000000000u));
+            o = put32(o, fmt == CAPW_PCAP_US ? sub / 1000u : sub);
             o = put32(o, caplen);
             o = put32(o, p->wirelen);
             memcpy(o, data, caplen);

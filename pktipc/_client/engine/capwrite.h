@@ -1,24 +1,31 @@
 /*
  * The capture-file writer's hot path (pktipc/_client/writer.py): the records
- * of a slab's packets, pcap or pcapng, built in one call, and a capture
- * filter run over them. Declarations only (cffi's cdef() reads this file as
- * it is, so: integer #defines and prototypes, nothing else).
+ * of a slab's packets, pcap or pcapng, built in one call (files, and
+ * pcap-over-ip's streams), and a capture filter run over them. Declarations
+ * only (cffi's cdef() reads this file as it is, so: integer #defines and
+ * prototypes, nothing else).
  */
 
 /* capw_records() formats */
 #define CAPW_PCAP            0   /* nanosecond pcap records */
 #define CAPW_PCAPNG          1   /* pcapng enhanced packet blocks */
+#define CAPW_PCAP_US         2   /* microsecond pcap records */
 
 #define CAPW_ERRBUF_SIZE     256
 
 /* Writes the records of packets pkts[idx[i]], i < n, of a slab of slab_len
- * bytes, in that order, into out: pcap records, or pcapng enhanced packet
- * blocks of interface ifid[i], with an epb_flags option (direction and
- * reception type) when the descriptor knows the direction. Times must not
- * be negative (the caller checks). Returns the bytes written, or -1, with
- * nothing meaningful in out, if a descriptor points outside the slab or the
- * records would not fit in out_len bytes. */
-int64_t capw_records(uint32_t fmt, uint8_t *out, uint64_t out_len,
+ * bytes, in that order, into out: pcap records (seconds, and nanoseconds or
+ * microseconds, the sub-second part truncated), or pcapng enhanced packet
+ * blocks of interface ifid[i] (ifid is read for pcapng only), with an
+ * epb_flags option (direction and reception type) when the descriptor
+ * knows the direction. With snaplen > 0 a record holds at most snaplen bytes
+ * of its packet, its wire length kept (0: all of them). Returns the bytes
+ * written, or -1, with nothing meaningful in out, if a descriptor points
+ * outside the slab, a time is one the format cannot hold (before 1970; in
+ * pcap, from 2106-02-07 06:28:16 UTC on: the caller checks first, to say
+ * which), fmt is none of the above, or the records would not fit in out_len
+ * bytes. */
+int64_t capw_records(uint32_t fmt, uint32_t snaplen, uint8_t *out, uint64_t out_len,
                      const uint8_t *slab, uint64_t slab_len,
                      const struct pktipc_pkt *pkts, const uint32_t *idx, uint32_t n,
                      const uint32_t *ifid);

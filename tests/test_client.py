@@ -612,6 +612,66 @@ def test_each_packet_skipped_is_counted_once_across_a_lost_connection(
         fake.close()
 
 
+def test_a_batch_sent_again_on_resuming_is_not_handed_out_twice(runtime_dir: Path) -> None:
+    """The connection is lost while the client holds one batch and has
+    released another (its RELEASE lost with the connection): on resuming,
+    the broker sends both again. Neither is handed out again; the one
+    released goes back at once, the one held when the user releases it."""
+    from pktipc import _protocol as proto
+    from pktipc._layout import LAYOUT_VERSION
+
+    fake = FakeBroker(runtime_dir, "fake4")
+    t = fake.welcome()
+    releases: list[int] = []
+    try:
+        with pktipc.connect("fake4", "c", reconnect=10) as c:
+            t.join()
+            fake.publish(0, 3, seq=0)
+            fake.batch(0, 3, seq=0)
+            fake.publish(1, 2, seq=3)
+            fake.batch(1, 2, seq=3)
+            held = c.next_batch(timeout=5)
+            assert held is not None and held.seq == 0
+            b = c.next_batch(timeout=5)
+            assert b is not None and b.seq == 3
+            b.release()
+            fake.send("error", code="not-attached", text="release not allowed from a new peer")
+
+            def resume() -> None:
+                while True:
+                    assert fake.router.poll(5000)
+                    peer, frame = fake.router.recv_multipart()
+                    if proto.decode(frame)[0] == "hello":
+                        break
+                fake.peer = peer
+                fake.send("welcome", shm=fake.shm, epoch=7, layout=LAYOUT_VERSION,
+                          slot=0, credit=4, policy="block", heartbeat_ms=1000,
+                          liveness_ms=30000, group="c", balance="flow")
+                fake.batch(0, 3, seq=0)          # sent again: still held
+                fake.batch(1, 2, seq=3)          # sent again: its RELEASE was lost
+                fake.publish(2, 1, seq=5)
+                fake.batch(2, 1, seq=5)
+            t = threading.Thread(target=resume)
+            t.start()
+            b = c.next_batch(timeout=10)
+            assert b is not None and b.seq == 5
+            assert c.reconnects == 1
+            held.release()
+            b.release()
+            t.join()
+            end = time.monotonic() + 5
+            while len(releases) < 3 and time.monotonic() < end:
+                if fake.router.poll(100):
+                    mtype, f = proto.decode(fake.router.recv_multipart()[1])
+                    if mtype == "release":
+                        releases += f["seqs"]
+            assert sorted(releases) == [0, 3, 5]    # each seq the broker holds, once
+            assert c.counters.batches == 3
+    finally:
+        t.join()
+        fake.close()
+
+
 def test_a_client_at_the_end_of_the_stream_is_kept_alive(broker) -> None:
     """After end-of-stream a client goes on heartbeating (whenever it is
     called) until it closes: a lingering broker keeps it past its liveness."""

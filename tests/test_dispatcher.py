@@ -611,6 +611,25 @@ def test_a_gap_told_to_a_connection_that_was_lost_is_told_again() -> None:
     assert accounted_in_order([*w.after_welcome(back)[:2], *w.after_welcome(again)], start=2)
 
 
+
+def test_an_eos_lost_with_the_connection_is_sent_again_on_resuming() -> None:
+    """END-OF-STREAM is sent, and the connection is lost before the broker
+    knows it arrived: the client resuming its place is told it again (else
+    it would wait for the end forever), after the batch it still held."""
+    w = World(slabs=4, credit=2)
+    a = w.connect("a")
+    seq = w.publish()
+    w.end()
+    assert w.after_welcome(a) == [BatchAnnounced(seq, 0, 1, 1), StreamEnded(None)]
+    w.conn.forget(a)                 # both lost on the way
+    w.disp.detach(w.state(a), w.now)
+    assert not w.disp.finished       # the kept place may not have heard the end
+    back = w.connect("a")
+    assert w.after_welcome(back) == [BatchAnnounced(seq, 0, 1, 1), StreamEnded(None)]
+    w.release(back, seq)
+    assert w.disp.finished and w.pool.in_use == 0
+
+
 # --- a state machine ------------------------------------------------------------
 
 

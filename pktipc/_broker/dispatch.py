@@ -356,7 +356,8 @@ class Dispatcher:
         """Keeps a lost client's place: what it held and what it is owed wait
         for it under its name (see resume); `drop` clients may lose them.
         GAPs it may not have received (lost with its connection, as the
-        batches it held may have been) are told again."""
+        batches it held may have been) are told again, and so is END-OF-STREAM:
+        until the place is resumed or given up, the broker is not finished."""
         assert c.peer is not None
         del self.by_peer[c.peer]
         c.peer = None
@@ -368,6 +369,7 @@ class Dispatcher:
         for start, end, _ in c.told:
             _add_gap(c.gaps, start, end)
         c.told.clear()
+        c.eos_sent = False
         for seq in held:
             share = c.shares.pop(seq)
             self._enqueue(c, seq, share)

@@ -465,6 +465,12 @@ class _Session:
         self._map: _Mapping | _Carried | None = None
         self._seen_end = 0      # past the last batch of this broker handed out
         self._seen_epoch: int | None = None
+        # Seqs of this broker handed out on a connection that was lost, that
+        # the broker may send again on resuming the place: those still held,
+        # and the last `credit` released (their RELEASE may have gone down
+        # with the connection). One sent again is not handed out again.
+        self._again: set[int] = set()
+        self._released_last: deque[int] = deque()
         # This broker's gaps recorded, as sorted disjoint [start, end): a GAP
         # told again (its connection was lost before the broker knew it came)
         # is counted once.
@@ -630,12 +636,14 @@ class _Session:
         self._map = mapping
         self.welcome = w
         self._ended = False
+        self._released_last = deque(maxlen=w.credit)
         self._conn.mapped(time.monotonic())
         self._flush()
 
     def _epoch_seen(self, epoch: int) -> None:
         if epoch != self._seen_epoch:           # another broker: seqs anew
             self._seen_end, self._seen_epoch = 0, epoch
+            self._again = set()
             self._skip_starts, self._skip_ends = [], []
 
     def _skipped(self, start: int, end: int) -> None:
@@ -714,6 +722,8 @@ class _Session:
         while self._pending:
             assert self._map is not None
             b = self._pending.popleft()
+            if self._again and self._sent_again(b.seq):
+                continue
             self._seen_end = max(self._seen_end, b.seq + b.n)     # handed out (or filtered)
             try:
                 batch = self._batch(b)
@@ -733,6 +743,25 @@ class _Session:
         if self._ended and self._suspect is None:
             raise EndOfStream(self.end_error)
         return None
+
+    def _sent_again(self, seq: int) -> bool:
+        """Whether batch `seq` was handed out on a connection that was lost
+        (the broker, not knowing its RELEASE came, sent it again): if the
+        user still holds it, its release gives it back; else it goes back
+        now. A seq of `_again` below `seq` was not sent again (batches come
+        in seq order), so the broker had its RELEASE."""
+        again = seq in self._again
+        self._again = {s for s in self._again if s > seq}
+        if not again:
+            return False
+        assert self._map is not None
+        self._held.add(seq)
+        if not any(b.seq == seq and not b._released and b._map.epoch == self._map.epoch
+                   for b in self._batches):
+            self._held.discard(seq)
+            self._conn.release(time.monotonic(), [seq])
+            self._flush()
+        return True
 
     def _ask_stats(self) -> None:
         if self._sock is None or self._conn.retrying:
@@ -846,9 +875,11 @@ class _Session:
             m.close()
 
     def _release(self, batch: Batch) -> None:
-        if self._closed or batch._map is not self._map or batch.seq not in self._held:
+        if (self._closed or self._map is None or batch._map.epoch != self._map.epoch
+                or batch.seq not in self._held):
             return          # a batch of a broker that is gone: nobody to tell
         self._held.discard(batch.seq)
+        self._released_last.append(batch.seq)
         self._conn.release(time.monotonic(), [batch.seq])
         self._flush()
 
@@ -926,6 +957,10 @@ class _Session:
                     self._tx = None
                 self._drop_socket(linger=0)
                 self._pending.clear()
+                if ev.retrying:         # the same broker may take us back: see _again
+                    self._again |= self._held
+                    self._again.update(self._released_last)
+                    self._released_last.clear()
                 self._held.clear()      # their slabs are the lost broker's
                 self._suspect = None
                 if not ev.retrying:

@@ -630,6 +630,7 @@ def start(spec: Spec, err: TextIO = sys.stderr) -> int:
     os.close(log)
     assert proc.stdin is not None and proc.stdout is not None
     words, told, interrupted = _Words(proc.stdout.fileno()), False, False
+    deadline = 0.0              # for the recorder to end, then SIGKILL
     try:
         try:
             proc.stdin.write(json.dumps(asdict(spec)).encode())
@@ -641,15 +642,16 @@ def start(spec: Spec, err: TextIO = sys.stderr) -> int:
                 if spec.detached:
                     return 0
             words.wait()                # until it ends, with this command
+            deadline = time.monotonic() + STOP_TIMEOUT      # it closed its end: it exits
         except KeyboardInterrupt:
             # Interrupted (Ctrl-C), whenever: the recorder stops, closing its
             # file whole, and this command ends once it has.
-            interrupted = True
+            interrupted, deadline = True, time.monotonic() + STOP_TIMEOUT
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-            words.wait(deadline=time.monotonic() + STOP_TIMEOUT)
+            words.wait(deadline=deadline)
         try:
-            rc = proc.wait(timeout=STOP_TIMEOUT)
+            rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
@@ -671,7 +673,7 @@ def start(spec: Spec, err: TextIO = sys.stderr) -> int:
     return 0
 
 
-STOP_TIMEOUT = 30.0     # seconds a recorder has to end once told to, before SIGKILL
+STOP_TIMEOUT = 30.0     # seconds a recorder has to end, told to or done, before SIGKILL
 
 
 def _started(spec: Spec, first: str, err: TextIO) -> None:

@@ -330,6 +330,31 @@ def _idle_broker(broker: Any, tmp_path: Path) -> BrokerProc:
     return b
 
 
+def test_a_state_replaced_while_it_is_read_is_read_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorder renames a new NAME.json over the old while record attach
+    or list reads it: the reader, whose file has no name left by the time it
+    looks at it, reads the old state whole, and takes it for no link."""
+    sd = recording.StateDir("b", create=True)
+    try:
+        sd.write("r", {"n": 1})
+        real = os.fstat
+
+        def fstat_after_a_write(fd: int) -> os.stat_result:
+            monkeypatch.setattr(recording.os, "fstat", real)
+            sd.write("r", {"n": 2})         # between the reader's open and its check
+            return real(fd)
+
+        monkeypatch.setattr(recording.os, "fstat", fstat_after_a_write)
+        assert sd.read("r") == {"n": 1}
+        assert sd.read("r") == {"n": 2}
+        os.link(sd.path / "r.json", sd.path / "other")
+        with pytest.raises(pktipc.PktipcError, match="not a plain file"):
+            sd.read("r")
+    finally:
+        sd.close()
+
+
 def test_the_broker_counts_recordings_by_name() -> None:
     """Clients named rec.NAME are recordings: one more than the quota is
     refused, a place kept for one counts, and one that leaves frees its."""

@@ -204,7 +204,10 @@ class StateDir:
         fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode,
                      dir_fd=self.fd)
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+        # No link count but 1 is a link (another name for a file elsewhere),
+        # but 0: the file was replaced since it was opened (write() renames
+        # a new NAME.json over it), and what it holds is still whole.
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink > 1:
             os.close(fd)
             raise PktipcError(f"{self.path / name} is not a plain file of "
                               f"{_who(os.geteuid())}: remove it")

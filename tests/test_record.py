@@ -230,6 +230,59 @@ def test_without_detach_it_ends_with_its_starter(broker: Any, tmp_path: Path,
         f.unlink()
 
 
+def test_ctrl_c_taken_by_another_thread_of_the_starter_ends_it(
+        broker: Any, tmp_path: Path, recs: None) -> None:
+    """A SIGINT sent to a process may be taken by any of its threads that
+    does not block it (here numpy's BLAS worker), and one may come just
+    before a blocking read: the starter, waiting for its recorder to end,
+    still acts on it and stops the recording, whose file is whole; so does
+    an attach. The signal goes to that other thread alone (tgkill)."""
+    import ctypes
+
+    b = _idle_broker(broker, tmp_path)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}     # a worker thread, whatever the CPUs
+    p = subprocess.Popen(pktipc_cmd("record", "start", "--server", b.name, "th", "-w",
+                                    str(tmp_path)), stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stderr is not None
+        assert "recording 'th'" in p.stderr.readline()     # it waits for the recorder now
+        st = state("th")
+        assert st is not None and st["state"] == "running"
+        libc = ctypes.CDLL(None, use_errno=True)
+
+        def interrupt(proc: subprocess.Popen[str]) -> None:
+            others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+            if not others:
+                pytest.skip("the command runs no thread but its main one")
+            assert libc.tgkill(proc.pid, others[0], signal.SIGINT) == 0, os.strerror(
+                ctypes.get_errno())
+
+        att = subprocess.Popen(pktipc_cmd("record", "attach", "th", "-w",
+                                          str(tmp_path / "att.pcapng")), env=env)
+        try:
+            wait_for("attach to write", lambda: (tmp_path / "att.pcapng").exists())
+            interrupt(att)
+            assert att.wait(timeout=60) == 0
+        finally:
+            if att.poll() is None:
+                att.kill()
+                att.wait()
+        (tmp_path / "att.pcapng").unlink()
+        interrupt(p)
+        assert p.wait(timeout=60) == 0
+        assert "recording 'th' stopped" in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if p.stderr:
+            p.stderr.close()
+    wait_for("the recorder to end", lambda: not alive(st["pid"]), timeout=30)
+    assert state("th") is None
+    f = tmp_path / st["files"][0]["name"]
+    assert read_pcap(str(f)).error is None and isb(f)
+
+
 def test_a_group_of_recordings_shares_a_replay_and_attach_writes_stdout(
         broker: Any, tmp_path: Path, recs: None) -> None:
     """Two recordings in one group (--group) share the packets of a replay:
@@ -275,6 +328,31 @@ def _idle_broker(broker: Any, tmp_path: Path) -> BrokerProc:
         write_pcap(out, 10)
     b: BrokerProc = broker("-r", str(f), "--wait-clients", "16", "--max-recordings", "2")
     return b
+
+
+def test_a_state_replaced_while_it_is_read_is_read_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorder renames a new NAME.json over the old while record attach
+    or list reads it: the reader, whose file has no name left by the time it
+    looks at it, reads the old state whole, and takes it for no link."""
+    sd = recording.StateDir("b", create=True)
+    try:
+        sd.write("r", {"n": 1})
+        real = os.fstat
+
+        def fstat_after_a_write(fd: int) -> os.stat_result:
+            monkeypatch.setattr(recording.os, "fstat", real)
+            sd.write("r", {"n": 2})         # between the reader's open and its check
+            return real(fd)
+
+        monkeypatch.setattr(recording.os, "fstat", fstat_after_a_write)
+        assert sd.read("r") == {"n": 1}
+        assert sd.read("r") == {"n": 2}
+        os.link(sd.path / "r.json", sd.path / "other")
+        with pytest.raises(pktipc.PktipcError, match="not a plain file"):
+            sd.read("r")
+    finally:
+        sd.close()
 
 
 def test_the_broker_counts_recordings_by_name() -> None:

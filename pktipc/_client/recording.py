@@ -204,7 +204,10 @@ class StateDir:
         fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode,
                      dir_fd=self.fd)
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+        # No link count but 1 is a link (another name for a file elsewhere),
+        # but 0: the file was replaced since it was opened (write() renames
+        # a new NAME.json over it), and what it holds is still whole.
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink > 1:
             os.close(fd)
             raise PktipcError(f"{self.path / name} is not a plain file of "
                               f"{_who(os.geteuid())}: remove it")
@@ -629,32 +632,90 @@ def start(spec: Spec, err: TextIO = sys.stderr) -> int:
                             start_new_session=spec.detached, close_fds=True)
     os.close(log)
     assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(json.dumps(asdict(spec)).encode())
-    proc.stdin.close()
-    first = proc.stdout.readline().decode(errors="replace").strip()
-    if not first.startswith("ok "):
-        proc.wait()
-        proc.stdout.close()
-        raise PktipcError(first.removeprefix("error: ") or
-                          f"the recorder exited ({proc.returncode}) without a word")
-    pid, fname = first.split(" ", 2)[1:]
-    print(f"pktipc: recording {spec.name!r} of broker {spec.server!r}: {spec.bound()} in "
-          f"{spec.dir} (pid {pid}, first file {fname})", file=err, flush=True)
-    if spec.detached:
-        proc.stdout.close()
-        return 0
+    words, told, interrupted = _Words(proc.stdout.fileno()), False, False
+    deadline = 0.0              # for the recorder to end, then SIGKILL
     try:
-        last = proc.stdout.read().decode(errors="replace").strip()
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGTERM)
-        last = proc.stdout.read().decode(errors="replace").strip()
-        rc = proc.wait()
-    proc.stdout.close()
+        try:
+            proc.stdin.write(json.dumps(asdict(spec)).encode())
+            proc.stdin.close()
+            words.wait(lines=1)
+            if words.said(0).startswith("ok "):
+                _started(spec, words.said(0), err)
+                told = True
+                if spec.detached:
+                    return 0
+            words.wait()                # until it ends, with this command
+            deadline = time.monotonic() + STOP_TIMEOUT      # it closed its end: it exits
+        except KeyboardInterrupt:
+            # Interrupted (Ctrl-C), whenever: the recorder stops, closing its
+            # file whole, and this command ends once it has.
+            interrupted, deadline = True, time.monotonic() + STOP_TIMEOUT
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            words.wait(deadline=deadline)
+        try:
+            rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    finally:
+        proc.stdout.close()
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    first, last = words.said(0), words.said(1)
+    if interrupted and (spec.detached or not first.startswith("ok ")):
+        raise KeyboardInterrupt
+    if not first.startswith("ok "):
+        raise PktipcError(first.removeprefix("error: ") or
+                          f"the recorder exited ({rc}) without a word")
+    if not told:
+        _started(spec, first, err)
     if rc != 0:
         raise PktipcError(f"recording {spec.name!r} {last or 'failed'}")
     print(f"pktipc: recording {spec.name!r} {last or 'stopped'}", file=err)
     return 0
+
+
+STOP_TIMEOUT = 30.0     # seconds a recorder has to end, told to or done, before SIGKILL
+
+
+def _started(spec: Spec, first: str, err: TextIO) -> None:
+    pid, fname = first.split(" ", 2)[1:]
+    print(f"pktipc: recording {spec.name!r} of broker {spec.server!r}: {spec.bound()} in "
+          f"{spec.dir} (pid {pid}, first file {fname})", file=err, flush=True)
+
+
+class _Words:
+    """The lines the recorder says on its stdout, read in short waits: a
+    signal (Ctrl-C) is acted on within one of them whenever it came and
+    whichever thread of the process took it. A read that blocks until the
+    recorder speaks is interrupted only by a signal that comes while it
+    blocks, and to this thread: one taken just before it, or by another
+    thread, would leave this command waiting for ever on a recorder that
+    waits for it to end."""
+
+    WAIT = 0.25
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buf, self.eof = fd, b"", False
+
+    def wait(self, lines: int | None = None, deadline: float | None = None) -> None:
+        """Until it has said `lines` lines (None: until it closes its end),
+        or until `deadline` (time.monotonic())."""
+        while not self.eof and (lines is None or self.buf.count(b"\n") < lines):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            if select.select([self.fd], [], [], self.WAIT if left is None
+                             else min(self.WAIT, left))[0]:
+                chunk = os.read(self.fd, 65536)
+                self.buf += chunk
+                self.eof = not chunk
+
+    def said(self, n: int) -> str:
+        """Its line `n` ("" if it did not say that many)."""
+        lines = self.buf.decode(errors="replace").splitlines()
+        return lines[n].strip() if n < len(lines) else ""
 
 
 def stop(name: str, server: str | None = None, timeout: float = 10.0) -> dict[str, Any]:

@@ -375,7 +375,11 @@ def test_remote_client_follows_a_restarted_broker(broker: Any, keys: Keys, tmp_p
             second.wait_ready()
             if gateway_too:
                 gateway(started, first.name, keys, *g_args, listen=where, netns=a)
-            got = script_result(far, out)
+            try:
+                got = script_result(far, out)
+            except (AssertionError, subprocess.TimeoutExpired) as e:
+                raise AssertionError(f"{e}\nclient: {far.text()}\ngateway: {g.text()}\n"
+                                     f"broker: {second.stderr()}") from None
             assert second.wait() == 0, second.stderr()
         finally:
             second.stop()

@@ -305,20 +305,16 @@ def table(res: dict[str, Any]) -> str:
                      f"**{_med(runs['insecure'], 'pps') / base:.2f}**; pcap-over-ip / "
                      f"tcpdump|nc: **{_med(runs['pcap-over-ip'], 'pps') / base:.2f}**; "
                      f"CURVE / --insecure: **{curve / _med(runs['insecure'], 'pps'):.2f}**")
-        alone = _med(runs["local alone"], "pps")
-        beside = _med(runs["local + remote"], "pps")
-        notes.append(f"- {size} B: a local C client's rate beside a remote CURVE client "
-                     f"(drop) / alone: **{beside / alone:.2f}** ({beside / 1e6:.2f} M against "
-                     f"{alone / 1e6:.2f} M packets/s; the remote client got "
-                     f"{far:,.0f} of {s['packets']:,})")
-        if "paced alone" in runs:
-            alone = _med(runs["paced alone"], "pps")
-            beside = _med(runs["paced + remote"], "pps")
-            far = statistics.median(x["remote_packets"] for x in runs["paced + remote"])
-            notes.append(f"- {size} B, paced at {PACED[int(size)] * 1e6:,.0f} packets/s: the "
-                         f"local C client's rate beside a remote CURVE client / alone: "
-                         f"**{beside / alone:.2f}** ({beside / 1e6:.3f} M against "
-                         f"{alone / 1e6:.3f} M packets/s; the remote client got "
+        for v, how in (("local", ""), ("paced", f", paced at {PACED[int(size)] * 1e6:,.0f} "
+                                                 "packets/s")):
+            if f"{v} alone" not in runs:
+                continue
+            alone = _med(runs[f"{v} alone"], "pps")
+            beside = _med(runs[f"{v} + remote"], "pps")
+            far = statistics.median(x["remote_packets"] for x in runs[f"{v} + remote"])
+            notes.append(f"- {size} B{how}: a local C client's rate beside a remote CURVE "
+                         f"client (drop) / alone: **{beside / alone:.2f}** ({beside / 1e6:.3f} M "
+                         f"against {alone / 1e6:.3f} M packets/s; the remote client got "
                          f"{far:,.0f} of {s['packets']:,})")
     return "\n".join(rows) + "\n\n" + "\n".join(notes) + f"\n\n{res['reps']} repetitions, medians"
 

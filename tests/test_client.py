@@ -566,9 +566,6 @@ def test_each_packet_skipped_is_counted_once_across_a_lost_connection(
     the GAP before that batch again, and a GAP for the batch (skipped while
     the client was away). The client counts the first once, and the second
     in full: it never had those packets."""
-    from pktipc import _protocol as proto
-    from pktipc._layout import LAYOUT_VERSION
-
     fake = FakeBroker(runtime_dir, "fake3")
     t = fake.welcome()
     try:
@@ -585,22 +582,12 @@ def test_each_packet_skipped_is_counted_once_across_a_lost_connection(
             fake.send("error", code="not-attached", text="release not allowed from a new peer")
             time.sleep(0.3)                 # all three are there to read at once
 
-            def resume() -> None:
-                while True:
-                    assert fake.router.poll(5000)
-                    peer, frame = fake.router.recv_multipart()
-                    if proto.decode(frame)[0] == "hello":
-                        break
-                fake.peer = peer
-                fake.send("welcome", shm=fake.shm, epoch=7, layout=LAYOUT_VERSION,
-                          slot=0, credit=4, policy="drop", heartbeat_ms=1000,
-                          liveness_ms=30000, group="c", balance="flow")
+            def resumed() -> None:
                 fake.send("gap", **{"from": 3, "to": 5})        # told again
                 fake.send("gap", **{"from": 5, "to": 7})        # the batch it lost
                 fake.publish(2, 1, seq=7)
                 fake.batch(2, 1, seq=7)
-            t = threading.Thread(target=resume)
-            t.start()
+            t = fake.welcome(policy="drop", after=resumed)
             b = c.next_batch(timeout=10)
             assert b is not None and b.seq == 7
             b.release()
@@ -618,7 +605,6 @@ def test_a_batch_sent_again_on_resuming_is_not_handed_out_twice(runtime_dir: Pat
     the broker sends both again. Neither is handed out again; the one
     released goes back at once, the one held when the user releases it."""
     from pktipc import _protocol as proto
-    from pktipc._layout import LAYOUT_VERSION
 
     fake = FakeBroker(runtime_dir, "fake4")
     t = fake.welcome()
@@ -637,22 +623,12 @@ def test_a_batch_sent_again_on_resuming_is_not_handed_out_twice(runtime_dir: Pat
             b.release()
             fake.send("error", code="not-attached", text="release not allowed from a new peer")
 
-            def resume() -> None:
-                while True:
-                    assert fake.router.poll(5000)
-                    peer, frame = fake.router.recv_multipart()
-                    if proto.decode(frame)[0] == "hello":
-                        break
-                fake.peer = peer
-                fake.send("welcome", shm=fake.shm, epoch=7, layout=LAYOUT_VERSION,
-                          slot=0, credit=4, policy="block", heartbeat_ms=1000,
-                          liveness_ms=30000, group="c", balance="flow")
+            def resumed() -> None:
                 fake.batch(0, 3, seq=0)          # sent again: still held
                 fake.batch(1, 2, seq=3)          # sent again: its RELEASE was lost
                 fake.publish(2, 1, seq=5)
                 fake.batch(2, 1, seq=5)
-            t = threading.Thread(target=resume)
-            t.start()
+            t = fake.welcome(after=resumed)
             b = c.next_batch(timeout=10)
             assert b is not None and b.seq == 5
             assert c.reconnects == 1

@@ -45,16 +45,24 @@ class FakeBroker:
         self.router.bind(f"ipc://{runtime_dir}/{name}.ctl")
         self.peer = b""
 
-    def welcome(self, before: Callable[[], None] | None = None) -> threading.Thread:
-        """Answers the next HELLO (after `before`, if given) in a thread."""
+    def welcome(self, before: Callable[[], None] | None = None, *, policy: str = "block",
+                after: Callable[[], None] | None = None) -> threading.Thread:
+        """Answers the next HELLO (after `before`, if given; what comes
+        before it is dropped) in a thread, then calls `after`."""
         def run() -> None:
-            assert self.router.poll(5000)
-            self.peer, _ = self.router.recv_multipart()
+            while True:
+                assert self.router.poll(5000)
+                peer, frame = self.router.recv_multipart()
+                if proto.decode(frame)[0] == "hello":
+                    break
+            self.peer = peer
             if before is not None:
                 before()
             self.send("welcome", shm=self.shm, epoch=7, layout=LAYOUT_VERSION, slot=0, credit=4,
-                      policy="block", heartbeat_ms=1000, liveness_ms=30000, group="c",
+                      policy=policy, heartbeat_ms=1000, liveness_ms=30000, group="c",
                       balance="flow")
+            if after is not None:
+                after()
         t = threading.Thread(target=run)
         t.start()
         return t

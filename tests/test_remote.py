@@ -391,6 +391,83 @@ def test_remote_client_follows_a_restarted_broker(broker: Any, keys: Keys, tmp_p
     assert after == [[i, d] for i, d in enumerate(second_stream)]
 
 
+def test_gateway_keeps_an_attachment_its_client_gave_up_before_welcome(
+        broker: Any, tmp_path: Path) -> None:
+    """A remote client's attempt given up (its connection closed) before the
+    broker's WELCOME came through the gateway, as a client under load does
+    when its attempt times out: the broker, which waited for that one client,
+    sends it its whole stream at once. The attachment waits for the client's
+    next attempt, which gets WELCOME and the whole stream; it is not left
+    (with --grace 0, the stream would be gone, and the broker with it)."""
+    import io
+
+    import zmq
+
+    from pktipc import _protocol as proto
+    from pktipc._net.gateway import Gateway, GatewayOptions
+
+    b = broker("-r", str(synth_file(tmp_path / "x.pcap", 3000, 1e6)))
+    log = io.StringIO()
+    gw = Gateway(GatewayOptions(server=b.name, listen="tcp://127.0.0.1:0", insecure=True,
+                                heartbeat=0.2, liveness=5), log=log)
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.LINGER, 0)
+
+    def attempt() -> tuple[zmq.Socket[bytes], proto.ClientConnection]:
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(gw.listening)
+        conn = proto.ClientConnection(server=b.name)
+        conn.hello(time.monotonic(), name="far", policy="block")
+        for f in conn.frames_to_send():
+            sock.send(f)
+        return sock, conn
+
+    def step_until(what: str, done: Any) -> None:
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline, f"{what}: {log.getvalue()}"
+            gw._turn()
+
+    try:
+        first, _ = attempt()
+        step_until("the HELLO taken", lambda: "far" in gw.sessions)
+        first.close(linger=0)          # the attempt given up: its connection is gone
+        time.sleep(0.5)                 # for the gateway's ZeroMQ to see it
+        step_until("the connection seen gone", lambda: "far" not in gw.sessions
+                   or gw.sessions["far"].peer is None)
+        sock, conn = attempt()
+        packets, ended = 0, False
+        deadline = time.monotonic() + 30
+        while not ended:
+            assert time.monotonic() < deadline, log.getvalue()
+            gw._turn()
+            while sock.poll(0):
+                head, *more = sock.recv_multipart()
+                now = time.monotonic()
+                for ev in conn.receive(head, now, tuple(more)):
+                    if isinstance(ev, proto.Welcomed):
+                        conn.mapped(now)
+                    elif isinstance(ev, proto.BatchReceived):
+                        packets += ev.count
+                        conn.release(now, [ev.seq])
+                    elif isinstance(ev, proto.StreamEnded):
+                        ended = True
+                    else:
+                        raise AssertionError(f"{ev!r}: {log.getvalue()}")
+                for f in conn.frames_to_send():
+                    sock.send(f)
+        assert packets == 3000, log.getvalue()
+        assert "its attachment waits" in log.getvalue() and "is back" in log.getvalue()
+        conn.bye(time.monotonic())
+        for f in conn.frames_to_send():
+            sock.send(f)
+        step_until("the client's BYE", lambda: not gw.sessions)
+    finally:
+        gw.close()
+        ctx.destroy()
+    assert b.wait() == 0, b.stderr()
+
+
 def test_bad_input_is_one_line(broker: Any, keys: Keys, tmp_path: Path) -> None:
     path = synth_file(tmp_path / "x.pcap", 10, 1e3)
     b = broker("-r", str(path))

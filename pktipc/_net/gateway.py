@@ -19,7 +19,11 @@ never reach the protocol machine; they are counted and logged.
 A remote client that is lost (silent for the liveness, its connection
 gone) leaves its attachment with DETACH: the broker keeps its place for
 --grace. One that comes back under its name, with the same key, on a new
-connection takes its attachment over at once.
+connection takes its attachment over at once. A client whose connection
+went before it was heard after its WELCOME (an attempt it gave up while
+the broker was slow to answer) may have missed all the broker sent: its
+attachment waits for it (--liveness), and is given to it when it comes
+back, with all the broker sent since WELCOME.
 """
 
 from __future__ import annotations
@@ -154,6 +158,11 @@ class _Session:
     conn: proto.ClientConnection
     owner: int | None = None            # the broker's uid, as its socket says
     mapping: _Mapping | None = None
+    welcome: proto.Welcomed | None = None
+    # What the broker sent since WELCOME while the client has not been
+    # heard since (see _orphan); None once it has.
+    backlog: list[proto.ClientEvent] | None = None
+    orphan_until: float | None = None   # its connection went before it was heard
     unsent: dict[int, zmq.MessageTracker] = field(default_factory=dict)  # zero-copy sends
     batches: int = 0
     packets: int = 0
@@ -275,7 +284,8 @@ class Gateway:
         if self._broker_pidfd is not None:
             poller.register(self._broker_pidfd, zmq.POLLIN)
         timers = [t for t in (self.conn.get_timer(), *(s.conn.get_timer() for s in
-                                                        self.sessions.values()))
+                                                        self.sessions.values()),
+                              *(s.orphan_until for s in self.sessions.values()))
                   if t is not None]
         now = time.monotonic()
         wait = max(0.0, min([now + 0.2, *timers]) - now)
@@ -294,6 +304,9 @@ class Gateway:
         for ev in self.conn.handle_timer(now):
             self._remote_event(ev, now)
         for s in list(self.sessions.values()):
+            if s.orphan_until is not None and now >= s.orphan_until:
+                self._lose(s, now, f"it did not come back within {self.opts.liveness:g} s")
+                continue
             self._local_events(s, s.conn.handle_timer(now), now)
             self._flush_local(s)
         self._flush()
@@ -362,6 +375,9 @@ class Gateway:
                          f"this gateway serves broker {self.opts.server!r}, not {ev.server!r}")
             return
         s = self.sessions.get(ev.name)
+        if s is not None and s.key == key and s.orphan_until is not None:
+            self._adopt(s, ev, now)
+            return
         if s is not None:
             if s.key != key or s.peer is None or s.conn.state is not proto.State.ATTACHED:
                 self._refuse(ev.peer, now, "name-taken",
@@ -407,6 +423,12 @@ class Gateway:
         seems alive: the old one is dropped, and the attachment handed over
         (DETACH then HELLO on the same connection to the broker, in order:
         it resumes with what it held)."""
+        if s.peer is not None and s.backlog is not None and not self.conn.heard(s.peer):
+            # Its old connection never said a word after WELCOME: nothing
+            # of the attachment reached it, or it would have.
+            self._forget_peer(s)
+            self._adopt(s, ev, now)
+            return
         self._say(f"pktipc gateway: client {s.name!r} is back on a new connection")
         self._forget_peer(s)
         s.conn.detach(now)
@@ -415,6 +437,28 @@ class Gateway:
         s.peer = ev.peer
         self.by_peer[ev.peer] = s
         self._local_hello(s, ev, now)
+
+    def _orphan(self, s: _Session, now: float) -> None:
+        """The client's connection is gone before it was heard after its
+        WELCOME: it gave that attempt up, perhaps before the WELCOME came.
+        The broker may have sent it all its stream since: the attachment,
+        and what came on it, wait for the client's next attempt."""
+        self._say(f"pktipc gateway: client {s.name!r} went before it heard its WELCOME: "
+                  f"its attachment waits {self.opts.liveness:g} s for it")
+        self._forget_peer(s)
+        s.orphan_until = now + self.opts.liveness
+
+    def _adopt(self, s: _Session, ev: proto.HelloReceived, now: float) -> None:
+        """The client back, on a new connection, for an attachment it never
+        heard of: WELCOME again, and all the broker sent since."""
+        self._say(f"pktipc gateway: client {s.name!r} is back: it is given its attachment")
+        assert s.backlog is not None
+        s.orphan_until = None
+        s.peer = ev.peer
+        self.by_peer[ev.peer] = s
+        self._accept(s, now)
+        for e in list(s.backlog):
+            self._deliver(s, ev.peer, e, now)
 
     def _forget_peer(self, s: _Session) -> None:
         if s.peer is None:
@@ -532,16 +576,24 @@ class Gateway:
                 self._say(f"pktipc gateway: the broker {ev.why}")
                 self._forget_peer(s)      # its next message is told not-attached: it retries
                 self._end(s)
-            elif peer is None or peer not in self.conn.peers:
-                continue
-            elif isinstance(ev, proto.BatchAnnounced):
-                self._forward(s, peer, ev, now)
-            elif isinstance(ev, proto.GapReported):
-                self.conn.send_gap(peer, now, ev.start, ev.end)
-            elif isinstance(ev, proto.StreamEnded):
-                self.conn.send_eos(peer, now, ev.error)
-            elif isinstance(ev, proto.StatsReceived):
-                self.conn.send_stats(peer, now, {**ev.stats, "gateway": self.stats()})
+            else:
+                if s.backlog is not None and peer is not None and self.conn.heard(peer):
+                    s.backlog = None        # the client has it all
+                if s.backlog is not None and isinstance(
+                        ev, proto.BatchAnnounced | proto.GapReported | proto.StreamEnded):
+                    s.backlog.append(ev)
+                if peer is not None and peer in self.conn.peers:
+                    self._deliver(s, peer, ev, now)
+
+    def _deliver(self, s: _Session, peer: bytes, ev: proto.ClientEvent, now: float) -> None:
+        if isinstance(ev, proto.BatchAnnounced):
+            self._forward(s, peer, ev, now)
+        elif isinstance(ev, proto.GapReported):
+            self.conn.send_gap(peer, now, ev.start, ev.end)
+        elif isinstance(ev, proto.StreamEnded):
+            self.conn.send_eos(peer, now, ev.error)
+        elif isinstance(ev, proto.StatsReceived):
+            self.conn.send_stats(peer, now, {**ev.stats, "gateway": self.stats()})
 
     def _forget_peer_evicted(self, s: _Session, ev: proto.Evicted, now: float) -> None:
         assert s.peer is not None
@@ -565,7 +617,15 @@ class Gateway:
             self._end(s)
             return
         self.counters["attachments"] += 1
-        table = bytes(ffi.buffer(s.mapping.seg.iface(0), IFACE_SIZE * len(s.mapping.seg.ifaces())))
+        s.welcome = w
+        s.backlog = []
+        self._accept(s, now)
+
+    def _accept(self, s: _Session, now: float) -> None:
+        """REMOTE_WELCOME to the client, of the attachment WELCOME made."""
+        w, m = s.welcome, s.mapping
+        assert w is not None and m is not None and s.peer is not None
+        table = bytes(ffi.buffer(m.seg.iface(0), IFACE_SIZE * len(m.seg.ifaces())))
         self.conn.accept(s.peer, now, slot=w.slot, credit=w.credit, policy=w.policy,
                          group=w.group, balance=w.balance, epoch=w.epoch, layout=LAYOUT_VERSION,
                          ifaces=table)
@@ -639,6 +699,8 @@ class Gateway:
             data = m.view[base + low : base + m.slab_size]
             desc["data_off"] -= low
         if not len(desc):
+            if s.backlog is not None and b in s.backlog:
+                s.backlog.remove(b)         # nothing of it for the client: given back once
             s.conn.release(now, [b.seq])
             self._flush_local(s)
             return None
@@ -728,7 +790,12 @@ class Gateway:
         for peer in gone:
             self.fds.pop(peer, None)
             s = self.by_peer.get(peer)
-            if s is not None:
+            if s is None:
+                continue
+            if s.backlog is not None and not self.conn.heard(peer) and \
+                    s.conn.state in (proto.State.ATTACHED, proto.State.ENDED):
+                self._orphan(s, time.monotonic())
+            else:
                 self._lose(s, time.monotonic(), "its connection is gone")
         self._flush()       # what was read may have queued more
 

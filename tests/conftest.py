@@ -19,6 +19,14 @@ from pktipc._errors import PktipcError
 from pktipc._tools import traffic
 from pktipc._tools.netns import Namespace
 
+# Tests send SIGINT to the commands they start, as a user's Ctrl-C does. A
+# suite started in the background (a non-interactive shell's `&`, nohup)
+# has SIGINT ignored, every process it starts would inherit that, and
+# Python installs no KeyboardInterrupt handler where SIGINT is ignored: the
+# commands would never hear it. Caught here, it is the default again in
+# every child.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 ROOT = Path(__file__).resolve().parent.parent
 PCAPS = ROOT.parent / "shared" / "pcaps" / "tcpdump-tests"
 _names = itertools.count()

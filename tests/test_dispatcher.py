@@ -926,6 +926,31 @@ def test_a_queued_seq_is_merged_with_the_leavers_share() -> None:
     assert w.pool.in_use == 0
 
 
+def test_a_leavers_share_of_a_batch_sent_again_on_resuming_comes_apart() -> None:
+    """A member's connection is lost while it holds seq 0, which a member
+    that leaves then owes it a share of: on resuming, seq 0 is sent again
+    as it was (the client takes that copy for the one it has), and the
+    leaver's share comes apart after it, never merged into the copy. Nor is
+    the copy skipped for a `drop` member: it may be reading it still."""
+    w = World(slabs=4, credit=2)
+    a = w.connect("a", group="g", policy="drop")
+    b = w.connect("b", group="g", credit=1)
+    w.publish(40)                      # a and b hold their shares of seq 0
+    first = list(w.share[a][0])
+    w.conn.forget(a)
+    w.disp.detach(w.state(a), w.now)
+    w.bye(b)                           # its share of seq 0 goes to a
+    assert w.disp.reclaim() is None    # a's copy of seq 0 is not skipped
+    back = w.connect("a", group="g", policy="drop")
+    [again] = [e for e in w.after_welcome(back) if isinstance(e, BatchAnnounced)]
+    assert again.seq == 0 and w.share[back][0] == first      # the copy, alone
+    w.release(back, 0)
+    assert w.seqs(back)[-1] == 0                             # then b's part
+    assert sorted(first + w.share[back][0]) == list(range(40))
+    w.release(back, 0)
+    assert w.pool.in_use == 0
+
+
 def test_joining_member_takes_a_part_from_the_next_batch() -> None:
     w = World(slabs=8, credit=8)
     a, b = w.connect("a", group="g"), w.connect("b", group="g")

@@ -131,6 +131,9 @@ class ClientState:
     # it). A RELEASE of a batch sent after it says it did (a connection
     # delivers in order); one that may not have is told again on resuming.
     told: list[tuple[int, int, int]] = field(default_factory=list)
+    # Held when its connection was lost, queued to be sent again: the client
+    # may have it already, and takes the copy for one (see detach).
+    resent: set[int] = field(default_factory=set)
     eos_sent: bool = False
     batches: int = 0
     packets: int = 0
@@ -370,12 +373,12 @@ class Dispatcher:
             _add_gap(c.gaps, start, end)
         c.told.clear()
         c.eos_sent = False
+        # Sent again as they were: a client that has one takes the copy for
+        # it, so what it is owed besides (a leaver's share) stays apart
+        # until the copy is given back.
         for seq in held:
-            share = c.shares.pop(seq)
-            self._enqueue(c, seq, share)
-            later = c.later.pop(seq, None)
-            if later is not None:
-                self._owe(c, seq, later)
+            self._enqueue(c, seq, c.shares.pop(seq))
+            c.resent.add(seq)
 
     def detached_before(self, when: float) -> list[ClientState]:
         return [c for c in self.clients.values() if c.peer is None and c.detached_at <= when]
@@ -390,6 +393,7 @@ class Dispatcher:
         c.sent_at.clear()
         c.sent_no.clear()
         c.told.clear()
+        c.resent.clear()
         c.queue.clear()
         c.shares.clear()
         c.later.clear()
@@ -493,7 +497,7 @@ class Dispatcher:
         """Adds a share (holding one slab reference) to what `c` is owed. A
         second share of a seq it holds waits until it gives that back; one
         of a seq queued for it is merged into the queued one."""
-        if seq in c.held:
+        if seq in c.held or seq in c.resent:
             if seq in c.later:
                 c.later[seq] = self._merge(c, seq, c.later[seq], share)
             else:
@@ -541,6 +545,7 @@ class Dispatcher:
             self.conn.send_batch(c.peer, now, seq, b.slab, b.gen, b.n, share.members,
                                  share.mask)
             c.held.add(seq)
+            c.resent.discard(seq)
             c.sent_at[seq] = now
             c.sent_no[seq] = c.batches
             c.batches += 1
@@ -582,16 +587,20 @@ class Dispatcher:
                     self._unref(seq)
                 c.queue.clear()
                 c.later.clear()
+                c.resent.clear()
         for c in list(self.clients.values()):
             self.pump(c, now)
 
     def reclaim(self) -> int | None:
         """Frees a slab by skipping the oldest batch that is owed, and not yet
         sent, only to `drop` clients; the skipped packets are counted against
-        them alone, and each is told GAP where the batch would have been."""
+        them alone, and each is told GAP where the batch would have been. A
+        batch queued again for a kept place is as good as held: its client
+        may be reading it still."""
         for seq in list(self.batches):     # oldest first
             holders = [c for c in self.clients.values() if seq in c.shares]
-            if not holders or any(c.policy != "drop" or seq in c.held for c in holders):
+            if not holders or any(c.policy != "drop" or seq in c.held or seq in c.resent
+                                  for c in holders):
                 continue
             n = self.batches[seq].n
             for c in holders:

@@ -134,6 +134,11 @@ class _Keys:
         return False
 
 
+# ERRORs the broker sends an attached peer about a RELEASE, or a DETACH from
+# a peer it no longer knows: never a refusal of a HELLO.
+OLD_ERRORS = ("bad-release", "not-attached")
+
+
 @dataclass
 class GatewayOptions:
     server: str                         # the broker's name
@@ -163,6 +168,9 @@ class _Session:
     # heard since (see _orphan); None once it has.
     backlog: list[proto.ClientEvent] | None = None
     orphan_until: float | None = None   # its connection went before it was heard
+    # Taken over (see _take_over): what the broker sent the old attachment
+    # before it read the DETACH comes until the new one's WELCOME or ERROR.
+    taken_over: bool = False
     unsent: dict[int, zmq.MessageTracker] = field(default_factory=dict)  # zero-copy sends
     batches: int = 0
     packets: int = 0
@@ -190,7 +198,8 @@ class Gateway:
         self.fds: dict[bytes, int] = {}             # peer -> its connection's descriptor
         self.stopping = False
         self.counters = {"connections": 0, "handshakes_failed": 0, "attachments": 0,
-                         "batches": 0, "packets": 0, "bytes": 0, "cut": 0}
+                         "batches": 0, "packets": 0, "bytes": 0, "cut": 0,
+                         "stale_dropped": 0}
         self.refused: dict[str, int] = {}
         self._backs: list[tuple[proto.HelloReceived, str | None]] = []
         self._mapping: _Mapping | None = None
@@ -434,6 +443,7 @@ class Gateway:
         s.conn.detach(now)
         self._flush_local(s)
         s.conn = proto.ClientConnection()
+        s.taken_over = True
         s.peer = ev.peer
         self.by_peer[ev.peer] = s
         self._local_hello(s, ev, now)
@@ -546,6 +556,9 @@ class Gateway:
                 frame = s.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if s.taken_over and self._of_old_attachment(s, frame):
+                self.counters["stale_dropped"] += 1
+                continue
             try:
                 events += s.conn.receive(frame, time.monotonic())
             except proto.RemoteProtocolError as e:
@@ -555,6 +568,25 @@ class Gateway:
         # An eviction voids the batches announced before it.
         events.sort(key=lambda ev: not isinstance(ev, proto.Evicted))
         self._local_events(s, events, time.monotonic())
+
+    @staticmethod
+    def _of_old_attachment(s: _Session, frame: bytes) -> bool:
+        """Whether a message that comes after a take-over, before the new
+        attachment's WELCOME, is one the broker sent the old attachment
+        before it read the DETACH (on the same connection, in order): BATCH,
+        GAP, HEARTBEAT, END-OF-STREAM, EVICT, a STATS reply, an ERROR about
+        a RELEASE, or the DETACH's own ERROR if the old attachment was gone
+        already. Dropped: the broker, resuming the place, sends again what
+        the old attachment held and tells again GAPs and END-OF-STREAM. The
+        new attachment's WELCOME, or the ERROR refusing its HELLO, ends it."""
+        try:
+            mtype, f = proto.decode(frame, proto.MAX_BROKER_FRAME)
+        except proto.RemoteProtocolError:
+            return False        # the connection's receive tells it
+        if mtype == "welcome" or (mtype == "error" and f["code"] not in OLD_ERRORS):
+            s.taken_over = False
+            return False
+        return True
 
     def _local_events(self, s: _Session, events: list[proto.ClientEvent], now: float) -> None:
         for ev in events:

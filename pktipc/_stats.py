@@ -250,6 +250,7 @@ class GatewayStats:
     bytes: int
     cut: int
     keys_refused: int
+    stale_dropped: int      # sent by the broker to an attachment taken over: not forwarded
     refused: Mapping[str, int]
     clients: tuple[GatewayClientStats, ...]
 
@@ -258,7 +259,7 @@ class GatewayStats:
         return cls(listen=str(d["listen"]), pid=int(d["pid"]), curve=bool(d["curve"]),
                    **{k: int(d[k]) for k in ("connections", "handshakes_failed",
                                              "attachments", "batches", "packets", "bytes",
-                                             "cut", "keys_refused")},
+                                             "cut", "keys_refused", "stale_dropped")},
                    refused={str(k): int(v) for k, v in d["refused"].items()},
                    clients=tuple(map(GatewayClientStats.from_reply, d["clients"])))
 

@@ -38,6 +38,7 @@ from test_replay import collect, reference
 
 import pktipc
 from pktipc._layout import u32s
+from pktipc._stats import GatewayStats
 from pktipc._tools.synth import write_pcap
 
 
@@ -557,6 +558,7 @@ def test_gateway_takes_over_with_the_old_attachments_messages_on_their_way(
         assert "broke the protocol" not in log.getvalue(), log.getvalue()
         assert "is back on a new connection" in log.getvalue(), log.getvalue()
         assert gw.counters["stale_dropped"] > 0, log.getvalue()
+        assert GatewayStats.from_reply(gw.stats()).stale_dropped > 0
         # The batch held and not released is sent again; no other twice.
         assert sorted(seqs) == sorted([*set(seqs), held[1]]), (seqs, held)
         assert sum(counts.values()) == total

@@ -21,10 +21,11 @@ from pktipc._tools import top as _top
 @pytest.fixture
 def stream(broker, procs: Procs, tmp_path: Path) -> str:
     """A broker replaying 2000 packets a second for ever, to an `ids` group
-    member, a recorder, and a `drop` client that reads nothing."""
+    member, a recorder, and a `drop` client that reads nothing (and keeps its
+    place however long a loaded machine makes the test: no lease)."""
     pcap = synth_file(tmp_path / "s.pcap", 2000, rate_pps=2000)
     b = broker("-r", str(pcap), "--speed", "1", "--loop", "0", "--wait-clients", "3",
-               "--slabs", "8", "--slab-size", "64k")
+               "--slabs", "8", "--slab-size", "64k", "--lease", "0")
     procs.pktipc("dump", "--server", b.name, "--client", "ids-1", "--group", "ids",
                  "-w", "/dev/null")
     procs.pktipc("dump", "--server", b.name, "--client", "recorder", "-w", "/dev/null")

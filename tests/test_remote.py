@@ -3,6 +3,7 @@ namespaces joined by veth pairs for the network in between."""
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zmq
 from conftest import BrokerProc, Netns, all_captures, run_pktipc, segments
 from opshelp import synth_file, wait_for
 from pcapref import read_pcap
@@ -392,6 +394,35 @@ def test_remote_client_follows_a_restarted_broker(broker: Any, keys: Keys, tmp_p
     assert after == [[i, d] for i, d in enumerate(second_stream)]
 
 
+def _stepped_gateway(server: str) -> tuple[Any, io.StringIO, zmq.Context[zmq.Socket[bytes]]]:
+    """A gateway of broker `server` in this process, stepped by the test
+    (`_turn()`), --insecure, its lines in a buffer; and a ZeroMQ context for
+    remote clients driven by hand."""
+    from pktipc._net.gateway import Gateway, GatewayOptions
+
+    log = io.StringIO()
+    gw = Gateway(GatewayOptions(server=server, listen="tcp://127.0.0.1:0", insecure=True,
+                                heartbeat=0.2, liveness=5), log=log)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx.setsockopt(zmq.LINGER, 0)
+    return gw, log, ctx
+
+
+def _raw_attempt(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, server: str,
+                 **hello: Any) -> tuple[zmq.Socket[bytes], Any]:
+    """A remote client's attempt as the sans-IO machine makes it: a new
+    connection and its HELLO, as `far`, `block`."""
+    from pktipc import _protocol as proto
+
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    conn = proto.ClientConnection(server=server)
+    conn.hello(time.monotonic(), name="far", policy="block", **hello)
+    for f in conn.frames_to_send():
+        sock.send(f)
+    return sock, conn
+
+
 def test_gateway_keeps_an_attachment_its_client_gave_up_before_welcome(
         broker: Any, tmp_path: Path) -> None:
     """A remote client's attempt given up (its connection closed) before the
@@ -400,28 +431,13 @@ def test_gateway_keeps_an_attachment_its_client_gave_up_before_welcome(
     sends it its whole stream at once. The attachment waits for the client's
     next attempt, which gets WELCOME and the whole stream; it is not left
     (with --grace 0, the stream would be gone, and the broker with it)."""
-    import io
-
-    import zmq
-
     from pktipc import _protocol as proto
-    from pktipc._net.gateway import Gateway, GatewayOptions
 
     b = broker("-r", str(synth_file(tmp_path / "x.pcap", 3000, 1e6)))
-    log = io.StringIO()
-    gw = Gateway(GatewayOptions(server=b.name, listen="tcp://127.0.0.1:0", insecure=True,
-                                heartbeat=0.2, liveness=5), log=log)
-    ctx = zmq.Context()
-    ctx.setsockopt(zmq.LINGER, 0)
+    gw, log, ctx = _stepped_gateway(b.name)
 
     def attempt() -> tuple[zmq.Socket[bytes], proto.ClientConnection]:
-        sock = ctx.socket(zmq.DEALER)
-        sock.connect(gw.listening)
-        conn = proto.ClientConnection(server=b.name)
-        conn.hello(time.monotonic(), name="far", policy="block")
-        for f in conn.frames_to_send():
-            sock.send(f)
-        return sock, conn
+        return _raw_attempt(ctx, gw.listening, b.name)
 
     def step_until(what: str, done: Any) -> None:
         deadline = time.monotonic() + 30
@@ -479,30 +495,15 @@ def test_gateway_takes_over_with_the_old_attachments_messages_on_their_way(
     for the broker breaking the protocol. The new connection gets the rest
     of the stream, the batches the old one held again, and END-OF-STREAM:
     nothing lost, nothing twice."""
-    import io
-
-    import zmq
-
     from pktipc import _protocol as proto
-    from pktipc._net.gateway import Gateway, GatewayOptions
 
     total = 20000
     b = broker("-r", str(synth_file(tmp_path / "x.pcap", total, 1e6)), "--slab-size", "64k",
                "--grace", "10")
-    log = io.StringIO()
-    gw = Gateway(GatewayOptions(server=b.name, listen="tcp://127.0.0.1:0", insecure=True,
-                                heartbeat=0.2, liveness=5), log=log)
-    ctx = zmq.Context()
-    ctx.setsockopt(zmq.LINGER, 0)
+    gw, log, ctx = _stepped_gateway(b.name)
 
     def attempt() -> tuple[zmq.Socket[bytes], proto.ClientConnection]:
-        sock = ctx.socket(zmq.DEALER)
-        sock.connect(gw.listening)
-        conn = proto.ClientConnection(server=b.name)
-        conn.hello(time.monotonic(), name="far", policy="block", credit=2)
-        for f in conn.frames_to_send():
-            sock.send(f)
-        return sock, conn
+        return _raw_attempt(ctx, gw.listening, b.name, credit=2)
 
     seqs: list[int] = []
     counts: dict[int, int] = {}

@@ -423,6 +423,34 @@ def _raw_attempt(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, server: str
     return sock, conn
 
 
+def _take(sock: zmq.Socket[bytes], conn: Any, release: bool,
+          log: io.StringIO) -> tuple[list[Any], bool]:
+    """What a hand-driven remote client has been sent: its batches (released
+    at once with `release`), and whether END-OF-STREAM came; anything else
+    fails the test."""
+    from pktipc import _protocol as proto
+
+    got: list[Any] = []
+    ended = False
+    while sock.poll(0):
+        head, *more = sock.recv_multipart()
+        now = time.monotonic()
+        for ev in conn.receive(head, now, tuple(more)):
+            if isinstance(ev, proto.Welcomed):
+                conn.mapped(now)
+            elif isinstance(ev, proto.BatchReceived):
+                got.append(ev)
+                if release:
+                    conn.release(now, [ev.seq])
+            elif isinstance(ev, proto.StreamEnded):
+                ended = True
+            else:
+                raise AssertionError(f"{ev!r}: {log.getvalue()}")
+    for f in conn.frames_to_send():
+        sock.send(f)
+    return got, ended
+
+
 def test_gateway_keeps_an_attachment_its_client_gave_up_before_welcome(
         broker: Any, tmp_path: Path) -> None:
     """A remote client's attempt given up (its connection closed) before the
@@ -458,21 +486,8 @@ def test_gateway_keeps_an_attachment_its_client_gave_up_before_welcome(
         while not ended:
             assert time.monotonic() < deadline, log.getvalue()
             gw._turn()
-            while sock.poll(0):
-                head, *more = sock.recv_multipart()
-                now = time.monotonic()
-                for ev in conn.receive(head, now, tuple(more)):
-                    if isinstance(ev, proto.Welcomed):
-                        conn.mapped(now)
-                    elif isinstance(ev, proto.BatchReceived):
-                        packets += ev.count
-                        conn.release(now, [ev.seq])
-                    elif isinstance(ev, proto.StreamEnded):
-                        ended = True
-                    else:
-                        raise AssertionError(f"{ev!r}: {log.getvalue()}")
-                for f in conn.frames_to_send():
-                    sock.send(f)
+            got, ended = _take(sock, conn, True, log)
+            packets += sum(b.count for b in got)
         assert packets == 3000, log.getvalue()
         assert "its attachment waits" in log.getvalue() and "is back" in log.getvalue()
         conn.bye(time.monotonic())
@@ -510,26 +525,11 @@ def test_gateway_takes_over_with_the_old_attachments_messages_on_their_way(
 
     def take(sock: zmq.Socket[bytes], conn: proto.ClientConnection,
              release: bool) -> tuple[list[int], bool]:
-        got, ended = [], False
-        while sock.poll(0):
-            head, *more = sock.recv_multipart()
-            now = time.monotonic()
-            for ev in conn.receive(head, now, tuple(more)):
-                if isinstance(ev, proto.Welcomed):
-                    conn.mapped(now)
-                elif isinstance(ev, proto.BatchReceived):
-                    seqs.append(ev.seq)
-                    counts[ev.seq] = ev.count
-                    got.append(ev.seq)
-                    if release:
-                        conn.release(now, [ev.seq])
-                elif isinstance(ev, proto.StreamEnded):
-                    ended = True
-                else:
-                    raise AssertionError(f"{ev!r}: {log.getvalue()}")
-        for f in conn.frames_to_send():
-            sock.send(f)
-        return got, ended
+        got, ended = _take(sock, conn, release, log)
+        for b in got:
+            seqs.append(b.seq)
+            counts[b.seq] = b.count
+        return [b.seq for b in got], ended
 
     try:
         first, old = attempt()
